@@ -1,0 +1,30 @@
+"""semisparse: semi-structured (N:M, constant fan-in) sparsity for PyTorch vision models, made fast.
+
+The public API is a few verbs::
+
+    import semisparse as ss
+    rep = ss.sparsify(model, "2:4")          # masks on every eligible Linear / Conv / MHA projection
+    ss.check(model); print(ss.report(model, example_input=x))
+    ss.finalize(model)                       # plain weights, original state_dict keys
+"""
+
+from .errors import PatternError, SemisparseError
+from .masking import check, finalize, masks, report, sparsify
+from .masking.report import Report
+from .patterns import NM, FanIn, parse_pattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PatternError",
+    "SemisparseError",
+    "sparsify",
+    "masks",
+    "check",
+    "report",
+    "finalize",
+    "Report",
+    "NM",
+    "FanIn",
+    "parse_pattern",
+]

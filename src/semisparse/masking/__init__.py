@@ -1,0 +1,23 @@
+"""Masks on a model: the parametrization, the producers (magnitude, random, learned) and the verbs."""
+
+from .parametrization import Mask, SparseParametrization, SparseWeight, is_sparsified, sparse_weights
+from .report import LayerReport, Report, count_macs, report
+from .sparsify import check, finalize, masks, parametrization_of, sparsify, structured_mask
+
+__all__ = [
+    "Mask",
+    "SparseParametrization",
+    "SparseWeight",
+    "sparse_weights",
+    "is_sparsified",
+    "LayerReport",
+    "Report",
+    "count_macs",
+    "report",
+    "check",
+    "finalize",
+    "masks",
+    "parametrization_of",
+    "sparsify",
+    "structured_mask",
+]

@@ -1,0 +1,204 @@
+"""The masking verbs of the public API: ``sparsify``, ``masks``, ``check``, ``finalize``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import SemisparseError
+from ..layout import Candidate, Layout, plan
+from ..patterns import NM, FanIn, fanin_mask, nm_mask, parse_pattern
+from .parametrization import Mask, SparseParametrization, Target, sparse_weights
+from .report import Report, build_report
+
+METHODS = ("magnitude", "random", "gumbel")
+
+
+def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn) -> tuple[torch.Tensor, Target]:
+    """The weight-shaped bool mask keeping the highest ``scores`` under ``pattern``, and its target.
+
+    ``scores`` has the weight's shape. For a padded (kernel-tap) layout the padding scores ``-inf`` so a
+    real weight always wins over padding.
+    """
+    if isinstance(pattern, NM):
+        if layout.mode == "taps":
+            view = layout.to_view(scores.float(), pattern.m, fill=float("-inf"))
+            return layout.from_view(nm_mask(view, pattern.n, pattern.m)), pattern
+        return layout.from_view(nm_mask(layout.to_view(scores), pattern.n, pattern.m)), pattern
+    view = layout.to_view(scores)
+    k = pattern.k(view.shape[1])
+    return layout.from_view(fanin_mask(view, k)), k
+
+
+def _target_of_given(mask: torch.Tensor, layout: Layout, pattern: NM | FanIn | None) -> Target:
+    if isinstance(pattern, NM):
+        return pattern
+    if isinstance(pattern, FanIn):
+        return int(layout.to_view(mask).sum(1).max())
+    return None
+
+
+def _validate_options(method: str, options: Mapping[str, object]) -> None:
+    allowed = {"magnitude": set(), "random": {"seed"}}.get(method)
+    if allowed is None:
+        return  # gumbel validates its own options
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        extra = f" (accepted: {', '.join(sorted(allowed))})" if allowed else ""
+        raise SemisparseError(f"unknown option(s) {', '.join(unknown)} for method={method!r}{extra}")
+
+
+def sparsify(
+    model: nn.Module,
+    pattern: str | float | NM | FanIn | None = "2:4",
+    method: str = "magnitude",
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    example_input: torch.Tensor | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    pad: bool = False,
+    ignore_linear: bool = False,
+    ignore_grouped: bool = False,
+    overwrite: bool = False,
+    **options: object,
+) -> Report:
+    """Put a sparsity mask on every eligible Linear, Conv and ``nn.MultiheadAttention`` projection weight.
+
+    ``pattern`` is ``"N:M"`` or a float sparsity ``s`` (constant fan-in ``k = max(1, round((1-s)*fan_in))``
+    per output neuron). ``method`` is ``"magnitude"``, ``"random"`` (option ``seed``) or ``"gumbel"``
+    (learned masks). ``masks`` (``{"layer.weight": BoolTensor}``, e.g. from :func:`masks` of another copy)
+    applies the given masks instead of computing any; they are checked against ``pattern``
+    (``pattern=None`` accepts any structure). ``pad=True`` makes convs whose channels per group are not a
+    multiple of M N:M along their kernel taps. An already sparsified model is an error unless
+    ``overwrite=True`` (masks are recomputed from the dense weights kept underneath).
+
+    Everything is validated before the model is touched: on error the model is unchanged.
+    Returns the coverage :class:`Report` (MACs too when ``example_input`` is given).
+    """
+    if method not in METHODS:
+        raise SemisparseError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    pat = None if pattern is None and masks is not None else parse_pattern(pattern)
+    if pat is None and masks is None:
+        raise SemisparseError('pattern=None is only allowed with masks=...; use "N:M" or a sparsity in (0, 1)')
+    if masks is not None and method == "gumbel":
+        raise SemisparseError("masks=... applies fixed masks; it cannot be combined with method='gumbel'")
+    _validate_options(method, options)
+
+    existing = list(sparse_weights(model))
+    if existing and not overwrite:
+        raise SemisparseError(
+            f"model is already sparsified ({len(existing)} masked weights); pass overwrite=True to replace "
+            "the masks, or call ss.finalize(model) first"
+        )
+
+    candidates = plan(
+        model, pat, include, exclude, pad=pad, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped
+    )
+    existing_keys = {sw.key: sw for sw in existing}
+
+    def dense_weight(c: Candidate) -> torch.Tensor:
+        sw = existing_keys.get(c.key)
+        return (sw.original if sw is not None else getattr(c.module, c.param)).detach()
+
+    if masks is not None:
+        by_key = {c.key: c for c in candidates}
+        unknown = sorted(set(masks) - set(by_key))
+        if unknown:
+            raise SemisparseError(
+                f"masks name weights that are not sparsifiable layers of this model: {', '.join(unknown[:5])}"
+            )
+        chosen = []
+        for c in candidates:
+            if c.key not in masks:
+                if c.eligible:
+                    candidates[candidates.index(c)] = Candidate(c.name, c.module, c.param, c.kind, None, "no mask given")
+                continue
+            if not c.eligible:
+                raise SemisparseError(f"a mask was given for {c.key}, which cannot take it: {c.reason}")
+            m = masks[c.key]
+            if not isinstance(m, torch.Tensor) or tuple(m.shape) != c.weight_shape:
+                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise SemisparseError(f"mask for {c.key} has shape {got}; expected {c.weight_shape}")
+            m = m.to(device=dense_weight(c).device, dtype=torch.bool)
+            p = Mask(m, c.layout, _target_of_given(m, c.layout, pat))
+            p.check(c.key)
+            chosen.append((c, p))
+    else:
+        eligible = [c for c in candidates if c.eligible]
+        if not eligible:
+            reasons = sorted({c.reason for c in candidates}) or ["it has no Linear, Conv or MultiheadAttention layer"]
+            raise SemisparseError(f"no layer of this model can take {pattern!r}: {'; '.join(reasons)}")
+        if method == "gumbel":
+            from .gumbel import gumbel_parametrizations
+
+            chosen = gumbel_parametrizations(eligible, pat, dense_weight, options)
+        else:
+            gen = None
+            if method == "random":
+                gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
+            chosen = []
+            for c in eligible:
+                w = dense_weight(c)
+                scores = w.abs() if method == "magnitude" else torch.rand(w.shape, generator=gen).to(w.device)
+                m, target = structured_mask(scores, c.layout, pat)
+                chosen.append((c, Mask(m, c.layout, target)))
+
+    # Everything is computed and valid: only now is the model modified.
+    for sw in existing:
+        _remove(sw.module, sw.param, bake=False)
+    for c, p in chosen:
+        parametrize.register_parametrization(c.module, c.param, p)
+    return build_report(model, candidates, example_input)
+
+
+def _remove(module: nn.Module, param: str, bake: bool) -> None:
+    plist = module.parametrizations[param]
+    if len(plist) != 1:
+        raise SemisparseError(f"{param} carries {len(plist)} parametrizations; semisparse handles only its own")
+    p = plist[0]
+    original = plist.original
+    mask = p.hard_mask().detach() if bake else None
+    parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+    if bake:
+        with torch.no_grad():
+            getattr(module, param).mul_(mask.to(original.dtype))
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"layer.weight": BoolTensor}`` for every sparsified weight, named as in the original state_dict.
+
+    For learned masks this is the deterministic (argmax) mask. The tensors are copies.
+    """
+    return {sw.key: sw.parametrization.hard_mask().detach().clone() for sw in sparse_weights(model)}
+
+
+def check(model: nn.Module) -> None:
+    """Raise :class:`~semisparse.PatternError` naming the first layer whose mask breaks its pattern."""
+    for sw in sparse_weights(model):
+        sw.parametrization.check(sw.key)
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Bake every mask into a plain weight and remove the parametrizations.
+
+    The state_dict then has exactly the original model's keys; masked entries are zero. Learned masks
+    use their deterministic mask. Returns the same model.
+    """
+    for sw in list(sparse_weights(model)):
+        requires_grad = getattr(sw.parametrization, "original_requires_grad", None)
+        _remove(sw.module, sw.param, bake=True)
+        if requires_grad is not None:
+            getattr(sw.module, sw.param).requires_grad_(requires_grad)
+    return model
+
+
+def parametrization_of(model: nn.Module, key: str) -> SparseParametrization:
+    """The parametrization on the weight named ``key`` (e.g. ``"fc.weight"``)."""
+    for sw in sparse_weights(model):
+        if sw.key == key:
+            return sw.parametrization
+    raise SemisparseError(f"{key!r} is not a sparsified weight of this model")
