@@ -162,9 +162,12 @@ def plan(
                 if pad:
                     layout = Layout("taps", shape)
                 elif cin == 1 and module.groups > 1:
-                    reason = f"depthwise conv: 1 input channel per group, N:M needs a multiple of {pattern.m} (pad=True pads kernel taps)"
+                    reason = (
+                        f"depthwise conv: 1 input channel per group, N:M needs a multiple of {pattern.m} "
+                        "(pad=True pads taps)"
+                    )
                 else:
-                    reason = f"{cin} input channels per group, not a multiple of {pattern.m} (pad=True pads kernel taps)"
+                    reason = f"{cin} input channels per group, not a multiple of {pattern.m} (pad=True pads taps)"
             else:
                 layout = Layout("conv", shape)
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -94,7 +94,7 @@ def fanin_k(fan_in: int, sparsity: float) -> int:
     return max(1, min(fan_in, round((1.0 - sparsity) * fan_in)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern_table(n: int, m: int) -> torch.Tensor:
     combos = list(itertools.combinations(range(m), n))
     table = torch.zeros(len(combos), m, dtype=torch.bool)

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug or not isinstance(exc, (SemisparseError, FileNotFoundError, NotADirectoryError, PermissionError)):
             if debug:
                 raise
-            print(f"semisparse: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+            msg = f"semisparse: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            print(msg, file=sys.stderr)
             return 1
         print(f"semisparse: error: {exc}", file=sys.stderr)
         return 2

@@ -85,7 +85,8 @@ class Report:
         for r in self.layers:
             macs = "" if r.macs is None else _human(r.macs)
             ex = [_fmt(r.extra.get(k, "")) for k in extra_keys]
-            rows.append([r.name, r.kind, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", macs, *ex, r.reason])
+            shape = "x".join(map(str, r.shape))
+            rows.append([r.name, r.kind, shape, r.pattern, f"{r.density:.3f}", macs, *ex, r.reason])
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]

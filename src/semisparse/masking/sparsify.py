@@ -115,7 +115,8 @@ def sparsify(
         for c in candidates:
             if c.key not in masks:
                 if c.eligible:
-                    candidates[candidates.index(c)] = Candidate(c.name, c.module, c.param, c.kind, None, "no mask given")
+                    skipped = Candidate(c.name, c.module, c.param, c.kind, None, "no mask given")
+                    candidates[candidates.index(c)] = skipped
                 continue
             if not c.eligible:
                 raise SemisparseError(f"a mask was given for {c.key}, which cannot take it: {c.reason}")
@@ -151,6 +152,7 @@ def sparsify(
     for sw in existing:
         _remove(sw.module, sw.param, bake=False)
     for c, p in chosen:
+        p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
         parametrize.register_parametrization(c.module, c.param, p)
     return build_report(model, candidates, example_input)
 
@@ -163,6 +165,13 @@ def _remove(module: nn.Module, param: str, bake: bool) -> None:
     original = plist.original
     mask = p.hard_mask().detach() if bake else None
     parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+    order = getattr(p, "param_order", ())
+    if param in order:  # keep the original state_dict key order
+        params = module._parameters
+        rank = {name: i for i, name in enumerate(order)}
+        items = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        params.clear()
+        params.update(items)
     if bake:
         with torch.no_grad():
             getattr(module, param).mul_(mask.to(original.dtype))
