@@ -102,3 +102,12 @@ def test_mha_packed_qkv_is_sparsified_along_input_features():
     )[0].transpose(0, 1)
     mha.eval()
     assert torch.allclose(mha(x, x, x, need_weights=False)[0], ref, atol=1e-6)
+
+
+def test_report_names_the_layer_class_not_parametrize_wrapper():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    ss.sparsify(model, "2:4")
+    kinds = {c.key: c.kind for c in plan(model, NM(2, 4))}
+    assert kinds["0.weight"] == "Conv2d"
+    assert kinds["2.weight"] == "Linear"
+    assert "lazy module" in next(c.reason for c in plan(model, NM(2, 4)) if c.key == "2.weight")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .patterns import NM, FanIn
 
@@ -93,6 +94,8 @@ class Candidate:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         w = getattr(self.module, self.param)
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            return ()
         return tuple(w.shape)
 
 
@@ -121,6 +124,16 @@ def _weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield name, module, "weight"
 
 
+def _kind(module: nn.Module) -> str:
+    """The layer's class name, seen through parametrize's generated ``Parametrized<Class>`` wrapper."""
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
 def plan(
     model: nn.Module,
     pattern: NM | FanIn | None,
@@ -138,9 +151,7 @@ def plan(
     """
     out = []
     for name, module, param in _weights(model):
-        kind = type(module).__name__ if not isinstance(module, nn.Linear) else "Linear"
-        if isinstance(module, nn.MultiheadAttention):
-            kind = "MultiheadAttention"
+        kind = _kind(module)
         w = getattr(module, param, None)
         layout, reason = None, ""
         if w is None or isinstance(w, nn.parameter.UninitializedParameter):

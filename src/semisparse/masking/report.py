@@ -203,10 +203,12 @@ def build_report(
             )
         else:
             reason = c.reason or "not sparsified"
-            rows.append(LayerReport(c.key, c.kind, shape, "dense", 1.0, math.prod(shape), reason=reason))
+            params = math.prod(shape) if shape else 0
+            rows.append(LayerReport(c.key, c.kind, shape, "dense", 1.0, params, reason=reason))
         if macs is not None:
             rows[-1].macs = macs.get(c.key, 0)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
+    total += sum(r.params for r in rows[: len(own)])  # self-reporting (deployed) layers keep weights in buffers
     return Report(rows, total)
 
 
