@@ -8,6 +8,9 @@ The public API is a few verbs::
     ss.finalize(model)                       # plain weights, original state_dict keys
 """
 
+from .deploy import deploy
+from .deploy.checkpoint import load, save
+from .dst import SRSTE, RigL, SRigL
 from .errors import PatternError, SemisparseError
 from .masking import check, finalize, masks, report, sparsify
 from .masking.report import Report
@@ -27,4 +30,10 @@ __all__ = [
     "NM",
     "FanIn",
     "parse_pattern",
+    "deploy",
+    "save",
+    "load",
+    "RigL",
+    "SRigL",
+    "SRSTE",
 ]

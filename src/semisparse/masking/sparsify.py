@@ -64,6 +64,7 @@ def sparsify(
     ignore_linear: bool = False,
     ignore_grouped: bool = False,
     overwrite: bool = False,
+    permute: bool = False,
     **options: object,
 ) -> Report:
     """Put a sparsity mask on every eligible Linear, Conv and ``nn.MultiheadAttention`` projection weight.
@@ -74,7 +75,9 @@ def sparsify(
     applies the given masks instead of computing any; they are checked against ``pattern``
     (``pattern=None`` accepts any structure). ``pad=True`` makes convs whose channels per group are not a
     multiple of M N:M along their kernel taps. An already sparsified model is an error unless
-    ``overwrite=True`` (masks are recomputed from the dense weights kept underneath).
+    ``overwrite=True`` (masks are recomputed from the dense weights kept underneath). ``permute=True``
+    (N:M only) first reorders channels so N:M keeps more magnitude, keeping the model's function
+    (:mod:`semisparse.masking.permute`); the report's ``extra`` holds the kept share before/after.
 
     Everything is validated before the model is touched: on error the model is unchanged.
     Returns the coverage :class:`Report` (MACs too when ``example_input`` is given).
@@ -98,6 +101,17 @@ def sparsify(
     candidates = plan(
         model, pat, include, exclude, pad=pad, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped
     )
+    permuted = None
+    if permute:
+        from .permute import permute_channels
+
+        if existing or masks is not None:
+            raise SemisparseError("permute=True needs a dense model and computed masks (not masks=...)")
+        if method == "gumbel":
+            from .gumbel import validate_options
+
+            validate_options(options)
+        permuted = permute_channels(model, pat, candidates)
     existing_keys = {sw.key: sw for sw in existing}
 
     def dense_weight(c: Candidate) -> torch.Tensor:
@@ -154,7 +168,18 @@ def sparsify(
     for c, p in chosen:
         p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
         parametrize.register_parametrization(c.module, c.param, p)
-    return build_report(model, candidates, example_input)
+    notes = []
+    if method == "gumbel":
+        from .gumbel import apply_trainable
+
+        notes = apply_trainable(model, options)
+    rep = build_report(model, candidates, example_input)
+    rep.notes.extend(notes)
+    if permuted is not None:
+        from .permute import annotate_report
+
+        annotate_report(rep, permuted)
+    return rep
 
 
 def _remove(module: nn.Module, param: str, bake: bool) -> None:

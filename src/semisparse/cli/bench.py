@@ -1,0 +1,303 @@
+"""``semisparse bench``: dense vs condensed speed on this machine, per layer and per whole model.
+
+Layer rows (``--layer OUTxIN``, default the ViT-B/16 MLP ``768x3072``) time the masked dense
+``nn.Linear``, the deployed condensed layer and the same weight through torch CSR (``to_sparse_csr``), all
+in one process, medians over ``--reps`` runs, and give the limits: the byte ratio (dense weight bytes over
+values + indices: the bound on the speed-up of a memory-bound batch-1 layer) and the FLOP ratio
+(1 / density: the bound of a compute-bound one). Model rows (``--model``) deploy a whole torchvision /
+registry model at ``--sparsity`` (uniform constant fan-in, or ``--masks srigl``: ERK fan-in budgets and
+ablated neurons, SRigL's structure) and time it against the dense model, with the share of the sparse
+MACs that ran in condensed kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from ..deploy.planner import interleaved_medians
+from ..errors import SemisparseError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semisparse bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layer", nargs="*", default=None, metavar="OUTxIN",
+                   help="Linear layer shapes to time (default 768x3072 when no --model is given)")
+    p.add_argument("--model", nargs="*", default=None, metavar="NAME",
+                   help="whole models to time, e.g. resnet50 vit_b_16 (registry names)")
+    p.add_argument("--sparsity", type=float, nargs="*", default=None,
+                   help="sparsities (default: 0.9 and 0.8 for layers, 0.9 for models)")
+    p.add_argument("--batch", type=int, nargs="*", default=None,
+                   help="batch sizes (default: 1 and 256 for layers, 1 for models)")
+    p.add_argument("--masks", choices=("uniform", "srigl"), default="srigl",
+                   help="model masks: uniform constant fan-in, or SRigL's structure (ERK fan-in + ablation)")
+    p.add_argument("--ablation", type=float, default=0.1,
+                   help="with --masks srigl: share of neurons ablated in every layer but the last")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size (default: the model's own, 224 for ImageNet models)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the kernels share them)")
+    p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement (median)")
+    p.add_argument("--no-csr", action="store_true", help="skip the torch CSR comparison")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def machine() -> dict:
+    from ..deploy import kernels
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "kernels": kernels.available(), "simd_bits": kernels.simd_width(), "load_avg_1min": load,
+            "dtype": "float32"}
+
+
+def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, csr: bool = True) -> dict:
+    """One Linear ``in_f -> out_f`` at constant fan-in ``sparsity``: dense, condensed, CSR; limits."""
+    import semisparse as ss
+
+    from ..deploy import deploy
+
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f)
+    ss.sparsify(lin, sparsity)
+    dep = deploy(lin, plan="condensed")
+    w = (lin.weight * ss.masks(lin)["weight"]).detach().contiguous()
+    b = lin.bias.detach()
+    x = torch.randn(batch, in_f)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, w, b)
+        err = float((dep(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        fns = [lambda: torch.nn.functional.linear(x, w, b)]
+        variants = dep.variants(x)  # the kernel settings deploy's planner chooses from
+        for v in variants:
+            fns.append(lambda v=v: (dep.use_variant(v), dep(x)))
+        if csr:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                wc = w.to_sparse_csr()
+            fns.append(lambda: torch.addmm(b[:, None], wc, x.t()).t())
+        medians = [1e3 * t for t in interleaved_medians(fns, reps, warmup=5, budget_s=1e9)]
+        t_dense = medians[0]
+        timed = list(zip(medians[1:1 + len(variants)], variants))
+        t_cond, best = min(timed, key=lambda tv: tv[0])
+        t_csr = medians[-1] if csr else None
+    k = dep.values.shape[1]
+    dense_bytes = out_f * in_f * 4
+    cond_bytes = dep.values.numel() * 4 + dep.idx.numel() * dep.idx.element_size()
+    return {
+        "kind": "layer", "shape": f"Linear {in_f}->{out_f}", "sparsity": sparsity, "k": k, "batch": batch,
+        "dense_ms": round(t_dense, 4), "condensed_ms": round(t_cond, 4),
+        "ratio": round(t_dense / t_cond, 2), "csr_ms": None if t_csr is None else round(t_csr, 4),
+        "csr_ratio": None if t_csr is None else round(t_dense / t_csr, 2),
+        "byte_limit": round(dense_bytes / cond_bytes, 2), "flop_limit": round(in_f / k, 2),
+        "condensed_gmacs": round(batch * out_f * k / (t_cond * 1e6), 2),
+        "condensed_gbytes_s": round(cond_bytes / (t_cond * 1e6), 2) if batch == 1 else None,
+        "dense_gbytes_s": round(dense_bytes / (t_dense * 1e6), 2) if batch == 1 else None,
+        "variant": best, "variants_ms": [round(t, 4) for t, _ in timed], "max_rel_err": err,
+    }
+
+
+def srigl_like_masks(model: nn.Module, sparsity: float, ablation: float) -> dict[str, torch.Tensor]:
+    """SRigL's structure without training: ERK per-layer density as a constant fan-in (magnitude top-k
+    per neuron), and the ``ablation`` share of neurons with the smallest norms of every layer but the last
+    fully masked (ablated). Layers ERK leaves dense get no mask."""
+    from ..dst.budgets import erk_densities, fanin_budgets
+    from ..layout import plan
+    from ..patterns import fanin_mask
+
+    cands = [c for c in plan(model, None) if c.eligible]
+    shapes = [c.weight_shape for c in cands]
+    dens = erk_densities(shapes, sparsity)
+    ks = fanin_budgets(shapes, dens)
+    out = {}
+    for i, (c, d, k) in enumerate(zip(cands, dens, ks)):
+        if d >= 1.0:
+            continue
+        w = getattr(c.module, c.param).detach()
+        view = c.layout.to_view(w.abs())
+        m = fanin_mask(view, k)
+        if ablation > 0 and i < len(cands) - 1:
+            n_abl = int(ablation * view.shape[0])
+            if n_abl:
+                gone = torch.topk((view * m).sum(1), n_abl, largest=False).indices
+                m[gone] = False
+        out[c.key] = c.layout.from_view(m)
+    return out
+
+
+def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20, masks: str = "uniform",
+                ablation: float = 0.0, image_size: int | None = None) -> dict:
+    """A whole model at ``sparsity``: dense latency vs deployed, share of sparse MACs in condensed kernels.
+
+    Also the demo's speed section: ``bench_model("resnet50", 0.9)`` -> ``{"dense_ms", "deployed_ms",
+    "ratio", ...}``."""
+    import semisparse as ss
+
+    from ..deploy import default_example_input, deploy
+
+    torch.manual_seed(0)
+    model = _create(name).eval()
+    x = default_example_input(model, batch)
+    if image_size is not None:
+        x = torch.randn(*x.shape[:2], *([image_size] * (x.dim() - 2)))
+    if masks == "srigl":
+        ss.sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
+    else:
+        ss.sparsify(model, sparsity)
+    t0 = time.perf_counter()
+    dep = deploy(model, batch_size=batch, example_input=x)
+    plan_s = time.perf_counter() - t0
+    dense = _masked_dense(name, model)
+    with torch.no_grad():
+        ref = dense(x)
+        err = float((dep(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        t_dense, t_dep = (1e3 * t for t in interleaved_medians([lambda: dense(x), lambda: dep(x)], reps,
+                                                                  warmup=3, budget_s=1e9))
+    rep = ss.report(dep, x)
+    sparse_rows = [r for r in rep.layers if r.sparse]
+    sparse_macs = sum(r.macs or 0 for r in sparse_rows)
+    cond_macs = sum(r.macs or 0 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed"))
+    all_macs = sum(r.macs or 0 for r in rep.layers)
+    kept = sum(r.density * r.params for r in sparse_rows) / max(1, sum(r.params for r in sparse_rows))
+    return {
+        "kind": "model", "model": name, "masks": masks, "sparsity": sparsity, "batch": batch,
+        "input": list(x.shape), "dense_ms": round(t_dense, 3), "deployed_ms": round(t_dep, 3),
+        "ratio": round(t_dense / t_dep, 2), "sparse_mac_share": round(sparse_macs / max(1, all_macs), 4),
+        "condensed_share_of_sparse_macs": round(cond_macs / max(1, sparse_macs), 4),
+        "kept_density": round(kept, 4), "layers": len(sparse_rows),
+        "condensed_layers": sum(1 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed")),
+        "plan_s": round(plan_s, 1), "max_rel_err": err, "planner": getattr(dep, "semisparse_plan", {}),
+        "per_layer": [{"layer": r.name, "kernel": r.extra.get("kernel"), "ratio": r.extra.get("ratio"),
+                       "macs": r.macs} for r in sparse_rows],
+    }
+
+
+def _create(name: str) -> nn.Module:
+    try:
+        from ..models import create_model
+    except ImportError:  # pragma: no cover - registry not installed
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+    return create_model(name)
+
+
+def _masked_dense(name: str, model: nn.Module) -> nn.Module:
+    """A plain copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
+    import semisparse as ss
+
+    dense = _create(name).eval()
+    sd = {}
+    for key, v in model.state_dict().items():
+        if ".parametrizations." in key or key.startswith("parametrizations."):
+            if key.endswith(".original"):
+                sd[key.replace("parametrizations.", "").removesuffix(".original")] = v
+            continue
+        sd[key] = v
+    dense.load_state_dict(sd)
+    with torch.no_grad():
+        for key, m in ss.masks(model).items():
+            dense.get_parameter(key).mul_(m)
+    return dense
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = []
+    layer_rows = [r for r in rows if r["kind"] == "layer"]
+    if layer_rows:
+        head = ["layer", "sparsity", "batch", "dense ms", "condensed ms", "ratio", "CSR ms", "CSR ratio",
+                "byte limit", "FLOP limit"]
+        body = [[r["shape"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.4f}",
+                 f"{r['condensed_ms']:.4f}", f"{r['ratio']:.2f}x",
+                 "-" if r["csr_ms"] is None else f"{r['csr_ms']:.4f}",
+                 "-" if r["csr_ratio"] is None else f"{r['csr_ratio']:.2f}x",
+                 f"{r['byte_limit']:.2f}x", f"{r['flop_limit']:.2f}x"] for r in layer_rows]
+        lines += _table(head, body)
+    model_rows = [r for r in rows if r["kind"] == "model"]
+    if model_rows:
+        if lines:
+            lines.append("")
+        head = ["model", "masks", "sparsity", "batch", "dense ms", "deployed ms", "ratio",
+                "condensed share of sparse MACs", "condensed layers"]
+        body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.2f}",
+                 f"{r['deployed_ms']:.2f}", f"{r['ratio']:.2f}x", f"{r['condensed_share_of_sparse_macs']:.1%}",
+                 f"{r['condensed_layers']}/{r['layers']}"] for r in model_rows]
+        lines += _table(head, body)
+    return "\n".join(lines)
+
+
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.threads < 1:
+        raise SemisparseError(f"--threads must be >= 1, got {args.threads}")
+    if args.reps < 1:
+        raise SemisparseError(f"--reps must be >= 1, got {args.reps}")
+    for s in args.sparsity or ():
+        if not 0.0 < s < 1.0:
+            raise SemisparseError(f"--sparsity values must be in (0, 1), got {s}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    info = machine()
+    print(f"machine: {info['cpu']} ({info['cores']} cores), threads {info['threads']}, torch {info['torch']}, "
+          f"fp32, kernels {'on' if info['kernels'] else 'OFF'} (SIMD {info['simd_bits']} bit), "
+          f"load avg {info['load_avg_1min']}", flush=True)
+    rows = []
+    layers = args.layer if args.layer is not None else ([] if args.model else ["768x3072"])
+    for spec in layers:
+        try:
+            out_f, in_f = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            raise SemisparseError(f"--layer takes OUTxIN, e.g. 768x3072; got {spec!r}") from None
+        sparsities = args.sparsity or [0.9, 0.8]
+        batches = args.batch or [1, 256]
+        for s in sparsities:
+            for b in batches:
+                if s < 0.85 and b != 1 and args.sparsity is None and args.batch is None:
+                    continue  # the default set: 90% at batch 1 and 256, 80% at batch 1 (the targets)
+                rows.append(bench_linear(out_f, in_f, s, b, args.reps, csr=not args.no_csr))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    for name in args.model or ():
+        for s in args.sparsity or [0.9]:
+            for b in args.batch or [1]:
+                rows.append(bench_model(name, s, b, max(5, args.reps // 2), args.masks, args.ablation,
+                                        args.image_size))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "results": rows}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+

@@ -1,0 +1,285 @@
+"""``semisparse demo``: the main job on the bundled digits, no arguments needed.
+
+Trains the small digits CNN densely, then makes it sparse every way semisparse knows - one-shot magnitude
+2:4 (with and without channel permutation), magnitude 2:4 fine-tuned, learned 2:4 masks on the frozen
+dense weights, RigL and SRigL at 90% from scratch - deploys the SRigL model, and prints one table
+(method, pattern, top-1, weights kept, share of MACs sparse, CPU latency vs dense). A speed section deploys
+a standard model (ResNet-50 at 90% constant fan-in), since 8x8 digits are too small for kernels to matter.
+Writes ``report.json`` and PNG plots into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..models import create_model
+from ..train import (
+    SparsityConfig,
+    TrainingSparsity,
+    build_lr_scheduler,
+    build_optimizer,
+    evaluate,
+    fit,
+    load_data,
+    make_loaders,
+)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("semisparse demo", description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--output-dir", default="demo-report", help="where report.json and the plots go")
+    p.add_argument("--epochs", type=int, default=12, help="dense and from-scratch training epochs (default 12)")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of mask learning / fine-tuning (default 2)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="RigL/SRigL sparsity (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed-model", default="resnet50", help="model for the speed section (default resnet50)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed section (ResNet-50 deploy)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@dataclass
+class Row:
+    method: str
+    pattern: str
+    acc1: float
+    kept: float  # share of the sparsified weights kept (1.0 dense)
+    mac_share: float  # share of Linear/Conv MACs under sparsity
+    latency_ratio: float | None = None  # dense latency / this model's latency (batch 1, CPU)
+    seconds: float = 0.0
+    layers: list[dict] = field(default_factory=list)
+
+
+class Demo:
+    """Holds the data and the trained dense model; each ``row_*`` method adds one line of the table."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data = load_data("digits")
+        torch.manual_seed(args.seed)
+        self.train_loader, self.val_loader = make_loaders(self.data, batch_size=32, seed=args.seed)
+        self.example = self.data.val[0][0][None]
+        self.rows: list[Row] = []
+        self.dense: nn.Module | None = None
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.args.seed)
+        return create_model("digits_cnn", num_classes=self.data.num_classes)
+
+    def train(self, model: nn.Module, epochs: int, lr: float, opt: str = "sgd",
+              config: SparsityConfig | None = None) -> None:  # fmt: skip
+        """The engine's loop, with its own sparsity wiring (as ``semisparse train`` uses it)."""
+        steps = epochs * len(self.train_loader)
+        sparsity = TrainingSparsity(config) if config is not None else None
+        if sparsity is not None:
+            sparsity.apply(model, total_steps=steps)
+        optimizer = build_optimizer(model, opt, lr=lr, weight_decay=5e-4 if opt == "sgd" else 0.0)
+        if sparsity is not None:
+            sparsity.attach(model, optimizer, total_steps=steps)
+        scheduler = build_lr_scheduler(optimizer, "cosineannealinglr", epochs=epochs)
+        fit(model, self.train_loader, self.val_loader, optimizer, scheduler, epochs, sparsity=sparsity,
+            seed=self.args.seed, show_progress=not self.args.quiet, print_freq=1000)  # fmt: skip
+
+    def acc(self, model: nn.Module) -> float:
+        return float(evaluate(model, nn.CrossEntropyLoss(), self.val_loader)["acc1"])
+
+    def add(self, method: str, model: nn.Module, t0: float, latency_ratio: float | None = None) -> Row:
+        rep = masking.report(model, example_input=self.example)
+        sp = rep.sparse_layers
+        pattern = "dense" if not sp else ", ".join(sorted({r.pattern for r in sp if not r.pattern.startswith("fan")}
+                                                             | ({"fan-in"} if any(r.pattern.startswith("fan")
+                                                                                  for r in sp) else set())))
+        row = Row(method, pattern, self.acc(model), rep.density, rep.mac_share or 0.0, latency_ratio,
+                  time.perf_counter() - t0, rep.to_dict()["layers"])  # fmt: skip
+        self.rows.append(row)
+        if not self.args.quiet:
+            print(f"  {method}: top-1 {row.acc1:.2f}%  ({row.seconds:.1f} s)", flush=True)
+        return row
+
+    # -- the rows -----------------------------------------------------------------------------------------
+    def row_dense(self) -> None:
+        t0 = time.perf_counter()
+        self.dense = self.new_model()
+        self.train(self.dense, self.args.epochs, lr=0.05)
+        self.add("dense", self.dense, t0)
+
+    def row_magnitude(self, permute: bool = False, finetune: bool = False) -> None:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(self.dense)
+        masking.sparsify(model, "2:4", "magnitude", **({"permute": True} if permute else {}))
+        if finetune:
+            self.train(model, self.args.finetune_epochs, lr=0.01)
+        name = "magnitude 2:4" + (" + permutation" if permute else "") + (" + fine-tune" if finetune else ", one-shot")
+        self.add(name, model, t0)
+
+    def row_learned(self) -> None:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(self.dense)
+        self.train(model, self.args.finetune_epochs, lr=1e-2, opt="adamw",
+                   config=SparsityConfig(method="gumbel", pattern="2:4", trainable="mask"))  # fmt: skip
+        masking.finalize(model)
+        self.add("learned 2:4, frozen weights", model, t0)
+
+    def row_dst(self, which: str) -> nn.Module:
+        t0 = time.perf_counter()
+        model = self.new_model()
+        delta = max(1, len(self.train_loader) // 2)
+        config = SparsityConfig(method="none", pattern=None, dst=which.lower(), level=self.args.sparsity,
+                                delta=delta, t_end=0.75)  # fmt: skip
+        self.train(model, self.args.epochs, lr=0.05, config=config)
+        self.add(f"{which} {self.args.sparsity:.0%}", model, t0)
+        return model
+
+    def row_deployed(self, model: nn.Module, label: str) -> None:
+        import semisparse as ss
+
+        t0 = time.perf_counter()
+        deployed = ss.deploy(copy.deepcopy(model).eval(), batch_size=1)
+        dense_ms = latency_ms(self.dense.eval(), self.example)
+        ratio = dense_ms / latency_ms(deployed, self.example)
+        self.add(f"{label}, deployed", deployed, t0, latency_ratio=ratio)
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor, reps: int = 30, warmup: int = 5) -> float:
+    """Median wall time of ``model(x)`` in milliseconds (no_grad, after warm-up)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
+    """Deploy ``name`` at ``sparsity`` constant fan-in and time batch 1 against the dense model."""
+    import semisparse as ss
+
+    torch.manual_seed(0)
+    dense = create_model(name, num_classes=1000).eval()
+    x = torch.randn(1, 3, 224, 224)
+    sparse = copy.deepcopy(dense)
+    rep = ss.sparsify(sparse, sparsity, example_input=x)
+    t0 = time.perf_counter()
+    deployed = ss.deploy(sparse.eval(), batch_size=1)
+    plan_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        ref, out = sparse(x), deployed(x)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    dense_ms, fast_ms = latency_ms(dense, x, reps=20), latency_ms(deployed, x, reps=20)
+    result = {"model": name, "sparsity": sparsity, "dense_ms": dense_ms, "deployed_ms": fast_ms,
+              "speedup": dense_ms / fast_ms, "mac_share": rep.mac_share, "plan_seconds": plan_s,
+              "max_rel_err": err}  # fmt: skip
+    if not quiet:
+        print(f"  {name} at {sparsity:.0%} constant fan-in, batch 1: dense {dense_ms:.1f} ms, deployed "
+              f"{fast_ms:.1f} ms -> {dense_ms / fast_ms:.2f}x (planned in {plan_s:.1f} s)", flush=True)  # fmt: skip
+    return result
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["method", "pattern", "top-1 %", "weights kept", "MACs sparse", "CPU speed vs dense"]
+    body = [[r.method, r.pattern, f"{r.acc1:.2f}", f"{r.kept:.0%}" if r.pattern != "dense" else "100%",
+             f"{r.mac_share:.0%}", "" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def plot(rows: list[Row], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r.method for r in rows][::-1], [r.acc1 for r in rows][::-1], color="tab:blue")
+    lo = min(r.acc1 for r in rows)
+    ax.set_xlim(max(0.0, lo - 5), 100)
+    ax.set_xlabel("validation top-1 (%) on digits")
+    ax.set_title("semisparse demo: accuracy per method")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in rows:
+        if r.pattern == "dense" or "deployed" in r.method:
+            continue
+        names = [lay["name"] for lay in r.layers]
+        ax.plot(range(len(names)), [lay["density"] for lay in r.layers], marker="o", label=r.method)
+    ax.set_xticks(range(len(names)), [n.replace(".weight", "") for n in names], rotation=30, ha="right")
+    ax.set_ylabel("kept share of weights")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("per-layer density")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "density.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    demo = Demo(args)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))  # noqa: E731
+    say(f"semisparse demo: digits ({len(demo.data.train)} train / {len(demo.data.val)} val images), "
+        f"{torch.get_num_threads()} CPU threads")  # fmt: skip
+    say("[1/4] dense training")
+    demo.row_dense()
+    say("[2/4] one-shot 2:4, fine-tuned 2:4, learned 2:4 masks on frozen weights")
+    demo.row_magnitude()
+    demo.row_magnitude(permute=True)
+    demo.row_magnitude(finetune=True)
+    demo.row_learned()
+    say(f"[3/4] dynamic sparse training at {args.sparsity:.0%} from scratch")
+    demo.row_dst("RigL")
+    srigl = demo.row_dst("SRigL")
+    demo.row_deployed(srigl, f"SRigL {args.sparsity:.0%}")
+    speed = None
+    if not args.no_speed:
+        say(f"[4/4] speed: {args.speed_model} deployed on this CPU")
+        speed = speed_section(args.speed_model, args.sparsity, args.quiet)
+    table = format_table(demo.rows)
+    print()
+    print(table)
+    if speed:
+        print(f"\n{speed['model']} at {speed['sparsity']:.0%} constant fan-in, batch 1, {torch.get_num_threads()} "
+              f"threads: dense {speed['dense_ms']:.1f} ms, deployed {speed['deployed_ms']:.1f} ms "
+              f"({speed['speedup']:.2f}x)")  # fmt: skip
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},  # fmt: skip
+        "args": vars(args),
+        "rows": [r.__dict__ for r in demo.rows],
+        "speed": speed,
+        "seconds": time.perf_counter() - start,
+    }
+    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    paths = plot(demo.rows, args.output_dir)
+    print(f"\nwrote {os.path.join(args.output_dir, 'report.json')}, {', '.join(paths)} "
+          f"in {report['seconds']:.0f} s")  # fmt: skip
+    return 0

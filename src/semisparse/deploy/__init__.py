@@ -1,0 +1,256 @@
+"""Deploy: condensed sparse kernels, the measuring planner and compressed checkpoint I/O.
+
+``ss.deploy(model)`` reads the masks semisparse holds on ``model`` (``ss.sparsify`` / ``ss.load``; never the
+zeros of a weight) and returns an inference copy in which every sparse Linear, Conv and MHA projection is
+a condensed layer (:mod:`.condensed`) run by the kernels of :mod:`.kernels`, chosen layer by layer by the
+planner (:mod:`.planner`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import SemisparseError
+
+__all__ = ["deploy", "deployed_layers", "default_example_input"]
+
+#: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
+#: through them unchanged in kind, so it can be folded into the next Linear's bias.
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
+                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
+
+
+def deploy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    batch_size: int = 1,
+    example_input: torch.Tensor | tuple | None = None,
+    *,
+    plan: str = "measure",
+    fold: bool = True,
+    reps: int = 20,
+) -> nn.Module:
+    """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
+    masked dense model's.
+
+    ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
+    every layer at ``example_input``, default ``(batch_size, C, 224, 224)`` guessed from the first conv,
+    keep dense where the kernel is not faster, then check the whole model is not slower), ``"condensed"``
+    (every sparse layer condensed, no timing) or ``"dense"``. ``fold``: ablated neurons of a Linear that is
+    followed (in an ``nn.Sequential``) only by elementwise modules and another Linear are removed, and the
+    next Linear drops the matching input columns (their constant contribution goes into its bias).
+    ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
+    holds the whole-model timing.
+    """
+    from ..masking.parametrization import sparse_weights
+
+    if plan not in ("measure", "condensed", "dense"):
+        raise SemisparseError(f"plan must be 'measure', 'condensed' or 'dense', got {plan!r}")
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise SemisparseError(f"deploy supports device='cpu' (condensed kernels); got {device!r}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise SemisparseError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise SemisparseError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not any(True for _ in sparse_weights(model)):
+        raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
+
+    from . import kernels
+    from .condensed import SparseConv, SparseLinear
+
+    m = copy.deepcopy(model).cpu().eval()
+    found = {}
+    for sw in list(sparse_weights(m)):
+        mask = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
+        found[sw.key] = (sw.name, sw.param, mask, sw.parametrization.pattern_name)
+    for mod in m.modules():
+        if parametrize.is_parametrized(mod):
+            _strip_parametrizations(mod)
+    masks = {k: v[2] for k, v in found.items()}
+    patterns = {k: v[3] for k, v in found.items()}
+    if dtype is not None and dtype != torch.float32:
+        warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
+                      RuntimeWarning, stacklevel=2)
+    dropped = _fold_sequentials(m, masks) if fold else {}
+
+    modules = dict(m.named_modules())
+    handled = set()
+    for name, mod in list(modules.items()):
+        if isinstance(mod, nn.MultiheadAttention):
+            key = f"{name}.in_proj_weight" if name else "in_proj_weight"
+            out_key = f"{name}.out_proj.weight" if name else "out_proj.weight"
+            from .attention import SparseMultiheadAttention, supports
+
+            if key in masks and not supports(mod):
+                in_proj = SparseLinear(key, mod.in_proj_weight.detach(), masks[key], mod.in_proj_bias,
+                                       patterns[key], kind="MultiheadAttention")
+                out_proj = _linear_or_sparse(mod.out_proj, out_key, masks, patterns)
+                m = _replace(m, name, SparseMultiheadAttention(mod, in_proj, out_proj))
+                handled.update({key, out_key})
+            else:  # F.multi_head_attention_forward reads both weights directly: bake the masks
+                _bake(mod, "in_proj_weight", masks.get(key))
+                _bake(mod.out_proj, "weight", masks.get(out_key))
+                handled.update({key, out_key})
+    modules = dict(m.named_modules())
+    for name, mod in modules.items():
+        key = f"{name}.weight" if name else "weight"
+        if key not in masks or key in handled:
+            continue
+        if isinstance(mod, nn.Linear):
+            m = _replace(m, name, SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+            m = _replace(m, name, SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
+        else:
+            _bake(mod, "weight", masks[key])
+    for _, layer in deployed_layers(m):
+        if layer.key in dropped:
+            layer.figures["dropped_inputs"] = dropped[layer.key]
+
+    summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
+                     "kernels": kernels.available(), "simd_bits": kernels.simd_width()}
+    if dtype is not None and dtype != torch.float32:
+        for _, layer in deployed_layers(m):
+            layer.set_mode("dense")
+        m.to(dtype)
+        plan = "dense"
+    if plan == "dense":
+        for _, layer in deployed_layers(m):
+            layer.set_mode("dense")
+    elif plan == "measure":
+        from .planner import plan_layers, plan_model
+
+        x = example_input if example_input is not None else default_example_input(model, batch_size)
+        try:
+            plan_layers(m, x, reps=reps)
+        except RuntimeError as exc:
+            if example_input is not None:
+                raise
+            raise SemisparseError(
+                f"could not run the model on a guessed input of shape {tuple(x.shape)} ({exc}); pass "
+                "example_input=torch.randn(...) with the model's real input shape"
+            ) from exc
+        summary.update(plan_model(m, x, reps=reps))
+    for _, layer in deployed_layers(m):
+        layer.drop_unused()
+    m.semisparse_plan = summary
+    return m
+
+
+def deployed_layers(model: nn.Module) -> list:
+    """``[(module name, condensed layer)]`` of a deployed model."""
+    from .condensed import _Condensed
+
+    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, _Condensed)]
+
+
+def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """``(batch, C, S, S)`` for an image model (C from its first conv, S from ``image_size`` or 224), or
+    ``(batch, in_features)`` when the first layer is a Linear."""
+    arch = getattr(model, "semisparse_arch", None) or {}
+    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nd = mod.weight.dim() - 2
+            s = int(size) if size else (8 if arch.get("name") == "digits_cnn" else
+                                        32 if "cifar" in str(arch.get("name", "")) or arch.get("name") == "wrn22_2"
+                                        else 224)
+            return torch.randn(batch_size, mod.in_channels, *([s] * nd))
+        if isinstance(mod, nn.Linear):
+            return torch.randn(batch_size, mod.in_features)
+    raise SemisparseError("cannot guess the model's input shape; pass example_input=torch.randn(...)")
+
+
+def _strip_parametrizations(mod: nn.Module) -> None:
+    """Turn a (deep-copied) parametrized module back into its plain class with the dense originals.
+
+    ``parametrize.remove_parametrizations`` edits the generated class, which a deep copy shares with the
+    user's model; restoring the copy's own class leaves the user's model untouched.
+    """
+    originals = {name: plist.original for name, plist in mod.parametrizations.items()}
+    del mod._modules["parametrizations"]
+    mod.__class__ = mod.__class__.__bases__[0]
+    for name, original in originals.items():
+        mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name``; returns the (possibly new) root."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return root
+
+
+def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
+    if mask is not None:
+        with torch.no_grad():
+            getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
+
+
+def _linear_or_sparse(lin: nn.Linear, key: str, masks: dict, patterns: dict) -> nn.Module:
+    from .condensed import SparseLinear
+
+    if key in masks:
+        return SparseLinear(key, lin.weight.detach(), masks[key], lin.bias, patterns[key])
+    plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    plain.load_state_dict(lin.state_dict())
+    return plain
+
+
+def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
+    """Remove ablated neurons of ``Linear -> elementwise* -> Linear`` chains inside ``nn.Sequential``s.
+
+    The first Linear loses its all-zero mask rows, the second the matching input columns; the constant
+    the removed neurons fed forward (``act(bias)``) is added to the second Linear's bias. Returns
+    ``{second layer's key: columns dropped}``. Works on plain Linears with masks (before condensing).
+    """
+    dropped: dict[str, int] = {}
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        mods = list(seq.named_children())
+        for i, (a_name, a) in enumerate(mods):
+            akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
+            if not isinstance(a, nn.Linear) or akey not in masks:
+                continue
+            j = i + 1
+            while j < len(mods) and isinstance(mods[j][1], _ELEMENTWISE):
+                j += 1
+            if j >= len(mods) or not isinstance(mods[j][1], nn.Linear):
+                continue
+            b_name, b = mods[j]
+            bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
+            amask = masks[akey]
+            keep = amask.any(1)
+            if bool(keep.all()) or not bool(keep.any()):
+                continue
+            gone = ~keep
+            with torch.no_grad():
+                const = a.bias[gone].clone() if a.bias is not None else torch.zeros(int(gone.sum()))
+                for _, mod in mods[i + 1:j]:
+                    const = mod(const)
+                wb = b.weight * masks[bkey] if bkey in masks else b.weight
+                shift = wb[:, gone] @ const.to(wb.dtype)
+                new_a = nn.Linear(a.in_features, int(keep.sum()), bias=a.bias is not None)
+                new_a.weight.copy_(a.weight[keep])
+                if a.bias is not None:
+                    new_a.bias.copy_(a.bias[keep])
+                new_b = nn.Linear(int(keep.sum()), b.out_features, bias=True)
+                new_b.weight.copy_(b.weight[:, keep])
+                new_b.bias.copy_((b.bias if b.bias is not None else torch.zeros(b.out_features)) + shift)
+            setattr(seq, a_name, new_a)
+            setattr(seq, b_name, new_b)
+            masks[akey] = amask[keep]
+            if bkey in masks:
+                masks[bkey] = masks[bkey][:, keep]
+            dropped[bkey] = int(gone.sum())
+    return dropped

@@ -1,0 +1,379 @@
+"""Condensed sparse layers: kept values + input indices per output neuron, run by :mod:`.kernels`.
+
+A layer's ``(rows, K)`` weight view (:mod:`semisparse.layout`) becomes
+
+* ``values`` ``(R, k)`` fp32: the kept weights of the R output neurons that keep any (ablated neurons,
+  all-zero mask rows, are not stored and not computed: their output is their bias, or 0);
+* ``idx`` ``(R, k)``: the view column of each kept weight, uint16 (stored as int16 bits) while K <= 65,536,
+  int32 only beyond (the byte budget of the batch-1 kernel is values + indices);
+* ``orow`` ``(R,)``: the output channel of each stored row.
+
+Rows with fewer than ``k`` kept weights (masks that are not constant fan-in) are padded with zero weights.
+Every layer also keeps a ``mode``: ``"condensed"`` runs the kernel, ``"dense"`` runs the masked dense
+weight through torch (what the planner picks where the kernel does not win on this machine).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import Layout
+from ..masking.report import LayerReport
+from . import kernels
+
+#: Largest view width the uint16 index form addresses.
+U16_LIMIT = 65_536
+
+
+def condense(w_view: torch.Tensor, m_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, K)`` weight and bool mask -> ``values (R, k)``, ``idx (R, k)``, ``orow (R,)``.
+
+    Reads the mask, never the zeros of the weight: a kept weight that happens to be 0.0 stays stored.
+    Indices ascend within a row (locality of the activation reads).
+    """
+    m_view = m_view.to(torch.bool)
+    counts = m_view.sum(1)
+    orow = torch.nonzero(counts, as_tuple=False).flatten()
+    k = int(counts.max()) if len(orow) else 0
+    rows_m = m_view[orow]
+    order = torch.sort((~rows_m).to(torch.int8), dim=1, stable=True).indices[:, :k]  # kept columns first
+    valid = torch.arange(k)[None, :] < counts[orow][:, None]
+    idx = torch.where(valid, order, torch.zeros_like(order))
+    values = torch.gather(w_view[orow].detach().float(), 1, idx) * valid
+    K = w_view.shape[1]
+    if K <= U16_LIMIT:
+        idx = idx.to(torch.int32).to(torch.int16) if K <= 32_768 else _to_u16_bits(idx)
+    else:
+        idx = idx.to(torch.int32)
+    return values.contiguous(), idx.contiguous(), orow.to(torch.int64).contiguous()
+
+
+def _to_u16_bits(idx: torch.Tensor) -> torch.Tensor:
+    """Indices in [0, 65535] as int16 holding the uint16 bit pattern."""
+    return torch.where(idx >= 32_768, idx - 65_536, idx).to(torch.int16)
+
+
+def columns(idx: torch.Tensor) -> torch.Tensor:
+    """Stored indices back to int64 view columns."""
+    out = idx.to(torch.int64)
+    return out & 0xFFFF if idx.dtype == torch.int16 else out
+
+
+def expand(values: torch.Tensor, idx: torch.Tensor, orow: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense ``(rows, K)`` view of a condensed layer (for the dense mode and for tests)."""
+    out = torch.zeros(shape, dtype=values.dtype)
+    if len(orow):
+        out[orow] = out[orow].scatter_add(1, columns(idx), values)
+    return out
+
+
+class _Condensed(nn.Module):
+    """State shared by the condensed layers: buffers, mode, planner figures, the layer report."""
+
+    kind = "Linear"
+
+    def _init_condensed(self, key: str, w_view: torch.Tensor, m_view: torch.Tensor, bias: torch.Tensor | None,
+                        weight: torch.Tensor, pattern: str) -> None:
+        self.key = key
+        self.pattern = pattern
+        self.shape = tuple(weight.shape)
+        self.view_shape = tuple(w_view.shape)
+        values, idx, orow = condense(w_view, m_view)
+        self.register_buffer("values", values)
+        self.register_buffer("idx", idx)
+        self.register_buffer("orow", orow)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().contiguous())
+        ablated = torch.ones(w_view.shape[0], dtype=torch.bool)
+        ablated[orow] = False
+        self.register_buffer("ablated", torch.nonzero(ablated).flatten())
+        self.density = float(m_view.float().mean())
+        mask = self._layout().from_view(m_view).to(torch.float32)
+        self.dense_weight: torch.Tensor | None = (weight.detach().float() * mask).contiguous()  # until planned
+        self.mode = "condensed" if kernels.available() else "dense"
+        self.figures: dict = {}  # the planner's measurements: dense_us, sparse_us, ratio
+        self.path = ""  # which kernel (and setting) the planner chose, e.g. "gemv/gather", "spmm/64"
+        self._macs = None
+
+    def set_mode(self, mode: str) -> None:
+        """``"condensed"`` or ``"dense"``; the representation not chosen is dropped to save memory."""
+        if mode not in ("condensed", "dense"):
+            raise ValueError(f"mode must be 'condensed' or 'dense', got {mode!r}")
+        if mode == "dense" and self.dense_weight is None:
+            view = expand(self.values, self.idx, self.orow, self.view_shape)
+            self.dense_weight = self._layout().from_view(view).contiguous()
+        self.mode = mode
+
+    def drop_unused(self) -> None:
+        """After planning: a condensed layer no longer needs its dense copy."""
+        if self.mode == "condensed":
+            self.dense_weight = None
+
+    def _layout(self) -> Layout:
+        return Layout("rows" if self.kind in ("Linear", "MultiheadAttention") else "conv", self.shape)
+
+    def _output_init(self, shape: tuple[int, ...], channel_dim: int) -> torch.Tensor:
+        """Output buffer; rows that are not computed (ablated neurons) hold their bias (or 0)."""
+        if not len(self.ablated):
+            return torch.empty(shape)
+        out = torch.empty(shape)
+        fill = torch.zeros(len(self.ablated)) if self.bias is None else self.bias[self.ablated]
+        if channel_dim == 0:
+            out[self.ablated] = fill.view(-1, *([1] * (len(shape) - 1)))
+        else:
+            out[:, self.ablated] = fill
+        return out
+
+    def semisparse_layer_report(self, name: str) -> LayerReport:
+        stored = self.values.numel() * 4 + self.idx.numel() * self.idx.element_size() + self.orow.numel() * 8
+        extra = {"kernel": self.kernel_name(), "bytes": stored if self.mode == "condensed" else
+                 math.prod(self.shape) * 4}
+        extra.update(self.figures)
+        return LayerReport(self.key, self.kind, self.shape, self.pattern, self.density, math.prod(self.shape),
+                           macs=self._macs, extra=extra)
+
+    def kernel_name(self) -> str:
+        return "dense" if self.mode == "dense" else "condensed" + (f"-{self.path}" if self.path else "")
+
+    def variants(self, x: torch.Tensor) -> list[dict]:
+        """Kernel settings the planner may time for input ``x`` (each a dict of attributes to set)."""
+        return [{}]
+
+    def use_variant(self, v: dict) -> None:
+        for name, value in v.items():
+            setattr(self, name, value)
+
+
+class SparseLinear(_Condensed):
+    """Condensed ``nn.Linear`` (also an MHA's packed in-projection). ``x (..., in) -> (..., out)``.
+
+    Batch 1 runs the gather kernel (bytes moved: values + indices, ~k * 6 bytes per neuron); larger
+    batches are packed into ``(K, PB)`` panels and run the broadcast-FMA kernel, vectorised over the batch.
+    """
+
+    kind = "Linear"
+
+    def __init__(self, key: str, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+                 pattern: str = "", kind: str = "Linear") -> None:
+        super().__init__()
+        self.kind = kind
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._init_condensed(key, weight, mask, bias, weight, pattern)
+        self.panel_width = kernels.BLOCK
+        self.gemv_variant = "packed"
+        self.pairs = False  # two rows per kernel pass (PB 32)
+        self._offsets: dict[int, torch.Tensor] = {}  # panel width -> int32 offsets (runtime cache)
+
+    def variants(self, x: torch.Tensor) -> list[dict]:
+        if x.numel() // self.in_features == 1:
+            return [{"gemv_variant": v} for v in kernels.GEMV_VARIANTS]
+        return [{"panel_width": 64, "pairs": False}, {"panel_width": 32, "pairs": False},
+                {"panel_width": 32, "pairs": True}]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        self._macs = x2.shape[0] * self.out_features * self.in_features
+        if self.mode == "dense" or x.dtype != torch.float32 or x.requires_grad:
+            w = self.dense_weight if self.dense_weight is not None else self._dense_now()
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x2 = x2.contiguous()
+        B = x2.shape[0]
+        if B == 1:
+            y = self._output_init((self.out_features,), 0)
+            kernels.gemv(x2[0], self.values, self.idx, self.bias_rows(), self.orow, y, self.gemv_variant)
+            return y.view(*lead, self.out_features)
+        PB = min(self.panel_width, -(-B // 8) * 8)
+        X = kernels.pack_panels(x2, PB)
+        off = self._offsets.get(PB)
+        if off is None:
+            off = kernels.offsets(self.idx, torch.arange(self.in_features, dtype=torch.int64) * PB,
+                                  torch.zeros(len(self.orow), dtype=torch.int64))
+            self._offsets[PB] = off
+        y = self._output_init((B, self.out_features), 1)
+        kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
+                     ldp=self.out_features, pairs=self.pairs and PB == 32)
+        return y.view(*lead, self.out_features)
+
+    def bias_rows(self) -> torch.Tensor | None:
+        """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
+        b = getattr(self, "_bias_rows", None)
+        if b is None and self.bias is not None:
+            b = self.bias[self.orow].contiguous()
+            self._bias_rows = b
+        return b
+
+    def _dense_now(self) -> torch.Tensor:
+        return expand(self.values, self.idx, self.orow, self.view_shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.values.shape[1]}, "
+                f"rows={len(self.orow)}, mode={self.mode}")
+
+
+class SparseConv(_Condensed):
+    """Condensed ``Conv1d/2d/3d`` (zeros padding; any stride, dilation, groups, padding incl. "same").
+
+    Lowering, no im2col: the input is zero-padded and split by stride phase into ``X (C, phases, N, H', W')``
+    so every kernel tap is a constant shift of the flattened plane; the kernel broadcasts each kept weight
+    and accumulates it over a block of 64 consecutive output positions of that plane. View column
+    ``j = tap * in_per_group + c`` maps to the offset ``coff[j]``; a grouped conv adds its group's channel
+    offset per row (``base``). Positions of the plane that are not outputs (the padded border) are computed
+    and cropped, ~(H'W')/(HoWo) extra work.
+    """
+
+    def __init__(self, key: str, conv: nn.modules.conv._ConvNd, weight: torch.Tensor, mask: torch.Tensor,
+                 bias: torch.Tensor | None, pattern: str = "") -> None:
+        super().__init__()
+        self.kind = type(conv).__name__
+        self.nd = weight.dim() - 2
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.dilation = tuple(conv.stride), tuple(conv.dilation)
+        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        layout = Layout("conv", tuple(weight.shape))
+        self._init_condensed(key, layout.to_view(weight), layout.to_view(mask), bias, weight, pattern)
+        cin_g, cout_g = self.in_channels // self.groups, self.out_channels // self.groups
+        self.cin_g = cin_g
+        self.register_buffer("_group", (self.orow // cout_g).contiguous(), persistent=False)
+        self._geometry: dict = {}
+        self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
+        self.pairs = False  # two rows per kernel pass (block 32)
+
+    def _pads(self) -> list[tuple[int, int]]:
+        if self.padding == "valid":
+            return [(0, 0)] * self.nd
+        if self.padding == "same":
+            out = []
+            for k, d in zip(self.kernel_size, self.dilation):
+                total = d * (k - 1)
+                out.append((total // 2, total - total // 2))
+            return out
+        return [(p, p) for p in self.padding]
+
+    def _plan_geometry(self, n: int, spatial: tuple[int, ...]) -> dict:
+        """Offsets and sizes for an input ``(n, C, *spatial)``; cached per shape (the int32 offset table
+        is 4 bytes per kept weight: a runtime cache, not part of the stored form)."""
+        key = (n, spatial)
+        g = self._geometry.get(key)
+        if g is not None:
+            return g
+        pads = self._pads()
+        sub = [s if k == 1 and p == (0, 0) else 1 for s, k, p in zip(self.stride, self.kernel_size, pads)]
+        spatial_in = [-(-s // u) for s, u in zip(spatial, sub)]  # 1-wide kernels: subsample first
+        strides = [s // u if u > 1 else s for s, u in zip(self.stride, sub)]
+        padded = [s + a + b for s, (a, b) in zip(spatial_in, pads)]
+        outs = [(p - d * (k - 1) - 1) // s + 1 for p, d, k, s in zip(padded, self.dilation, self.kernel_size, strides)]
+        if any(o <= 0 for o in outs):
+            raise ValueError(f"{self.key}: input {spatial} is too small for kernel {self.kernel_size}")
+        planes = [-(-p // s) for p, s in zip(padded, strides)]  # H' = ceil(padded / stride)
+        plane = math.prod(planes)
+        nph = math.prod(strides)
+        row_strides = [math.prod(planes[i + 1:]) for i in range(self.nd)]
+        ph_strides = [math.prod(strides[i + 1:]) for i in range(self.nd)]
+        c_stride = nph * n * plane
+        taps = list(_taps(self.kernel_size))
+        tap_off = []
+        for t in taps:
+            q = [ti * d for ti, d in zip(t, self.dilation)]
+            phase = sum((qi % s) * ps for qi, s, ps in zip(q, strides, ph_strides))
+            shift = sum((qi // s) * rs for qi, s, rs in zip(q, strides, row_strides))
+            tap_off.append(phase * n * plane + shift)
+        tap_off = torch.tensor(tap_off, dtype=torch.int64)
+        coff = (tap_off[:, None] + torch.arange(self.cin_g, dtype=torch.int64)[None, :] * c_stride).reshape(-1)
+        base = (self._group * self.cin_g * c_stride).contiguous()
+        last = (n - 1) * plane + sum((o - 1) * rs for o, rs in zip(outs, row_strides)) + 1
+        g = dict(sub=sub, strides=strides, pads=pads, padded=padded, outs=outs, planes=planes, plane=plane,
+                 nph=nph, off=kernels.offsets(self.idx, coff, base), P=last, total=self.in_channels * c_stride)
+        self._geometry[key] = g
+        return g
+
+    def prepare_input(self, x: torch.Tensor, g: dict) -> torch.Tensor:
+        """``x (N, C, *S)`` -> flat ``X (C, phases, N, *H')`` zero-padded, with ``BLOCK`` floats of slack."""
+        n, c = x.shape[:2]
+        if any(u > 1 for u in g["sub"]):
+            x = x[(slice(None), slice(None), *[slice(None, None, u) for u in g["sub"]])]
+        pad_arg = []
+        for (a, b), p, pl, s in reversed(list(zip(g["pads"], g["padded"], g["planes"], g["strides"]))):
+            pad_arg += [a, b + pl * s - p]
+        buf = torch.empty(g["total"] + kernels.BLOCK)
+        buf[g["total"]:].zero_()
+        if g["nph"] == 1 and n == 1:  # one pass: zero the border, copy the interior
+            view = buf[: g["total"]].view(c, *g["padded"])
+            if any(pad_arg):
+                view.zero_()
+                inner = view[(slice(None), *[slice(a, a + s) for (a, _), s in zip(g["pads"], x.shape[2:])])]
+                inner.copy_(x[0])
+            else:
+                view.copy_(x[0])
+            return buf
+        xp = F.pad(x, pad_arg) if any(pad_arg) else x
+        shape = [n, c]
+        for pl, s in zip(g["planes"], g["strides"]):
+            shape += [pl, s]
+        nd = self.nd
+        perm = [1] + [3 + 2 * i for i in range(nd)] + [0] + [2 + 2 * i for i in range(nd)]
+        dst_shape = [c] + list(g["strides"]) + [n] + list(g["planes"])
+        buf[: g["total"]].view(dst_shape).copy_(xp.reshape(shape).permute(perm))
+        return buf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == self.nd + 2
+        if not batched:
+            x = x.unsqueeze(0)
+        if self.mode == "dense" or x.dtype != torch.float32 or x.requires_grad:
+            y = self._dense_forward(x)
+        else:
+            y = self._condensed_forward(x.contiguous())
+        self._macs = y.numel() * math.prod(self.shape[1:])
+        return y if batched else y.squeeze(0)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight if self.dense_weight is not None else self._layout().from_view(
+            expand(self.values, self.idx, self.orow, self.view_shape))
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return conv(x, w.to(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _condensed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        g = self._plan_geometry(n, tuple(x.shape[2:]))
+        X = self.prepare_input(x, g)
+        full = n * g["plane"]
+        y = self._output_init((self.out_channels, full), 0)
+        kernels.spmm(X, self.values, g["off"], self.bias_rows(), self.orow, y, g["P"], full, self.block,
+                     self.block, pairs=self.pairs and self.block == 32)
+        if n == 1 and list(g["planes"]) == list(g["outs"]):
+            return y.view(1, self.out_channels, *g["outs"])  # nothing to crop (1x1, no padding)
+        y = y.view(self.out_channels, n, *g["planes"])
+        y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
+        return y.transpose(0, 1).contiguous()
+
+    def bias_rows(self) -> torch.Tensor | None:
+        b = getattr(self, "_bias_rows", None)
+        if b is None and self.bias is not None:
+            b = self.bias[self.orow].contiguous()
+            self._bias_rows = b
+        return b
+
+    def variants(self, x: torch.Tensor) -> list[dict]:
+        return [{"block": 64, "pairs": False}, {"block": 32, "pairs": False}, {"block": 16, "pairs": False},
+                {"block": 32, "pairs": True}]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"k={self.values.shape[1]}, mode={self.mode}")
+
+
+def _taps(kernel: tuple[int, ...]):
+    """Kernel tap multi-indices in row-major order (the order of the conv layout's view)."""
+    if not kernel:
+        yield ()
+        return
+    for i in range(kernel[0]):
+        for rest in _taps(kernel[1:]):
+            yield (i, *rest)

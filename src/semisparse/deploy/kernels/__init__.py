@@ -1,0 +1,274 @@
+"""The fast path: fp32 condensed kernels in C (``condensed.c``), compiled on first use, loaded with ctypes.
+
+Why C through ctypes rather than a torch C++ extension or numba: it compiles in about a second with the
+system C compiler (no torch headers, no ninja, no build isolation pulling a second torch), its call costs
+a few microseconds, and with ``-fopenmp`` it binds at load time to the ``libgomp`` torch already loaded,
+so these kernels and torch's intra-op pool are one pool: ``torch.set_num_threads`` sets both and the cores
+are never oversubscribed. The library is cached per source/compiler/CPU under
+``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
+
+Where no C compiler is found (or ``SEMISPARSE_NO_KERNELS=1``) the same functions run as pure torch
+reference code, one warning is issued, and the planner then keeps dense layers wherever that is slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("condensed.c")
+_ABI = 10
+_lock = threading.Lock()
+_seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = ""
+
+#: Positions per register block of the SpMM kernel (8 AVX2 vectors).
+BLOCK = 64
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SEMISPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "semisparse")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _compile(cc: str, out: Path) -> None:
+    base = [cc, "-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", str(_SRC), "-o"]
+    errors = []
+    for arch in (["-march=native"], []):
+        tmp = Path(tempfile.mkstemp(suffix=".so", dir=out.parent)[1])
+        try:
+            subprocess.run(base[:1] + arch + base[1:] + [str(tmp)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, out)  # atomic: concurrent first uses never see a half-written library
+            return
+        except (subprocess.SubprocessError, OSError) as exc:
+            errors.append(getattr(exc, "stderr", b"") or str(exc).encode())
+            tmp.unlink(missing_ok=True)
+    raise RuntimeError(errors[-1].decode(errors="replace").strip().splitlines()[-1:] or "compile failed")
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float  # noqa: F841
+    lib.ss_spmm.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
+    lib.ss_spmm.restype = None
+    lib.ss_spmm_pairs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
+    lib.ss_spmm_pairs.restype = None
+    for name in ("ss_gemv_i16", "ss_gemv_i32", "ss_gemv_gather_i16", "ss_gemv_gather_i32"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, p, i64, i64]
+        fn.restype = None
+    lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
+    lib.ss_pack_panels.restype = None
+    lib.ss_sync_threads.argtypes = [ctypes.c_int]
+    lib.ss_sync_threads.restype = None
+    lib.ss_abi_version.restype = ctypes.c_int
+    lib.ss_simd.restype = ctypes.c_int
+    lib.ss_max_threads.restype = ctypes.c_int
+
+
+def _threads(lib: ctypes.CDLL) -> None:
+    """Keep the kernels' OpenMP pool the size of torch's intra-op pool in this thread (cheap when unchanged)."""
+    n = torch.get_num_threads()
+    if getattr(_seen, "n", None) != n:
+        lib.ss_sync_threads(n)
+        _seen.n = n
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on first use; None (after one warning) where unavailable."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("SEMISPARSE_NO_KERNELS"):
+                raise RuntimeError("disabled by SEMISPARSE_NO_KERNELS")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+            key = hashlib.sha256(
+                _SRC.read_bytes() + version.encode() + platform.machine().encode() + _cpu_flags().encode()
+            ).hexdigest()[:16]
+            out = _cache_dir() / f"condensed-{key}.so"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _compile(cc, out)
+            lib = ctypes.CDLL(str(out))
+            _bind(lib)
+            if lib.ss_abi_version() != _ABI:
+                raise RuntimeError("stale kernel library")
+            _lib = lib
+        except Exception as exc:  # any failure means: run the torch reference path
+            _why_not = str(exc)
+            warnings.warn(
+                f"semisparse: fast CPU kernels unavailable ({exc}); using the torch reference path "
+                "(deploy keeps dense layers where that is slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _tried = True
+        return _lib
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded (or can be built now)."""
+    return library() is not None
+
+
+def unavailable_reason() -> str:
+    library()
+    return _why_not
+
+
+def simd_width() -> int:
+    """Vector width in bits the library was compiled for (256 for AVX2+FMA, 0 for scalar/auto-vectorised)."""
+    lib = library()
+    return int(lib.ss_simd()) if lib is not None else 0
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def offsets(idx: torch.Tensor, coff: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``off[r, j] = base[r] + coff[idx[r, j]]`` as int32: the element offset of each kept weight's input.
+
+    Built once per input geometry (and cached by the layer): the kernel then does one load per kept
+    weight instead of two dependent ones. Raises ValueError where an offset does not fit int32.
+    """
+    off = base[:, None] + coff[_columns(idx)]
+    if off.numel() and int(off.max()) >= 2**31:
+        raise ValueError("activation buffer too large for int32 offsets")
+    return off.to(torch.int32).contiguous()
+
+
+def spmm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    off: torch.Tensor,
+    bias: torch.Tensor | None,
+    orow: torch.Tensor,
+    Y: torch.Tensor,
+    P: int,
+    ldy: int,
+    PB: int,
+    panel: int,
+    ldp: int = 1,
+    pairs: bool = False,
+) -> None:
+    """``Y[orow[r]*ldy + p*ldp] = bias[r] + sum_j W[r, j] * X[(p//PB)*panel + off[r, j] + p%PB]``.
+
+    ``X`` flat fp32 (readable up to ``BLOCK`` elements past the last real position), ``W`` (rows, k) fp32,
+    ``off`` (rows, k) int32 from :func:`offsets`, ``orow`` (rows,) int64, ``Y`` fp32 with row stride ``ldy``
+    and position stride ``ldp``; positions ``p < P``; ``PB`` a multiple of 8, at most ``BLOCK``. All
+    contiguous, on CPU. ``pairs=True`` (needs ``PB == 32``) runs two rows per pass.
+    """
+    rows, k = W.shape
+    lib = library()
+    if lib is None:
+        return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
+    _threads(lib)
+    nb = -(-P // PB)
+    by_blocks = int(nb >= 2 * torch.get_num_threads() or rows < torch.get_num_threads())
+    if pairs:
+        if PB != 32:
+            raise ValueError("pairs=True needs PB == 32")
+        lib.ss_spmm_pairs(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
+                          rows, k, P, ldy, ldp, panel, by_blocks)
+        return
+    lib.ss_spmm(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
+                rows, k, P, ldy, ldp, PB, panel, by_blocks)
+
+
+def pack_panels(x: torch.Tensor, PB: int) -> torch.Tensor:  # noqa: N803
+    """``x`` (B, K) -> flat panels ``(ceil(B/PB), K, PB)`` (zero rows past B) plus ``BLOCK`` floats of slack."""
+    B, K = x.shape
+    npan = -(-B // PB)
+    out = torch.empty(npan * K * PB + BLOCK, dtype=x.dtype)
+    lib = library()
+    if lib is None:
+        xp = torch.zeros(npan * PB, K, dtype=x.dtype)
+        xp[:B] = x
+        out[: npan * K * PB].view(npan, K, PB).copy_(xp.view(npan, PB, K).transpose(1, 2))
+    else:
+        _threads(lib)
+        lib.ss_pack_panels(x.data_ptr(), out.data_ptr(), B, K, PB)
+    out[npan * K * PB :].zero_()
+    return out
+
+
+#: Batch-1 kernel variants: x values loaded as scalars and packed, or hardware gathers.
+GEMV_VARIANTS = ("packed", "gather")
+
+
+def gemv(
+    x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, orow: torch.Tensor,
+    y: torch.Tensor, variant: str = "packed",
+) -> None:
+    """Batch-1 Linear: ``y[orow[r]] = bias[r] + sum_j W[r, j] * x[idx[r, j]]``; ``x`` (K,), ``y`` (out,)."""
+    rows, k = W.shape
+    lib = library()
+    if lib is None:
+        return gemv_reference(x, W, idx, bias, orow, y)
+    _threads(lib)
+    wide = "" if variant == "packed" else "gather_"
+    fn = getattr(lib, f"ss_gemv_{wide}i16" if idx.dtype == torch.int16 else f"ss_gemv_{wide}i32")
+    fn(x.data_ptr(), W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), y.data_ptr(), rows, k)
+
+
+def _columns(idx: torch.Tensor) -> torch.Tensor:
+    """Indices as int64, int16 read as unsigned (the storage holds uint16 bit patterns)."""
+    out = idx.to(torch.int64)
+    if idx.dtype == torch.int16:
+        out = out & 0xFFFF
+    return out
+
+
+def spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp=1) -> None:  # noqa: N803
+    """Pure-torch :func:`spmm` (the fallback and the tests' oracle for the index arithmetic)."""
+    p = torch.arange(P, device=X.device)
+    addr = off.to(torch.int64)[:, :, None] + ((p // PB) * panel + p % PB)[None, None, :]
+    out = (W[:, :, None] * X[addr]).sum(1)
+    if bias is not None:
+        out = out + bias[:, None]
+    if len(orow):
+        Y.view(-1).as_strided((int(orow.max()) + 1, P), (ldy, ldp))[orow] = out
+
+
+def gemv_reference(x, W, idx, bias, orow, y) -> None:
+    out = (W * x[_columns(idx)]).sum(1)
+    if bias is not None:
+        out = out + bias
+    y[orow] = out

@@ -1,0 +1,346 @@
+/* Condensed (constant fan-in) sparse kernels for semisparse, fp32, compiled on first use.
+ *
+ * Storage of one layer: `rows` kept output neurons, each with `k` kept weights w[r*k + j] and the view
+ * column idx[r*k + j] (uint16, or int32 where the view is wider than 65,535) of each weight.
+ * A small table `coff[K]` turns a view column into an element offset into the activation buffer X and
+ * `base[r]` adds a per-row offset (the group of a grouped conv), so one kernel serves Linear and Conv:
+ *
+ *   Y[orow[r]*ldy + p] = bias[r] + sum_j w[r,j] * X[(p / PB) * panel + base[r] + coff[idx[r,j]] + p % PB]
+ *
+ * (the caller resolves base[r] + coff[idx[r,j]] once per input geometry into an int32 offset table).
+ *
+ * Linear: X is x^T cut into panels (K, PB) (panel = K*PB, coff[i] = i*PB).  Conv: X is the zero-padded,
+ * stride-phase-split input, laid out (C, phases, N, H', W') so that every kernel tap is a constant shift
+ * of the flattened plane (panel = PB, coff = channel/phase/tap offset): positions p are vectorised,
+ * weights are broadcast, no gathers and no im2col.
+ *
+ * `gemv_*` is the batch-1 Linear: y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]] (AVX2 gathers).
+ * Threads: OpenMP, resolved at load time to the libgomp that torch itself loaded, so torch's intra-op
+ * pool and these kernels share one pool and never oversubscribe the cores.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SS_AVX2 1
+#endif
+
+#define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
+
+int ss_abi_version(void) { return 10; }
+
+int ss_simd(void) {
+#ifdef SS_AVX2
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* Give the calling thread the pool size torch uses (OpenMP's per-thread ICV: a thread other than the one
+ * that called torch.set_num_threads would otherwise start one thread per core). */
+void ss_sync_threads(int n) {
+#ifdef _OPENMP
+    if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+int ss_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* One row over up to 64 consecutive positions of one block: xb points at the block, yb at the output.
+ * Accumulators are named registers (an array indexed in a loop is spilled to the stack by GCC: 8 stores
+ * per 8 FMAs), one pass over the row's k weights per 64, 32 or 8 positions. */
+#define SS_STORE(A, OFF)                                                                                \
+    do {                                                                                                \
+        if (ldp == 1 && n >= (OFF) + 8) {                                                               \
+            _mm256_storeu_ps(yb + (OFF), A);                                                            \
+        } else if (n > (OFF)) {                                                                         \
+            float t_[8];                                                                                \
+            _mm256_storeu_ps(t_, A);                                                                    \
+            const int c_ = n - (OFF) < 8 ? n - (OFF) : 8;                                               \
+            for (int i_ = 0; i_ < c_; ++i_) yb[((OFF) + i_) * ldp] = t_[i_];                           \
+        }                                                                                               \
+    } while (0)
+
+#ifdef SS_AVX2
+#define SS_FMA8(V, A) A = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 8 * (V)), A)
+static void row64(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
+                  int64_t ldp, int n) {
+    __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *s = xb + off[j];
+        const __m256 wv = _mm256_broadcast_ss(w + j);
+        SS_FMA8(0, a0); SS_FMA8(1, a1); SS_FMA8(2, a2); SS_FMA8(3, a3);
+        SS_FMA8(4, a4); SS_FMA8(5, a5); SS_FMA8(6, a6); SS_FMA8(7, a7);
+    }
+    SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);
+    SS_STORE(a4, 32); SS_STORE(a5, 40); SS_STORE(a6, 48); SS_STORE(a7, 56);
+}
+static void row32(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
+                  int64_t ldp, int n) {
+    __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *s = xb + off[j];
+        const __m256 wv = _mm256_broadcast_ss(w + j);
+        SS_FMA8(0, a0); SS_FMA8(1, a1); SS_FMA8(2, a2); SS_FMA8(3, a3);
+    }
+    SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);
+}
+static void row16(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
+                  int64_t ldp, int n) {
+    __m256 a0 = _mm256_set1_ps(b), a1 = a0, c0 = _mm256_setzero_ps(), c1 = c0;
+    int64_t j = 0;
+    for (; j + 2 <= k; j += 2) {
+        const float *s = xb + off[j], *t = xb + off[j + 1];
+        const __m256 wv = _mm256_broadcast_ss(w + j), wu = _mm256_broadcast_ss(w + j + 1);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 8), a1);
+        c0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t), c0);
+        c1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t + 8), c1);
+    }
+    if (j < k) {
+        const float *s = xb + off[j];
+        const __m256 wv = _mm256_broadcast_ss(w + j);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 8), a1);
+    }
+    a0 = _mm256_add_ps(a0, c0);
+    a1 = _mm256_add_ps(a1, c1);
+    SS_STORE(a0, 0); SS_STORE(a1, 8);
+}
+static void row8(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
+                 int64_t ldp, int n) {
+    __m256 a0 = _mm256_set1_ps(b), a1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= k; j += 2) {
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), _mm256_loadu_ps(xb + off[j]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j + 1), _mm256_loadu_ps(xb + off[j + 1]), a1);
+    }
+    if (j < k) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j), _mm256_loadu_ps(xb + off[j]), a0);
+    a0 = _mm256_add_ps(a0, a1);
+    SS_STORE(a0, 0);
+}
+static inline void row_block(const float *xb, const float *w, const int32_t *off, int64_t k, float b,
+                             float *yb, int64_t ldp, int n) {
+    if (n > 32) { row64(xb, w, off, k, b, yb, ldp, n); return; }
+    if (n > 16) { row32(xb, w, off, k, b, yb, ldp, n); return; }
+    if (n > 8) { row16(xb, w, off, k, b, yb, ldp, n); return; }
+    for (int o = 0; o < n; o += 8) row8(xb + o, w, off, k, b, yb + o * ldp, ldp, n - o < 8 ? n - o : 8);
+}
+#else
+static inline void row_block(const float *xb, const float *w, const int32_t *off, int64_t k, float b,
+                             float *yb, int64_t ldp, int n) {
+    float a[SS_BLOCK];
+    for (int v = 0; v < SS_BLOCK; ++v) a[v] = b;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *s = xb + off[j];
+        const float wj = w[j];
+        for (int v = 0; v < SS_BLOCK; ++v) a[v] += wj * s[v];
+    }
+    for (int i = 0; i < n; ++i) yb[i * ldp] = a[i];
+}
+#endif
+
+/* Y = condensed(W) @ X over positions [0, P); off[r*k + j] = base[r] + coff[idx[r, j]] (int32, built per
+ * input geometry by the caller: one load per kept weight instead of two dependent ones). PB is a multiple
+ * of 8, at most 64. Parallel over position blocks when there are enough, else over rows. */
+void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+             float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel,
+             int64_t by_blocks) {
+    const int64_t nb = (P + PB - 1) / PB;
+    if (by_blocks) {
+#pragma omp parallel for schedule(static)
+        for (int64_t bl = 0; bl < nb; ++bl) {
+            const int64_t p0 = bl * PB;
+            const int n = (int)((P - p0) < PB ? (P - p0) : PB);
+            for (int64_t r = 0; r < rows; ++r)
+                row_block(X + bl * panel, W + r * k, off + r * k, k, bias ? bias[r] : 0.f,
+                          Y + orow[r] * ldy + p0 * ldp, ldp, n);
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t bl = 0; bl < nb; ++bl) {
+                const int64_t p0 = bl * PB;
+                const int n = (int)((P - p0) < PB ? (P - p0) : PB);
+                row_block(X + bl * panel, W + r * k, off + r * k, k, bias ? bias[r] : 0.f,
+                          Y + orow[r] * ldy + p0 * ldp, ldp, n);
+            }
+        }
+    }
+}
+
+/* Two rows at a time over blocks of 32 positions: twice the independent loads in flight (the kernel is
+ * bound by L2-served loads, so memory-level parallelism is what it lacks); the planner times it. */
+#ifdef SS_AVX2
+static void pair32(const float *xb, const float *w, const int32_t *off, const float *w2, const int32_t *off2,
+                   int64_t k, float b, float b2, float *yb, float *yb2, int64_t ldp, int n) {
+    __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
+    __m256 c0 = _mm256_set1_ps(b2), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *s = xb + off[j], *t = xb + off2[j];
+        const __m256 wv = _mm256_broadcast_ss(w + j), wu = _mm256_broadcast_ss(w2 + j);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
+        c0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t), c0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 8), a1);
+        c1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t + 8), c1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 16), a2);
+        c2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t + 16), c2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 24), a3);
+        c3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(t + 24), c3);
+    }
+    SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);
+    yb = yb2;
+    SS_STORE(c0, 0); SS_STORE(c1, 8); SS_STORE(c2, 16); SS_STORE(c3, 24);
+}
+#endif
+
+/* ss_spmm with PB = 32 and rows taken in pairs (falls back to ss_spmm without AVX2). */
+void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel,
+                   int64_t by_blocks) {
+#ifdef SS_AVX2
+    const int64_t PB = 32, nb = (P + PB - 1) / PB, npairs = rows / 2;
+    if (by_blocks) {
+#pragma omp parallel for schedule(static)
+        for (int64_t bl = 0; bl < nb; ++bl) {
+            const int64_t p0 = bl * PB;
+            const int n = (int)((P - p0) < PB ? (P - p0) : PB);
+            for (int64_t q = 0; q < npairs; ++q) {
+                const int64_t r = 2 * q;
+                pair32(X + bl * panel, W + r * k, off + r * k, W + (r + 1) * k, off + (r + 1) * k, k,
+                       bias ? bias[r] : 0.f, bias ? bias[r + 1] : 0.f, Y + orow[r] * ldy + p0 * ldp,
+                       Y + orow[r + 1] * ldy + p0 * ldp, ldp, n);
+            }
+            if (rows & 1)
+                row_block(X + bl * panel, W + (rows - 1) * k, off + (rows - 1) * k, k,
+                          bias ? bias[rows - 1] : 0.f, Y + orow[rows - 1] * ldy + p0 * ldp, ldp, n);
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t q = 0; q < npairs + (rows & 1); ++q) {
+            const int64_t r = 2 * q;
+            for (int64_t bl = 0; bl < nb; ++bl) {
+                const int64_t p0 = bl * PB;
+                const int n = (int)((P - p0) < PB ? (P - p0) : PB);
+                if (r + 1 < rows)
+                    pair32(X + bl * panel, W + r * k, off + r * k, W + (r + 1) * k, off + (r + 1) * k, k,
+                           bias ? bias[r] : 0.f, bias ? bias[r + 1] : 0.f, Y + orow[r] * ldy + p0 * ldp,
+                           Y + orow[r + 1] * ldy + p0 * ldp, ldp, n);
+                else
+                    row_block(X + bl * panel, W + r * k, off + r * k, k, bias ? bias[r] : 0.f,
+                              Y + orow[r] * ldy + p0 * ldp, ldp, n);
+            }
+        }
+    }
+#else
+    ss_spmm(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, 32, panel, by_blocks);
+#endif
+}
+
+/* Batch-1 Linear: y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]].
+ * The eight x values of a step are loaded as scalars and packed (faster than vgatherdps on Zen 2/3 and
+ * most Intel cores); the indices arrive four at a time in one 64-bit load. */
+#ifdef SS_AVX2
+static inline __m256 gather8_u16(const float *x, const uint16_t *id) {
+    uint64_t a, b;
+    memcpy(&a, id, 8);
+    memcpy(&b, id + 4, 8);
+    const __m128 lo = _mm_setr_ps(x[a & 0xFFFF], x[(a >> 16) & 0xFFFF], x[(a >> 32) & 0xFFFF], x[a >> 48]);
+    const __m128 hi = _mm_setr_ps(x[b & 0xFFFF], x[(b >> 16) & 0xFFFF], x[(b >> 32) & 0xFFFF], x[b >> 48]);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+static inline __m256 gather8_i32(const float *x, const int32_t *id) {
+    return _mm256_setr_ps(x[id[0]], x[id[1]], x[id[2]], x[id[3]], x[id[4]], x[id[5]], x[id[6]], x[id[7]]);
+}
+static inline float hsum256(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+#define SS_GEMV(NAME, IDX_T, GATHER)                                                                    \
+void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow,     \
+          float *y, int64_t rows, int64_t k) {                                                          \
+    _Pragma("omp parallel for schedule(static)")                                                        \
+    for (int64_t r = 0; r < rows; ++r) {                                                                \
+        const float *w = W + r * k;                                                                     \
+        const IDX_T *id = idx + r * k;                                                                  \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                      \
+        int64_t j = 0;                                                                                  \
+        for (; j + 16 <= k; j += 16) {                                                                  \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), GATHER(x, id + j), a0);                        \
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), GATHER(x, id + j + 8), a1);                \
+        }                                                                                               \
+        for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), GATHER(x, id + j), a0); \
+        float s = hsum256(_mm256_add_ps(a0, a1));                                                       \
+        for (; j < k; ++j) s += w[j] * x[id[j]];                                                        \
+        y[orow[r]] = s + (bias ? bias[r] : 0.f);                                                        \
+    }                                                                                                   \
+}
+SS_GEMV(ss_gemv_i16, uint16_t, gather8_u16)
+SS_GEMV(ss_gemv_i32, int32_t, gather8_i32)
+
+/* The same with hardware gathers (vgatherdps): faster on some cores, slower on others (and on Intel
+ * parts with the GDS microcode mitigation); the planner times both. */
+static inline __m256 hwgather8_u16(const float *x, const uint16_t *id) {
+    return _mm256_i32gather_ps(x, _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)id)), 4);
+}
+static inline __m256 hwgather8_i32(const float *x, const int32_t *id) {
+    return _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)id), 4);
+}
+SS_GEMV(ss_gemv_gather_i16, uint16_t, hwgather8_u16)
+SS_GEMV(ss_gemv_gather_i32, int32_t, hwgather8_i32)
+#else
+#define SS_GEMV(NAME, IDX_T)                                                                            \
+void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow,     \
+          float *y, int64_t rows, int64_t k) {                                                          \
+    _Pragma("omp parallel for schedule(static)")                                                        \
+    for (int64_t r = 0; r < rows; ++r) {                                                                \
+        const float *w = W + r * k;                                                                     \
+        const IDX_T *id = idx + r * k;                                                                  \
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                   \
+        int64_t j = 0;                                                                                  \
+        for (; j + 4 <= k; j += 4) {                                                                    \
+            s0 += w[j] * x[id[j]]; s1 += w[j + 1] * x[id[j + 1]];                                       \
+            s2 += w[j + 2] * x[id[j + 2]]; s3 += w[j + 3] * x[id[j + 3]];                               \
+        }                                                                                               \
+        for (; j < k; ++j) s0 += w[j] * x[id[j]];                                                       \
+        y[orow[r]] = (s0 + s1) + (s2 + s3) + (bias ? bias[r] : 0.f);                                    \
+    }                                                                                                   \
+}
+SS_GEMV(ss_gemv_i16, uint16_t)
+SS_GEMV(ss_gemv_i32, int32_t)
+SS_GEMV(ss_gemv_gather_i16, uint16_t)
+SS_GEMV(ss_gemv_gather_i32, int32_t)
+#endif
+
+/* x (B, K) row-major -> panels (ceil(B/PB), K, PB): out[(b/PB)*K*PB + i*PB + b%PB] = x[b*K + i]; rows of
+ * the last panel past B are zero. Tiles of PB x 64 keep both sides in L1. */
+void ss_pack_panels(const float *x, float *out, int64_t B, int64_t K, int64_t PB) {
+    const int64_t npan = (B + PB - 1) / PB, nk = (K + 63) / 64;
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t t = 0; t < npan * nk; ++t) {
+        const int64_t pan = t / nk, i0 = (t % nk) * 64, i1 = i0 + 64 < K ? i0 + 64 : K;
+        float *o = out + pan * K * PB;
+        for (int64_t bb = 0; bb < PB; ++bb) {
+            const int64_t b = pan * PB + bb;
+            if (b < B) {
+                const float *src = x + b * K;
+                for (int64_t i = i0; i < i1; ++i) o[i * PB + bb] = src[i];
+            } else {
+                for (int64_t i = i0; i < i1; ++i) o[i * PB + bb] = 0.f;
+            }
+        }
+    }
+}

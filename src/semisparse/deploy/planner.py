@@ -1,0 +1,173 @@
+"""The measuring planner: keep a condensed kernel only where it beats dense on this machine, at this batch.
+
+Each condensed layer is timed on the very input it receives in one forward of the example input, in
+both modes (its condensed kernel, and the masked dense weight through torch), medians over repeated
+runs; the faster mode is kept. Then the whole model is timed against its all-dense self: if the deployed
+model is not faster, layers are turned back to dense from the smallest measured gain up until it is
+(at worst every layer is dense again, so a deployed model is never slower than dense).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .condensed import SparseConv, SparseLinear, _Condensed
+
+
+def median_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3, budget_s: float = 1.0) -> float:
+    """Median seconds of ``fn()`` over up to ``reps`` runs (fewer when they would exceed ``budget_s``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 5 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup: int = 2,
+                        budget_s: float = 1.0) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn within every repetition.
+
+    Interleaving makes the comparison fair on a machine whose speed drifts (shared cores, turbo, other
+    tenants): a slow spell hits every candidate alike instead of whichever ran then.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+        if len(times[0]) >= 5 and time.perf_counter() - start > budget_s * len(fns):
+            break
+    return [statistics.median(t) for t in times]
+
+
+def layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _Condensed)]
+
+
+def capture_inputs(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
+    """The input each condensed layer sees in one forward of ``example_input`` (hooks, removed after)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in layers(model):
+        def hook(mod, args, name=name):
+            seen.setdefault(name, args[0].detach())
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def run(model: nn.Module, example_input):
+    if isinstance(example_input, (list, tuple)):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)
+
+
+def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> None:
+    """Time every condensed layer both ways on its real input and keep the faster mode."""
+    inputs = capture_inputs(model, example_input)
+    with torch.no_grad():
+        for name, layer in layers(model):
+            x = inputs.get(name)
+            if x is None:
+                layer.set_mode("dense")
+                layer.figures = {"why": "not reached by the example input"}
+                continue
+            if layer.mode != "condensed":
+                layer.figures = {"why": "fast kernels unavailable or dtype not fp32"}
+                continue
+            candidates = [("dense", {})] + [("condensed", v) for v in layer.variants(x)]
+
+            def runner(mode, v, layer=layer, x=x):
+                def fn():
+                    layer.mode = mode
+                    layer.use_variant(v)
+                    return layer(x)
+                return fn
+
+            medians = interleaved_medians([runner(mode, v) for mode, v in candidates], reps, budget_s=budget_s)
+            t_dense = medians[0]
+            t_sparse, best = min(zip(medians[1:], [v for _, v in candidates[1:]]), key=lambda tv: tv[0])
+            layer.set_mode("condensed")
+            layer.use_variant(best)
+            ratio = t_dense / max(t_sparse, 1e-12)
+            path = ""
+            if isinstance(layer, SparseLinear):
+                path = "gemv" if x.reshape(-1, layer.in_features).shape[0] == 1 else "spmm"
+            elif isinstance(layer, SparseConv):
+                path = "spmm"
+            if best:
+                path += "/" + ",".join(f"{val}" for val in best.values())
+            layer.path = path
+            layer.figures = {"dense_us": round(t_dense * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
+                             "ratio": round(ratio, 2)}
+            layer.set_mode("condensed" if ratio > 1.0 else "dense")
+
+
+def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float = 2.0) -> dict:
+    """Whole-model check after :func:`plan_layers`: never slower than the all-dense model.
+
+    Returns ``{"dense_ms", "deployed_ms", "ratio", "reverted"}``.
+    """
+    chosen = [(n, m) for n, m in layers(model) if m.mode == "condensed"]
+    modes = {n: m.mode for n, m in layers(model)}
+
+    def set_all(mode_of: Callable[[str, _Condensed], str]) -> None:
+        for n, m in layers(model):
+            m.set_mode(mode_of(n, m))
+
+    def timed_pair() -> tuple[float, float]:
+        current = {n: m.mode for n, m in layers(model)}
+
+        def dense():
+            set_all(lambda n, m: "dense")
+            return run(model, example_input)
+
+        def deployed():
+            set_all(lambda n, m: current[n])
+            return run(model, example_input)
+
+        t_d, t_s = interleaved_medians([dense, deployed], reps, budget_s=budget_s)
+        set_all(lambda n, m: current[n])
+        return t_d, t_s
+
+    with torch.no_grad():
+        set_all(lambda n, m: modes[n])
+        t_dense, t_dep = timed_pair()
+        reverted = []
+        # Smallest measured gains first: those are where noise or the glue (packing, cropping) may lose.
+        order = sorted(chosen, key=lambda nm: nm[1].figures.get("ratio", 1.0))
+        while t_dep > t_dense and order:
+            cut = max(1, len(order) // 4)
+            for n, m in order[:cut]:
+                m.set_mode("dense")
+                m.figures["why"] = "reverted: whole model was not faster"
+                reverted.append(n)
+            order = order[cut:]
+            t_dense, t_dep = timed_pair()
+    for _, m in layers(model):
+        m.drop_unused()
+    return {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
+            "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}

@@ -1,0 +1,84 @@
+"""Layer budgets: how many weights each sparsified layer keeps so the whole set meets a target sparsity.
+
+* **uniform** - every layer keeps the share ``1 - s``.
+* **ERK** (Erdos-Renyi-Kernel, Evci et al. 2020) - a layer of shape ``(out, in, kh, kw)`` keeps a share
+  proportional to ``((out + in + kh + kw) / (out * in * kh * kw)) ** power_scale``; a layer whose share
+  would pass 1 is made dense and the others absorb its surplus, so the kept total over the budgeted layers
+  is ``(1 - s) * sum(numel)`` exactly, before rounding.
+
+Shapes are plain tuples (the weight's shape). Densities are floats in (0, 1]. Per-layer counts are
+floored (:func:`fanin_budgets`), so the achieved sparsity is at least the target, by less than a weight per
+neuron; :class:`~semisparse.dst.sparse_trainer.DynamicSparsity` reports the achieved figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..errors import SemisparseError
+
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity`` as a float in (0, 1), or a one-line :class:`SemisparseError`."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        raise SemisparseError(f"sparsity must be a float in (0, 1) (e.g. 0.9), got {sparsity!r}")
+    return float(sparsity)
+
+
+def uniform_densities(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[float]:
+    """Every layer keeps ``1 - sparsity`` of its weights."""
+    s = check_sparsity(sparsity)
+    return [1.0 - s for _ in shapes]
+
+
+def erk_densities(shapes: Sequence[tuple[int, ...]], sparsity: float, power_scale: float = 1.0) -> list[float]:
+    """ERK densities: ``d_l = min(1, eps * raw_l)`` with ``eps`` solving ``sum d_l n_l = (1 - s) sum n_l``.
+
+    ``raw_l = (sum(shape) / prod(shape)) ** power_scale``. Layers pushed past density 1 are fixed dense and
+    ``eps`` is solved again over the rest (the RigL procedure), so the total is exact.
+    """
+    s = check_sparsity(sparsity)
+    if not shapes:
+        return []
+    numel = [math.prod(sh) for sh in shapes]
+    raw = [(sum(sh) / math.prod(sh)) ** power_scale for sh in shapes]
+    target = (1.0 - s) * sum(numel)
+    dense: set[int] = set()
+    while True:
+        rest = [i for i in range(len(shapes)) if i not in dense]
+        if not rest:
+            return [1.0] * len(shapes)
+        budget = target - sum(numel[i] for i in dense)
+        eps = budget / sum(raw[i] * numel[i] for i in rest)
+        over = [i for i in rest if eps * raw[i] > 1.0]
+        if not over:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
+        dense.add(max(over, key=lambda i: raw[i]))
+
+
+def layer_densities(
+    shapes: Sequence[tuple[int, ...]], sparsity: float, distribution: str = "erk", power_scale: float = 1.0
+) -> list[float]:
+    """Densities under ``distribution`` ("erk" | "uniform")."""
+    if distribution == "erk":
+        return erk_densities(shapes, sparsity, power_scale)
+    if distribution == "uniform":
+        return uniform_densities(shapes, sparsity)
+    raise SemisparseError(f"unknown distribution {distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+
+
+def fanin_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float]) -> list[int]:
+    """Weights kept per output neuron: ``max(1, floor(d * fan_in))`` (fan_in = prod(shape[1:]))."""
+    out = []
+    for sh, d in zip(shapes, densities):
+        fan_in = math.prod(sh[1:])
+        out.append(max(1, min(fan_in, math.floor(d * fan_in + 1e-9))))
+    return out
+
+
+def count_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float]) -> list[int]:
+    """Weights kept per layer (unstructured): ``max(1, floor(d * numel))``."""
+    return [max(1, min(math.prod(sh), math.floor(d * math.prod(sh) + 1e-9))) for sh, d in zip(shapes, densities)]

@@ -1,0 +1,424 @@
+"""The stateful piece of dynamic sparse training: masks on the model, changed every ``delta`` steps.
+
+:class:`DynamicSparsity` composes a layer budget (:mod:`.budgets`), an update schedule (:mod:`.schedule`)
+and a prune/grow rule (:mod:`.rules`): ``"rigl"`` (unstructured), ``"srigl"`` (constant fan-in with neuron
+ablation) or ``"nm"`` (prune and regrow inside each group of M). The short factories in :mod:`.api`
+(``ss.RigL``, ``ss.SRigL``) are what users call.
+
+Masks are the core's :class:`~semisparse.masking.Mask` parametrizations (``ss.masks``, ``ss.check`` and
+``ss.finalize`` see them; the mask is a buffer in the model's state_dict). A fan-in layer stores its
+current ``k`` in the parametrization's ``target``, so ``ss.check`` verifies constant fan-in.
+
+**Where the dense gradient comes from.** Growth needs the gradient of the loss with respect to the
+*effective* weight ``original * mask`` - non-zero at inactive positions, unlike ``original.grad``. A
+forward hook on each ``Mask`` parametrization module (registered here, in ``_capture``) puts a tensor hook
+on the effective weight it returns; that hook adds the incoming gradient to a per-layer buffer. It only
+does so while the coming optimizer step is an update step, so other steps cost nothing. The buffer sums
+the micro-batches of gradient accumulation; at the update it is averaged over the ranks of
+``torch.distributed`` when that is initialised, so every rank computes the same new masks.
+
+Pruned and regrown weights are zeroed in the dense ``original`` and their optimizer state (SGD momentum,
+Adam/AdamW moments: every state tensor of the weight's shape) is reset, so masked weights stay exactly 0.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import SemisparseError
+from ..layout import Candidate, Layout, plan
+from ..masking.parametrization import Mask, sparse_weights
+from ..masking.report import Report, build_report
+from ..patterns import NM, fanin_mask, nm_mask, parse_pattern
+from . import rules
+from .budgets import check_sparsity, count_budgets, fanin_budgets, layer_densities
+from .schedule import UpdateSchedule
+
+RULES = ("rigl", "srigl", "nm")
+
+
+@dataclass
+class SparseLayer:
+    """One weight under dynamic sparsity. ``budget``: weights it may keep; ``k0``: fan-in before ablation."""
+
+    key: str
+    module: nn.Module
+    param: str
+    layout: Layout
+    mask: Mask
+    budget: int
+    k0: int | None
+    ablate: bool
+
+    @property
+    def original(self) -> nn.Parameter:
+        return self.module.parametrizations[self.param].original
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel``, else ``model``; a ``DistributedDataParallel`` model is an error.
+
+    DDP hooks the gradient accumulators of the parameters when it is built, and registering a
+    parametrization afterwards replaces them, so DDP would never see the weights' gradients. Build the
+    scheduler on the plain model (after the optimizer, before ``DistributedDataParallel(model)``).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise SemisparseError(
+            "build the sparsity scheduler on the plain model before wrapping it in DistributedDataParallel "
+            "(order: model, optimizer, scheduler, then DistributedDataParallel(model))"
+        )
+    while isinstance(model, nn.DataParallel):
+        model = model.module
+    return model
+
+
+def _matches(c: Candidate, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(c.name, g) or fnmatch.fnmatchcase(c.key, g) for g in globs)
+
+
+def _as_globs(value: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise SemisparseError(f"{what} must be module names or globs (strings), got {value!r}")
+    return tuple(value)
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], keys: Sequence[str]) -> None:
+    """Raise if ``optimizer`` does not hold every parameter in ``params`` (named by ``keys``)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SemisparseError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [k for p, k in zip(params, keys) if id(p) not in held]
+    if missing:
+        raise SemisparseError(
+            f"the optimizer does not hold the model's weight(s) {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}; build it from this model's parameters "
+            "(e.g. torch.optim.SGD(model.parameters(), ...)) before the sparsity scheduler"
+        )
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zero every optimizer state tensor of ``param``'s shape outside the bool ``keep`` (momentum, moments)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.mul_(keep.to(value.device))
+
+
+class DynamicSparsity:
+    """Dynamic sparse training scheduler; call :meth:`step` after every ``optimizer.step()``.
+
+    Construction validates everything, then sparsifies ``model`` (random masks meeting the budget),
+    re-initialises the sparse weights with the std of their real fan-in (``init_gain / sqrt(fan_in)``,
+    ``sqrt(2 / fan_in)`` for ReLU nets) unless ``sparse_init=False``, and hooks the dense-gradient capture.
+    Resume: build model, optimizer and scheduler as at the start, then load the three state_dicts.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        rule: str = "srigl",
+        sparsity: float | None = 0.9,
+        t_end: int | None = None,
+        delta: int = 100,
+        alpha: float = 0.3,
+        distribution: str = "erk",
+        erk_power_scale: float = 1.0,
+        dense_layers: Sequence[str] | str = (),
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        ignore_linear: bool = False,
+        ignore_grouped: bool = False,
+        ablation: float = 0.3,
+        no_ablation: Sequence[str] | str = (),
+        pattern: str | NM | None = None,
+        static: bool = False,
+        sparse_init: bool = True,
+        init_gain: float = math.sqrt(2.0),
+        seed: int = 0,
+    ) -> None:
+        if rule not in RULES:
+            raise SemisparseError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+        nm = None
+        if rule == "nm":
+            nm = parse_pattern(pattern) if pattern is not None else None
+            if not isinstance(nm, NM):
+                raise SemisparseError(f'the N:M rule needs pattern="N:M" (e.g. "2:4"), got {pattern!r}')
+        else:
+            sparsity = check_sparsity(sparsity)
+        if t_end is None and static:
+            t_end = 1
+        if t_end is None:
+            raise SemisparseError("t_end is required: the optimizer step after which the topology stays fixed "
+                                  "(e.g. int(0.75 * total_steps))")
+        self.schedule = UpdateSchedule(delta=delta, t_end=t_end, alpha=alpha, static=bool(static))
+        if isinstance(ablation, bool) or not isinstance(ablation, (int, float)) or not 0.0 <= ablation <= 1.0:
+            raise SemisparseError(f"ablation (gamma) must be in [0, 1], got {ablation!r}")
+        dense_globs = _as_globs(dense_layers, "dense_layers")
+        no_ablation_globs = _as_globs(no_ablation, "no_ablation")
+
+        inner = unwrap(model)
+        existing = list(sparse_weights(inner))
+        if existing:
+            raise SemisparseError(
+                f"model is already sparsified ({len(existing)} masked weights, e.g. {existing[0].key}); "
+                "dynamic sparse training sets its own masks: start from a dense model or call ss.finalize first"
+            )
+        candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+        eligible = [c for c in candidates if c.eligible]
+        if not eligible:
+            reasons = sorted({c.reason for c in candidates}) or ["it has no Linear, Conv or MultiheadAttention layer"]
+            raise SemisparseError(f"no layer of this model can be made sparse: {'; '.join(reasons)}")
+        check_optimizer(optimizer, [getattr(c.module, c.param) for c in eligible], [c.key for c in eligible])
+
+        first = eligible[0]
+        forced = [c for c in eligible if _matches(c, dense_globs) or ("first" in dense_globs and c is first)]
+        unknown = [g for g in dense_globs if g != "first" and not any(_matches(c, [g]) for c in candidates)]
+        if unknown:
+            raise SemisparseError(f"dense_layers {', '.join(unknown)} match no Linear/Conv layer of the model")
+        budgeted = [c for c in eligible if c not in forced]
+        if not budgeted:
+            raise SemisparseError("every eligible layer is in dense_layers: nothing left to make sparse")
+        shapes = [c.weight_shape for c in budgeted]
+        if nm is not None:
+            densities = [nm.density] * len(shapes)
+        else:
+            densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        classifier = eligible[-1]
+
+        gen = torch.Generator().manual_seed(int(seed))
+        chosen: list[tuple[Candidate, torch.Tensor, int, int | None]] = []
+        dense_reason: dict[int, str] = {id(c): "kept dense (dense_layers)" for c in forced}
+        for c, d, shape in zip(budgeted, densities, shapes):
+            layout = c.layout
+            rows, width = shape[0], math.prod(shape[1:])
+            scores = torch.rand(rows, width, generator=gen)
+            if nm is not None:
+                mask_view, budget, k0 = nm_mask(scores, nm.n, nm.m), rows * width * nm.n // nm.m, None
+            elif rule == "srigl":
+                # The layer's budget is floor(d * numel); neurons start at k0 = floor(d * fan_in) each, and
+                # ablation hands the budget of ablated neurons (and the rounding slack) to the others.
+                k0 = fanin_budgets([shape], [d])[0]
+                if k0 >= width:
+                    dense_reason[id(c)] = f"{distribution} density {d:.2f}: kept dense"
+                    continue
+                mask_view, budget = fanin_mask(scores, k0), max(k0 * rows, count_budgets([shape], [d])[0])
+            else:
+                budget, k0 = count_budgets([shape], [d])[0], None
+                if budget >= rows * width:
+                    dense_reason[id(c)] = f"{distribution} density {d:.2f}: kept dense"
+                    continue
+                mask_view = rules.top_in_layer(scores, budget)
+            chosen.append((c, layout.from_view(mask_view), budget, k0))
+
+        # Everything is validated and computed: only now is the model modified.
+        self.model = model
+        self.optimizer = optimizer
+        self.rule = rule
+        self.sparsity = sparsity if nm is None else 1.0 - nm.density
+        self.pattern = nm
+        self.threshold_ratio = float(ablation) if rule == "srigl" else 0.0
+        self.layers: list[SparseLayer] = []
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        self._accumulate = False
+        self._step = 0
+        self._handles = []
+        for c, mask, budget, k0 in chosen:
+            weight = getattr(c.module, c.param)
+            mask = mask.to(weight.device)
+            target = nm if nm is not None else k0
+            p = Mask(mask, c.layout, target)
+            p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
+            parametrize.register_parametrization(c.module, c.param, p)
+            ablate = rule == "srigl" and c is not classifier and not _matches(c, no_ablation_globs)
+            layer = SparseLayer(c.key, c.module, c.param, c.layout, p, budget, k0, ablate)
+            self.layers.append(layer)
+            with torch.no_grad():
+                if sparse_init:
+                    self._sparse_init(layer, init_gain, gen)
+                layer.original.mul_(mask)
+            reset_optimizer_state(optimizer, layer.original, mask)
+            self._handles.append(p.register_forward_hook(self._capture(layer.key)))
+        self._candidates = [
+            Candidate(c.name, c.module, c.param, c.kind, None, dense_reason[id(c)]) if id(c) in dense_reason else c
+            for c in candidates
+        ]
+        self._dense_params = sum(math.prod(c.weight_shape) for c in budgeted if id(c) in dense_reason)
+        self._budget_params = sum(math.prod(s) for s in shapes)
+        self._accumulate = self.schedule.is_update(1)
+
+    # -- dense gradient capture ---------------------------------------------------------------------
+    def _capture(self, key: str):
+        def forward_hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            if self._accumulate and torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda grad: self._add_grad(key, grad))
+
+        return forward_hook
+
+    def _add_grad(self, key: str, grad: torch.Tensor) -> None:
+        buf = self._dense_grads.get(key)
+        if buf is None:
+            self._dense_grads[key] = grad.detach().clone()
+        else:
+            buf.add_(grad.detach())
+
+    def _gathered_grads(self) -> list[torch.Tensor]:
+        """Per layer, the dense gradient summed over micro-batches and averaged over DDP ranks."""
+        grads = []
+        for layer in self.layers:
+            g = self._dense_grads.get(layer.key)
+            grads.append(g if g is not None else torch.zeros_like(layer.original))
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            grads = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        return grads
+
+    # -- the update ---------------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen so far."""
+        return self._step
+
+    def step(self) -> bool:
+        """Call after every ``optimizer.step()``. Returns True when the topology was updated."""
+        self._step += 1
+        updated = self.schedule.is_update(self._step)
+        if updated:
+            self.update(self.schedule.drop_fraction(self._step))
+        self._dense_grads.clear()
+        self._accumulate = self.schedule.is_update(self._step + 1)
+        return updated
+
+    @torch.no_grad()
+    def update(self, drop_fraction: float) -> None:
+        """One topology update of every layer with the captured dense gradients."""
+        for layer, g in zip(self.layers, self._gathered_grads()):
+            lay, old = layer.layout, layer.mask.mask
+            if self.rule == "nm":  # groups of M run along input channels: the layout's view
+                view, back = lay.to_view, lay.from_view
+            else:  # fan-in and unstructured rules ignore the order inside a row: a free reshape
+                rows = old.shape[0]
+                view, back = (lambda t, rows=rows: t.reshape(rows, -1)), (lambda v, shape=old.shape: v.reshape(shape))
+            mview, wview, gview = view(old), view(layer.original), view(g)
+            if self.rule == "rigl":
+                new, target = rules.rigl_update(mview, wview, gview, drop_fraction), None
+            elif self.rule == "nm":
+                nm = self.pattern
+                new, target = rules.nm_update(mview, wview, gview, drop_fraction, nm.n, nm.m), nm
+            else:
+                threshold = max(1, int(self.threshold_ratio * layer.k0)) if self.threshold_ratio > 0 else 0
+                new, target = rules.srigl_update(
+                    mview, wview, gview, drop_fraction, layer.budget, threshold, layer.ablate
+                )
+            self._apply(layer, back(new), target)
+
+    def _apply(self, layer: SparseLayer, new: torch.Tensor, target: object) -> None:
+        keep = new & layer.mask.mask  # survivors keep their value; pruned and newly grown start at 0
+        layer.original.mul_(keep)
+        reset_optimizer_state(self.optimizer, layer.original, keep)
+        layer.mask.mask.copy_(new)
+        layer.mask.target = target
+
+    @staticmethod
+    def _sparse_init(layer: SparseLayer, gain: float, gen: torch.Generator) -> None:
+        """Normal init with std ``gain / sqrt(kept fan-in of the neuron)`` on the kept weights."""
+        w = layer.original
+        view = layer.layout.to_view(layer.mask.mask)
+        fan = view.sum(1, keepdim=True).clamp(min=1).float()
+        values = torch.randn(view.shape, generator=gen) * (gain / fan.sqrt()).cpu()
+        w.copy_(layer.layout.from_view(values.to(w.device, w.dtype)))
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Step count and per-layer targets (masks and weights are in the model's state_dict)."""
+        return {
+            "rule": self.rule,
+            "step": self._step,
+            "schedule": {"delta": self.schedule.delta, "t_end": self.schedule.t_end,
+                         "alpha": self.schedule.alpha, "static": self.schedule.static},
+            "layers": {
+                layer.key: {"budget": layer.budget, "k": layer.mask.target if isinstance(layer.mask.target, int)
+                            else None}
+                for layer in self.layers
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict` of a scheduler built the same way."""
+        if state.get("rule") != self.rule:
+            raise SemisparseError(f"state_dict is for rule {state.get('rule')!r}, this scheduler is {self.rule!r}")
+        saved = state.get("layers", {})
+        mine = {layer.key: layer for layer in self.layers}
+        if set(saved) != set(mine):
+            diff = sorted(set(saved) ^ set(mine))
+            raise SemisparseError(f"state_dict layers differ from this scheduler's: {', '.join(diff[:3])}")
+        for key, info in saved.items():
+            if info["budget"] != mine[key].budget:
+                raise SemisparseError(f"state_dict budget of {key} is {info['budget']}, expected {mine[key].budget}")
+            if self.rule == "srigl":
+                mine[key].mask.target = int(info["k"])
+        self._step = int(state["step"])
+        self._dense_grads.clear()
+        self._accumulate = self.schedule.is_update(self._step + 1)
+
+    # -- inspection ----------------------------------------------------------------------------------
+    @property
+    def achieved_sparsity(self) -> float:
+        """Zero share over the budgeted layers (layers ERK made dense included)."""
+        kept = sum(int(layer.mask.mask.sum()) for layer in self.layers) + self._dense_params
+        return 1.0 - kept / self._budget_params
+
+    def layer_stats(self) -> list[dict]:
+        """Per sparse layer: key, kept weights, budget, fan-in k (constant fan-in), alive neurons."""
+        out = []
+        for layer in self.layers:
+            view = layer.layout.to_view(layer.mask.mask)
+            out.append({
+                "key": layer.key, "kept": int(view.sum()), "budget": layer.budget,
+                "k": layer.mask.target if isinstance(layer.mask.target, int) else None,
+                "alive": int((view.sum(1) > 0).sum()), "neurons": view.shape[0],
+            })
+        return out
+
+    def report(self, example_input: torch.Tensor | None = None) -> Report:
+        """The core's coverage report plus the achieved sparsity and ablated neurons."""
+        rep = build_report(unwrap(self.model), self._candidates, example_input)
+        target = f"{self.sparsity:.4g}"
+        rep.notes.append(
+            f"{self.rule}: achieved sparsity {self.achieved_sparsity:.4f} over the budgeted layers "
+            f"(target {target}); step {self._step}"
+        )
+        ablated = [f"{s['key']} {s['neurons'] - s['alive']}/{s['neurons']}" for s in self.layer_stats()
+                   if s["alive"] < s["neurons"]]
+        if ablated:
+            rep.notes.append("ablated neurons: " + ", ".join(ablated))
+        return rep
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient-capture hooks (the masks stay); the scheduler cannot update afterwards."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.schedule = UpdateSchedule(self.schedule.delta, self.schedule.t_end, self.schedule.alpha, True)
+
+    def __repr__(self) -> str:
+        s = self.schedule
+        return (f"DynamicSparsity(rule={self.rule!r}, sparsity={self.sparsity:.4g}, layers={len(self.layers)}, "
+                f"delta={s.delta}, t_end={s.t_end}, alpha={s.alpha}, step={self._step})")

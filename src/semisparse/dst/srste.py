@@ -1,0 +1,115 @@
+"""SR-STE (Zhou et al. 2021): N:M sparsity trained from scratch.
+
+The magnitude N:M mask of the dense weight is recomputed after every optimizer step; the forward uses
+``w * mask``; the backward is straight-through - the dense weight receives the full gradient of the
+effective weight - plus a decay on the pruned weights only: ``grad + decay * (~mask) * w`` ("sparse-refined"
+STE). Both live in the parametrization (:class:`STEMask`, a :class:`~semisparse.masking.Mask` so
+``ss.masks``/``ss.check``/``ss.finalize`` treat it like any mask), not in a hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import SemisparseError
+from ..layout import Layout, plan
+from ..masking.parametrization import Mask, sparse_weights
+from ..patterns import NM, nm_mask, parse_pattern
+from .sparse_trainer import _as_globs, _matches, check_optimizer, unwrap
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        if ctx.decay:
+            grad = grad + ctx.decay * weight.masked_fill(mask, 0)
+        return grad, None, None
+
+
+class STEMask(Mask):
+    """``w * mask`` forward, straight-through backward with ``decay`` on the pruned weights."""
+
+    def __init__(self, mask: torch.Tensor, layout: Layout, target: NM, decay: float) -> None:
+        super().__init__(mask, layout, target)
+        self.decay = float(decay)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(weight, self.mask, self.decay)
+
+
+class SRSTE:
+    """N:M from scratch: call :meth:`step` after every ``optimizer.step()`` to recompute the masks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        pattern: str | NM = "2:4",
+        decay: float = 2e-4,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        *,
+        dense_layers: Sequence[str] | str = (),
+        ignore_linear: bool = False,
+        ignore_grouped: bool = False,
+    ) -> None:
+        nm = parse_pattern(pattern)
+        if not isinstance(nm, NM):
+            raise SemisparseError(f'SR-STE needs an N:M pattern such as "2:4", got {pattern!r}')
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+            raise SemisparseError(f"decay must be a number >= 0 (e.g. 2e-4), got {decay!r}")
+        inner = unwrap(model)
+        if next(sparse_weights(inner), None) is not None:
+            raise SemisparseError("model is already sparsified; SR-STE sets its own masks (start from a dense model)")
+        dense_globs = _as_globs(dense_layers, "dense_layers")
+        candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+        eligible = [c for c in candidates if c.eligible and not _matches(c, dense_globs)]
+        if not eligible:
+            reasons = sorted({c.reason for c in candidates if c.reason}) or ["no eligible layer"]
+            raise SemisparseError(f"no layer of this model can be made {nm}: {'; '.join(reasons)}")
+        check_optimizer(optimizer, [getattr(c.module, c.param) for c in eligible], [c.key for c in eligible])
+        self.model, self.optimizer, self.pattern, self.decay = model, optimizer, nm, float(decay)
+        self._step = 0
+        self.masks: list[tuple[STEMask, nn.Module, str]] = []
+        for c in eligible:
+            w = getattr(c.module, c.param).detach()
+            mask = c.layout.from_view(nm_mask(c.layout.to_view(w.abs()), nm.n, nm.m))
+            p = STEMask(mask, c.layout, nm, self.decay)
+            p.param_order = tuple(c.module._parameters)
+            parametrize.register_parametrization(c.module, c.param, p)
+            self.masks.append((p, c.module, c.param))
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Recompute every mask from the magnitudes of the dense weights. Returns True (always updates)."""
+        self._step += 1
+        for p, module, param in self.masks:
+            w = module.parametrizations[param].original
+            p.mask.copy_(p.layout.from_view(nm_mask(p.layout.to_view(w.abs()), self.pattern.n, self.pattern.m)))
+        return True
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def state_dict(self) -> dict:
+        return {"rule": "sr-ste", "step": self._step, "pattern": str(self.pattern), "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rule") != "sr-ste" or state.get("pattern") != str(self.pattern):
+            raise SemisparseError(f"state_dict is not an SR-STE {self.pattern} state: {state.get('rule')!r}")
+        self._step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return f"SRSTE(pattern={self.pattern}, decay={self.decay}, layers={len(self.masks)}, step={self._step})"

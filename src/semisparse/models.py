@@ -1,0 +1,270 @@
+"""Model registry: one ``create_model(name, num_classes, weights)`` for every model semisparse trains.
+
+Names:
+
+* every torchvision classification model (``resnet18``, ``convnext_tiny``, ``vit_b_16``...), built with
+  ``weights=None``;
+* ``timm/<name>`` when timm is installed (``pretrained=False``);
+* the papers' CIFAR models ``resnet18_cifar`` (torchvision's ResNet-18 with a 3x3 stride-1 stem and no
+  max-pool, for 32x32 inputs) and ``wrn22_2`` (Wide ResNet 22-2, pre-activation blocks);
+* ``digits_cnn``, a small CNN for scikit-learn's 8x8 one-channel digits (no BatchNorm, so DDP runs
+  equal one-process runs).
+
+``weights`` is a local file (a state_dict, or a checkpoint holding one under ``model``) or a torchvision
+weights enum name (``ResNet18_Weights.IMAGENET1K_V1``) whose file is already in the torch hub cache:
+nothing is ever downloaded. The model gets ``model.semisparse_arch = {"name", "num_classes", **kw}``
+(JSON-able) so a checkpoint can rebuild it.
+
+This module is a leaf: it imports torch, torchvision and (optionally) timm only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import SemisparseError
+
+__all__ = ["create_model", "list_models", "load_weights", "register_model", "MODELS"]
+
+#: semisparse's own models: name -> constructor(num_classes=..., **kw).
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator adding ``fn`` to :data:`MODELS` under its function name."""
+    MODELS[fn.__name__] = fn
+    return fn
+
+
+@register_model
+def resnet18_cifar(num_classes: int = 10, **kw: object) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool (the SRigL paper's CIFAR model)."""
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes, **kw)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+class _WideBasic(nn.Module):
+    """Pre-activation basic block of a Wide ResNet: BN-ReLU-conv3x3-BN-ReLU-conv3x3 (+ 1x1 shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        o = self.conv1(o)
+        o = self.conv2(self.dropout(torch.relu(self.bn2(o))))
+        return o + skip
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet (Zagoruyko & Komodakis) for 32x32 inputs: depth = 6n + 4, widths 16k, 32k, 64k."""
+
+    def __init__(self, depth: int = 22, widen: int = 2, num_classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise SemisparseError(f"Wide ResNet depth must be 6n + 4 (e.g. 16, 22, 28), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        layers, cin = [], widths[0]
+        for i, (w, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+            blocks = [_WideBasic(cin if j == 0 else w, w, stride if j == 0 else 1, dropout) for j in range(n)]
+            setattr(self, f"block{i + 1}", nn.Sequential(*blocks))
+            layers.append(f"block{i + 1}")
+            cin = w
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = torch.relu(self.bn(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model
+def wrn22_2(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """Wide ResNet-22-2 (the SRigL paper's CIFAR-10 model)."""
+    return WideResNet(22, 2, num_classes, dropout)
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for ``(B, in_channels, 8, 8)`` digits: 3 convs + 2 Linear, ~60k parameters, no norm layers.
+
+    Every layer but the 1-channel stem can take 2:4 (channels 32/64, features 256/128).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model
+def digits_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+    """The demo's and tests' model for scikit-learn's 8x8 digits."""
+    return DigitsCNN(num_classes, in_channels, width)
+
+
+def _torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models() -> list[str]:
+    """Every name :func:`create_model` accepts (timm's as the ``timm/`` prefix only)."""
+    return sorted(MODELS) + _torchvision_names() + ["timm/<name>"]
+
+
+def _unknown(name: str) -> SemisparseError:
+    close = difflib.get_close_matches(name, sorted(MODELS) + _torchvision_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return SemisparseError(
+        f"unknown model {name!r}{hint} (expected a torchvision classification model name, "
+        f"timm/<name>, or one of {', '.join(sorted(MODELS))})"
+    )
+
+
+def _build(name: str, num_classes: int, kw: Mapping[str, object]) -> nn.Module:
+    if name.startswith("timm/"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise SemisparseError(f"model {name!r} needs timm: pip install timm") from exc
+        try:
+            return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, **kw)
+        except RuntimeError as exc:  # timm: "Unknown model (...)"
+            raise SemisparseError(f"timm has no model {name[5:]!r}: {exc}") from exc
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, **kw)
+    if name in _torchvision_names():
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    raise _unknown(name)
+
+
+def create_model(
+    name: str, num_classes: int = 1000, weights: str | os.PathLike | None = None, **kw: object
+) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs and optionally load ``weights`` (see module doc).
+
+    Extra ``kw`` go to the constructor and are recorded in ``model.semisparse_arch``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise SemisparseError(f"num_classes must be a positive int, got {num_classes!r}")
+    try:
+        model = _build(name, num_classes, kw)
+    except TypeError as exc:  # a constructor keyword it does not take
+        raise SemisparseError(f"model {name!r} does not accept {sorted(kw)}: {exc}") from exc
+    if weights is not None:
+        load_weights(model, weights, name)
+    model.semisparse_arch = {"name": name, "num_classes": num_classes, **kw}
+    return model
+
+
+def _weights_enum(enum_name: str, model_name: str | None):
+    """``ResNet18_Weights.IMAGENET1K_V1``, or ``IMAGENET1K_V1`` / ``DEFAULT`` of ``model_name``'s enum."""
+    if "." not in enum_name and model_name in _torchvision_names():
+        enum = torchvision.models.get_model_weights(model_name)
+        return enum.DEFAULT if enum_name == "DEFAULT" else enum[enum_name]
+    return torchvision.models.get_weight(enum_name)
+
+
+def _hub_file(enum_name: str, model_name: str | None = None) -> str:
+    """Local path of a torchvision weights enum's file, or a clear error saying where to put it."""
+    try:
+        w = _weights_enum(enum_name, model_name)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise SemisparseError(
+            f"--weights {enum_name!r} is neither a file nor a torchvision weights name "
+            "(e.g. ResNet18_Weights.IMAGENET1K_V1, or IMAGENET1K_V1 / DEFAULT of a torchvision model)"
+        ) from exc
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+    if not os.path.isfile(path):
+        raise SemisparseError(
+            f"weights {enum_name} are not in the local torch hub cache: nothing is downloaded; "
+            f"fetch {w.url} and put it at {path}, or pass --weights PATH"
+        )
+    return path
+
+
+def _effective_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A semisparse training state_dict (parametrization keys) -> plain keys with masks applied."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".parametrizations." not in f".{key}":
+            out[key] = value
+            continue
+        prefix, rest = f".{key}".split(".parametrizations.", 1)
+        prefix = prefix[1:]
+        param, tail = rest.split(".", 1)
+        name = f"{prefix}.{param}" if prefix else param
+        if tail == "original":
+            mask = sd.get(f"{key[: -len('original')]}0.mask")
+            out[name] = value * mask.to(value.dtype) if mask is not None else value
+    return out
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str | None = None) -> nn.Module:
+    """Load a local file or a cached torchvision enum into ``model`` (strict; shapes must match).
+
+    ``model_name`` (a torchvision name) lets ``weights`` be the enum member alone (``IMAGENET1K_V1``).
+
+    Files are read with ``torch.load(weights_only=True)``: no arbitrary pickle. A semisparse checkpoint's
+    masked weights load as their effective (masked) values.
+    """
+    path = os.fspath(weights)
+    if not os.path.exists(path):
+        path = _hub_file(path, model_name)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SemisparseError(f"cannot read weights {path}: not a torch state_dict file ({exc})") from exc
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SemisparseError(f"weights {path} hold no state_dict (expected a dict of tensors, or one under 'model')")
+    sd = _effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            shapes = (f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
+            parts.append("shape mismatch: " + ", ".join(shapes))
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        raise SemisparseError(f"weights {path} do not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(sd)
+    return model

@@ -1,0 +1,180 @@
+"""The one place where sparsity meets training.
+
+``TrainingSparsity(SparsityConfig(...))`` is called at three points of a run and nowhere else:
+
+1. ``apply(model, total_steps)`` - before the optimizer exists, after ``--weights`` are loaded: fixed
+   magnitude masks (``ss.sparsify(model, pattern, "magnitude")``, the ASP recipe: prune once, retrain) or
+   learned Gumbel masks (``method="gumbel"``).
+2. ``attach(model, optimizer, total_steps)`` - after the optimizer exists: dynamic sparse training
+   (``ss.RigL``, ``ss.SRigL``, ``ss.SRSTE``), which needs the optimizer to mask its state.
+3. ``after_optimizer_step(step)`` - after every ``optimizer.step()``: the Gumbel temperature schedule
+   (``semisparse.masking.gumbel.set_step``) or the DST update (``.step()``).
+
+``state_dict()``/``load_state_dict()`` carry what is not in the model's own state_dict (the step, the
+DST schedule). Masks themselves live in the model's state_dict as parametrization buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import SemisparseError
+from ..masking import masks as model_masks
+from ..masking import sparse_weights, sparsify
+from ..masking.report import Report
+
+METHODS = ("none", "magnitude", "gumbel")
+DST_METHODS = ("rigl", "srigl", "sr-ste")
+
+
+@dataclass
+class SparsityConfig:
+    """How a run is made sparse. ``method``: none | magnitude | gumbel; ``dst``: None | rigl | srigl | sr-ste."""
+
+    method: str = "none"
+    pattern: str | None = "2:4"
+    trainable: str = "all"  # gumbel only: "mask" (weights frozen) | "all"
+    tau: tuple[float, float] | None = None
+    prior: float | None = None
+    permute: bool = False
+    pad: bool = False
+    ignore_linear: bool = False
+    ignore_grouped: bool = False
+    exclude: list[str] = field(default_factory=list)
+    dst: str | None = None
+    level: float = 0.9
+    delta: int = 100
+    alpha: float = 0.3
+    t_end: float = 0.75
+    distribution: str = "erk"
+    ablation: float | None = None
+    dense_layers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SemisparseError(f"unknown sparsity method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.dst is not None and self.dst not in DST_METHODS:
+            raise SemisparseError(f"unknown --dst {self.dst!r}; expected one of {', '.join(DST_METHODS)}")
+        if self.dst and self.method == "gumbel":
+            raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: learned masks or DST, not both")
+        if self.dst and self.method == "magnitude":
+            raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4 (or drop --dst)")
+        if self.trainable not in ("mask", "all"):
+            raise SemisparseError(f"trainable must be 'mask' or 'all', got {self.trainable!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" or self.dst is not None
+
+    @property
+    def name(self) -> str:
+        if self.dst:
+            return self.dst
+        return self.method
+
+
+class TrainingSparsity:
+    """Applies a :class:`SparsityConfig` to a model and keeps it up to date during training (module doc)."""
+
+    def __init__(self, config: SparsityConfig | None = None) -> None:
+        self.config = config or SparsityConfig()
+        self.step = 0
+        self.dst: object | None = None
+        self._model: nn.Module | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None) -> Report | None:
+        """Mask ``model`` (magnitude or gumbel); returns the coverage report, None when nothing to do."""
+        c = self.config
+        self._model = model
+        if c.method == "none":
+            return None
+        common = dict(exclude=c.exclude or None, example_input=example_input, pad=c.pad,
+                      ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped)  # fmt: skip
+        if c.permute:
+            common["permute"] = True
+        if c.method == "magnitude":
+            return sparsify(model, c.pattern, "magnitude", **common)
+        opts: dict[str, object] = {"trainable": c.trainable, "total_steps": int(total_steps)}
+        if c.tau is not None:
+            opts["tau"] = tuple(c.tau)
+        if c.prior is not None:
+            opts["prior"] = c.prior
+        return sparsify(model, c.pattern, "gumbel", **common, **opts)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        """Start dynamic sparse training on ``model`` (``--dst``); a no-op otherwise."""
+        c = self.config
+        self._model = model
+        if not c.dst:
+            return
+        import semisparse as ss
+
+        name = {"rigl": "RigL", "srigl": "SRigL", "sr-ste": "SRSTE"}[c.dst]
+        cls = getattr(ss, name, None)
+        if cls is None:
+            raise SemisparseError(f"--dst {c.dst} needs ss.{name}, which this install of semisparse does not have")
+        common = {"ignore_linear": c.ignore_linear, "ignore_grouped": c.ignore_grouped}
+        if c.dst == "sr-ste":
+            self.dst = cls(model, optimizer, pattern=c.pattern or "2:4", **common)
+            return
+        kw: dict[str, object] = dict(sparsity=c.level, t_end=max(1, int(c.t_end * total_steps)),
+                                     distribution=c.distribution, delta=c.delta, alpha=c.alpha, **common)  # fmt: skip
+        if c.dense_layers:
+            kw["dense_layers"] = list(c.dense_layers)
+        if c.dst == "srigl":
+            if c.ablation is not None:
+                kw["ablation"] = c.ablation
+            if c.pattern:
+                kw["pattern"] = c.pattern
+        self.dst = cls(model, optimizer, **kw)
+
+    # -- during training -------------------------------------------------------------------------------
+    def after_optimizer_step(self, step: int) -> None:
+        """Call after every ``optimizer.step()``; ``step`` counts optimizer steps from 1."""
+        self.step = int(step)
+        if self.config.method == "gumbel" and self._model is not None:
+            from ..masking.gumbel import set_step
+
+            set_step(self._model, self.step)
+        if self.dst is not None:
+            self.dst.step()
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "config": asdict(self.config)}
+        if self.dst is not None and hasattr(self.dst, "state_dict"):
+            state["dst"] = self.dst.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state.get("step", 0))
+        if self.dst is not None and state.get("dst") is not None:
+            self.dst.load_state_dict(state["dst"])
+        if self.config.method == "gumbel" and self._model is not None and self.step:
+            from ..masking.gumbel import set_step
+
+            set_step(self._model, self.step)
+
+    def checkpoint_entry(self, model: nn.Module) -> dict:
+        """The checkpoint's ``sparsity`` entry: masks by weight name, pattern, method and state."""
+        c = self.config
+        pattern = c.pattern if c.method != "none" or c.dst in ("sr-ste", "srigl") else None
+        if c.dst in ("rigl", "srigl") and not (c.dst == "srigl" and c.pattern):
+            pattern = f"{c.level:g}"
+        return {"masks": model_masks(model), "pattern": pattern, "method": c.name,
+                "state": self.state_dict() if c.enabled else None}  # fmt: skip
+
+
+@torch.no_grad()
+def zero_share(model: nn.Module) -> float:
+    """Share of zeros among the sparsified layers' effective (deterministic-mask) weights; 0.0 if none."""
+    zeros = total = 0
+    for sw in sparse_weights(model):
+        w = sw.original * sw.parametrization.hard_mask().to(sw.original.dtype)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total if total else 0.0

@@ -1,0 +1,124 @@
+"""Data sets: the bundled digits, CIFAR-10 on disk and ImageFolder trees, each on a tiny instance."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import semisparse as ss
+from semisparse.train.data import AugmentOptions, load_data
+
+
+def write_cifar(root, n=4):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(range(n))}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return d
+
+
+def write_imagefolder(root, classes=("a", "b"), per_class=2, size=32, splits=("train", "val")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_digits_split_and_shapes():
+    d = load_data("digits")
+    assert (len(d.train), len(d.val), d.num_classes, d.kind) == (1440, 357, 10, "digits")
+    x, y = d.train[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0 <= int(y) < 10
+    assert abs(float(d.train.tensors[0].mean())) < 1e-4  # standardised with the train statistics
+
+
+def test_cifar10_on_disk_layout(tmp_path):
+    write_cifar(tmp_path)
+    for path in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        d = load_data(str(path))
+        assert (len(d.train), len(d.val), d.num_classes, d.kind) == (20, 4, 10, "cifar10")
+        x, y = d.train[1]
+        assert x.shape == (3, 32, 32) and y == 1
+        assert d.classes[0] == "c0"
+
+
+def test_cifar10_pixels_in_torchvision_order(tmp_path):
+    d = write_cifar(tmp_path, n=1)
+    data = np.zeros((1, 3072), dtype=np.uint8)
+    data[0, :1024] = 255  # red plane
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({"data": data, "labels": [3]}, f)
+    ds = load_data(str(tmp_path)).val
+    ds.transform = None
+    img = np.asarray(ds[0][0])
+    assert img.shape == (32, 32, 3) and img[..., 0].min() == 255 and img[..., 1:].max() == 0
+
+
+def test_cifar10_missing_or_malicious_files_are_clear_errors(tmp_path):
+    d = write_cifar(tmp_path)
+    os.remove(d / "data_batch_3")
+    with pytest.raises(ss.SemisparseError, match="data_batch_3 is missing.*cifar-10-batches-py"):
+        load_data(str(tmp_path))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(d / "data_batch_3", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f)
+    with pytest.raises(ss.SemisparseError, match="malformed"):
+        load_data(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_imagefolder_tree(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog", "emu"))
+    aug = AugmentOptions(train_crop_size=24, val_resize_size=28, val_crop_size=20)
+    d = load_data(str(tmp_path), aug)
+    assert (len(d.train), len(d.val), d.num_classes, d.classes) == (6, 6, 3, ["cat", "dog", "emu"])
+    assert d.train[0][0].shape == (3, 24, 24) and d.val[0][0].shape == (3, 20, 20)
+
+
+@pytest.mark.parametrize("make", ["missing", "file", "empty", "no_val", "empty_classes", "class_mismatch"])
+def test_bad_data_paths_name_the_expected_layout(tmp_path, make):
+    path = tmp_path / "data"
+    if make == "file":
+        path.write_text("x")
+    elif make == "empty":
+        path.mkdir()
+    elif make == "no_val":
+        write_imagefolder(path, splits=("train",))
+    elif make == "empty_classes":
+        (path / "train" / "a").mkdir(parents=True)
+        (path / "val" / "a").mkdir(parents=True)
+    elif make == "class_mismatch":
+        write_imagefolder(path, classes=("a", "b"), splits=("train",))
+        write_imagefolder(path, classes=("a", "c"), splits=("val",))
+    with pytest.raises(ss.SemisparseError, match=r"train|ImageFolder|layout") as e:
+        load_data(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_cache_dataset_reuses_the_file_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_imagefolder(tmp_path / "data")
+    first = load_data(str(root), cache=True)
+    cached = list((tmp_path / "cache" / "semisparse" / "datasets").glob("*.json"))
+    assert len(cached) == 2
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "train" / "a" / "new.png")
+    again = load_data(str(root), cache=True)  # the index comes from the cache: the new file is not seen
+    assert len(again.train) == len(first.train) == 4
+    assert len(load_data(str(root)).train) == 5
+    assert again.train[0][0].shape == first.train[0][0].shape

@@ -1,0 +1,26 @@
+"""`semisparse demo` runs end to end on the bundled digits and writes its report (short settings)."""
+
+import json
+
+from semisparse.cli import main
+
+
+def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--epochs", "2", "--finetune-epochs", "1", "--no-speed", "--quiet", "--output-dir", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for method in ("dense", "magnitude 2:4, one-shot", "learned 2:4, frozen weights", "RigL 90%", "SRigL 90%",
+                   "deployed"):
+        assert method in text
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["dense"]["pattern"] == "dense" and rows["dense"]["mac_share"] == 0
+    assert rows["magnitude 2:4, one-shot"]["pattern"] == "2:4"
+    assert abs(rows["magnitude 2:4, one-shot"]["kept"] - 0.5) < 1e-9
+    srigl = rows["SRigL 90%"]
+    assert srigl["pattern"] == "fan-in" and 0.05 < srigl["kept"] < 0.15
+    # the deployed model computes what the SRigL model computes: same accuracy
+    assert rows["SRigL 90%, deployed"]["acc1"] == srigl["acc1"]
+    assert rows["SRigL 90%, deployed"]["latency_ratio"] > 0
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "density.png").stat().st_size > 1000

@@ -1,0 +1,338 @@
+"""ss.deploy: outputs equal the masked dense model's; masks (not zeros) decide; planner never slower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import semisparse as ss
+from semisparse.deploy import deploy, deployed_layers, planner
+from semisparse.deploy.attention import SparseMultiheadAttention
+from semisparse.deploy.condensed import SparseConv, SparseLinear
+
+RTOL = 1e-5
+
+
+def assert_equal_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    assert err <= RTOL, f"max relative error {err:.2e} > {RTOL}"
+
+
+def run_both(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    dep = deploy(model, plan=kw.pop("plan", "condensed"), **kw)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))
+    return dep
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_shape", [(1,), (5,), (70,), (2, 9)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_linear_equals_masked_dense(bias, batch_shape, sparsity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 96, bias=bias), nn.ReLU(), nn.Linear(96, 17, bias=bias))
+    ss.sparsify(model, sparsity)
+    dep = run_both(model, torch.randn(*batch_shape, 48))
+    assert all(isinstance(m, SparseLinear) for _, m in deployed_layers(dep))
+
+
+CONV_CASES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=3, dilation=2, padding=2),
+    dict(kernel_size=3, padding=1, groups=4),
+    dict(kernel_size=5, padding="same", bias=False),
+    dict(kernel_size=3, padding="valid"),
+    dict(kernel_size=(3, 1), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
+    dict(kernel_size=7, stride=2, padding=3, bias=False),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("n", [1, 3])
+def test_conv2d_equals_masked_dense(case, n):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(16, 32, **case), nn.ReLU(), nn.Conv2d(32, 8, 3, bias=False))
+    ss.sparsify(model, 0.8)
+    dep = run_both(model, torch.randn(n, 16, 15, 13))
+    assert isinstance(dep[0], SparseConv) and dep[0].mode == "condensed"
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_every_kernel_setting_the_planner_may_pick_is_exact(kind):
+    torch.manual_seed(1)
+    if kind == "conv":
+        layer, x = nn.Conv2d(16, 25, 3, stride=2, padding=1), torch.randn(2, 16, 21, 19)
+    else:
+        layer, x = nn.Linear(40, 25), torch.randn(70, 40)
+    ss.sparsify(layer, 0.9)
+    dep = deploy(layer, plan="condensed")
+    variants = dep.variants(x)
+    assert len(variants) >= 3
+    for v in variants:
+        dep.use_variant(v)
+        with torch.no_grad():
+            assert_equal_outputs(dep(x), layer(x))
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d(8, 12, 3, stride=2, padding=1), (2, 8, 21)),
+                                        (nn.Conv3d(8, 6, 3, padding=1, dilation=1), (1, 8, 5, 6, 7))])
+def test_conv1d_and_conv3d_equal_masked_dense(conv, shape):
+    torch.manual_seed(2)
+    ss.sparsify(conv, 0.75)
+    run_both(conv, torch.randn(*shape))
+
+
+def test_unbatched_conv_input():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    ss.sparsify(conv, 0.75)
+    run_both(conv, torch.randn(8, 9, 9))
+
+
+def test_depthwise_conv_with_padded_tap_masks():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1))
+    ss.sparsify(model, "2:4", pad=True)
+    dep = run_both(model, torch.randn(2, 8, 9, 9))
+    assert isinstance(dep[0], SparseConv) and dep[0].groups == 8
+
+
+def test_nm_pattern_deploys():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 36, 10))
+    ss.sparsify(model, "2:4")
+    dep = run_both(model, torch.randn(2, 8, 6, 6))
+    assert dep[0].values.shape[1] == 8 * 9 // 2  # exactly N of every M kept, condensed to k = K/2
+
+
+def test_ablated_neurons_output_their_bias_and_are_not_stored():
+    torch.manual_seed(4)
+    lin = nn.Linear(32, 12)
+    m = torch.zeros(12, 32, dtype=torch.bool)
+    m[:, :4] = True
+    m[[2, 7]] = False  # ablated neurons
+    ss.sparsify(lin, None, masks={"weight": m})
+    dep = run_both(lin, torch.randn(3, 32))
+    assert dep.orow.tolist() == [i for i in range(12) if i not in (2, 7)]
+    with torch.no_grad():
+        y = dep(torch.randn(1, 32))
+    torch.testing.assert_close(y[0, [2, 7]], lin.bias.detach()[[2, 7]])
+
+
+def test_ablated_conv_channels_and_no_bias():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 10, 3, padding=1, bias=False)
+    m = torch.rand(10, 8, 3, 3) < 0.3
+    m[[0, 9]] = False
+    ss.sparsify(conv, None, masks={"weight": m})
+    dep = run_both(conv, torch.randn(2, 8, 7, 7))
+    with torch.no_grad():
+        assert bool((dep(torch.randn(1, 8, 7, 7))[:, [0, 9]] == 0).all())
+
+
+def test_deploy_reads_masks_not_zeros():
+    torch.manual_seed(6)
+    lin = nn.Linear(16, 4)
+    ss.sparsify(lin, 0.5)
+    mask = ss.masks(lin)["weight"]
+    with torch.no_grad():
+        orig = lin.parametrizations.weight.original
+        orig[mask.nonzero()[0].tolist()[0], mask.nonzero()[0].tolist()[1]] = 0.0  # a kept weight equal to 0
+    dep = run_both(lin, torch.randn(2, 16))
+    assert dep.values.shape == (4, 8)  # still 8 kept per neuron: the zero is a kept weight
+
+
+def test_fold_drops_ablated_neurons_and_next_layer_columns():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Dropout(0.1), nn.Linear(40, 6))
+    m1 = torch.rand(40, 24) < 0.3
+    m1[m1.sum(1) == 0, 0] = True
+    m1[[3, 11, 12, 30]] = False
+    m2 = torch.rand(6, 40) < 0.5
+    ss.sparsify(model, None, masks={"0.weight": m1, "3.weight": m2})
+    dep = run_both(model, torch.randn(5, 24))
+    assert dep[0].out_features == 36 and dep[3].in_features == 36
+    assert dep[3].figures["dropped_inputs"] == 4
+    unfolded = run_both(model, torch.randn(5, 24), fold=False)
+    assert unfolded[0].out_features == 40
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_self_attention(batch_first, need_weights):
+    torch.manual_seed(8)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    ss.sparsify(mha, 0.8)
+    dep = deploy(mha, plan="condensed")
+    assert isinstance(dep, SparseMultiheadAttention)
+    assert isinstance(dep.in_proj, SparseLinear) and isinstance(dep.out_proj, SparseLinear)
+    x = torch.randn(3, 7, 32)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, -2:] = True
+    if not batch_first:
+        x = x.transpose(0, 1)
+    mha.eval()
+    with torch.no_grad():
+        want, ww = mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+        got, gw = dep(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+    assert_equal_outputs(got, want)
+    if need_weights:
+        assert_equal_outputs(gw, ww)
+
+
+def test_multihead_attention_cross_attention_with_attn_mask():
+    torch.manual_seed(9)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    ss.sparsify(mha, 0.5)
+    dep = deploy(mha, plan="condensed")
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    am = torch.rand(5, 9) < 0.2
+    mha.eval()
+    with torch.no_grad():
+        want, _ = mha(q, kv, kv, attn_mask=am, need_weights=False)
+        got, _ = dep(q, kv, kv, attn_mask=am, need_weights=False)
+    assert_equal_outputs(got, want)
+
+
+def test_vit_block_shapes_with_mha_and_mlp():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(10)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)
+    ss.sparsify(model, 0.9)
+    dep = run_both(model, torch.randn(2, 3, 32, 32))
+    kinds = {type(m).__name__ for _, m in dep.named_modules()}
+    assert "SparseMultiheadAttention" in kinds and "MultiheadAttention" not in kinds
+
+
+def test_resnet18_small_input_equals_masked_dense():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(11)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    ss.sparsify(model, 0.9)
+    dep = run_both(model, torch.randn(1, 3, 48, 48))
+    assert len(deployed_layers(dep)) == len(ss.masks(model))
+
+
+def test_user_model_is_untouched():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    ss.sparsify(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deploy(model, plan="condensed")
+    assert ss.masks(model).keys() == {"0.weight", "2.weight"}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model(torch.randn(1, 8))  # still a working parametrized model
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_f=st.integers(1, 40), in_f=st.integers(2, 70), s=st.floats(0.05, 0.95), batch=st.integers(1, 20),
+       bias=st.booleans())
+def test_property_linear_equals_masked_dense(out_f, in_f, s, batch, bias):
+    torch.manual_seed(out_f * 1000 + in_f)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    pat = ss.parse_pattern(s)
+    if pat.k(in_f) >= in_f:
+        return
+    ss.sparsify(lin, s)
+    dep = deploy(lin, plan="condensed")
+    x = torch.randn(batch, in_f)
+    with torch.no_grad():
+        want = F.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(dep(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_report_of_deployed_model_shows_kernel_and_ratio():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 64, 10))
+    ss.sparsify(model, 0.8)
+    x = torch.randn(1, 4, 8, 8)
+    dep = deploy(model, example_input=x, reps=3)
+    rep = ss.report(dep, x)
+    rows = {r.name: r for r in rep.layers}
+    assert set(rows) == {"0.weight", "2.weight"}
+    for r in rows.values():
+        assert r.extra["kernel"] in ("dense", "condensed", "condensed-gemv", "condensed-gemv/packed",
+                                     "condensed-gemv/gather") or r.extra["kernel"].startswith("condensed")
+        assert r.extra["ratio"] >= 0 and r.extra["dense_us"] > 0 and r.macs > 0  # timings: noisy machine
+    assert "kernel" in str(rep) and "ratio" in str(rep)
+    assert {"dense_ms", "deployed_ms", "ratio"} <= set(dep.semisparse_plan)
+
+
+def test_planner_reverts_to_dense_when_whole_model_is_not_faster(monkeypatch):
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    ss.sparsify(model, 0.75)
+    dep = deploy(model, plan="condensed")
+
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # any condensed layer makes the model slower
+        out = []
+        for fn in fns:
+            fn()
+            out.append(1.0 + sum(m.mode == "condensed" for _, m in deployed_layers(dep)))
+        return out
+
+    monkeypatch.setattr(planner, "interleaved_medians", fake_times)
+    for _, m in deployed_layers(dep):
+        m.figures = {"ratio": 2.0}
+    out = planner.plan_model(dep, torch.randn(1, 16))
+    assert all(m.mode == "dense" for _, m in deployed_layers(dep))
+    assert out["deployed_ms"] <= out["dense_ms"] and len(out["reverted"]) == 3
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))
+
+
+def test_planner_keeps_dense_where_kernel_loses(monkeypatch):
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    ss.sparsify(model, 0.75)
+    dep = deploy(model, plan="condensed")
+    calls = []
+
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # first layer: kernel loses; second: it wins
+        calls.append(len(fns))
+        return [1.0] + [2.0 if len(calls) == 1 else 0.5] * (len(fns) - 1)
+
+    monkeypatch.setattr(planner, "interleaved_medians", fake_times)
+    planner.plan_layers(dep, torch.randn(1, 16))
+    assert dep[0].mode == "dense" and dep[2].mode == "condensed"
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))
+
+
+def test_bad_input_is_a_one_line_error():
+    with pytest.raises(ss.SemisparseError, match="no semisparse masks"):
+        deploy(nn.Linear(4, 4))
+    lin = nn.Linear(8, 4)
+    ss.sparsify(lin, 0.5)
+    with pytest.raises(ss.SemisparseError, match="device"):
+        deploy(lin, device="cuda")
+    with pytest.raises(ss.SemisparseError, match="plan"):
+        deploy(lin, plan="fast")
+    with pytest.raises(ss.SemisparseError, match="batch_size"):
+        deploy(lin, batch_size=0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))  # needs 8x8 inputs
+    ss.sparsify(cnn, 0.5)
+    with pytest.raises(ss.SemisparseError, match="example_input"):
+        deploy(cnn)
+    deploy(cnn, example_input=torch.randn(1, 3, 8, 8), reps=2)
+
+
+def test_bf16_request_runs_dense_with_warning():
+    lin = nn.Linear(8, 4)
+    ss.sparsify(lin, 0.5)
+    with pytest.warns(RuntimeWarning, match="bfloat16"):
+        dep = deploy(lin, dtype=torch.bfloat16)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x.bfloat16()).float(), lin(x), rtol=2e-2, atol=2e-2)

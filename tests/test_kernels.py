@@ -1,0 +1,150 @@
+"""The compiled condensed kernels against their pure-torch reference (index arithmetic, tails, strides)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semisparse.deploy import kernels
+from semisparse.deploy.condensed import columns, condense, expand
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
+
+
+def _problem(rows, K, k, seed=0, wide=False):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.sort(torch.rand(rows, K, generator=g).argsort(1)[:, :k], 1).values
+    W = torch.randn(rows, k, generator=g)
+    idx = idx.to(torch.int32) if wide else torch.where(idx >= 32768, idx - 65536, idx).to(torch.int16)
+    return W.contiguous(), idx.contiguous()
+
+
+@needs_kernels
+@pytest.mark.parametrize("P", [1, 7, 8, 9, 31, 33, 63, 64, 65, 130])
+@pytest.mark.parametrize("PB", [8, 16, 32, 64])
+@pytest.mark.parametrize("wide", [False, True])
+def test_spmm_matches_reference_for_every_tail(P, PB, wide):
+    rows, K, k = 13, 40, 7
+    W, idx = _problem(rows, K, k, wide=wide)
+    npan = -(-P // PB)
+    X = torch.randn(npan * K * PB + kernels.BLOCK)
+    coff = torch.arange(K, dtype=torch.int64) * PB
+    base = torch.zeros(rows, dtype=torch.int64)
+    bias = torch.randn(rows)
+    orow = torch.randperm(20)[:rows].sort().values
+    got, want = torch.full((20, P), 7.0), torch.full((20, P), 7.0)
+    off = kernels.offsets(idx, coff, base)
+    kernels.spmm(X, W, off, bias, orow, got, P, P, PB, K * PB)
+    kernels.spmm_reference(X, W, off, bias, orow, want, P, P, PB, K * PB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 7])
+@pytest.mark.parametrize("P", [5, 32, 45, 200])
+def test_spmm_row_pairs_match_reference(rows, P):
+    K, k, PB = 40, 6, 32
+    W, idx = _problem(rows, K, k, seed=3)
+    X = torch.randn(-(-P // PB) * K * PB + kernels.BLOCK)
+    off = kernels.offsets(idx, torch.arange(K, dtype=torch.int64) * PB, torch.zeros(rows, dtype=torch.int64))
+    bias, orow = torch.randn(rows), torch.arange(rows)
+    for ldp in (1, rows):
+        ldy = P if ldp == 1 else 1
+        got, want = torch.zeros(rows * P), torch.zeros(rows * P)
+        kernels.spmm(X, W, off, bias, orow, got, P, ldy, PB, K * PB, ldp=ldp, pairs=True)
+        kernels.spmm_reference(X, W, off, bias, orow, want, P, ldy, PB, K * PB, ldp=ldp)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_spmm_position_stride_writes_transposed_output():
+    rows, K, k, P, PB = 9, 24, 5, 70, 32
+    W, idx = _problem(rows, K, k, seed=1)
+    X = torch.randn(-(-P // PB) * K * PB + kernels.BLOCK)
+    coff = torch.arange(K, dtype=torch.int64) * PB
+    base = torch.zeros(rows, dtype=torch.int64)
+    orow = torch.arange(rows)
+    got, want = torch.zeros(P, rows), torch.zeros(P, rows)
+    off = kernels.offsets(idx, coff, base)
+    kernels.spmm(X, W, off, None, orow, got, P, 1, PB, K * PB, ldp=rows)
+    kernels.spmm_reference(X, W, off, None, orow, want, P, 1, PB, K * PB, ldp=rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", kernels.GEMV_VARIANTS)
+@pytest.mark.parametrize("K,k,wide", [(50, 3, False), (300, 37, False), (40_000, 61, False), (300, 40, True)])
+def test_gemv_matches_reference(variant, K, k, wide):
+    rows = 21
+    W, idx = _problem(rows, K, k, seed=2, wide=wide)
+    x = torch.randn(K)
+    bias = torch.randn(rows)
+    orow = torch.arange(rows) * 2
+    got, want = torch.zeros(2 * rows), torch.zeros(2 * rows)
+    kernels.gemv(x, W, idx, bias, orow, got, variant)
+    kernels.gemv_reference(x, W, idx, bias, orow, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_resolve_base_and_column_table():
+    idx = torch.tensor([[0, 3], [1, 2]], dtype=torch.int16)
+    coff = torch.tensor([10, 20, 30, 40])
+    base = torch.tensor([0, 1000])
+    assert kernels.offsets(idx, coff, base).tolist() == [[10, 40], [1020, 1030]]
+    assert kernels.offsets(idx, coff, base).dtype == torch.int32
+    with pytest.raises(ValueError, match="int32"):
+        kernels.offsets(idx, coff * 2**30, base)
+
+
+def test_pack_panels_layout_and_zero_padding():
+    x = torch.randn(5, 7)
+    out = kernels.pack_panels(x, 4)
+    panels = out[: 2 * 7 * 4].view(2, 7, 4)
+    torch.testing.assert_close(panels[0].t(), x[:4])
+    torch.testing.assert_close(panels[1].t()[:1], x[4:])
+    assert bool((panels[1].t()[1:] == 0).all())
+
+
+def test_condense_reads_mask_not_zeros():
+    w = torch.randn(4, 10)
+    m = torch.zeros(4, 10, dtype=torch.bool)
+    m[0, [1, 5, 7]] = True
+    m[2, [0, 2, 9]] = True
+    w[0, 5] = 0.0  # a kept weight that is exactly zero stays stored
+    values, idx, orow = condense(w, m)
+    assert orow.tolist() == [0, 2]  # rows 1 and 3 are ablated: not stored
+    assert values.shape == (2, 3)
+    assert columns(idx).tolist() == [[1, 5, 7], [0, 2, 9]]
+    torch.testing.assert_close(expand(values, idx, orow, (4, 10)), w * m)
+
+
+def test_condense_pads_rows_with_fewer_kept_weights():
+    w = torch.randn(3, 8)
+    m = torch.zeros(3, 8, dtype=torch.bool)
+    m[0, :4] = True
+    m[1, 2] = True
+    m[2, [3, 6]] = True
+    values, idx, orow = condense(w, m)
+    assert values.shape == (3, 4)
+    torch.testing.assert_close(expand(values, idx, orow, (3, 8)), w * m)
+
+
+def test_index_width_uint16_until_65536_then_int32():
+    for K, dtype in ((1000, torch.int16), (65_536, torch.int16), (65_537, torch.int32)):
+        w = torch.randn(2, K)
+        m = torch.zeros(2, K, dtype=torch.bool)
+        m[:, [0, K // 2, K - 1]] = True
+        values, idx, orow = condense(w, m)
+        assert idx.dtype == dtype
+        assert columns(idx)[0].tolist() == [0, K // 2, K - 1]
+
+
+def test_reference_fallback_is_used_when_kernels_are_unavailable(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    W, idx = _problem(6, 30, 4)
+    x = torch.randn(30)
+    orow = torch.arange(6)
+    got = torch.zeros(6)
+    kernels.gemv(x, W, idx, None, orow, got)
+    want = (W * x[columns(idx)]).sum(1)
+    torch.testing.assert_close(got, want)
