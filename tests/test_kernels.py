@@ -148,3 +148,28 @@ def test_reference_fallback_is_used_when_kernels_are_unavailable(monkeypatch):
     kernels.gemv(x, W, idx, None, orow, got)
     want = (W * x[columns(idx)]).sum(1)
     torch.testing.assert_close(got, want)
+
+
+@needs_kernels
+def test_kernel_pool_follows_torch_threads_in_any_python_thread():
+    import threading
+
+    before = torch.get_num_threads()
+    seen = []
+    W, idx = _problem(4, 30, 3)
+
+    x, orow, y = torch.randn(30), torch.arange(4), torch.zeros(4)
+
+    def work():
+        kernels.library().ss_sync_threads(2)  # this thread's OpenMP setting differs from torch's
+        kernels.gemv(x, W, idx, None, orow, y)  # no torch op in between (torch would re-sync it itself)
+        seen.append(kernels.library().ss_max_threads())
+
+    try:
+        torch.set_num_threads(1)
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]  # the kernels follow torch.get_num_threads(), whatever OpenMP was told before

@@ -249,3 +249,16 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, backend="eager" if not hasattr(torch, "_inductor") else "inductor")
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_finalizing_a_deep_copy_leaves_the_original_sparsified():
+    model = small_cnn().eval()
+    ss.sparsify(model, "2:4")
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    twin = copy.deepcopy(model)
+    ss.finalize(twin)
+    assert torch.equal(model(x), before) and torch.equal(twin(x), before)
+    assert list(ss.masks(model)) == ["3.weight", "8.weight", "10.weight"] and not ss.masks(twin)
+    ss.finalize(model)
+    assert torch.equal(model(x), before)

@@ -182,6 +182,17 @@ def sparsify(
     return rep
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of parametrize's generated class.
+
+    ``remove_parametrizations`` deletes the weight's property from that class, which a ``copy.deepcopy``
+    of the model shares: without this, finalizing a copy would break the original.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _remove(module: nn.Module, param: str, bake: bool) -> None:
     plist = module.parametrizations[param]
     if len(plist) != 1:
@@ -189,6 +200,7 @@ def _remove(module: nn.Module, param: str, bake: bool) -> None:
     p = plist[0]
     original = plist.original
     mask = p.hard_mask().detach() if bake else None
+    _own_class(module)
     parametrize.remove_parametrizations(module, param, leave_parametrized=False)
     order = getattr(p, "param_order", ())
     if param in order:  # keep the original state_dict key order
