@@ -98,7 +98,8 @@ def random_matrices(seeds: int = 5) -> list[str]:
     from semisparse.masking.permute import kept_fraction, search_permutation
     from semisparse.patterns import NM
 
-    lines = ["| pattern | plain N:M | permuted | unstructured bound | share of the gap closed |", "|---|---|---|---|---|"]
+    lines = ["| pattern | plain N:M | permuted | unstructured bound | share of the gap closed |",
+             "|---|---|---|---|---|"]
     for n, m in ((2, 4), (1, 4), (4, 8)):
         rows = []
         for seed in range(seeds):

@@ -365,3 +365,30 @@ def test_from_flags_checks_cli_contradictions():
     sched = from_flags(model, opt, "rigl", 200, sparsity_level=0.8, t_end=0.5, delta=10, ignore_linear=True)
     assert sched.schedule.t_end == 100 and sched.rule == "rigl"
     assert set(ss.masks(model)) == {"0.weight", "3.weight"}
+
+
+def test_grad_steps_sums_the_dense_gradient_over_the_last_steps_before_an_update():
+    torch.manual_seed(0)
+    model = nn.Linear(20, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = ss.RigL(model, opt, sparsity=0.75, delta=3, t_end=1000, distribution="uniform", grad_steps=2)
+    mask = sched.layers[0].mask.mask.clone()
+    w = sched.layers[0].original.detach().clone()
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(6, 20, generator=gen) for _ in range(3)]
+    assert not _dense_grad_step(model, sched, opt, [grads[0]])  # step 1: not recorded (update at 3)
+    assert not sched._dense_grads
+    assert not _dense_grad_step(model, sched, opt, [grads[1]])  # step 2: recorded
+    state = copy.deepcopy(sched.state_dict())  # resume mid-window keeps the partial sum
+    sched.load_state_dict(state)
+    assert _dense_grad_step(model, sched, opt, [grads[2]])  # step 3: recorded, update
+    frac = sched.schedule.drop_fraction(3)
+    n_active = int(mask.sum())
+    n_drop = int(n_active * frac)
+    kept = torch.zeros(120, dtype=torch.bool)
+    kept[torch.topk(torch.where(mask, w.abs(), torch.tensor(-1.0)).reshape(-1), n_active - n_drop).indices] = True
+    dense = (grads[1] + grads[2]).abs().reshape(-1)
+    expect = torch.topk(torch.where(kept, torch.tensor(-1.0), dense), n_drop).indices
+    new = sched.layers[0].mask.mask.reshape(-1)
+    assert sorted((new & ~kept).nonzero().flatten().tolist()) == sorted(expect.tolist()) and n_drop > 0
+    assert not sched._dense_grads

@@ -47,7 +47,7 @@ def test_permuted_torchvision_model_computes_the_same_outputs(name):
     model = randomize_norms(getattr(torchvision.models, name)(weights=None)).eval()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    result = permute_channels(model, NM(2, 4), plan(model, NM(2, 4)), rounds=1)
+    result = permute_channels(model, NM(2, 4), plan(model, NM(2, 4)), rounds=1, max_rows=64)
     assert len(result.gains) >= 10  # most layers were permuted...
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, ref.state_dict()[k])]
     assert len(changed) > 20
@@ -59,10 +59,10 @@ def test_permuted_torchvision_model_computes_the_same_outputs(name):
 
 def test_permutation_keeps_more_magnitude_on_random_64x128():
     gains, gaps = [], []
-    for seed in range(3):
+    for seed in range(2):
         torch.manual_seed(seed)
         w = torch.randn(64, 128)
-        perm = search_permutation([w], NM(2, 4), rounds=40, patience=10)
+        perm = search_permutation([w], NM(2, 4), rounds=20, patience=5)
         assert torch.equal(perm.sort().values, torch.arange(128))
         before, after = kept_fraction([w], NM(2, 4)), kept_fraction([w], NM(2, 4), perm)
         bound = float(w.abs().flatten().topk(w.numel() // 2).values.sum() / w.abs().sum())

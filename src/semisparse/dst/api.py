@@ -40,15 +40,18 @@ def RigL(  # noqa: N802 - public name of the method
     sparse_init: bool = True,
     init_gain: float = math.sqrt(2.0),
     seed: int = 0,
+    grad_steps: int = 1,
 ) -> DynamicSparsity:
     """RigL (Evci et al. 2020): unstructured masks, per-layer budgets, drop lowest |w|, grow highest
     |dense gradient| (grown weights start at 0). ``t_end``: optimizer steps after which the topology is
-    fixed (required unless ``static=True``, a static random sparse network)."""
+    fixed (required unless ``static=True``, a static random sparse network). ``grad_steps``: the dense
+    gradient for growth is summed over the last ``grad_steps`` optimizer steps before each update (the
+    seed's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
     return DynamicSparsity(
         model, optimizer, rule="rigl", sparsity=sparsity, t_end=t_end, delta=delta, alpha=alpha,
         distribution=distribution, erk_power_scale=erk_power_scale, dense_layers=dense_layers, include=include,
         exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped, static=static,
-        sparse_init=sparse_init, init_gain=init_gain, seed=seed,
+        sparse_init=sparse_init, init_gain=init_gain, seed=seed, grad_steps=grad_steps,
     )
 
 
@@ -74,6 +77,7 @@ def SRigL(  # noqa: N802
     sparse_init: bool = True,
     init_gain: float = math.sqrt(2.0),
     seed: int = 0,
+    grad_steps: int = 1,
 ) -> DynamicSparsity:
     """SRigL (Lasby et al. 2024): exactly ``k`` weights per active neuron; neurons with fewer than
     ``ablation * k`` salient weights are ablated and their budget shared by the rest. The last layer (the
@@ -93,7 +97,7 @@ def SRigL(  # noqa: N802
         distribution=distribution, erk_power_scale=erk_power_scale, dense_layers=dense_layers, include=include,
         exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped, ablation=ablation,
         no_ablation=no_ablation, pattern=pattern, static=static, sparse_init=sparse_init, init_gain=init_gain,
-        seed=seed,
+        seed=seed, grad_steps=grad_steps,
     )
 
 

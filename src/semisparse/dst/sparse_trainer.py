@@ -150,6 +150,7 @@ class DynamicSparsity:
         sparse_init: bool = True,
         init_gain: float = math.sqrt(2.0),
         seed: int = 0,
+        grad_steps: int = 1,
     ) -> None:
         if rule not in RULES:
             raise SemisparseError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
@@ -168,6 +169,8 @@ class DynamicSparsity:
         self.schedule = UpdateSchedule(delta=delta, t_end=t_end, alpha=alpha, static=bool(static))
         if isinstance(ablation, bool) or not isinstance(ablation, (int, float)) or not 0.0 <= ablation <= 1.0:
             raise SemisparseError(f"ablation (gamma) must be in [0, 1], got {ablation!r}")
+        if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
+            raise SemisparseError(f"grad_steps must be a positive int (optimizer steps), got {grad_steps!r}")
         dense_globs = _as_globs(dense_layers, "dense_layers")
         no_ablation_globs = _as_globs(no_ablation, "no_ablation")
 
@@ -235,6 +238,7 @@ class DynamicSparsity:
         self.layers: list[SparseLayer] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._accumulate = False
+        self.grad_steps = grad_steps
         self._step = 0
         self._handles = []
         for c, mask, budget, k0 in chosen:
@@ -259,7 +263,7 @@ class DynamicSparsity:
         ]
         self._dense_params = sum(math.prod(c.weight_shape) for c in budgeted if id(c) in dense_reason)
         self._budget_params = sum(math.prod(s) for s in shapes)
-        self._accumulate = self.schedule.is_update(1)
+        self._accumulate = self._capturing(0)
 
     # -- dense gradient capture ---------------------------------------------------------------------
     def _capture(self, key: str):
@@ -302,9 +306,15 @@ class DynamicSparsity:
         updated = self.schedule.is_update(self._step)
         if updated:
             self.update(self.schedule.drop_fraction(self._step))
-        self._dense_grads.clear()
-        self._accumulate = self.schedule.is_update(self._step + 1)
+        self._accumulate = self._capturing(self._step)
+        if updated or not self._accumulate:
+            self._dense_grads.clear()
         return updated
+
+    def _capturing(self, step: int) -> bool:
+        """Whether the steps after ``step`` record the dense gradient: an update is at most ``grad_steps``
+        optimizer steps away (the gradient is summed over those steps and their micro-batches)."""
+        return any(self.schedule.is_update(step + i) for i in range(1, self.grad_steps + 1))
 
     @torch.no_grad()
     def update(self, drop_fraction: float) -> None:
@@ -353,6 +363,7 @@ class DynamicSparsity:
             "step": self._step,
             "schedule": {"delta": self.schedule.delta, "t_end": self.schedule.t_end,
                          "alpha": self.schedule.alpha, "static": self.schedule.static},
+            "dense_grads": {k: v.clone() for k, v in self._dense_grads.items()},  # mid-window (grad_steps > 1)
             "layers": {
                 layer.key: {"budget": layer.budget, "k": layer.mask.target if isinstance(layer.mask.target, int)
                             else None}
@@ -375,8 +386,8 @@ class DynamicSparsity:
             if self.rule == "srigl":
                 mine[key].mask.target = int(info["k"])
         self._step = int(state["step"])
-        self._dense_grads.clear()
-        self._accumulate = self.schedule.is_update(self._step + 1)
+        self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
+        self._accumulate = self._capturing(self._step)
 
     # -- inspection ----------------------------------------------------------------------------------
     @property

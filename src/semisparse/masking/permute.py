@@ -314,7 +314,7 @@ def _function_rule(node, args, kwargs, new_space):
 def _kept(view: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Magnitude kept by N:M along the last axis of ``|w|`` ``(..., C)`` per group: ``(..., C // M)``."""
     g = view.reshape(*view.shape[:-1], -1, m)
-    return g.topk(n, dim=-1).values.sum(-1)
+    return _topn_sum(g.unbind(-1), n)
 
 
 def _topn_sum(xs: Sequence[torch.Tensor], n: int) -> torch.Tensor:
@@ -412,6 +412,11 @@ def kept_fraction(mats: Sequence[torch.Tensor], nm: NM, perm: torch.Tensor | Non
     return float(_kept(a, nm.n, nm.m).sum() / a.sum().clamp_min(1e-12))
 
 
+def _kept_sum(mat: torch.Tensor, nm: NM, perm: torch.Tensor | None = None) -> float:
+    a = mat.detach().abs().float()
+    return float(_kept(a if perm is None else a[:, perm], nm.n, nm.m).sum())
+
+
 def _consumer_matrix(mod: nn.Module) -> torch.Tensor:
     """Consumer weight -> ``(out * taps, in_channels)``: input channels as columns."""
     w = mod.weight.detach()
@@ -429,7 +434,13 @@ class PermutationResult:
 
 
 def permute_channels(
-    model: nn.Module, nm: NM, candidates: Sequence[Candidate], *, rounds: int = 12, seed: int = 0
+    model: nn.Module,
+    nm: NM,
+    candidates: Sequence[Candidate],
+    *,
+    rounds: int = 12,
+    max_rows: int = 512,
+    seed: int = 0,
 ) -> PermutationResult:
     """Permute channels of ``model`` in place so N:M magnitude masks keep more; same function.
 
@@ -448,10 +459,12 @@ def permute_channels(
             skipped.append(f"{', '.join(n for n, _ in used[:3])}: {sp.blocked}")
             continue
         mats = [_consumer_matrix(mod) for _, mod in used]
-        perm = search_permutation(mats, nm, rounds=rounds, seed=seed)
-        if torch.equal(perm, torch.arange(len(perm))) or kept_fraction(mats, nm, perm) <= kept_fraction(mats, nm):
+        perm = search_permutation(mats, nm, rounds=rounds, max_rows=max_rows, seed=seed)
+        if torch.equal(perm, torch.arange(len(perm))):
             continue
-        before = [kept_fraction([m], nm) for m in mats]
+        sums = [(_kept_sum(m, nm), _kept_sum(m, nm, perm), float(m.abs().sum().clamp_min(1e-12))) for m in mats]
+        if sum(a for _, a, _ in sums) <= sum(b for b, _, _ in sums):
+            continue  # the row sample misled the search: keep the identity
         seen = set()
         with torch.no_grad():
             for t, axis in sp.members:
@@ -459,9 +472,8 @@ def permute_channels(
                     continue
                 seen.add((id(t), axis))
                 t.copy_(t.index_select(axis, perm.to(t.device)))
-        for (_name, mod), b in zip(used, before):
-            key = eligible[id(mod)].key
-            gains[key] = (b, kept_fraction([_consumer_matrix(mod)], nm))
+        for (_name, mod), (b, a, total) in zip(used, sums):
+            gains[eligible[id(mod)].key] = (b / total, a / total)
     return PermutationResult(gains, skipped)
 
 
