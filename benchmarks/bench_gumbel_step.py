@@ -56,9 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-numba", action="store_true", help="use the pure-torch sampling path")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.no_numba:
+        from semisparse.masking import gumbel
+
+        gumbel.USE_NUMBA = False
     variants = make_variants(args.model, steps=1000)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     dense = statistics.median(times["dense"])
     lines = [
         f"{args.model}, {args.size}x{args.size}, batch {args.batch}, fp32, {args.device}, "
-        f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+        f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"sampling: {'torch' if args.no_numba else 'numba'}; "
         f"median of {args.reps} steps (forward + backward + AdamW), after {args.warmup} warm-up",
         "",
         "| variant | median step (s) | min | max | ratio vs dense |",

@@ -428,10 +428,14 @@ def test_save_keeps_dense_weights_beside_learned_masks(tmp_path):
         assert torch.equal(back.get_submodule(mod).parametrizations[p].original, dense[key])
 
 
-def test_restore_trainable_after_finalize_unfreezes_everything():
+def test_finalize_unfreezes_everything_mask_training_froze():
     model = small_cnn()
-    ss.sparsify(model, "2:4", method="gumbel", total_steps=2)
+    ss.sparsify(model, "2:4", method="gumbel", total_steps=2, bn="freeze")
     assert not model[0].weight.requires_grad and not model[1].weight.requires_grad
     ss.finalize(model)
-    gumbel.restore_trainable(model)
     assert all(p.requires_grad for p in model.parameters())
+    # the BatchNorm freeze hook is gone too: training mode updates running statistics again
+    ref = model[1].running_mean.clone()
+    model.train()
+    model(torch.randn(4, 3, 6, 6))
+    assert not torch.equal(model[1].running_mean, ref)

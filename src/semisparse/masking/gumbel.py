@@ -526,9 +526,8 @@ def apply_trainable(model: nn.Module, options: Mapping[str, object]) -> list[str
     if bn:
         if o["bn"] == "freeze":
             for m in bn:
-                if not getattr(m, "_semisparse_frozen_bn", False):
-                    m.register_forward_pre_hook(_bn_eval_hook)
-                    m._semisparse_frozen_bn = True
+                if getattr(m, "_semisparse_bn_hook", None) is None:
+                    m._semisparse_bn_hook = m.register_forward_pre_hook(_bn_eval_hook)
             notes.append("BatchNorm statistics frozen (normalise with the dense model's running statistics)")
         else:
             notes.append("BatchNorm statistics recalibrated in training mode (running statistics follow the masks)")
@@ -541,8 +540,13 @@ def apply_trainable(model: nn.Module, options: Mapping[str, object]) -> list[str
 
 
 def restore_trainable(model: nn.Module) -> None:
-    """Give back the ``requires_grad`` flags that ``trainable="mask"`` took (e.g. after ``ss.finalize``,
-    to fine-tune the finalized model); ``ss.finalize`` itself restores only the sparsified weights."""
+    """Give back what mask training took: the ``requires_grad`` flags of ``trainable="mask"`` and the
+    BatchNorm hooks of ``bn="freeze"``. ``ss.finalize`` calls this, so a finalized model trains as before."""
+    for m in model.modules():
+        handle = getattr(m, "_semisparse_bn_hook", None)
+        if handle is not None:
+            handle.remove()
+            del m._semisparse_bn_hook
     before = getattr(model, "_semisparse_requires_grad", None) or {}
     params = dict(model.named_parameters())
     for name, flag in before.items():

@@ -148,16 +148,11 @@ def channel_spaces(model: nn.Module) -> list[_Space]:
             out = _module_rule(node.target, mod, x, calls[node.target] > 1 and has_state, new_space)
         elif node.op in ("call_function", "call_method"):
             out = _function_rule(node, args, kwargs, new_space)
-        if out is None or isinstance(out, tuple):
+        if out is None:  # not understood: whatever channels flow in must stay where they are
             for a in node.all_input_nodes:
-                if node.op not in ("get_attr",) and isinstance(env.get(a), _Chan) and not _understood(out):
-                    _block(env.get(a), f"used by {node.op} {node.target}")
+                _block(env.get(a), f"used by {node.op} {node.target}")
         env[node] = out
     return [s for s in spaces if s.parent is None]
-
-
-def _understood(out: object) -> bool:
-    return isinstance(out, tuple) and out and out[0] == "sink"
 
 
 def _module_rule(name, mod, x, shared, new_space):

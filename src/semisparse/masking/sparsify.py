@@ -232,13 +232,20 @@ def finalize(model: nn.Module) -> nn.Module:
     """Bake every mask into a plain weight and remove the parametrizations.
 
     The state_dict then has exactly the original model's keys; masked entries are zero. Learned masks
-    use their deterministic mask. Returns the same model.
+    use their deterministic mask, and what mask training froze (``trainable="mask"``) trains again.
+    Returns the same model.
     """
+    learned = False
     for sw in list(sparse_weights(model)):
         requires_grad = getattr(sw.parametrization, "original_requires_grad", None)
+        learned = learned or type(sw.parametrization).__name__ == "GumbelMask"
         _remove(sw.module, sw.param, bake=True)
         if requires_grad is not None:
             getattr(sw.module, sw.param).requires_grad_(requires_grad)
+    if learned:
+        from .gumbel import restore_trainable
+
+        restore_trainable(model)
     return model
 
 
