@@ -18,6 +18,8 @@ def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
     assert rows["dense"]["pattern"] == "dense" and rows["dense"]["mac_share"] == 0
     assert rows["magnitude 2:4, one-shot"]["pattern"] == "2:4"
     assert abs(rows["magnitude 2:4, one-shot"]["kept"] - 0.5) < 1e-9
+    learned = rows["learned 2:4, frozen weights"]
+    assert learned["pattern"] == "2:4" and abs(learned["kept"] - 0.5) < 1e-9 and learned["mac_share"] > 0.9
     srigl = rows["SRigL 90%"]
     assert srigl["pattern"] == "fan-in" and 0.05 < srigl["kept"] < 0.15
     # the deployed model computes what the SRigL model computes: same accuracy

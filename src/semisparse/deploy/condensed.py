@@ -174,9 +174,15 @@ class SparseLinear(_Condensed):
                 {"panel_width": 32, "pairs": True}]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight
+        if self.mode == "dense" and w is not None and x.dtype == w.dtype:
+            # Kept dense by the planner: no more work than nn.Linear (its __setattr__ skipped on purpose).
+            y = F.linear(x, w, self.bias)
+            self.__dict__["_macs"] = y.numel() * self.in_features
+            return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        self._macs = x2.shape[0] * self.out_features * self.in_features
+        self.__dict__["_macs"] = x2.shape[0] * self.out_features * self.in_features
         if self.mode == "dense" or x.dtype != torch.float32 or x.requires_grad:
             w = self.dense_weight if self.dense_weight is not None else self._dense_now()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -321,6 +327,13 @@ class SparseConv(_Condensed):
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight
+        if self.mode == "dense" and w is not None and x.dtype == w.dtype:
+            # Kept dense by the planner: no more work than nn.ConvNd (its __setattr__ skipped on purpose).
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+            y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            self.__dict__["_macs"] = y.numel() * math.prod(self.shape[1:])
+            return y
         batched = x.dim() == self.nd + 2
         if not batched:
             x = x.unsqueeze(0)
@@ -328,7 +341,7 @@ class SparseConv(_Condensed):
             y = self._dense_forward(x)
         else:
             y = self._condensed_forward(x.contiguous())
-        self._macs = y.numel() * math.prod(self.shape[1:])
+        self.__dict__["_macs"] = y.numel() * math.prod(self.shape[1:])
         return y if batched else y.squeeze(0)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
