@@ -26,6 +26,7 @@ from ..errors import SemisparseError
 from ..models import create_model
 from ..train import distributed as dist_utils
 from ..train.checkpoint import check_arch, load_checkpoint, set_rng_state
+from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
 from ..train.engine import EMA, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
@@ -137,8 +138,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--dense-layers", default=None, nargs="+", help="--dst: weights kept dense (e.g. conv1.weight fc.weight)")
     a("--compile", action="store_true", help="compile the model with torch.compile")
     a("--channels-last", action="store_true", help="use channels-last memory layout")
-    a("--enable-dali", action="store_true", help="NVIDIA DALI data loading (needs nvidia-dali)")
-    a("--dali-cpu", action="store_true", help="CPU DALI pipeline (with --enable-dali)")
+    a("--enable-dali", action="store_true", help="NVIDIA DALI data loading of an ImageFolder tree (needs "
+      "nvidia-dali-cuda120 or nvidia-dali-cuda130)")
+    a("--dali-cpu", action="store_true", help="decode and augment on the CPU (with --enable-dali; always so on CPU)")
     a("--debug", action="store_true", help="show tracebacks on error")
     return p
 
@@ -245,15 +247,14 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.blocked_mmm:
         raise SemisparseError("--blocked-mmm is not needed: masked layers train as ordinary convolutions (no "
                               "im2col); for fast sparse inference use `semisparse export` / ss.deploy")  # fmt: skip
-    if args.enable_dali or args.dali_cpu:
-        n(args, ("dali_cpu",), args.enable_dali, "needs --enable-dali")
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError as exc:
-            raise SemisparseError("--enable-dali needs nvidia-dali, which is not installed; drop --enable-dali to "
-                                  "use the PyTorch DataLoader (use -j N for more loader workers)") from exc  # fmt: skip
-        raise SemisparseError("--enable-dali: the DALI loader is not implemented in semisparse yet; drop it to use "
-                              "the PyTorch DataLoader (-j N workers)")  # fmt: skip
+    n(args, ("dali_cpu",), args.enable_dali, "needs --enable-dali")
+    if args.enable_dali:
+        if args.data_path == "digits":
+            raise SemisparseError("--enable-dali reads ImageFolder trees (train/, val/ class folders of images) "
+                                  "only, not the digits tensors; drop it to use the PyTorch DataLoader")  # fmt: skip
+        n(args, ("auto_augment", "random_erase", "backend", "use_v2"), False, "is not available with --enable-dali "
+          "(its pipeline is random-resized-crop + flip); drop one of them")
+        require_dali()
     for name in ("batch_size", "epochs", "accumulation_steps"):
         if getattr(args, name) < 1:
             raise SemisparseError(f"{_flag(name)} must be at least 1, got {getattr(args, name)}")
@@ -474,10 +475,18 @@ def setup(args: argparse.Namespace) -> Run:
     workers = args.workers
     if workers is None:
         workers = 0 if data.kind == "digits" else min(8, os.cpu_count() or 1)
-    train_loader, val_loader = make_loaders(
-        data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
-        ra_reps=args.ra_reps if args.ra_sampler else 1,
-    )  # fmt: skip
+    if args.enable_dali:
+        train_loader, val_loader = make_dali_loaders(
+            data, args.batch_size, crop_size=args.train_crop_size, val_resize_size=args.val_resize_size,
+            val_crop_size=args.val_crop_size, interpolation=args.interpolation, device=device,
+            dali_cpu=args.dali_cpu, num_threads=workers, seed=args.seed, rank=info.rank, world=info.world_size,
+            ra_reps=args.ra_reps if args.ra_sampler else 1,
+        )  # fmt: skip
+    else:
+        train_loader, val_loader = make_loaders(
+            data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
+            ra_reps=args.ra_reps if args.ra_sampler else 1,
+        )  # fmt: skip
     model = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
     total_steps = max(1, steps_per_epoch * args.epochs)
