@@ -112,6 +112,14 @@ class _Condensed(nn.Module):
         if self.mode == "condensed":
             self.dense_weight = None
 
+    def bias_rows(self) -> torch.Tensor | None:
+        """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
+        b = getattr(self, "_bias_rows", None)
+        if b is None and self.bias is not None:
+            b = self.bias[self.orow].contiguous()
+            self._bias_rows = b
+        return b
+
     def _layout(self) -> Layout:
         return Layout("rows" if self.kind in ("Linear", "MultiheadAttention") else "conv", self.shape)
 
@@ -203,14 +211,6 @@ class SparseLinear(_Condensed):
         kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32)
         return y.view(*lead, self.out_features)
-
-    def bias_rows(self) -> torch.Tensor | None:
-        """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
-        b = getattr(self, "_bias_rows", None)
-        if b is None and self.bias is not None:
-            b = self.bias[self.orow].contiguous()
-            self._bias_rows = b
-        return b
 
     def _dense_now(self) -> torch.Tensor:
         return expand(self.values, self.idx, self.orow, self.view_shape)
@@ -364,13 +364,6 @@ class SparseConv(_Condensed):
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
         return y.transpose(0, 1).contiguous()
-
-    def bias_rows(self) -> torch.Tensor | None:
-        b = getattr(self, "_bias_rows", None)
-        if b is None and self.bias is not None:
-            b = self.bias[self.orow].contiguous()
-            self._bias_rows = b
-        return b
 
     def variants(self, x: torch.Tensor) -> list[dict]:
         return [{"block": 64, "pairs": False}, {"block": 32, "pairs": False}, {"block": 16, "pairs": False},
