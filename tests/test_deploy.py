@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,3 +338,22 @@ def test_bf16_request_runs_dense_with_warning():
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(dep(x.bfloat16()).float(), lin(x), rtol=2e-2, atol=2e-2)
+
+
+def test_batch1_fast_path_equals_masked_dense_and_follows_variant_changes():
+    from semisparse.deploy import kernels
+
+    if not kernels.available():
+        pytest.skip("no C kernels on this machine")
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 40)
+    ss.sparsify(lin, 0.8)
+    x = torch.randn(1, 96)
+    ref = lin(x).detach()
+    dep = ss.deploy(copy.deepcopy(lin), plan="condensed")
+    for variant in kernels.GEMV_VARIANTS:
+        dep.use_variant({"gemv_variant": variant})
+        with torch.inference_mode():
+            out = dep(x)
+        assert dep.__dict__["_bound_gemv"][0][0] == variant  # the bound batch-1 kernel ran
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)

@@ -90,6 +90,7 @@ class _Condensed(nn.Module):
         ablated = torch.ones(w_view.shape[0], dtype=torch.bool)
         ablated[orow] = False
         self.register_buffer("ablated", torch.nonzero(ablated).flatten())
+        self.n_ablated = int(self.ablated.numel())
         self.density = float(m_view.float().mean())
         mask = self._layout().from_view(m_view).to(torch.float32)
         self.dense_weight: torch.Tensor | None = (weight.detach().float() * mask).contiguous()  # until planned
@@ -188,6 +189,14 @@ class SparseLinear(_Condensed):
             y = F.linear(x, w, self.bias)
             self.__dict__["_macs"] = y.numel() * self.in_features
             return y
+        if (self.mode == "condensed" and x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32
+                and not x.requires_grad and x.is_contiguous() and not self.n_ablated):  # fmt: skip
+            run = self._batch1()
+            if run is not None:  # batch-1 latency: as little Python as possible around the kernel
+                y = torch.empty(1, self.out_features)
+                run(x, y)
+                self.__dict__["_macs"] = self.out_features * self.in_features
+                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         self.__dict__["_macs"] = x2.shape[0] * self.out_features * self.in_features
@@ -211,6 +220,16 @@ class SparseLinear(_Condensed):
         kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32)
         return y.view(*lead, self.out_features)
+
+    def _batch1(self):
+        """The bound batch-1 kernel, rebuilt when the variant or the stored tensors change."""
+        key = (self.gemv_variant, self.values.data_ptr(), self.idx.data_ptr())
+        cached = self.__dict__.get("_bound_gemv")
+        if cached is None or cached[0] != key:
+            bias = self.bias_rows()
+            cached = (key, kernels.gemv_binding(self.values, self.idx, bias, self.orow, self.gemv_variant), bias)
+            self.__dict__["_bound_gemv"] = cached
+        return cached[1]
 
     def _dense_now(self) -> torch.Tensor:
         return expand(self.values, self.idx, self.orow, self.view_shape)

@@ -248,6 +248,28 @@ def gemv(
     fn(x.data_ptr(), W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), y.data_ptr(), rows, k)
 
 
+def gemv_binding(W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, orow: torch.Tensor,  # noqa: N803
+                 variant: str = "packed"):
+    """:func:`gemv` with everything but ``x`` and ``y`` bound once: ``run(x, y)``; None without kernels.
+
+    A batch-1 layer call is a few tens of microseconds, so the per-call argument handling of :func:`gemv`
+    is a visible share of it. The caller keeps ``W``, ``idx``, ``bias`` and ``orow`` alive and unchanged.
+    """
+    lib = library()
+    if lib is None:
+        return None
+    wide = "" if variant == "packed" else "gather_"
+    fn = getattr(lib, f"ss_gemv_{wide}i16" if idx.dtype == torch.int16 else f"ss_gemv_{wide}i32")
+    rows, k = W.shape
+    w_p, i_p, b_p, o_p = W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr()
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        _threads(lib)
+        fn(x.data_ptr(), w_p, i_p, b_p, o_p, y.data_ptr(), rows, k)
+
+    return run
+
+
 def _columns(idx: torch.Tensor) -> torch.Tensor:
     """Indices as int64, int16 read as unsigned (the storage holds uint16 bit patterns)."""
     out = idx.to(torch.int64)
