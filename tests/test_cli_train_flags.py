@@ -7,6 +7,7 @@ effect is a whole run (resume, output-dir, test-only, config, print-freq...) are
 """
 
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -181,6 +182,8 @@ SETUP = {
     "--channels-last": ("D", [], ["--channels-last"],
                         lambda r: r.model.features[2].weight.is_contiguous(memory_format=torch.channels_last)),
 }
+if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):  # DALI installed
+    SETUP["--enable-dali"] = ("I", [], ["--enable-dali"], lambda r: type(r.train_loader).__name__)
 
 
 @pytest.mark.parametrize("flag", sorted(SETUP))
@@ -218,7 +221,7 @@ def test_flag_changes_how_fit_runs(flag, monkeypatch, tmp_path):
 
 REFUSED = {
     "--blocked-mmm": (["--blocked-mmm"], "semisparse export"),
-    "--enable-dali": (["--enable-dali"], "PyTorch DataLoader"),
+    "--enable-dali": (["--enable-dali"], "ImageFolder trees"),  # digits; DALI runs are in test_dali.py
     "--dali-cpu": (["--dali-cpu"], "needs --enable-dali"),
     "--sync-bn": (["--sync-bn"], "drop it on CPU"),
     "--world-size": (["--world-size", "2"], "torchrun --nproc-per-node 2"),

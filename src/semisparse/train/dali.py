@@ -56,7 +56,6 @@ class DALILoader:
         self.cpu = dali_cpu or self.device.type != "cuda"
         self.num_threads, self.seed = max(1, num_threads), seed
         self.num_workers = self.num_threads
-        self._passes = 0
         _interp(require_dali().types, interpolation)  # fail now, not at the first batch
 
     def __len__(self) -> int:
@@ -92,8 +91,8 @@ class DALILoader:
 
         device_id = None if cpu else (self.device.index if self.device.index is not None
                                       else torch.cuda.current_device())  # fmt: skip
-        # augmentation randomness: a distinct, reproducible stream per (seed, epoch, rank, pass)
-        seed = (self.seed * 1_000_003 + self.sampler.epoch * 7919 + self.sampler.rank * 31 + self._passes) % 2**31
+        # augmentation randomness: one reproducible stream per (seed, epoch, rank), so a resumed run matches
+        seed = (self.seed * 1_000_003 + self.sampler.epoch * 7919 + self.sampler.rank * 31) % 2**31
         p = pipe(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=1)  # fmt: skip
         p.build()
@@ -116,7 +115,6 @@ class DALILoader:
         files = [self.samples[i][0] for i in order]
         labels = [int(self.samples[i][1]) for i in order]
         pipe = self._pipeline(files, labels)
-        self._passes += 1
         try:
             left = len(order)
             while left > 0:
