@@ -6,6 +6,11 @@ The public API is a few verbs::
     rep = ss.sparsify(model, "2:4")          # masks on every eligible Linear / Conv / MHA projection
     ss.check(model); print(ss.report(model, example_input=x))
     ss.finalize(model)                       # plain weights, original state_dict keys
+    sched = ss.SRigL(model, opt, sparsity=0.9, t_end=steps)   # or ss.RigL / ss.SRSTE; .step() after opt.step()
+    fast = ss.deploy(model)                  # condensed CPU kernels where they win, never slower
+    ss.save(model, "m.safetensors"); model = ss.load("m.safetensors")
+
+(``ss.deploy`` is the function; the package's modules stay importable as ``semisparse.deploy.<module>``.)
 """
 
 from .deploy import deploy
