@@ -17,11 +17,11 @@ def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["dense"]["pattern"] == "dense" and rows["dense"]["mac_share"] == 0
     assert rows["magnitude 2:4, one-shot"]["pattern"] == "2:4"
-    assert abs(rows["magnitude 2:4, one-shot"]["kept"] - 0.5) < 1e-9
+    assert 0.5 < rows["magnitude 2:4, one-shot"]["kept"] < 0.51  # the 1-channel stem stays dense
     learned = rows["learned 2:4, frozen weights"]
-    assert learned["pattern"] == "2:4" and abs(learned["kept"] - 0.5) < 1e-9 and learned["mac_share"] > 0.9
+    assert learned["pattern"] == "2:4" and 0.5 < learned["kept"] < 0.51 and learned["mac_share"] > 0.9
     srigl = rows["SRigL 90%"]
-    assert srigl["pattern"] == "fan-in" and 0.05 < srigl["kept"] < 0.15
+    assert srigl["pattern"] == "fan-in" and 0.09 < srigl["kept"] < 0.11  # ERK: 90% over all weights
     # the deployed model computes what the SRigL model computes: same accuracy
     assert rows["SRigL 90%, deployed"]["acc1"] == srigl["acc1"]
     assert rows["SRigL 90%, deployed"]["latency_ratio"] > 0

@@ -57,7 +57,7 @@ class Row:
     method: str
     pattern: str
     acc1: float
-    kept: float  # share of the sparsified weights kept (1.0 dense)
+    kept: float  # share of all Linear/Conv weights kept (dense layers count as kept)
     mac_share: float  # share of Linear/Conv MACs under sparsity
     latency_ratio: float | None = None  # dense latency / this model's latency (batch 1, CPU)
     seconds: float = 0.0
@@ -106,7 +106,8 @@ class Demo:
         pattern = "dense" if not sp else ", ".join(sorted({r.pattern for r in sp if not r.pattern.startswith("fan")}
                                                              | ({"fan-in"} if any(r.pattern.startswith("fan")
                                                                                   for r in sp) else set())))
-        row = Row(method, pattern, self.acc(model), rep.density, rep.mac_share or 0.0, latency_ratio,
+        kept = sum(r.density * r.params for r in rep.layers) / max(1, sum(r.params for r in rep.layers))
+        row = Row(method, pattern, self.acc(model), kept, rep.mac_share or 0.0, latency_ratio,
                   time.perf_counter() - t0, rep.to_dict()["layers"])  # fmt: skip
         self.rows.append(row)
         if not self.args.quiet:
