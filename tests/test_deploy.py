@@ -82,6 +82,21 @@ def test_every_kernel_setting_the_planner_may_pick_is_exact(kind):
             assert_equal_outputs(dep(x), layer(x))
 
 
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_channel_tiled_conv_equals_masked_dense(case):
+    """tile_kb=1 cuts the input channels into single-channel tiles: every tile boundary is exercised."""
+    torch.manual_seed(3)
+    layer = nn.Conv2d(16, 32, **case)
+    ss.sparsify(layer, 0.8)
+    dep = deploy(layer, plan="condensed")
+    for n in (1, 2):
+        x = torch.randn(n, 16, 15, 13)
+        for block in (32, 64):
+            dep.use_variant({"block": block, "pairs": False, "tile_kb": 1})
+            with torch.no_grad():
+                assert_equal_outputs(dep(x), layer(x))
+
+
 @pytest.mark.parametrize("conv,shape", [(nn.Conv1d(8, 12, 3, stride=2, padding=1), (2, 8, 21)),
                                         (nn.Conv3d(8, 6, 3, padding=1, dilation=1), (1, 8, 5, 6, 7))])
 def test_conv1d_and_conv3d_equal_masked_dense(conv, shape):

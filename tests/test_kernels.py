@@ -173,3 +173,38 @@ def test_kernel_pool_follows_torch_threads_in_any_python_thread():
     finally:
         torch.set_num_threads(before)
     assert seen == [1]  # the kernels follow torch.get_num_threads(), whatever OpenMP was told before
+
+
+@needs_kernels
+@pytest.mark.parametrize("P", [1, 9, 16, 17, 31, 32, 33, 63, 64, 65, 130])
+@pytest.mark.parametrize("PB", [32, 64])
+@pytest.mark.parametrize("per_tile", [1, 3, 40])
+def test_tiled_spmm_matches_reference_with_no_slack(P, PB, per_tile):
+    """Channel tiles (empty ones included), short last blocks read through masked loads: X is sized exactly."""
+    rows, K, k = 11, 40, 7
+    W, idx = _problem(rows, K, k, seed=P)
+    npan = -(-P // PB)
+    X = torch.randn(npan * K * PB)  # no slack past the last panel
+    off = kernels.offsets(idx, torch.arange(K, dtype=torch.int64) * PB, torch.zeros(rows, dtype=torch.int64))
+    Ws, offs, seg = kernels.tile(W, off, columns(idx), per_tile)
+    assert seg.shape[0] == rows and bool((seg[:, 1:] >= seg[:, :-1]).all())
+    assert torch.equal(seg[:, -1], torch.full((rows,), k, dtype=torch.int32))
+    bias, orow = torch.randn(rows), torch.randperm(20)[:rows].sort().values
+    got, want = torch.full((20, P), 7.0), torch.full((20, P), 7.0)
+    kernels.spmm_tiled(X, Ws, offs, seg, bias, orow, got, P, P, PB, K * PB)
+    kernels.spmm_reference(X, W, off, bias, orow, want, P, P, PB, K * PB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # transposed output (position stride = rows), no bias
+    got, want = torch.zeros(P, rows), torch.zeros(P, rows)
+    kernels.spmm_tiled(X, Ws, offs, seg, None, torch.arange(rows), got, P, 1, PB, K * PB, ldp=rows)
+    kernels.spmm_reference(X, W, off, None, torch.arange(rows), want, P, 1, PB, K * PB, ldp=rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_sorts_rows_and_cuts_them_by_channel():
+    W = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    off = torch.tensor([[30, 10, 20, 0]], dtype=torch.int32)
+    channel = torch.tensor([[3, 1, 2, 0]])
+    Ws, offs, seg = kernels.tile(W, off, channel, 2)
+    assert offs.tolist() == [[0, 10, 20, 30]] and Ws.tolist() == [[4.0, 2.0, 3.0, 1.0]]
+    assert seg.tolist() == [[0, 2, 4]]

@@ -13,6 +13,7 @@ MACs that ran in condensed kernels.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -165,11 +166,17 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     dep = deploy(model, batch_size=batch, example_input=x)
     plan_s = time.perf_counter() - t0
     dense = _masked_dense(name, model)
+    # The same dense model with BatchNorm folded into its convs, as deploy folds it: the ratio against it is
+    # what sparsity alone buys.
+    from ..deploy.fold import fold_batchnorm
+
+    folded = copy.deepcopy(dense)
+    fold_batchnorm(folded, {})
     with torch.no_grad():
         ref = dense(x)
         err = float((dep(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        t_dense, t_dep = (1e3 * t for t in interleaved_medians([lambda: dense(x), lambda: dep(x)], reps,
-                                                                  warmup=3, budget_s=1e9))
+        t_dense, t_folded, t_dep = (1e3 * t for t in interleaved_medians(
+            [lambda: dense(x), lambda: folded(x), lambda: dep(x)], reps, warmup=3, budget_s=1e9))
     rep = ss.report(dep, x)
     sparse_rows = [r for r in rep.layers if r.sparse]
     sparse_macs = sum(r.macs or 0 for r in sparse_rows)
@@ -179,7 +186,8 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     return {
         "kind": "model", "model": name, "masks": masks, "sparsity": sparsity, "batch": batch,
         "input": list(x.shape), "dense_ms": round(t_dense, 3), "deployed_ms": round(t_dep, 3),
-        "ratio": round(t_dense / t_dep, 2), "sparse_mac_share": round(sparse_macs / max(1, all_macs), 4),
+        "ratio": round(t_dense / t_dep, 2), "dense_bn_folded_ms": round(t_folded, 3),
+        "ratio_vs_bn_folded": round(t_folded / t_dep, 2), "sparse_mac_share": round(sparse_macs / max(1, all_macs), 4),
         "condensed_share_of_sparse_macs": round(cond_macs / max(1, sparse_macs), 4),
         "kept_density": round(kept, 4), "layers": len(sparse_rows),
         "condensed_layers": sum(1 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed")),
@@ -235,9 +243,10 @@ def format_table(rows: list[dict]) -> str:
         if lines:
             lines.append("")
         head = ["model", "masks", "sparsity", "batch", "dense ms", "deployed ms", "ratio",
-                "condensed share of sparse MACs", "condensed layers"]
+                "dense BN-folded ms", "ratio vs folded", "condensed share of sparse MACs", "condensed layers"]
         body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.2f}",
-                 f"{r['deployed_ms']:.2f}", f"{r['ratio']:.2f}x", f"{r['condensed_share_of_sparse_macs']:.1%}",
+                 f"{r['deployed_ms']:.2f}", f"{r['ratio']:.2f}x", f"{r['dense_bn_folded_ms']:.2f}",
+                 f"{r['ratio_vs_bn_folded']:.2f}x", f"{r['condensed_share_of_sparse_macs']:.1%}",
                  f"{r['condensed_layers']}/{r['layers']}"] for r in model_rows]
         lines += _table(head, body)
     return "\n".join(lines)

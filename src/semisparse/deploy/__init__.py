@@ -34,6 +34,7 @@ def deploy(
     *,
     plan: str = "measure",
     fold: bool = True,
+    fold_bn: bool = True,
     reps: int = 20,
 ) -> nn.Module:
     """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
@@ -45,6 +46,8 @@ def deploy(
     (every sparse layer condensed, no timing) or ``"dense"``. ``fold``: ablated neurons of a Linear that is
     followed (in an ``nn.Sequential``) only by elementwise modules and another Linear are removed, and the
     next Linear drops the matching input columns (their constant contribution goes into its bias).
+    ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
+    and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing.
     """
@@ -64,6 +67,7 @@ def deploy(
 
     from . import kernels
     from .condensed import SparseConv, SparseLinear
+    from .fold import fold_batchnorm
 
     m = copy.deepcopy(model).cpu().eval()
     found = {}
@@ -75,6 +79,7 @@ def deploy(
             _strip_parametrizations(mod)
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
+    folded_bn = fold_batchnorm(m, masks) if fold_bn else []
     if dtype is not None and dtype != torch.float32:
         warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
                       RuntimeWarning, stacklevel=2)
@@ -114,7 +119,7 @@ def deploy(
             layer.figures["dropped_inputs"] = dropped[layer.key]
 
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
-                     "kernels": kernels.available(), "simd_bits": kernels.simd_width()}
+                     "kernels": kernels.available(), "simd_bits": kernels.simd_width(), "folded_bn": len(folded_bn)}
     if dtype is not None and dtype != torch.float32:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")

@@ -267,6 +267,7 @@ class SparseConv(_Condensed):
         self._geometry: dict = {}
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
+        self.tile_kb = 0  # > 0: sweep input channels in tiles whose input block fits this many KiB (L1)
 
     def _pads(self) -> list[tuple[int, int]]:
         if self.padding == "valid":
@@ -299,7 +300,10 @@ class SparseConv(_Condensed):
         nph = math.prod(strides)
         row_strides = [math.prod(planes[i + 1:]) for i in range(self.nd)]
         ph_strides = [math.prod(strides[i + 1:]) for i in range(self.nd)]
-        c_stride = nph * n * plane
+        used = nph * n * plane
+        # Channels start on 64-byte boundaries: with 1-tap kernels every offset is then a multiple of 16
+        # floats and, with blocks of 16k positions, every vector load is aligned (no cache-line splits).
+        c_stride = -(-used // 16) * 16
         taps = list(_taps(self.kernel_size))
         tap_off = []
         for t in taps:
@@ -312,7 +316,8 @@ class SparseConv(_Condensed):
         base = (self._group * self.cin_g * c_stride).contiguous()
         last = (n - 1) * plane + sum((o - 1) * rs for o, rs in zip(outs, row_strides)) + 1
         g = dict(sub=sub, strides=strides, pads=pads, padded=padded, outs=outs, planes=planes, plane=plane,
-                 nph=nph, off=kernels.offsets(self.idx, coff, base), P=last, total=self.in_channels * c_stride)
+                 nph=nph, off=kernels.offsets(self.idx, coff, base), P=last, total=self.in_channels * c_stride,
+                 tap_off=tap_off, used=used, c_stride=c_stride)
         self._geometry[key] = g
         return g
 
@@ -326,8 +331,12 @@ class SparseConv(_Condensed):
             pad_arg += [a, b + pl * s - p]
         buf = torch.empty(g["total"] + kernels.BLOCK)
         buf[g["total"]:].zero_()
+        chans = buf[: g["total"]].view(c, g["c_stride"])
+        if g["c_stride"] > g["used"]:
+            chans[:, g["used"]:].zero_()  # never stored, but read by the last block's spare lanes
+        chans = chans[:, : g["used"]]
         if g["nph"] == 1 and n == 1:  # one pass: zero the border, copy the interior
-            view = buf[: g["total"]].view(c, *g["padded"])
+            view = chans.view(c, *g["padded"])
             if any(pad_arg):
                 view.zero_()
                 inner = view[(slice(None), *[slice(a, a + s) for (a, _), s in zip(g["pads"], x.shape[2:])])]
@@ -342,7 +351,7 @@ class SparseConv(_Condensed):
         nd = self.nd
         perm = [1] + [3 + 2 * i for i in range(nd)] + [0] + [2 + 2 * i for i in range(nd)]
         dst_shape = [c] + list(g["strides"]) + [n] + list(g["planes"])
-        buf[: g["total"]].view(dst_shape).copy_(xp.reshape(shape).permute(perm))
+        chans.view(dst_shape).copy_(xp.reshape(shape).permute(perm))
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,17 +385,36 @@ class SparseConv(_Condensed):
         X = self.prepare_input(x, g)
         full = n * g["plane"]
         y = self._output_init((self.out_channels, full), 0)
-        kernels.spmm(X, self.values, g["off"], self.bias_rows(), self.orow, y, g["P"], full, self.block,
-                     self.block, pairs=self.pairs and self.block == 32)
+        if self.tile_kb and self.block in (32, 64):
+            W, off, seg = self._tiles(g)
+            kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self.orow, y, g["P"], full, self.block, self.block)
+        else:
+            kernels.spmm(X, self.values, g["off"], self.bias_rows(), self.orow, y, g["P"], full, self.block,
+                         self.block, pairs=self.pairs and self.block == 32)
         if n == 1 and list(g["planes"]) == list(g["outs"]):
             return y.view(1, self.out_channels, *g["outs"])  # nothing to crop (1x1, no padding)
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
         return y.transpose(0, 1).contiguous()
 
+    def _tiles(self, g: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights sorted by input offset and cut into channel tiles whose block input fits ``tile_kb``."""
+        key = ("tiles", self.block, self.tile_kb)
+        if key not in g:
+            starts = sorted(set(g["tap_off"].tolist()))  # a block reads [o, o + block) of a channel per tap
+            span, end = 0, starts[0]
+            for o in starts:
+                span += o + self.block - max(o, end)
+                end = o + self.block
+            per_tile = max(1, (self.tile_kb * 1024) // (4 * span))
+            channel = columns(self.idx) % self.cin_g
+            g[key] = kernels.tile(self.values, g["off"], channel, per_tile)
+        return g[key]
+
     def variants(self, x: torch.Tensor) -> list[dict]:
-        return [{"block": 64, "pairs": False}, {"block": 32, "pairs": False}, {"block": 16, "pairs": False},
-                {"block": 32, "pairs": True}]
+        return [{"block": 64, "pairs": False, "tile_kb": 0}, {"block": 32, "pairs": True, "tile_kb": 0},
+                {"block": 64, "pairs": False, "tile_kb": 16}, {"block": 64, "pairs": False, "tile_kb": 32},
+                {"block": 32, "pairs": False, "tile_kb": 16}]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 10
+_ABI = 11
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -75,6 +75,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, p, p, p, i64, i64]
         fn.restype = None
+    lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
+    lib.ss_spmm_tiled.restype = ctypes.c_int
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
     lib.ss_pack_panels.restype = None
     lib.ss_sync_threads.argtypes = [ctypes.c_int]
@@ -210,6 +212,54 @@ def spmm(
         return
     lib.ss_spmm(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
                 rows, k, P, ldy, ldp, PB, panel, by_blocks)
+
+
+def tile(W: torch.Tensor, off: torch.Tensor, channel: torch.Tensor, per_tile: int):  # noqa: N803
+    """Sort each row's kept weights by input offset and cut them into tiles of ``per_tile`` input channels.
+
+    ``channel`` (rows, k) is the input channel of each weight (offsets grow with it). Returns ``(W, off, seg)``
+    sorted, with ``seg`` (rows, nt + 1) int32: row ``r``'s weights of tile ``t`` are ``seg[r, t]:seg[r, t + 1]``.
+    """
+    order = torch.argsort(off, dim=1, stable=True)
+    tid = channel.gather(1, order) // max(1, per_tile)
+    rows = W.shape[0]
+    nt = int(tid.max()) + 1 if tid.numel() else 1
+    counts = torch.zeros(rows, nt, dtype=torch.int64).scatter_add_(1, tid, torch.ones_like(tid))
+    seg = torch.cat([torch.zeros(rows, 1, dtype=torch.int64), counts.cumsum(1)], 1).to(torch.int32)
+    return W.gather(1, order).contiguous(), off.gather(1, order).contiguous(), seg.contiguous()
+
+
+def spmm_tiled(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    off: torch.Tensor,
+    seg: torch.Tensor,
+    bias: torch.Tensor | None,
+    orow: torch.Tensor,
+    Y: torch.Tensor,
+    P: int,
+    ldy: int,
+    PB: int,
+    panel: int,
+    ldp: int = 1,
+) -> None:
+    """:func:`spmm` over input-channel tiles (``W``, ``off``, ``seg`` from :func:`tile`; ``PB`` 32 or 64).
+
+    Same result as :func:`spmm` up to summation order; ``X`` needs no slack past position ``P``.
+    """
+    if PB not in (32, 64):
+        raise ValueError(f"tiled spmm needs PB 32 or 64, got {PB}")
+    rows, k = W.shape
+    lib = library()
+    if lib is None:
+        return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
+    _threads(lib)
+    nb = -(-P // PB)
+    by_blocks = int(nb >= 2 * torch.get_num_threads() or rows < torch.get_num_threads())
+    rc = lib.ss_spmm_tiled(X.data_ptr(), W.data_ptr(), off.data_ptr(), seg.data_ptr(), seg.shape[1] - 1,
+                           _ptr(bias), orow.data_ptr(), Y.data_ptr(), rows, k, P, ldy, ldp, PB, panel, by_blocks)
+    if rc != 0:
+        raise MemoryError("semisparse: could not allocate the tiled kernel's scratch rows")
 
 
 def pack_panels(x: torch.Tensor, PB: int) -> torch.Tensor:  # noqa: N803

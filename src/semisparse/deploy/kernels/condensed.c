@@ -19,6 +19,7 @@
  * pool and these kernels share one pool and never oversubscribe the cores.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -30,7 +31,7 @@
 
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
 
-int ss_abi_version(void) { return 10; }
+int ss_abi_version(void) { return 11; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -247,6 +248,232 @@ void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const flo
 #else
     ss_spmm(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, 32, panel, by_blocks);
 #endif
+}
+
+/* Channel-tiled SpMM: the same product as ss_spmm, with each row's kept weights sorted by input offset and
+ * cut into `nt` tiles of input channels (seg[r*(nt+1) + t] = first weight of row r in tile t). A block of
+ * positions is swept tile by tile over all rows, so the input a tile reads (a few channels x the block's
+ * span) stays in L1 while every row reuses it; without tiling the rows of a layer with hundreds of input
+ * channels stream the block's input from L2, which halves the FMA rate. Partial sums of the tiles before
+ * the last go to a per-thread scratch row (L1/L2), the last tile writes Y. The last (partial) block reads
+ * through masked loads, so X needs no slack past position P. Returns 0, or -1 when scratch allocation fails. */
+static __thread float *tl_acc = NULL;
+static __thread size_t tl_cap = 0;
+
+static float *acc_buffer(size_t floats) {
+    if (floats > tl_cap) {
+        free(tl_acc);
+        tl_cap = 0;
+        tl_acc = aligned_alloc(64, ((floats * 4 + 63) / 64) * 64);
+        if (tl_acc) tl_cap = floats;
+    }
+    return tl_acc;
+}
+
+#ifdef SS_AVX2
+static inline __m256i lane_mask(int n, int v) {
+    const int left = n - 8 * v;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left < 0 ? 0 : left), lanes);
+}
+#define SS_LD_FULL(p, V) _mm256_loadu_ps((p) + 8 * (V))
+#define SS_LD_TAIL(p, V) _mm256_maskload_ps((p) + 8 * (V), m##V)
+
+/* 64 positions, 8 accumulators (two FMA chains per vector unit: enough to cover the FMA latency). */
+#define SS_TILE64(NAME, LD)                                                                             \
+static void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+                 int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
+    const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
+    const __m256i m4 = lane_mask(n, 4), m5 = lane_mask(n, 5), m6 = lane_mask(n, 6), m7 = lane_mask(n, 7); \
+    (void)m0; (void)m1; (void)m2; (void)m3; (void)m4; (void)m5; (void)m6; (void)m7;                    \
+    __m256 a0, a1, a2, a3, a4, a5, a6, a7;                                                              \
+    if (first) {                                                                                        \
+        a0 = _mm256_set1_ps(b); a1 = a0; a2 = a0; a3 = a0; a4 = a0; a5 = a0; a6 = a0; a7 = a0;          \
+    } else {                                                                                            \
+        a0 = _mm256_load_ps(acc); a1 = _mm256_load_ps(acc + 8); a2 = _mm256_load_ps(acc + 16);          \
+        a3 = _mm256_load_ps(acc + 24); a4 = _mm256_load_ps(acc + 32); a5 = _mm256_load_ps(acc + 40);    \
+        a6 = _mm256_load_ps(acc + 48); a7 = _mm256_load_ps(acc + 56);                                   \
+    }                                                                                                   \
+    for (int64_t j = j0; j < j1; ++j) {                                                                 \
+        const float *s = xb + off[j];                                                                   \
+        const __m256 wv = _mm256_broadcast_ss(w + j);                                                   \
+        a0 = _mm256_fmadd_ps(wv, LD(s, 0), a0); a1 = _mm256_fmadd_ps(wv, LD(s, 1), a1);                 \
+        a2 = _mm256_fmadd_ps(wv, LD(s, 2), a2); a3 = _mm256_fmadd_ps(wv, LD(s, 3), a3);                 \
+        a4 = _mm256_fmadd_ps(wv, LD(s, 4), a4); a5 = _mm256_fmadd_ps(wv, LD(s, 5), a5);                 \
+        a6 = _mm256_fmadd_ps(wv, LD(s, 6), a6); a7 = _mm256_fmadd_ps(wv, LD(s, 7), a7);                 \
+    }                                                                                                   \
+    if (last) {                                                                                         \
+        SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);                           \
+        SS_STORE(a4, 32); SS_STORE(a5, 40); SS_STORE(a6, 48); SS_STORE(a7, 56);                         \
+    } else {                                                                                            \
+        _mm256_store_ps(acc, a0); _mm256_store_ps(acc + 8, a1); _mm256_store_ps(acc + 16, a2);          \
+        _mm256_store_ps(acc + 24, a3); _mm256_store_ps(acc + 32, a4); _mm256_store_ps(acc + 40, a5);    \
+        _mm256_store_ps(acc + 48, a6); _mm256_store_ps(acc + 56, a7);                                   \
+    }                                                                                                   \
+}
+SS_TILE64(tile64_full, SS_LD_FULL)
+SS_TILE64(tile64_tail, SS_LD_TAIL)
+
+/* 32 positions: even and odd weights in separate accumulators (8 chains), summed at the end. */
+#define SS_TILE32(NAME, LD)                                                                             \
+static void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+                 int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
+    const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
+    (void)m0; (void)m1; (void)m2; (void)m3;                                                             \
+    __m256 a0, a1, a2, a3, c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                          \
+    if (first) {                                                                                        \
+        a0 = _mm256_set1_ps(b); a1 = a0; a2 = a0; a3 = a0;                                              \
+    } else {                                                                                            \
+        a0 = _mm256_load_ps(acc); a1 = _mm256_load_ps(acc + 8); a2 = _mm256_load_ps(acc + 16);          \
+        a3 = _mm256_load_ps(acc + 24);                                                                  \
+    }                                                                                                   \
+    int64_t j = j0;                                                                                     \
+    for (; j + 2 <= j1; j += 2) {                                                                       \
+        const float *s = xb + off[j], *t = xb + off[j + 1];                                             \
+        const __m256 wv = _mm256_broadcast_ss(w + j), wu = _mm256_broadcast_ss(w + j + 1);             \
+        a0 = _mm256_fmadd_ps(wv, LD(s, 0), a0); a1 = _mm256_fmadd_ps(wv, LD(s, 1), a1);                 \
+        a2 = _mm256_fmadd_ps(wv, LD(s, 2), a2); a3 = _mm256_fmadd_ps(wv, LD(s, 3), a3);                 \
+        c0 = _mm256_fmadd_ps(wu, LD(t, 0), c0); c1 = _mm256_fmadd_ps(wu, LD(t, 1), c1);                 \
+        c2 = _mm256_fmadd_ps(wu, LD(t, 2), c2); c3 = _mm256_fmadd_ps(wu, LD(t, 3), c3);                 \
+    }                                                                                                   \
+    if (j < j1) {                                                                                       \
+        const float *s = xb + off[j];                                                                   \
+        const __m256 wv = _mm256_broadcast_ss(w + j);                                                   \
+        a0 = _mm256_fmadd_ps(wv, LD(s, 0), a0); a1 = _mm256_fmadd_ps(wv, LD(s, 1), a1);                 \
+        a2 = _mm256_fmadd_ps(wv, LD(s, 2), a2); a3 = _mm256_fmadd_ps(wv, LD(s, 3), a3);                 \
+    }                                                                                                   \
+    a0 = _mm256_add_ps(a0, c0); a1 = _mm256_add_ps(a1, c1);                                             \
+    a2 = _mm256_add_ps(a2, c2); a3 = _mm256_add_ps(a3, c3);                                             \
+    if (last) {                                                                                         \
+        SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);                           \
+    } else {                                                                                            \
+        _mm256_store_ps(acc, a0); _mm256_store_ps(acc + 8, a1); _mm256_store_ps(acc + 16, a2);          \
+        _mm256_store_ps(acc + 24, a3);                                                                  \
+    }                                                                                                   \
+}
+SS_TILE32(tile32_full, SS_LD_FULL)
+SS_TILE32(tile32_tail, SS_LD_TAIL)
+
+/* Up to 16 positions (the short last block of a plane): one or two vectors, masked loads. */
+static void tile16_tail(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
+                        int first, int last, float b, float *yb, int64_t ldp, int n) {
+    const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1);
+    __m256 a0, a1, c0 = _mm256_setzero_ps(), c1 = c0;
+    if (first) {
+        a0 = _mm256_set1_ps(b); a1 = a0;
+    } else {
+        a0 = _mm256_load_ps(acc); a1 = _mm256_load_ps(acc + 8);
+    }
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+        const float *s = xb + off[j], *t = xb + off[j + 1];
+        const __m256 wv = _mm256_broadcast_ss(w + j), wu = _mm256_broadcast_ss(w + j + 1);
+        a0 = _mm256_fmadd_ps(wv, _mm256_maskload_ps(s, m0), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_maskload_ps(s + 8, m1), a1);
+        c0 = _mm256_fmadd_ps(wu, _mm256_maskload_ps(t, m0), c0);
+        c1 = _mm256_fmadd_ps(wu, _mm256_maskload_ps(t + 8, m1), c1);
+    }
+    if (j < j1) {
+        const float *s = xb + off[j];
+        const __m256 wv = _mm256_broadcast_ss(w + j);
+        a0 = _mm256_fmadd_ps(wv, _mm256_maskload_ps(s, m0), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_maskload_ps(s + 8, m1), a1);
+    }
+    a0 = _mm256_add_ps(a0, c0);
+    a1 = _mm256_add_ps(a1, c1);
+    if (last) {
+        SS_STORE(a0, 0); SS_STORE(a1, 8);
+    } else {
+        _mm256_store_ps(acc, a0); _mm256_store_ps(acc + 8, a1);
+    }
+}
+
+typedef void (*tile_fn)(const float *, const float *, const int32_t *, int64_t, int64_t, float *, int, int, float,
+                        float *, int64_t, int);
+#else
+/* Portable tile: reads only positions < n (no slack needed either). */
+static void tile_any(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
+                     int first, int last, float b, float *yb, int64_t ldp, int n) {
+    float a[SS_BLOCK];
+    for (int v = 0; v < n; ++v) a[v] = first ? b : acc[v];
+    for (int64_t j = j0; j < j1; ++j) {
+        const float *s = xb + off[j];
+        const float wj = w[j];
+        for (int v = 0; v < n; ++v) a[v] += wj * s[v];
+    }
+    for (int v = 0; v < n; ++v) {
+        if (last) yb[v * ldp] = a[v];
+        else acc[v] = a[v];
+    }
+}
+#endif
+
+static void tiled_block(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
+                        const float *bias, const int64_t *orow, float *Y, int64_t r0, int64_t r1, int64_t k,
+                        int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel, int64_t bl, float *acc) {
+    const int64_t p0 = bl * PB;
+    const int n = (int)((P - p0) < PB ? (P - p0) : PB);
+    const float *xb = X + bl * panel;
+#ifdef SS_AVX2
+    /* the narrowest routine that covers the block: a short last block does not pay for 64 positions */
+    const tile_fn fn = n == 64 ? tile64_full : n > 32 ? tile64_tail : n == 32 ? tile32_full
+                     : n > 16 ? tile32_tail : tile16_tail;
+#endif
+    /* Each input tile is swept by every row before the next: the tile stays in L1 and the rows' partial
+     * sums (rows x PB floats) stream through L2. */
+    for (int64_t t = 0; t < nt; ++t) {
+        const int first = t == 0, last = t == nt - 1;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int32_t *sg = seg + r * (nt + 1);
+            const int64_t j0 = sg[t], j1 = sg[t + 1];
+            if (j0 == j1 && !first && !last) continue;
+            float *a = acc + (r - r0) * PB;
+#ifdef SS_AVX2
+            fn(xb, W + r * k, off + r * k, j0, j1, a, first, last, bias ? bias[r] : 0.f,
+               Y + orow[r] * ldy + p0 * ldp, ldp, n);
+#else
+            tile_any(xb, W + r * k, off + r * k, j0, j1, a, first, last, bias ? bias[r] : 0.f,
+                     Y + orow[r] * ldy + p0 * ldp, ldp, n);
+#endif
+        }
+    }
+}
+
+/* PB is 32 or 64; W/off sorted by offset within each row; seg (rows, nt+1) int32. by_blocks: threads split
+ * the position blocks (each sweeps all rows), else the rows (each sweeps all blocks). */
+int ss_spmm_tiled(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
+                  const float *bias, const int64_t *orow, float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy,
+                  int64_t ldp, int64_t PB, int64_t panel, int64_t by_blocks) {
+    const int64_t nb = (P + PB - 1) / PB;
+    int failed = 0;
+#pragma omp parallel
+    {
+        int64_t r0 = 0, r1 = rows;
+#ifdef _OPENMP
+        if (!by_blocks) {
+            const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+            r0 = rows * me / nth;
+            r1 = rows * (me + 1) / nth;
+        }
+#endif
+        float *acc = nt > 1 ? acc_buffer((size_t)((r1 - r0) > 0 ? (r1 - r0) : 1) * PB) : tl_acc;
+        if (nt > 1 && acc == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) { /* every thread sees the same flag after the barrier: all or none enter the loop */
+            if (by_blocks) {
+#pragma omp for schedule(static)
+                for (int64_t bl = 0; bl < nb; ++bl)
+                    tiled_block(X, W, off, seg, nt, bias, orow, Y, 0, rows, k, P, ldy, ldp, PB, panel, bl, acc);
+            } else {
+                for (int64_t bl = 0; bl < nb; ++bl)
+                    tiled_block(X, W, off, seg, nt, bias, orow, Y, r0, r1, k, P, ldy, ldp, PB, panel, bl, acc);
+            }
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* Batch-1 Linear: y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]].
