@@ -370,5 +370,37 @@ def test_batch1_fast_path_equals_masked_dense_and_follows_variant_changes():
         dep.use_variant({"gemv_variant": variant})
         with torch.inference_mode():
             out = dep(x)
-        assert dep.__dict__["_bound_gemv"][0][0] == variant  # the bound batch-1 kernel ran
+        bound = dep.__dict__["_bound_gemv"]  # the bound batch-1 kernel ran, with this variant
+        assert bound is not None and bound.__defaults__[0].hw == int(variant != "packed")
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bound_batch1_call_is_never_shared_or_stale():
+    """The bound call holds raw pointers: copies rebind, mode changes and new weights are honoured."""
+    import pickle
+
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 24)
+    ss.sparsify(lin, 0.75)
+    x = torch.randn(1, 64)
+    dep = ss.deploy(copy.deepcopy(lin), plan="condensed")
+    with torch.no_grad():
+        ref = lin(x)
+        assert_equal_outputs(dep(x), ref)
+        twin = copy.deepcopy(dep)
+        clone = pickle.loads(pickle.dumps(dep))
+        del dep
+        import gc
+
+        gc.collect()
+        assert twin.__dict__.get("_bound_gemv") is None
+        assert_equal_outputs(twin(x), ref)
+        assert_equal_outputs(clone(x), ref)
+        twin.set_mode("dense")
+        assert twin.__dict__.get("_bound_gemv") is None
+        assert_equal_outputs(twin(x), ref)
+        twin.set_mode("condensed")
+        twin(x)
+        sd = {k: v * 2 if k in ("values", "bias") else v for k, v in twin.state_dict().items()}
+        twin.load_state_dict(sd)
+        assert_equal_outputs(twin(x), 2 * ref)

@@ -208,3 +208,33 @@ def test_tile_sorts_rows_and_cuts_them_by_channel():
     Ws, offs, seg = kernels.tile(W, off, channel, 2)
     assert offs.tolist() == [[0, 10, 20, 30]] and Ws.tolist() == [[4.0, 2.0, 3.0, 1.0]]
     assert seg.tolist() == [[0, 2, 4]]
+
+
+@needs_kernels
+def test_conv_glue_pad_crop_and_fill_match_torch():
+    x = torch.randn(5, 7, 9)
+    cs, slack = 11 * 12 + 4, 8
+    buf = torch.full((5 * cs + slack,), float("nan"))
+    assert kernels.pad2d(x, buf, (1, 2), (11, 12), cs, slack)
+    planes = buf[: 5 * cs].view(5, cs)
+    want = torch.nn.functional.pad(x, (2, 1, 1, 3))  # (left, right, top, bottom) -> 11 x 12
+    assert torch.equal(planes[:, : 11 * 12].view(5, 11, 12), want)
+    assert torch.equal(planes[:, 11 * 12:], torch.zeros(5, 4)) and torch.equal(buf[5 * cs:], torch.zeros(slack))
+    out = torch.empty(5, 4, 6)
+    assert kernels.crop2d(buf, out, 5, cs, 12, (4, 6))
+    assert torch.equal(out, want[:, :4, :6])
+    Y = torch.zeros(6, 10)
+    kernels.fill_rows(Y, torch.tensor([1, 4]), torch.tensor([2.5, -1.0]), 10, 10, 1)
+    assert torch.equal(Y[1], torch.full((10,), 2.5)) and torch.equal(Y[4], torch.full((10,), -1.0))
+    assert Y[[0, 2, 3, 5]].abs().sum() == 0
+    Yt = torch.zeros(3, 6)  # (batch, features): rows are feature columns
+    kernels.fill_rows(Yt, torch.tensor([2]), torch.tensor([7.0]), 1, 3, 6)
+    assert torch.equal(Yt[:, 2], torch.full((3,), 7.0)) and Yt[:, [0, 1, 3, 4, 5]].abs().sum() == 0
+
+
+def test_fill_rows_reference_path_matches(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    Yt = torch.zeros(3, 6)
+    kernels.fill_rows(Yt, torch.tensor([2, 5]), torch.tensor([7.0, 1.0]), 1, 3, 6)
+    assert torch.equal(Yt[:, 2], torch.full((3,), 7.0)) and torch.equal(Yt[:, 5], torch.ones(3))
+    assert Yt[:, :2].abs().sum() == 0

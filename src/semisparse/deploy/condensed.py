@@ -107,6 +107,7 @@ class _Condensed(nn.Module):
             view = expand(self.values, self.idx, self.orow, self.view_shape)
             self.dense_weight = self._layout().from_view(view).contiguous()
         self.mode = mode
+        self._unbind()
 
     def drop_unused(self) -> None:
         """After planning: a condensed layer no longer needs its dense copy."""
@@ -124,17 +125,35 @@ class _Condensed(nn.Module):
     def _layout(self) -> Layout:
         return Layout("rows" if self.kind in ("Linear", "MultiheadAttention") else "conv", self.shape)
 
-    def _output_init(self, shape: tuple[int, ...], channel_dim: int) -> torch.Tensor:
-        """Output buffer; rows that are not computed (ablated neurons) hold their bias (or 0)."""
-        if not len(self.ablated):
-            return torch.empty(shape)
-        out = torch.empty(shape)
-        fill = torch.zeros(len(self.ablated)) if self.bias is None else self.bias[self.ablated]
-        if channel_dim == 0:
-            out[self.ablated] = fill.view(-1, *([1] * (len(shape) - 1)))
-        else:
-            out[:, self.ablated] = fill
+    def _output_init(self, shape: tuple[int, ...], channel_dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output buffer (``out`` or a new one); rows that are not computed (ablated neurons) hold their
+        bias (or 0). ``channel_dim`` 0: ``(out_channels, positions...)``; 1: ``(batch, out_features)``."""
+        out = torch.empty(shape) if out is None else out
+        if self.n_ablated:
+            fill = self.__dict__.get("_ablated_fill")
+            if fill is None:
+                fill = torch.zeros(self.n_ablated) if self.bias is None else self.bias[self.ablated].float()
+                fill = self.__dict__["_ablated_fill"] = fill.contiguous()
+            if channel_dim == 0:
+                positions = math.prod(shape[1:])
+                kernels.fill_rows(out, self.ablated, fill, positions, positions, 1)
+            else:
+                kernels.fill_rows(out, self.ablated, fill, 1, shape[0], shape[1])
         return out
+
+    def _forget_derived(self) -> None:
+        """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
+        for name in ("_bias_rows", "_ablated_fill"):
+            self.__dict__.pop(name, None)
+        self._unbind()
+
+    def _apply(self, fn, recurse=True):
+        self._forget_derived()  # .to(), .float(), ... may replace the stored tensors
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_derived()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
         stored = self.values.numel() * 4 + self.idx.numel() * self.idx.element_size() + self.orow.numel() * 8
@@ -154,6 +173,16 @@ class _Condensed(nn.Module):
     def use_variant(self, v: dict) -> None:
         for name, value in v.items():
             setattr(self, name, value)
+        self._unbind()
+
+    def _unbind(self) -> None:
+        """Forget any kernel call bound to the current tensors and settings (see SparseLinear)."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # a bound kernel call holds raw pointers: never copied or pickled
+        for name in ("_bound_gemv", "_bias_rows", "_ablated_fill"):
+            state.pop(name, None)
+        return state
 
 
 class SparseLinear(_Condensed):
@@ -175,6 +204,8 @@ class SparseLinear(_Condensed):
         self.gemv_variant = "packed"
         self.pairs = False  # two rows per kernel pass (PB 32)
         self._offsets: dict[int, torch.Tensor] = {}  # panel width -> int32 offsets (runtime cache)
+        self._batch1_macs = self.out_features * self.in_features
+        self._bound_gemv = None  # the bound batch-1 kernel while condensed with no ablated rows
 
     def variants(self, x: torch.Tensor) -> list[dict]:
         if x.numel() // self.in_features == 1:
@@ -183,6 +214,14 @@ class SparseLinear(_Condensed):
                 {"panel_width": 32, "pairs": True}]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self.__dict__.get("_bound_gemv")
+        if bound is not None and x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.float32 and (
+                not x.requires_grad and x.is_contiguous()):  # fmt: skip
+            # batch-1 latency in condensed mode: as little Python as possible around the bound kernel
+            y = torch.empty(1, self.out_features)
+            bound(x, y)
+            self.__dict__["_macs"] = self._batch1_macs
+            return y
         w = self.dense_weight
         if self.mode == "dense" and w is not None and x.dtype == w.dtype:
             # Kept dense by the planner: no more work than nn.Linear (its __setattr__ skipped on purpose).
@@ -192,10 +231,10 @@ class SparseLinear(_Condensed):
         if (self.mode == "condensed" and x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32
                 and not x.requires_grad and x.is_contiguous() and not self.n_ablated):  # fmt: skip
             run = self._batch1()
-            if run is not None:  # batch-1 latency: as little Python as possible around the kernel
+            if run is not None:
                 y = torch.empty(1, self.out_features)
                 run(x, y)
-                self.__dict__["_macs"] = self.out_features * self.in_features
+                self.__dict__["_macs"] = self._batch1_macs
                 return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -222,14 +261,14 @@ class SparseLinear(_Condensed):
         return y.view(*lead, self.out_features)
 
     def _batch1(self):
-        """The bound batch-1 kernel, rebuilt when the variant or the stored tensors change."""
-        key = (self.gemv_variant, self.values.data_ptr(), self.idx.data_ptr())
-        cached = self.__dict__.get("_bound_gemv")
-        if cached is None or cached[0] != key:
-            bias = self.bias_rows()
-            cached = (key, kernels.gemv_binding(self.values, self.idx, bias, self.orow, self.gemv_variant), bias)
-            self.__dict__["_bound_gemv"] = cached
-        return cached[1]
+        """Bind the batch-1 kernel to the stored tensors (None without kernels); forward then takes the
+        bound call directly until the mode, the variant or the stored tensors change."""
+        run = kernels.gemv_binding(self.values, self.idx, self.bias_rows(), self.orow, self.gemv_variant)
+        self.__dict__["_bound_gemv"] = run
+        return run
+
+    def _unbind(self) -> None:
+        self.__dict__["_bound_gemv"] = None
 
     def _dense_now(self) -> torch.Tensor:
         return expand(self.values, self.idx, self.orow, self.view_shape)
@@ -326,6 +365,11 @@ class SparseConv(_Condensed):
         n, c = x.shape[:2]
         if any(u > 1 for u in g["sub"]):
             x = x[(slice(None), slice(None), *[slice(None, None, u) for u in g["sub"]])]
+        if n == 1 and g["nph"] == 1 and self.nd == 2:  # one pass in C into the shared work buffer
+            buf = kernels.scratch("conv-input", g["total"] + kernels.BLOCK)
+            pads = (g["pads"][0][0], g["pads"][1][0])
+            if kernels.pad2d(x[0].contiguous(), buf, pads, tuple(g["padded"]), g["c_stride"], kernels.BLOCK):
+                return buf
         pad_arg = []
         for (a, b), p, pl, s in reversed(list(zip(g["pads"], g["padded"], g["planes"], g["strides"]))):
             pad_arg += [a, b + pl * s - p]
@@ -384,15 +428,21 @@ class SparseConv(_Condensed):
         g = self._plan_geometry(n, tuple(x.shape[2:]))
         X = self.prepare_input(x, g)
         full = n * g["plane"]
-        y = self._output_init((self.out_channels, full), 0)
+        uncropped = n == 1 and list(g["planes"]) == list(g["outs"])  # 1x1, no padding: y is the output
+        y = self._output_init((self.out_channels, full), 0,
+                              None if uncropped else kernels.scratch("conv-output", self.out_channels * full))
         if self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
             kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self.orow, y, g["P"], full, self.block, self.block)
         else:
             kernels.spmm(X, self.values, g["off"], self.bias_rows(), self.orow, y, g["P"], full, self.block,
                          self.block, pairs=self.pairs and self.block == 32)
-        if n == 1 and list(g["planes"]) == list(g["outs"]):
-            return y.view(1, self.out_channels, *g["outs"])  # nothing to crop (1x1, no padding)
+        if uncropped:
+            return y.view(1, self.out_channels, *g["outs"])
+        if n == 1 and self.nd == 2:
+            out = torch.empty(1, self.out_channels, *g["outs"])
+            if kernels.crop2d(y, out, self.out_channels, full, g["planes"][1], tuple(g["outs"])):
+                return out
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
         return y.transpose(0, 1).contiguous()

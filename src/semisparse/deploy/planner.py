@@ -56,6 +56,27 @@ def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup:
     return [statistics.median(t) for t in times]
 
 
+def blocked_medians(fns: list[Callable[[], object]], reps: int = 200, rounds: int = 10,
+                    warmup: int = 5) -> list[float]:
+    """Median seconds per call of each of ``fns``, called back to back in blocks (warm caches).
+
+    Each of ``rounds`` rounds runs every fn ``reps // rounds`` times in a row (the way ``timeit`` and
+    ``torch.utils.benchmark`` time a statement: its data stays in cache between calls); the blocks of the
+    candidates alternate, so drift of the machine hits all of them alike.
+    """
+    per = max(1, reps // rounds)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(warmup):
+                fn()
+            for _ in range(per):
+                t = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
 def layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Condensed)]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 11
+_ABI = 13
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -77,6 +77,14 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.restype = None
     lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_tiled.restype = ctypes.c_int
+    lib.ss_gemv_run.argtypes = [p, p, p]
+    lib.ss_gemv_run.restype = None
+    lib.ss_pad2d.argtypes = [p, p] + [i64] * 9
+    lib.ss_pad2d.restype = None
+    lib.ss_crop2d.argtypes = [p, p] + [i64] * 5
+    lib.ss_crop2d.restype = None
+    lib.ss_fill_rows.argtypes = [p, p, p, i64, i64, i64, i64]
+    lib.ss_fill_rows.restype = None
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
     lib.ss_pack_panels.restype = None
     lib.ss_sync_threads.argtypes = [ctypes.c_int]
@@ -262,6 +270,54 @@ def spmm_tiled(
         raise MemoryError("semisparse: could not allocate the tiled kernel's scratch rows")
 
 
+def scratch(slot: str, numel: int) -> torch.Tensor:
+    """A reused fp32 work buffer of ``numel`` elements for this Python thread (contents undefined).
+
+    Layers run one after another, so their temporaries (the padded input, the uncropped output) share one
+    buffer per slot instead of allocating and faulting in fresh pages on every call. The caller must not
+    return it or keep it past its own call.
+    """
+    bufs = _seen.__dict__.setdefault("scratch", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1024))
+        bufs[slot] = buf
+    return buf[:numel]
+
+
+def pad2d(x: torch.Tensor, buf: torch.Tensor, pads: tuple[int, int], padded: tuple[int, int], c_stride: int,
+          slack: int) -> bool:
+    """``x (C, H, W)`` into ``buf`` as zero-padded ``(Hp, Wp)`` planes ``c_stride`` apart; False without kernels."""
+    lib = library()
+    if lib is None:
+        return False
+    _threads(lib)
+    C, H, W = x.shape
+    lib.ss_pad2d(x.data_ptr(), buf.data_ptr(), C, H, W, pads[0], pads[1], padded[0], padded[1], c_stride, slack)
+    return True
+
+
+def crop2d(y: torch.Tensor, out: torch.Tensor, rows: int, ldy: int, width: int, outs: tuple[int, int]) -> bool:
+    """Rows of padded planes (``ldy`` apart, ``width`` wide) -> ``out (rows, Ho, Wo)``; False without kernels."""
+    lib = library()
+    if lib is None:
+        return False
+    _threads(lib)
+    lib.ss_crop2d(y.data_ptr(), out.data_ptr(), rows, ldy, width, outs[0], outs[1])
+    return True
+
+
+def fill_rows(Y: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ldy: int, P: int, ldp: int = 1) -> None:  # noqa: N803
+    """``Y[rows[i]*ldy + p*ldp] = vals[i]`` for ``p < P`` (the outputs of rows that are not computed)."""
+    lib = library()
+    if lib is None:
+        flat = Y.view(-1)
+        for i, r in enumerate(rows.tolist()):
+            flat[r * ldy: r * ldy + (P - 1) * ldp + 1: ldp] = vals[i]
+        return
+    lib.ss_fill_rows(Y.data_ptr(), rows.data_ptr(), vals.data_ptr(), len(rows), ldy, P, ldp)
+
+
 def pack_panels(x: torch.Tensor, PB: int) -> torch.Tensor:  # noqa: N803
     """``x`` (B, K) -> flat panels ``(ceil(B/PB), K, PB)`` (zero rows past B) plus ``BLOCK`` floats of slack."""
     B, K = x.shape
@@ -298,24 +354,31 @@ def gemv(
     fn(x.data_ptr(), W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), y.data_ptr(), rows, k)
 
 
+class _GemvPlan(ctypes.Structure):
+    _fields_ = [("W", ctypes.c_void_p), ("idx", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("orow", ctypes.c_void_p), ("rows", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("wide", ctypes.c_int32), ("hw", ctypes.c_int32)]
+
+
 def gemv_binding(W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, orow: torch.Tensor,  # noqa: N803
                  variant: str = "packed"):
     """:func:`gemv` with everything but ``x`` and ``y`` bound once: ``run(x, y)``; None without kernels.
 
-    A batch-1 layer call is a few tens of microseconds, so the per-call argument handling of :func:`gemv`
-    is a visible share of it. The caller keeps ``W``, ``idx``, ``bias`` and ``orow`` alive and unchanged.
+    A batch-1 layer call is a few tens of microseconds, so per-call argument handling is a visible share
+    of it: the bound call passes one pointer to a prepared argument block plus ``x`` and ``y``. The caller
+    keeps ``W``, ``idx``, ``bias`` and ``orow`` alive and unchanged.
     """
     lib = library()
     if lib is None:
         return None
-    wide = "" if variant == "packed" else "gather_"
-    fn = getattr(lib, f"ss_gemv_{wide}i16" if idx.dtype == torch.int16 else f"ss_gemv_{wide}i32")
     rows, k = W.shape
-    w_p, i_p, b_p, o_p = W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr()
+    plan = _GemvPlan(W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), rows, k,
+                     int(idx.dtype != torch.int16), int(variant != "packed"))
+    plan_ref, fn, threads = ctypes.byref(plan), lib.ss_gemv_run, _threads
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        _threads(lib)
-        fn(x.data_ptr(), w_p, i_p, b_p, o_p, y.data_ptr(), rows, k)
+    def run(x: torch.Tensor, y: torch.Tensor, _keep=plan) -> None:
+        threads(lib)
+        fn(plan_ref, x.data_ptr(), y.data_ptr())
 
     return run
 

@@ -31,7 +31,7 @@
 
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
 
-int ss_abi_version(void) { return 11; }
+int ss_abi_version(void) { return 13; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -551,6 +551,66 @@ SS_GEMV(ss_gemv_i32, int32_t)
 SS_GEMV(ss_gemv_gather_i16, uint16_t)
 SS_GEMV(ss_gemv_gather_i32, int32_t)
 #endif
+
+/* The batch-1 call with everything but x and y bound once (ctypes converts 3 arguments instead of 8: at a
+ * few tens of microseconds per layer call, argument conversion is a visible share). */
+typedef struct {
+    const float *W;
+    const void *idx;
+    const float *bias;
+    const int64_t *orow;
+    int64_t rows, k;
+    int32_t wide, hw;
+} ss_gemv_plan;
+
+void ss_gemv_run(const ss_gemv_plan *p, const float *x, float *y) {
+    if (p->wide) {
+        if (p->hw) ss_gemv_gather_i32(x, p->W, (const int32_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+        else ss_gemv_i32(x, p->W, (const int32_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+    } else {
+        if (p->hw) ss_gemv_gather_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+        else ss_gemv_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+    }
+}
+
+/* Conv glue for one image (batch 1), 2-D: each a single pass over memory instead of a chain of torch ops
+ * (zero, slice, copy, index_put: ~5-10 us of dispatch each, per layer call). */
+
+/* x (C, H, W) -> buf: channel c at buf + c*cs as an (Hp, Wp) plane, x placed at (pt, pl), zeros around it
+ * and over [Hp*Wp, cs); then `slack` zeros after the last channel. */
+void ss_pad2d(const float *x, float *buf, int64_t C, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t Hp,
+              int64_t Wp, int64_t cs, int64_t slack) {
+#pragma omp parallel for schedule(static) if (C * Hp * Wp > 32768)
+    for (int64_t c = 0; c < C; ++c) {
+        float *o = buf + c * cs;
+        const float *src = x + c * H * W;
+        memset(o, 0, sizeof(float) * (size_t)(pt * Wp));
+        for (int64_t i = 0; i < H; ++i) {
+            float *row = o + (pt + i) * Wp;
+            memset(row, 0, sizeof(float) * (size_t)pl);
+            memcpy(row + pl, src + i * W, sizeof(float) * (size_t)W);
+            memset(row + pl + W, 0, sizeof(float) * (size_t)(Wp - pl - W));
+        }
+        memset(o + (pt + H) * Wp, 0, sizeof(float) * (size_t)(cs - (pt + H) * Wp));
+    }
+    memset(buf + C * cs, 0, sizeof(float) * (size_t)slack);
+}
+
+/* y rows of a padded plane (row r at y + r*ldy, width Wp) -> out (R, Ho, Wo). */
+void ss_crop2d(const float *y, float *out, int64_t R, int64_t ldy, int64_t Wp, int64_t Ho, int64_t Wo) {
+#pragma omp parallel for schedule(static) if (R * Ho * Wo > 32768)
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < Ho; ++i) memcpy(out + (r * Ho + i) * Wo, y + r * ldy + i * Wp, sizeof(float) * (size_t)Wo);
+}
+
+/* Rows that are not computed (ablated neurons): Y[rows[i]*ldy + p*ldp] = vals[i] for p < P. */
+void ss_fill_rows(float *Y, const int64_t *rows, const float *vals, int64_t n, int64_t ldy, int64_t P,
+                  int64_t ldp) {
+    for (int64_t i = 0; i < n; ++i) {
+        float *o = Y + rows[i] * ldy;
+        for (int64_t p = 0; p < P; ++p) o[p * ldp] = vals[i];
+    }
+}
 
 /* x (B, K) row-major -> panels (ceil(B/PB), K, PB): out[(b/PB)*K*PB + i*PB + b%PB] = x[b*K + i]; rows of
  * the last panel past B are zero. Tiles of PB x 64 keep both sides in L1. */
