@@ -130,16 +130,21 @@ class _Condensed(nn.Module):
         bias (or 0). ``channel_dim`` 0: ``(out_channels, positions...)``; 1: ``(batch, out_features)``."""
         out = torch.empty(shape) if out is None else out
         if self.n_ablated:
-            fill = self.__dict__.get("_ablated_fill")
-            if fill is None:
-                fill = torch.zeros(self.n_ablated) if self.bias is None else self.bias[self.ablated].float()
-                fill = self.__dict__["_ablated_fill"] = fill.contiguous()
+            fill = self.ablated_fill()
             if channel_dim == 0:
                 positions = math.prod(shape[1:])
                 kernels.fill_rows(out, self.ablated, fill, positions, positions, 1)
             else:
                 kernels.fill_rows(out, self.ablated, fill, 1, shape[0], shape[1])
         return out
+
+    def ablated_fill(self) -> torch.Tensor:
+        """The constant output of each ablated neuron (its bias, or 0), cached."""
+        fill = self.__dict__.get("_ablated_fill")
+        if fill is None:
+            fill = torch.zeros(self.n_ablated) if self.bias is None else self.bias[self.ablated].float()
+            fill = self.__dict__["_ablated_fill"] = fill.contiguous()
+        return fill
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
@@ -176,11 +181,13 @@ class _Condensed(nn.Module):
         self._unbind()
 
     def _unbind(self) -> None:
-        """Forget any kernel call bound to the current tensors and settings (see SparseLinear)."""
+        """Forget the kernel calls bound to the current tensors and settings (they hold raw pointers)."""
+        self.__dict__["_bound_gemv"] = None
+        self.__dict__["_fast_conv"] = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # a bound kernel call holds raw pointers: never copied or pickled
-        for name in ("_bound_gemv", "_bias_rows", "_ablated_fill"):
+        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill"):
             state.pop(name, None)
         return state
 
@@ -266,9 +273,6 @@ class SparseLinear(_Condensed):
         run = kernels.gemv_binding(self.values, self.idx, self.bias_rows(), self.orow, self.gemv_variant)
         self.__dict__["_bound_gemv"] = run
         return run
-
-    def _unbind(self) -> None:
-        self.__dict__["_bound_gemv"] = None
 
     def _dense_now(self) -> torch.Tensor:
         return expand(self.values, self.idx, self.orow, self.view_shape)
@@ -399,6 +403,13 @@ class SparseConv(_Condensed):
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get("_fast_conv")
+        if fast is not None and x.shape == fast[0] and x.dtype == torch.float32 and (
+                not x.requires_grad and x.is_contiguous()):  # fmt: skip
+            out = torch.empty(fast[2])  # batch-1 2-D conv in condensed mode: one bound C call
+            fast[1](x, out)
+            self.__dict__["_macs"] = fast[3]
+            return out
         w = self.dense_weight
         if self.mode == "dense" and w is not None and x.dtype == w.dtype:
             # Kept dense by the planner: no more work than nn.ConvNd (its __setattr__ skipped on purpose).
@@ -426,6 +437,11 @@ class SparseConv(_Condensed):
     def _condensed_forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         g = self._plan_geometry(n, tuple(x.shape[2:]))
+        if n == 1 and self.nd == 2 and g["nph"] == 1 and kernels.available():
+            fast = self._bind_conv(x, g)
+            out = torch.empty(fast[2])
+            fast[1](x, out)
+            return out
         X = self.prepare_input(x, g)
         full = n * g["plane"]
         uncropped = n == 1 and list(g["planes"]) == list(g["outs"])  # 1x1, no padding: y is the output
@@ -446,6 +462,29 @@ class SparseConv(_Condensed):
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
         return y.transpose(0, 1).contiguous()
+
+    def _bind_conv(self, x: torch.Tensor, g: dict) -> tuple:
+        """Bind the one-call batch-1 convolution for this input shape and kernel setting; forward then calls it
+        directly until the shape, the mode, the setting or the stored tensors change."""
+        seg = None
+        if self.tile_kb and self.block in (32, 64):
+            W, off, seg = self._tiles(g)
+            kind, PB = 2, self.block
+        elif self.pairs and self.block == 32:
+            W, off, kind, PB = self.values, g["off"], 1, 32
+        else:
+            W, off, kind, PB = self.values, g["off"], 0, self.block
+        (H0, W0), (sh, sw) = x.shape[2:], g["sub"]
+        geo = dict(C=self.in_channels, H0=H0, W0=W0, sh=sh, sw=sw, H=-(-H0 // sh), W=-(-W0 // sw),
+                   pt=g["pads"][0][0], pl=g["pads"][1][0], Hp=g["padded"][0], Wp=g["padded"][1], cs=g["c_stride"],
+                   P=g["P"], Ho=g["outs"][0], Wo=g["outs"][1])
+        bias, fill = self.bias_rows(), self.ablated_fill() if self.n_ablated else torch.zeros(0)
+        run = kernels.conv2d_binding(geo, W, off, seg, bias, self.orow, self.ablated, fill, PB, kind,
+                                     self.out_channels)
+        out_shape = (1, self.out_channels, *g["outs"])
+        fast = (x.shape, run, out_shape, math.prod(out_shape) * math.prod(self.shape[1:]), (W, off, seg, bias, fill))
+        self.__dict__["_fast_conv"] = fast
+        return fast
 
     def _tiles(self, g: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights sorted by input offset and cut into channel tiles whose block input fits ``tile_kb``."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 13
+_ABI = 14
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -85,6 +85,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_crop2d.restype = None
     lib.ss_fill_rows.argtypes = [p, p, p, i64, i64, i64, i64]
     lib.ss_fill_rows.restype = None
+    lib.ss_conv2d_run.argtypes = [p, p, p]
+    lib.ss_conv2d_run.restype = ctypes.c_int
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
     lib.ss_pack_panels.restype = None
     lib.ss_sync_threads.argtypes = [ctypes.c_int]
@@ -379,6 +381,50 @@ def gemv_binding(W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, 
     def run(x: torch.Tensor, y: torch.Tensor, _keep=plan) -> None:
         threads(lib)
         fn(plan_ref, x.data_ptr(), y.data_ptr())
+
+    return run
+
+
+_I64 = ctypes.c_int64
+_VP = ctypes.c_void_p
+
+
+class _ConvPlan(ctypes.Structure):
+    _fields_ = ([(n, _I64) for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs")]
+                + [(n, _VP) for n in ("Wt", "off", "seg", "bias", "orow", "abl", "abl_vals")]
+                + [(n, _I64) for n in ("rows", "k", "nt", "P", "PB", "kind", "by_blocks", "Cout", "Ho", "Wo",
+                                       "nabl")])
+
+
+def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torch.Tensor | None,  # noqa: N803
+                   bias: torch.Tensor | None, orow: torch.Tensor, ablated: torch.Tensor, ablated_vals: torch.Tensor,
+                   PB: int, kind: int, out_channels: int):
+    """One C call for a whole batch-1 2-D convolution (pad, product, crop, ablated rows): ``run(x, out)``.
+
+    ``geometry``: ``C, H0, W0, sh, sw, H, W, pt, pl, Hp, Wp, cs, P, Ho, Wo`` (input channels and size, the
+    1x1 subsampling steps, the padded planes, positions, output size). ``kind`` 0: one row per pass
+    (``PB`` 8-64), 1: row pairs (``PB`` 32), 2: channel tiles (``seg``, ``PB`` 32 or 64). None without kernels.
+    The caller keeps every tensor alive and unchanged while ``run`` is used.
+    """
+    lib = library()
+    if lib is None:
+        return None
+    rows, k = W.shape
+    g = geometry
+    nb = -(-g["P"] // PB)
+    plan = _ConvPlan(
+        *(g[n] for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs")),
+        W.data_ptr(), off.data_ptr(), _ptr(seg), _ptr(bias), orow.data_ptr(), ablated.data_ptr(),
+        ablated_vals.data_ptr(), rows, k, 1 if seg is None else seg.shape[1] - 1, g["P"], PB, kind,
+        0, out_channels, g["Ho"], g["Wo"], len(ablated))
+    plan_ref, fn = ctypes.byref(plan), lib.ss_conv2d_run
+
+    def run(x: torch.Tensor, out: torch.Tensor, _keep=plan) -> None:
+        threads = torch.get_num_threads()
+        _keep.by_blocks = int(nb >= 2 * threads or rows < threads)
+        _threads(lib)
+        if fn(plan_ref, x.data_ptr(), out.data_ptr()) != 0:
+            raise MemoryError("semisparse: could not allocate the convolution's work buffers")
 
     return run
 

@@ -31,7 +31,7 @@
 
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
 
-int ss_abi_version(void) { return 13; }
+int ss_abi_version(void) { return 14; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -156,12 +156,12 @@ static inline void row_block(const float *xb, const float *w, const int32_t *off
 /* Y = condensed(W) @ X over positions [0, P); off[r*k + j] = base[r] + coff[idx[r, j]] (int32, built per
  * input geometry by the caller: one load per kept weight instead of two dependent ones). PB is a multiple
  * of 8, at most 64. Parallel over position blocks when there are enough, else over rows. */
-void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
-             float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel,
-             int64_t by_blocks) {
+static void spmm_body(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+                      float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t PB,
+                      int64_t panel, int64_t by_blocks) {
     const int64_t nb = (P + PB - 1) / PB;
     if (by_blocks) {
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
         for (int64_t bl = 0; bl < nb; ++bl) {
             const int64_t p0 = bl * PB;
             const int n = (int)((P - p0) < PB ? (P - p0) : PB);
@@ -170,7 +170,7 @@ void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bi
                           Y + orow[r] * ldy + p0 * ldp, ldp, n);
         }
     } else {
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             for (int64_t bl = 0; bl < nb; ++bl) {
                 const int64_t p0 = bl * PB;
@@ -180,6 +180,15 @@ void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bi
             }
         }
     }
+}
+
+/* Bodies (spmm_body, pairs_body, tiled_body) use orphaned worksharing: they run inside a parallel region,
+ * either their own wrapper's or ss_conv2d_run's (one region for padding, product and cropping). */
+void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+             float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel,
+             int64_t by_blocks) {
+#pragma omp parallel
+    spmm_body(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, PB, panel, by_blocks);
 }
 
 /* Two rows at a time over blocks of 32 positions: twice the independent loads in flight (the kernel is
@@ -208,13 +217,13 @@ static void pair32(const float *xb, const float *w, const int32_t *off, const fl
 #endif
 
 /* ss_spmm with PB = 32 and rows taken in pairs (falls back to ss_spmm without AVX2). */
-void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+static void pairs_body(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
                    float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel,
                    int64_t by_blocks) {
 #ifdef SS_AVX2
     const int64_t PB = 32, nb = (P + PB - 1) / PB, npairs = rows / 2;
     if (by_blocks) {
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
         for (int64_t bl = 0; bl < nb; ++bl) {
             const int64_t p0 = bl * PB;
             const int n = (int)((P - p0) < PB ? (P - p0) : PB);
@@ -229,7 +238,7 @@ void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const flo
                           bias ? bias[rows - 1] : 0.f, Y + orow[rows - 1] * ldy + p0 * ldp, ldp, n);
         }
     } else {
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
         for (int64_t q = 0; q < npairs + (rows & 1); ++q) {
             const int64_t r = 2 * q;
             for (int64_t bl = 0; bl < nb; ++bl) {
@@ -246,8 +255,15 @@ void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const flo
         }
     }
 #else
-    ss_spmm(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, 32, panel, by_blocks);
+    spmm_body(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, 32, panel, by_blocks);
 #endif
+}
+
+void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
+                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel,
+                   int64_t by_blocks) {
+#pragma omp parallel
+    pairs_body(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, panel, by_blocks);
 }
 
 /* Channel-tiled SpMM: the same product as ss_spmm, with each row's kept weights sorted by input offset and
@@ -441,38 +457,45 @@ static void tiled_block(const float *X, const float *W, const int32_t *off, cons
 
 /* PB is 32 or 64; W/off sorted by offset within each row; seg (rows, nt+1) int32. by_blocks: threads split
  * the position blocks (each sweeps all rows), else the rows (each sweeps all blocks). */
+static void tiled_body(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
+                       const float *bias, const int64_t *orow, float *Y, int64_t rows, int64_t k, int64_t P,
+                       int64_t ldy, int64_t ldp, int64_t PB, int64_t panel, int64_t by_blocks, int *failed) {
+    const int64_t nb = (P + PB - 1) / PB;
+    int64_t r0 = 0, r1 = rows;
+#ifdef _OPENMP
+    if (!by_blocks) {
+        const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+        r0 = rows * me / nth;
+        r1 = rows * (me + 1) / nth;
+    }
+#endif
+    float *acc = nt > 1 ? acc_buffer((size_t)((r1 - r0) > 0 ? (r1 - r0) : 1) * PB) : tl_acc;
+    if (nt > 1 && acc == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int stop;
+#pragma omp atomic read
+    stop = *failed;
+    if (stop) return; /* every thread read the same flag after the barrier: all or none go on */
+    if (by_blocks) {
+#pragma omp for schedule(static)
+        for (int64_t bl = 0; bl < nb; ++bl)
+            tiled_block(X, W, off, seg, nt, bias, orow, Y, 0, rows, k, P, ldy, ldp, PB, panel, bl, acc);
+    } else {
+        for (int64_t bl = 0; bl < nb; ++bl)
+            tiled_block(X, W, off, seg, nt, bias, orow, Y, r0, r1, k, P, ldy, ldp, PB, panel, bl, acc);
+#pragma omp barrier
+    }
+}
+
 int ss_spmm_tiled(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
                   const float *bias, const int64_t *orow, float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy,
                   int64_t ldp, int64_t PB, int64_t panel, int64_t by_blocks) {
-    const int64_t nb = (P + PB - 1) / PB;
     int failed = 0;
 #pragma omp parallel
-    {
-        int64_t r0 = 0, r1 = rows;
-#ifdef _OPENMP
-        if (!by_blocks) {
-            const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
-            r0 = rows * me / nth;
-            r1 = rows * (me + 1) / nth;
-        }
-#endif
-        float *acc = nt > 1 ? acc_buffer((size_t)((r1 - r0) > 0 ? (r1 - r0) : 1) * PB) : tl_acc;
-        if (nt > 1 && acc == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) { /* every thread sees the same flag after the barrier: all or none enter the loop */
-            if (by_blocks) {
-#pragma omp for schedule(static)
-                for (int64_t bl = 0; bl < nb; ++bl)
-                    tiled_block(X, W, off, seg, nt, bias, orow, Y, 0, rows, k, P, ldy, ldp, PB, panel, bl, acc);
-            } else {
-                for (int64_t bl = 0; bl < nb; ++bl)
-                    tiled_block(X, W, off, seg, nt, bias, orow, Y, r0, r1, k, P, ldy, ldp, PB, panel, bl, acc);
-            }
-        }
-    }
+    tiled_body(X, W, off, seg, nt, bias, orow, Y, rows, k, P, ldy, ldp, PB, panel, by_blocks, &failed);
     return failed ? -1 : 0;
 }
 
@@ -610,6 +633,88 @@ void ss_fill_rows(float *Y, const int64_t *rows, const float *vals, int64_t n, i
         float *o = Y + rows[i] * ldy;
         for (int64_t p = 0; p < P; ++p) o[p * ldp] = vals[i];
     }
+}
+
+/* A whole batch-1 2-D convolution with stride 1 after subsampling (1x1 convs of any stride, kxk convs of
+ * stride 1) in one call and one parallel region: zero-padded copy of x into xbuf, the ablated rows' constant,
+ * the condensed product into ybuf (or straight into out when nothing is cropped), the crop into out.
+ * Python builds the plan once per input shape and kernel setting. Returns 0, or -1 (scratch allocation). */
+typedef struct {
+    int64_t C, H0, W0, sh, sw;       /* input channels, input size, subsampling steps (1x1 convs) */
+    int64_t H, W, pt, pl, Hp, Wp, cs; /* subsampled size, top/left padding, padded plane, channel stride */
+    const float *Wt;                 /* kept values (rows, k), in the order of off */
+    const int32_t *off, *seg;        /* offsets (rows, k); tiles (rows, nt + 1) when kind == 2 */
+    const float *bias;               /* per stored row, or NULL */
+    const int64_t *orow, *abl;       /* output channel of each stored row; ablated output channels */
+    const float *abl_vals;           /* the constant output of each ablated channel */
+    int64_t rows, k, nt, P, PB, kind, by_blocks, Cout, Ho, Wo, nabl;
+} ss_conv_plan;
+
+static __thread float *tl_xbuf = NULL, *tl_ybuf = NULL;
+static __thread size_t tl_xcap = 0, tl_ycap = 0;
+
+static float *grow(float **buf, size_t *cap, size_t floats) {
+    if (floats > *cap) {
+        free(*buf);
+        *cap = 0;
+        *buf = aligned_alloc(64, ((floats * 4 + 63) / 64) * 64);
+        if (*buf) *cap = floats;
+    }
+    return *buf;
+}
+
+int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
+    const int64_t plane = p->Hp * p->Wp, direct = p->Hp == p->Ho && p->Wp == p->Wo;
+    /* the calling thread's work buffers, kept between calls: layers run one after another */
+    float *xbuf = grow(&tl_xbuf, &tl_xcap, (size_t)(p->C * p->cs + SS_BLOCK));
+    float *ybuf = direct ? out : grow(&tl_ybuf, &tl_ycap, (size_t)(p->Cout * plane));
+    if (xbuf == NULL || ybuf == NULL) return -1;
+    float *Y = direct ? out : ybuf;
+    int failed = 0;
+    memset(xbuf + p->C * p->cs, 0, sizeof(float) * SS_BLOCK); /* slack read by spare lanes */
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < p->C; ++c) {
+            float *o = xbuf + c * p->cs;
+            const float *src = x + c * p->H0 * p->W0;
+            if (p->sh == 1 && p->sw == 1 && p->pl == 0 && p->W == p->Wp && p->pt == 0) {
+                memcpy(o, src, sizeof(float) * (size_t)(p->H * p->W));
+                memset(o + p->H * p->W, 0, sizeof(float) * (size_t)(p->cs - p->H * p->W));
+                continue;
+            }
+            memset(o, 0, sizeof(float) * (size_t)(p->pt * p->Wp));
+            for (int64_t i = 0; i < p->H; ++i) {
+                float *row = o + (p->pt + i) * p->Wp;
+                const float *srow = src + i * p->sh * p->W0;
+                memset(row, 0, sizeof(float) * (size_t)p->pl);
+                if (p->sw == 1) memcpy(row + p->pl, srow, sizeof(float) * (size_t)p->W);
+                else for (int64_t j = 0; j < p->W; ++j) row[p->pl + j] = srow[j * p->sw];
+                memset(row + p->pl + p->W, 0, sizeof(float) * (size_t)(p->Wp - p->pl - p->W));
+            }
+            memset(o + (p->pt + p->H) * p->Wp, 0, sizeof(float) * (size_t)(p->cs - (p->pt + p->H) * p->Wp));
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < p->nabl; ++i) {
+            float *o = Y + p->abl[i] * plane;
+            for (int64_t q = 0; q < plane; ++q) o[q] = p->abl_vals[i];
+        }
+        if (p->kind == 2)
+            tiled_body(xbuf, p->Wt, p->off, p->seg, p->nt, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1,
+                       p->PB, p->PB, p->by_blocks, &failed);
+        else if (p->kind == 1)
+            pairs_body(xbuf, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1, 32, p->by_blocks);
+        else
+            spmm_body(xbuf, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1, p->PB, p->PB,
+                      p->by_blocks);
+        if (!direct && !failed) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < p->Cout; ++r)
+                for (int64_t i = 0; i < p->Ho; ++i)
+                    memcpy(out + (r * p->Ho + i) * p->Wo, Y + r * plane + i * p->Wp, sizeof(float) * (size_t)p->Wo);
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* x (B, K) row-major -> panels (ceil(B/PB), K, PB): out[(b/PB)*K*PB + i*PB + b%PB] = x[b*K + i]; rows of
