@@ -238,3 +238,12 @@ def test_fill_rows_reference_path_matches(monkeypatch):
     kernels.fill_rows(Yt, torch.tensor([2, 5]), torch.tensor([7.0, 1.0]), 1, 3, 6)
     assert torch.equal(Yt[:, 2], torch.full((3,), 7.0)) and torch.equal(Yt[:, 5], torch.ones(3))
     assert Yt[:, :2].abs().sum() == 0
+
+
+def test_threads_split_rows_when_position_blocks_would_leave_a_thread_idle():
+    assert kernels.split_by_blocks(196, 64, 256, 2) == 0  # blocks 64,64 | 64,4: one thread idles
+    assert kernels.split_by_blocks(784, 64, 256, 2) == 0  # 13 blocks, 7 : 6 (14% more for one thread)
+    assert kernels.split_by_blocks(1024, 64, 256, 2) == 1  # 16 blocks, 8 : 8
+    assert kernels.split_by_blocks(256, 64, 256, 2) == 1  # 2 : 2 full blocks
+    assert kernels.split_by_blocks(196, 64, 1, 2) == 1  # one row: only blocks can be shared
+    assert kernels.split_by_blocks(49, 64, 512, 1) == 1  # one thread: either way

@@ -437,7 +437,7 @@ class SparseConv(_Condensed):
     def _condensed_forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         g = self._plan_geometry(n, tuple(x.shape[2:]))
-        if n == 1 and self.nd == 2 and g["nph"] == 1 and kernels.available():
+        if n == 1 and self.nd == 2 and kernels.available():
             fast = self._bind_conv(x, g)
             out = torch.empty(fast[2])
             fast[1](x, out)
@@ -477,7 +477,8 @@ class SparseConv(_Condensed):
         (H0, W0), (sh, sw) = x.shape[2:], g["sub"]
         geo = dict(C=self.in_channels, H0=H0, W0=W0, sh=sh, sw=sw, H=-(-H0 // sh), W=-(-W0 // sw),
                    pt=g["pads"][0][0], pl=g["pads"][1][0], Hp=g["padded"][0], Wp=g["padded"][1], cs=g["c_stride"],
-                   P=g["P"], Ho=g["outs"][0], Wo=g["outs"][1])
+                   stH=g["strides"][0], stW=g["strides"][1], Hq=g["planes"][0], Wq=g["planes"][1], P=g["P"],
+                   Ho=g["outs"][0], Wo=g["outs"][1])
         bias, fill = self.bias_rows(), self.ablated_fill() if self.n_ablated else torch.zeros(0)
         run = kernels.conv2d_binding(geo, W, off, seg, bias, self.orow, self.ablated, fill, PB, kind,
                                      self.out_channels)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 14
+_ABI = 15
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -174,6 +174,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def split_by_blocks(P: int, PB: int, rows: int, threads: int) -> int:
+    """1: threads take position blocks (each sweeps every row); 0: threads take rows (each sweeps every block).
+
+    Static scheduling hands each thread a run of ceil(nb / threads) blocks: with few blocks, or a short last
+    one, that leaves a thread idle (14x14 = 196 positions in blocks of 64 split 128 : 68). Rows of a constant
+    fan-in layer all cost the same, so rows split evenly whenever there are enough of them.
+    """
+    if threads <= 1:
+        return 1
+    if rows < threads:
+        return 1
+    nb = -(-P // PB)
+    per = -(-nb // threads)
+    busiest = min(per * PB, P)  # positions of the first (fullest) thread
+    return int(busiest * threads <= 1.1 * P)
+
+
 def offsets(idx: torch.Tensor, coff: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``off[r, j] = base[r] + coff[idx[r, j]]`` as int32: the element offset of each kept weight's input.
 
@@ -212,8 +229,7 @@ def spmm(
     if lib is None:
         return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
     _threads(lib)
-    nb = -(-P // PB)
-    by_blocks = int(nb >= 2 * torch.get_num_threads() or rows < torch.get_num_threads())
+    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads())
     if pairs:
         if PB != 32:
             raise ValueError("pairs=True needs PB == 32")
@@ -264,8 +280,7 @@ def spmm_tiled(
     if lib is None:
         return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
     _threads(lib)
-    nb = -(-P // PB)
-    by_blocks = int(nb >= 2 * torch.get_num_threads() or rows < torch.get_num_threads())
+    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads())
     rc = lib.ss_spmm_tiled(X.data_ptr(), W.data_ptr(), off.data_ptr(), seg.data_ptr(), seg.shape[1] - 1,
                            _ptr(bias), orow.data_ptr(), Y.data_ptr(), rows, k, P, ldy, ldp, PB, panel, by_blocks)
     if rc != 0:
@@ -390,7 +405,8 @@ _VP = ctypes.c_void_p
 
 
 class _ConvPlan(ctypes.Structure):
-    _fields_ = ([(n, _I64) for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs")]
+    _fields_ = ([(n, _I64) for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs", "stH",
+                                     "stW", "Hq", "Wq")]
                 + [(n, _VP) for n in ("Wt", "off", "seg", "bias", "orow", "abl", "abl_vals")]
                 + [(n, _I64) for n in ("rows", "k", "nt", "P", "PB", "kind", "by_blocks", "Cout", "Ho", "Wo",
                                        "nabl")])
@@ -401,8 +417,9 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
                    PB: int, kind: int, out_channels: int):
     """One C call for a whole batch-1 2-D convolution (pad, product, crop, ablated rows): ``run(x, out)``.
 
-    ``geometry``: ``C, H0, W0, sh, sw, H, W, pt, pl, Hp, Wp, cs, P, Ho, Wo`` (input channels and size, the
-    1x1 subsampling steps, the padded planes, positions, output size). ``kind`` 0: one row per pass
+    ``geometry``: ``C, H0, W0, sh, sw, H, W, pt, pl, Hp, Wp, cs, stH, stW, Hq, Wq, P, Ho, Wo`` (input channels
+    and size, the 1x1 subsampling steps, the padded size, the stride phases and their planes, positions,
+    output size). ``kind`` 0: one row per pass
     (``PB`` 8-64), 1: row pairs (``PB`` 32), 2: channel tiles (``seg``, ``PB`` 32 or 64). None without kernels.
     The caller keeps every tensor alive and unchanged while ``run`` is used.
     """
@@ -411,9 +428,9 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
         return None
     rows, k = W.shape
     g = geometry
-    nb = -(-g["P"] // PB)
     plan = _ConvPlan(
-        *(g[n] for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs")),
+        *(g[n] for n in ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs", "stH", "stW", "Hq",
+                         "Wq")),
         W.data_ptr(), off.data_ptr(), _ptr(seg), _ptr(bias), orow.data_ptr(), ablated.data_ptr(),
         ablated_vals.data_ptr(), rows, k, 1 if seg is None else seg.shape[1] - 1, g["P"], PB, kind,
         0, out_channels, g["Ho"], g["Wo"], len(ablated))
@@ -421,7 +438,7 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
 
     def run(x: torch.Tensor, out: torch.Tensor, _keep=plan) -> None:
         threads = torch.get_num_threads()
-        _keep.by_blocks = int(nb >= 2 * threads or rows < threads)
+        _keep.by_blocks = split_by_blocks(g["P"], PB, rows, threads)
         _threads(lib)
         if fn(plan_ref, x.data_ptr(), out.data_ptr()) != 0:
             raise MemoryError("semisparse: could not allocate the convolution's work buffers")

@@ -31,7 +31,7 @@
 
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
 
-int ss_abi_version(void) { return 14; }
+int ss_abi_version(void) { return 15; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -641,7 +641,8 @@ void ss_fill_rows(float *Y, const int64_t *rows, const float *vals, int64_t n, i
  * Python builds the plan once per input shape and kernel setting. Returns 0, or -1 (scratch allocation). */
 typedef struct {
     int64_t C, H0, W0, sh, sw;       /* input channels, input size, subsampling steps (1x1 convs) */
-    int64_t H, W, pt, pl, Hp, Wp, cs; /* subsampled size, top/left padding, padded plane, channel stride */
+    int64_t H, W, pt, pl, Hp, Wp, cs; /* subsampled size, top/left padding, padded size, channel stride */
+    int64_t stH, stW, Hq, Wq;        /* stride (phases), phase plane size: padded[a::stH, b::stW] */
     const float *Wt;                 /* kept values (rows, k), in the order of off */
     const int32_t *off, *seg;        /* offsets (rows, k); tiles (rows, nt + 1) when kind == 2 */
     const float *bias;               /* per stored row, or NULL */
@@ -664,12 +665,13 @@ static float *grow(float **buf, size_t *cap, size_t floats) {
 }
 
 int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
-    const int64_t plane = p->Hp * p->Wp, direct = p->Hp == p->Ho && p->Wp == p->Wo;
+    const int64_t plane = p->Hq * p->Wq, direct = p->Hq == p->Ho && p->Wq == p->Wo;
     /* the calling thread's work buffers, kept between calls: layers run one after another */
     float *xbuf = grow(&tl_xbuf, &tl_xcap, (size_t)(p->C * p->cs + SS_BLOCK));
     float *ybuf = direct ? out : grow(&tl_ybuf, &tl_ycap, (size_t)(p->Cout * plane));
     if (xbuf == NULL || ybuf == NULL) return -1;
     float *Y = direct ? out : ybuf;
+    const int64_t used = p->stH * p->stW * plane;
     int failed = 0;
     memset(xbuf + p->C * p->cs, 0, sizeof(float) * SS_BLOCK); /* slack read by spare lanes */
 #pragma omp parallel
@@ -678,21 +680,36 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
         for (int64_t c = 0; c < p->C; ++c) {
             float *o = xbuf + c * p->cs;
             const float *src = x + c * p->H0 * p->W0;
-            if (p->sh == 1 && p->sw == 1 && p->pl == 0 && p->W == p->Wp && p->pt == 0) {
+            memset(o + used, 0, sizeof(float) * (size_t)(p->cs - used));
+            if (p->stH == 1 && p->stW == 1 && p->sh == 1 && p->sw == 1 && p->pl == 0 && p->pt == 0 && p->W == p->Wq
+                && p->H <= p->Hq) { /* unpadded 1x1 input: the plane is the channel */
                 memcpy(o, src, sizeof(float) * (size_t)(p->H * p->W));
-                memset(o + p->H * p->W, 0, sizeof(float) * (size_t)(p->cs - p->H * p->W));
+                memset(o + p->H * p->W, 0, sizeof(float) * (size_t)(plane - p->H * p->W));
                 continue;
             }
-            memset(o, 0, sizeof(float) * (size_t)(p->pt * p->Wp));
-            for (int64_t i = 0; i < p->H; ++i) {
-                float *row = o + (p->pt + i) * p->Wp;
-                const float *srow = src + i * p->sh * p->W0;
-                memset(row, 0, sizeof(float) * (size_t)p->pl);
-                if (p->sw == 1) memcpy(row + p->pl, srow, sizeof(float) * (size_t)p->W);
-                else for (int64_t j = 0; j < p->W; ++j) row[p->pl + j] = srow[j * p->sw];
-                memset(row + p->pl + p->W, 0, sizeof(float) * (size_t)(p->Wp - p->pl - p->W));
-            }
-            memset(o + (p->pt + p->H) * p->Wp, 0, sizeof(float) * (size_t)(p->cs - (p->pt + p->H) * p->Wp));
+            for (int64_t a = 0; a < p->stH; ++a)
+                for (int64_t b = 0; b < p->stW; ++b) {
+                    float *ph = o + (a * p->stW + b) * plane; /* phase (a, b): padded[a::stH, b::stW] */
+                    for (int64_t i = 0; i < p->Hq; ++i) {
+                        float *row = ph + i * p->Wq;
+                        const int64_t r = a + p->stH * i - p->pt;
+                        if (r < 0 || r >= p->H) {
+                            memset(row, 0, sizeof(float) * (size_t)p->Wq);
+                            continue;
+                        }
+                        const float *srow = src + r * p->sh * p->W0;
+                        if (p->stW == 1 && p->sw == 1) {
+                            memset(row, 0, sizeof(float) * (size_t)p->pl);
+                            memcpy(row + p->pl, srow, sizeof(float) * (size_t)p->W);
+                            memset(row + p->pl + p->W, 0, sizeof(float) * (size_t)(p->Wq - p->pl - p->W));
+                        } else {
+                            for (int64_t j = 0; j < p->Wq; ++j) {
+                                const int64_t q = b + p->stW * j - p->pl;
+                                row[j] = q >= 0 && q < p->W ? srow[q * p->sw] : 0.f;
+                            }
+                        }
+                    }
+                }
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < p->nabl; ++i) {
@@ -711,7 +728,7 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < p->Cout; ++r)
                 for (int64_t i = 0; i < p->Ho; ++i)
-                    memcpy(out + (r * p->Ho + i) * p->Wo, Y + r * plane + i * p->Wp, sizeof(float) * (size_t)p->Wo);
+                    memcpy(out + (r * p->Ho + i) * p->Wo, Y + r * plane + i * p->Wq, sizeof(float) * (size_t)p->Wo);
         }
     }
     return failed ? -1 : 0;
