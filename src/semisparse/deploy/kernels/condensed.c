@@ -29,7 +29,20 @@
 #define SS_AVX2 1
 #endif
 
+#ifndef SS_PF
+#define SS_PF 8 /* prefetch distance in kept weights: the next inputs come from L2 */
+#endif
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
+/* Software prefetch of the NB bytes a kept weight SS_PF steps ahead will read: each weight reads a
+ * different input row, so the hardware prefetcher cannot guess it. */
+#define SS_PREFETCH(J, END, NB)                                                                         \
+    do {                                                                                                \
+        if ((J) + SS_PF < (END)) {                                                                      \
+            const char *q_ = (const char *)(xb + off[(J) + SS_PF]);                                     \
+            for (int b_ = 0; b_ < (NB); b_ += 64) _mm_prefetch(q_ + b_, _MM_HINT_T0);                   \
+            _mm_prefetch(q_ + (NB) - 4, _MM_HINT_T0);                                                   \
+        }                                                                                               \
+    } while (0)
 
 int ss_abi_version(void) { return 15; }
 
@@ -81,6 +94,7 @@ static void row64(const float *xb, const float *w, const int32_t *off, int64_t k
     __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int64_t j = 0; j < k; ++j) {
         const float *s = xb + off[j];
+        SS_PREFETCH(j, k, 256);
         const __m256 wv = _mm256_broadcast_ss(w + j);
         SS_FMA8(0, a0); SS_FMA8(1, a1); SS_FMA8(2, a2); SS_FMA8(3, a3);
         SS_FMA8(4, a4); SS_FMA8(5, a5); SS_FMA8(6, a6); SS_FMA8(7, a7);
@@ -92,6 +106,7 @@ static void row32(const float *xb, const float *w, const int32_t *off, int64_t k
                   int64_t ldp, int n) {
     __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < k; ++j) {
+        SS_PREFETCH(j, k, 128);
         const float *s = xb + off[j];
         const __m256 wv = _mm256_broadcast_ss(w + j);
         SS_FMA8(0, a0); SS_FMA8(1, a1); SS_FMA8(2, a2); SS_FMA8(3, a3);
@@ -199,6 +214,10 @@ static void pair32(const float *xb, const float *w, const int32_t *off, const fl
     __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
     __m256 c0 = _mm256_set1_ps(b2), c1 = c0, c2 = c0, c3 = c0;
     for (int64_t j = 0; j < k; ++j) {
+        SS_PREFETCH(j, k, 128);
+        if (j + SS_PF < k) _mm_prefetch((const char *)(xb + off2[j + SS_PF]), _MM_HINT_T0),
+            _mm_prefetch((const char *)(xb + off2[j + SS_PF]) + 64, _MM_HINT_T0),
+            _mm_prefetch((const char *)(xb + off2[j + SS_PF]) + 124, _MM_HINT_T0);
         const float *s = xb + off[j], *t = xb + off2[j];
         const __m256 wv = _mm256_broadcast_ss(w + j), wu = _mm256_broadcast_ss(w2 + j);
         a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
@@ -311,6 +330,7 @@ static void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0
         a6 = _mm256_load_ps(acc + 48); a7 = _mm256_load_ps(acc + 56);                                   \
     }                                                                                                   \
     for (int64_t j = j0; j < j1; ++j) {                                                                 \
+        SS_PREFETCH(j, j1, 256);                                                                        \
         const float *s = xb + off[j];                                                                   \
         const __m256 wv = _mm256_broadcast_ss(w + j);                                                   \
         a0 = _mm256_fmadd_ps(wv, LD(s, 0), a0); a1 = _mm256_fmadd_ps(wv, LD(s, 1), a1);                 \
