@@ -316,7 +316,7 @@ static inline __m256i lane_mask(int n, int v) {
 
 /* 64 positions, 8 accumulators (two FMA chains per vector unit: enough to cover the FMA latency). */
 #define SS_TILE64(NAME, LD)                                                                             \
-static void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+static inline __attribute__((always_inline)) void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
                  int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
     const __m256i m4 = lane_mask(n, 4), m5 = lane_mask(n, 5), m6 = lane_mask(n, 6), m7 = lane_mask(n, 7); \
@@ -352,7 +352,7 @@ SS_TILE64(tile64_tail, SS_LD_TAIL)
 
 /* 32 positions: even and odd weights in separate accumulators (8 chains), summed at the end. */
 #define SS_TILE32(NAME, LD)                                                                             \
-static void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+static inline __attribute__((always_inline)) void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
                  int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
     (void)m0; (void)m1; (void)m2; (void)m3;                                                             \
@@ -391,7 +391,7 @@ SS_TILE32(tile32_full, SS_LD_FULL)
 SS_TILE32(tile32_tail, SS_LD_TAIL)
 
 /* Up to 16 positions (the short last block of a plane): one or two vectors, masked loads. */
-static void tile16_tail(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
+static inline __attribute__((always_inline)) void tile16_tail(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
                         int first, int last, float b, float *yb, int64_t ldp, int n) {
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1);
     __m256 a0, a1, c0 = _mm256_setzero_ps(), c1 = c0;
@@ -424,8 +424,6 @@ static void tile16_tail(const float *xb, const float *w, const int32_t *off, int
     }
 }
 
-typedef void (*tile_fn)(const float *, const float *, const int32_t *, int64_t, int64_t, float *, int, int, float,
-                        float *, int64_t, int);
 #else
 /* Portable tile: reads only positions < n (no slack needed either). */
 static void tile_any(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
@@ -444,6 +442,20 @@ static void tile_any(const float *xb, const float *w, const int32_t *off, int64_
 }
 #endif
 
+/* Each input tile is swept by every row before the next: the tile stays in L1 and the rows' partial sums
+ * (rows x PB floats) stream through L2. One loop per tile routine, so the routine is inlined. */
+#define SS_TILED_ROWS(FN)                                                                               \
+    for (int64_t t = 0; t < nt; ++t) {                                                                  \
+        const int first = t == 0, last = t == nt - 1;                                                   \
+        for (int64_t r = r0; r < r1; ++r) {                                                             \
+            const int32_t *sg = seg + r * (nt + 1);                                                     \
+            const int64_t j0 = sg[t], j1 = sg[t + 1];                                                   \
+            if (j0 == j1 && !first && !last) continue;                                                  \
+            FN(xb, W + r * k, off + r * k, j0, j1, acc + (r - r0) * PB, first, last, bias ? bias[r] : 0.f, \
+               Y + orow[r] * ldy + p0 * ldp, ldp, n);                                                   \
+        }                                                                                               \
+    }
+
 static void tiled_block(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
                         const float *bias, const int64_t *orow, float *Y, int64_t r0, int64_t r1, int64_t k,
                         int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel, int64_t bl, float *acc) {
@@ -452,31 +464,16 @@ static void tiled_block(const float *X, const float *W, const int32_t *off, cons
     const float *xb = X + bl * panel;
 #ifdef SS_AVX2
     /* the narrowest routine that covers the block: a short last block does not pay for 64 positions */
-    const tile_fn fn = n == 64 ? tile64_full : n > 32 ? tile64_tail : n == 32 ? tile32_full
-                     : n > 16 ? tile32_tail : tile16_tail;
-#endif
-    /* Each input tile is swept by every row before the next: the tile stays in L1 and the rows' partial
-     * sums (rows x PB floats) stream through L2. */
-    for (int64_t t = 0; t < nt; ++t) {
-        const int first = t == 0, last = t == nt - 1;
-        for (int64_t r = r0; r < r1; ++r) {
-            const int32_t *sg = seg + r * (nt + 1);
-            const int64_t j0 = sg[t], j1 = sg[t + 1];
-            if (j0 == j1 && !first && !last) continue;
-            float *a = acc + (r - r0) * PB;
-#ifdef SS_AVX2
-            fn(xb, W + r * k, off + r * k, j0, j1, a, first, last, bias ? bias[r] : 0.f,
-               Y + orow[r] * ldy + p0 * ldp, ldp, n);
+    if (n == 64) { SS_TILED_ROWS(tile64_full) }
+    else if (n > 32) { SS_TILED_ROWS(tile64_tail) }
+    else if (n == 32) { SS_TILED_ROWS(tile32_full) }
+    else if (n > 16) { SS_TILED_ROWS(tile32_tail) }
+    else { SS_TILED_ROWS(tile16_tail) }
 #else
-            tile_any(xb, W + r * k, off + r * k, j0, j1, a, first, last, bias ? bias[r] : 0.f,
-                     Y + orow[r] * ldy + p0 * ldp, ldp, n);
+    SS_TILED_ROWS(tile_any)
 #endif
-        }
-    }
 }
 
-/* PB is 32 or 64; W/off sorted by offset within each row; seg (rows, nt+1) int32. by_blocks: threads split
- * the position blocks (each sweeps all rows), else the rows (each sweeps all blocks). */
 static void tiled_body(const float *X, const float *W, const int32_t *off, const int32_t *seg, int64_t nt,
                        const float *bias, const int64_t *orow, float *Y, int64_t rows, int64_t k, int64_t P,
                        int64_t ldy, int64_t ldp, int64_t PB, int64_t panel, int64_t by_blocks, int *failed) {
