@@ -404,3 +404,25 @@ def test_bound_batch1_call_is_never_shared_or_stale():
         sd = {k: v * 2 if k in ("values", "bias") else v for k, v in twin.state_dict().items()}
         twin.load_state_dict(sd)
         assert_equal_outputs(twin(x), 2 * ref)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_new_weights_reach_every_cached_kernel_form(kind):
+    """Tiles hold sorted copies of the values: loading new weights must rebuild them."""
+    torch.manual_seed(5)
+    if kind == "linear":
+        layer, xs = nn.Linear(64, 24), [torch.randn(1, 64), torch.randn(40, 64)]
+        variant = {"panel_width": 32, "pairs": True}
+    else:
+        layer, xs = nn.Conv2d(16, 12, 3, padding=1), [torch.randn(1, 16, 9, 9), torch.randn(2, 16, 9, 9)]
+        variant = {"block": 32, "pairs": False, "tile_kb": 1}
+    ss.sparsify(layer, 0.75)
+    dep = ss.deploy(copy.deepcopy(layer), plan="condensed")
+    dep.use_variant(variant)
+    with torch.no_grad():
+        refs = [layer(x) for x in xs]
+        for x, ref in zip(xs, refs):
+            assert_equal_outputs(dep(x), ref)
+        dep.load_state_dict({k: v * 2 if k in ("values", "bias") else v for k, v in dep.state_dict().items()})
+        for x, ref in zip(xs, refs):
+            assert_equal_outputs(dep(x), 2 * ref)

@@ -150,6 +150,10 @@ class _Condensed(nn.Module):
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
         for name in ("_bias_rows", "_ablated_fill"):
             self.__dict__.pop(name, None)
+        for name in ("_offsets", "_geometry"):  # hold sorted copies of the values (channel tiles)
+            cache = self.__dict__.get(name)
+            if cache:
+                cache.clear()
         self._unbind()
 
     def _apply(self, fn, recurse=True):
@@ -217,6 +221,7 @@ class SparseLinear(_Condensed):
     def variants(self, x: torch.Tensor) -> list[dict]:
         if x.numel() // self.in_features == 1:
             return [{"gemv_variant": v} for v in kernels.GEMV_VARIANTS]
+        # (channel tiles, as SparseConv has, measured slower here: a panel row is only PB floats wide)
         return [{"panel_width": 64, "pairs": False}, {"panel_width": 32, "pairs": False},
                 {"panel_width": 32, "pairs": True}]
 
