@@ -247,3 +247,5 @@ def test_threads_split_rows_when_position_blocks_would_leave_a_thread_idle():
     assert kernels.split_by_blocks(256, 64, 256, 2) == 1  # 2 : 2 full blocks
     assert kernels.split_by_blocks(196, 64, 1, 2) == 1  # one row: only blocks can be shared
     assert kernels.split_by_blocks(49, 64, 512, 1) == 1  # one thread: either way
+    assert kernels.split_by_blocks(197, 64, 768, 2, prefer_blocks=True) == 1  # Linear panels
+    assert kernels.split_by_blocks(40, 64, 768, 2, prefer_blocks=True) == 0  # one panel: rows

@@ -214,6 +214,7 @@ class SparseLinear(_Condensed):
         self.panel_width = kernels.BLOCK
         self.gemv_variant = "packed"
         self.pairs = False  # two rows per kernel pass (PB 32)
+        self.transposed_out = False  # batch > 1: write (out, B) and transpose, instead of strided stores
         self._offsets: dict[int, torch.Tensor] = {}  # panel width -> int32 offsets (runtime cache)
         self._batch1_macs = self.out_features * self.in_features
         self._bound_gemv = None  # the bound batch-1 kernel while condensed with no ablated rows
@@ -222,8 +223,8 @@ class SparseLinear(_Condensed):
         if x.numel() // self.in_features == 1:
             return [{"gemv_variant": v} for v in kernels.GEMV_VARIANTS]
         # (channel tiles, as SparseConv has, measured slower here: a panel row is only PB floats wide)
-        return [{"panel_width": 64, "pairs": False}, {"panel_width": 32, "pairs": False},
-                {"panel_width": 32, "pairs": True}]
+        return [{"panel_width": w, "pairs": p, "transposed_out": t}
+                for t in (False, True) for w, p in ((64, False), (32, False), (32, True))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bound = self.__dict__.get("_bound_gemv")
@@ -267,9 +268,14 @@ class SparseLinear(_Condensed):
             off = kernels.offsets(self.idx, torch.arange(self.in_features, dtype=torch.int64) * PB,
                                   torch.zeros(len(self.orow), dtype=torch.int64))
             self._offsets[PB] = off
-        y = self._output_init((B, self.out_features), 1)
+        if self.transposed_out:  # rows of (out, B) stored as whole vectors, then one blocked transpose
+            yt = self._output_init((self.out_features, B), 0)
+            kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, yt, B, B, PB, self.in_features * PB,
+                         pairs=self.pairs and PB == 32, prefer_blocks=True)
+            return kernels.transpose(yt).view(*lead, self.out_features)
+        y = self._output_init((B, self.out_features), 1)  # each output element stored on its own, strided
         kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
-                     ldp=self.out_features, pairs=self.pairs and PB == 32)
+                     ldp=self.out_features, pairs=self.pairs and PB == 32, prefer_blocks=True)
         return y.view(*lead, self.out_features)
 
     def _batch1(self):

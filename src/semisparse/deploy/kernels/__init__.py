@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 15
+_ABI = 16
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -87,6 +87,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_fill_rows.restype = None
     lib.ss_conv2d_run.argtypes = [p, p, p]
     lib.ss_conv2d_run.restype = ctypes.c_int
+    lib.ss_transpose.argtypes = [p, p, i64, i64, i64, i64]
+    lib.ss_transpose.restype = None
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
     lib.ss_pack_panels.restype = None
     lib.ss_sync_threads.argtypes = [ctypes.c_int]
@@ -174,18 +176,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def split_by_blocks(P: int, PB: int, rows: int, threads: int) -> int:
+def split_by_blocks(P: int, PB: int, rows: int, threads: int, prefer_blocks: bool = False) -> int:  # noqa: N803
     """1: threads take position blocks (each sweeps every row); 0: threads take rows (each sweeps every block).
 
     Static scheduling hands each thread a run of ceil(nb / threads) blocks: with few blocks, or a short last
     one, that leaves a thread idle (14x14 = 196 positions in blocks of 64 split 128 : 68). Rows of a constant
-    fan-in layer all cost the same, so rows split evenly whenever there are enough of them.
+    fan-in layer all cost the same, so rows split evenly whenever there are enough of them. ``prefer_blocks``
+    (Linear panels, where splitting rows makes every thread stream every panel: measured 1.4-1.7x slower
+    at 197-256 tokens): blocks whenever each thread gets one.
     """
     if threads <= 1:
         return 1
     if rows < threads:
         return 1
     nb = -(-P // PB)
+    if prefer_blocks:
+        return int(nb >= threads)
     per = -(-nb // threads)
     busiest = min(per * PB, P)  # positions of the first (fullest) thread
     return int(busiest * threads <= 1.1 * P)
@@ -216,6 +222,7 @@ def spmm(
     panel: int,
     ldp: int = 1,
     pairs: bool = False,
+    prefer_blocks: bool = False,
 ) -> None:
     """``Y[orow[r]*ldy + p*ldp] = bias[r] + sum_j W[r, j] * X[(p//PB)*panel + off[r, j] + p%PB]``.
 
@@ -229,7 +236,7 @@ def spmm(
     if lib is None:
         return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
     _threads(lib)
-    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads())
+    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads(), prefer_blocks)
     if pairs:
         if PB != 32:
             raise ValueError("pairs=True needs PB == 32")
@@ -333,6 +340,19 @@ def fill_rows(Y: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ldy: int,
             flat[r * ldy: r * ldy + (P - 1) * ldp + 1: ldp] = vals[i]
         return
     lib.ss_fill_rows(Y.data_ptr(), rows.data_ptr(), vals.data_ptr(), len(rows), ldy, P, ldp)
+
+
+def transpose(src: torch.Tensor) -> torch.Tensor:
+    """``src (R, C)`` contiguous fp32 -> ``(C, R)`` contiguous (8x8 register blocks; torch's own strided copy
+    is several times slower here)."""
+    R, C = src.shape
+    lib = library()
+    if lib is None:
+        return src.t().contiguous()
+    _threads(lib)
+    out = torch.empty(C, R)
+    lib.ss_transpose(src.data_ptr(), out.data_ptr(), R, C, C, R)
+    return out
 
 
 def pack_panels(x: torch.Tensor, PB: int) -> torch.Tensor:  # noqa: N803
