@@ -249,3 +249,16 @@ def test_threads_split_rows_when_position_blocks_would_leave_a_thread_idle():
     assert kernels.split_by_blocks(49, 64, 512, 1) == 1  # one thread: either way
     assert kernels.split_by_blocks(197, 64, 768, 2, prefer_blocks=True) == 1  # Linear panels
     assert kernels.split_by_blocks(40, 64, 768, 2, prefer_blocks=True) == 0  # one panel: rows
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (8, 8), (13, 77), (64, 64), (130, 67), (197, 300)])
+def test_transpose_and_panel_packing_are_exact(shape):
+    x = torch.randn(*shape)
+    assert torch.equal(kernels.transpose(x), x.t())
+    B, K = shape
+    for PB in (8, 32, 64):
+        npan = -(-B // PB)
+        want = torch.zeros(npan * PB, K)
+        want[:B] = x
+        got = kernels.pack_panels(x, PB)
+        assert torch.equal(got[: npan * K * PB].view(npan, K, PB), want.view(npan, PB, K).transpose(1, 2))
