@@ -168,6 +168,10 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
 
     torch.manual_seed(0)
     model = _create(name).eval()
+    with torch.no_grad():  # zero-initialised layers (torchvision ViT's head) would make every output 0
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)) and not mod.weight.any():
+                mod.weight.normal_(0.0, 0.02)
     x = default_example_input(model, batch)
     if image_size is not None:
         x = torch.randn(*x.shape[:2], *([image_size] * (x.dim() - 2)))
