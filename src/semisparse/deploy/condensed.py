@@ -380,11 +380,6 @@ class SparseConv(_Condensed):
         n, c = x.shape[:2]
         if any(u > 1 for u in g["sub"]):
             x = x[(slice(None), slice(None), *[slice(None, None, u) for u in g["sub"]])]
-        if n == 1 and g["nph"] == 1 and self.nd == 2:  # one pass in C into the shared work buffer
-            buf = kernels.scratch("conv-input", g["total"] + kernels.BLOCK)
-            pads = (g["pads"][0][0], g["pads"][1][0])
-            if kernels.pad2d(x[0].contiguous(), buf, pads, tuple(g["padded"]), g["c_stride"], kernels.BLOCK):
-                return buf
         pad_arg = []
         for (a, b), p, pl, s in reversed(list(zip(g["pads"], g["padded"], g["planes"], g["strides"]))):
             pad_arg += [a, b + pl * s - p]
@@ -466,10 +461,6 @@ class SparseConv(_Condensed):
                          self.block, pairs=self.pairs and self.block == 32)
         if uncropped:
             return y.view(1, self.out_channels, *g["outs"])
-        if n == 1 and self.nd == 2:
-            out = torch.empty(1, self.out_channels, *g["outs"])
-            if kernels.crop2d(y, out, self.out_channels, full, g["planes"][1], tuple(g["outs"])):
-                return out
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
         return y.transpose(0, 1).contiguous()

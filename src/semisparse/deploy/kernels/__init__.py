@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 16
+_ABI = 17
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -79,10 +79,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_spmm_tiled.restype = ctypes.c_int
     lib.ss_gemv_run.argtypes = [p, p, p]
     lib.ss_gemv_run.restype = None
-    lib.ss_pad2d.argtypes = [p, p] + [i64] * 9
-    lib.ss_pad2d.restype = None
-    lib.ss_crop2d.argtypes = [p, p] + [i64] * 5
-    lib.ss_crop2d.restype = None
     lib.ss_fill_rows.argtypes = [p, p, p, i64, i64, i64, i64]
     lib.ss_fill_rows.restype = None
     lib.ss_conv2d_run.argtypes = [p, p, p]
@@ -307,28 +303,6 @@ def scratch(slot: str, numel: int) -> torch.Tensor:
         buf = torch.empty(max(numel, 1024))
         bufs[slot] = buf
     return buf[:numel]
-
-
-def pad2d(x: torch.Tensor, buf: torch.Tensor, pads: tuple[int, int], padded: tuple[int, int], c_stride: int,
-          slack: int) -> bool:
-    """``x (C, H, W)`` into ``buf`` as zero-padded ``(Hp, Wp)`` planes ``c_stride`` apart; False without kernels."""
-    lib = library()
-    if lib is None:
-        return False
-    _threads(lib)
-    C, H, W = x.shape
-    lib.ss_pad2d(x.data_ptr(), buf.data_ptr(), C, H, W, pads[0], pads[1], padded[0], padded[1], c_stride, slack)
-    return True
-
-
-def crop2d(y: torch.Tensor, out: torch.Tensor, rows: int, ldy: int, width: int, outs: tuple[int, int]) -> bool:
-    """Rows of padded planes (``ldy`` apart, ``width`` wide) -> ``out (rows, Ho, Wo)``; False without kernels."""
-    lib = library()
-    if lib is None:
-        return False
-    _threads(lib)
-    lib.ss_crop2d(y.data_ptr(), out.data_ptr(), rows, ldy, width, outs[0], outs[1])
-    return True
 
 
 def fill_rows(Y: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ldy: int, P: int, ldp: int = 1) -> None:  # noqa: N803

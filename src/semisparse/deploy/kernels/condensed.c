@@ -33,6 +33,7 @@
 #define SS_PF 8 /* prefetch distance in kept weights: the next inputs come from L2 */
 #endif
 #define SS_BLOCK 64 /* positions per register block: 8 x 8 floats */
+#define SS_INLINE static inline __attribute__((always_inline))
 /* Software prefetch of the NB bytes a kept weight SS_PF steps ahead will read: each weight reads a
  * different input row, so the hardware prefetcher cannot guess it. */
 #define SS_PREFETCH(J, END, NB)                                                                         \
@@ -44,7 +45,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 16; }
+int ss_abi_version(void) { return 17; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -316,7 +317,7 @@ static inline __m256i lane_mask(int n, int v) {
 
 /* 64 positions, 8 accumulators (two FMA chains per vector unit: enough to cover the FMA latency). */
 #define SS_TILE64(NAME, LD)                                                                             \
-static inline __attribute__((always_inline)) void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+SS_INLINE void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,  \
                  int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
     const __m256i m4 = lane_mask(n, 4), m5 = lane_mask(n, 5), m6 = lane_mask(n, 6), m7 = lane_mask(n, 7); \
@@ -352,7 +353,7 @@ SS_TILE64(tile64_tail, SS_LD_TAIL)
 
 /* 32 positions: even and odd weights in separate accumulators (8 chains), summed at the end. */
 #define SS_TILE32(NAME, LD)                                                                             \
-static inline __attribute__((always_inline)) void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc, \
+SS_INLINE void NAME(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,  \
                  int first, int last, float b, float *yb, int64_t ldp, int n) {                        \
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1), m2 = lane_mask(n, 2), m3 = lane_mask(n, 3); \
     (void)m0; (void)m1; (void)m2; (void)m3;                                                             \
@@ -391,8 +392,8 @@ SS_TILE32(tile32_full, SS_LD_FULL)
 SS_TILE32(tile32_tail, SS_LD_TAIL)
 
 /* Up to 16 positions (the short last block of a plane): one or two vectors, masked loads. */
-static inline __attribute__((always_inline)) void tile16_tail(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
-                        int first, int last, float b, float *yb, int64_t ldp, int n) {
+SS_INLINE void tile16_tail(const float *xb, const float *w, const int32_t *off, int64_t j0, int64_t j1, float *acc,
+                           int first, int last, float b, float *yb, int64_t ldp, int n) {
     const __m256i m0 = lane_mask(n, 0), m1 = lane_mask(n, 1);
     __m256 a0, a1, c0 = _mm256_setzero_ps(), c1 = c0;
     if (first) {
@@ -611,36 +612,6 @@ void ss_gemv_run(const ss_gemv_plan *p, const float *x, float *y) {
         if (p->hw) ss_gemv_gather_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
         else ss_gemv_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
     }
-}
-
-/* Conv glue for one image (batch 1), 2-D: each a single pass over memory instead of a chain of torch ops
- * (zero, slice, copy, index_put: ~5-10 us of dispatch each, per layer call). */
-
-/* x (C, H, W) -> buf: channel c at buf + c*cs as an (Hp, Wp) plane, x placed at (pt, pl), zeros around it
- * and over [Hp*Wp, cs); then `slack` zeros after the last channel. */
-void ss_pad2d(const float *x, float *buf, int64_t C, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t Hp,
-              int64_t Wp, int64_t cs, int64_t slack) {
-#pragma omp parallel for schedule(static) if (C * Hp * Wp > 32768)
-    for (int64_t c = 0; c < C; ++c) {
-        float *o = buf + c * cs;
-        const float *src = x + c * H * W;
-        memset(o, 0, sizeof(float) * (size_t)(pt * Wp));
-        for (int64_t i = 0; i < H; ++i) {
-            float *row = o + (pt + i) * Wp;
-            memset(row, 0, sizeof(float) * (size_t)pl);
-            memcpy(row + pl, src + i * W, sizeof(float) * (size_t)W);
-            memset(row + pl + W, 0, sizeof(float) * (size_t)(Wp - pl - W));
-        }
-        memset(o + (pt + H) * Wp, 0, sizeof(float) * (size_t)(cs - (pt + H) * Wp));
-    }
-    memset(buf + C * cs, 0, sizeof(float) * (size_t)slack);
-}
-
-/* y rows of a padded plane (row r at y + r*ldy, width Wp) -> out (R, Ho, Wo). */
-void ss_crop2d(const float *y, float *out, int64_t R, int64_t ldy, int64_t Wp, int64_t Ho, int64_t Wo) {
-#pragma omp parallel for schedule(static) if (R * Ho * Wo > 32768)
-    for (int64_t r = 0; r < R; ++r)
-        for (int64_t i = 0; i < Ho; ++i) memcpy(out + (r * Ho + i) * Wo, y + r * ldy + i * Wp, sizeof(float) * (size_t)Wo);
 }
 
 /* Rows that are not computed (ablated neurons): Y[rows[i]*ldy + p*ldp] = vals[i] for p < P. */
