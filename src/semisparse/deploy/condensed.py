@@ -162,7 +162,10 @@ class _Condensed(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._forget_derived()
-        return super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.dense_weight is not None:  # a dense-mode layer runs this copy: rebuild it from what was loaded
+            view = expand(self.values, self.idx, self.orow, self.view_shape)
+            self.dense_weight = self._layout().from_view(view).to(self.dense_weight.dtype).contiguous()
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
         stored = self.values.numel() * 4 + self.idx.numel() * self.idx.element_size() + self.orow.numel() * 8
