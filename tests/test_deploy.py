@@ -431,3 +431,36 @@ def test_new_weights_reach_every_cached_kernel_form(kind):
         dep.load_state_dict({k: v * 2 if k in ("values", "bias") else v for k, v in dep.state_dict().items()})
         for x, ref in zip(xs, refs):
             assert_equal_outputs(dep(x), 2 * ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cin=st.integers(1, 12), cout=st.integers(1, 12), k=st.integers(1, 4), stride=st.integers(1, 3),
+       dil=st.integers(1, 2), pad=st.integers(0, 2), groups=st.sampled_from([1, 2]), h=st.integers(3, 11),
+       w=st.integers(3, 11), n=st.sampled_from([1, 2]), setting=st.integers(0, 4), ablate=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_conv2d_geometry_and_setting_equals_masked_dense(cin, cout, k, stride, dil, pad, groups, h, w, n, setting,
+                                                              ablate, bias, seed):
+    """The one-call batch-1 path (and the batched path) against F.conv2d over random geometries, with every
+    kernel setting the planner may pick, ablated output channels and no bias."""
+    cin, cout = cin * groups, cout * groups
+    if (h + 2 * pad - dil * (k - 1) - 1) < 0 or (w + 2 * pad - dil * (k - 1) - 1) < 0:
+        return  # no output position
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
+    mask = torch.rand(conv.weight.shape) < 0.5
+    if ablate and cout > 1:
+        mask[torch.randperm(cout)[: cout // 2]] = False
+    ss.sparsify(conv, None, masks={"weight": mask})
+    dep = deploy(conv, plan="condensed")
+    x = torch.randn(n, cin, h, w)
+    dep.use_variant(dep.variants(x)[setting])
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), conv(x))
+        assert_equal_outputs(dep(x), conv(x))  # second call: the bound plan
+
+
+def test_kernel_settings_have_readable_names():
+    assert planner.setting_name({"block": 32, "pairs": True, "tile_kb": 0}) == "32,pairs"
+    assert planner.setting_name({"block": 64, "pairs": False, "tile_kb": 32}) == "64,tiles32K"
+    assert planner.setting_name({"panel_width": 32, "pairs": False, "transposed_out": True}) == "32,transposed"
+    assert planner.setting_name({"gemv_variant": "packed"}) == "packed"

@@ -106,6 +106,19 @@ def run(model: nn.Module, example_input):
     return model(example_input)
 
 
+def setting_name(v: dict) -> str:
+    """A kernel setting for reports: ``{"block": 32, "pairs": True, "tile_kb": 0}`` -> ``"32,pairs"``."""
+    parts = []
+    for key, val in v.items():
+        if key in ("block", "panel_width", "gemv_variant"):
+            parts.append(str(val))
+        elif key == "tile_kb" and val:
+            parts.append(f"tiles{val}K")
+        elif val is True:
+            parts.append({"transposed_out": "transposed"}.get(key, key))
+    return ",".join(parts)
+
+
 def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> None:
     """Time every condensed layer both ways on its real input and keep the faster mode."""
     inputs = capture_inputs(model, example_input)
@@ -140,7 +153,7 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             elif isinstance(layer, SparseConv):
                 path = "spmm"
             if best:
-                path += "/" + ",".join(f"{val}" for val in best.values())
+                path += "/" + setting_name(best)
             layer.path = path
             layer.figures = {"dense_us": round(t_dense * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
                              "ratio": round(ratio, 2)}
