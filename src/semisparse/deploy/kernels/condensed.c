@@ -14,9 +14,14 @@
  * of the flattened plane (panel = PB, coff = channel/phase/tap offset): positions p are vectorised,
  * weights are broadcast, no gathers and no im2col.
  *
- * `gemv_*` is the batch-1 Linear: y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]] (AVX2 gathers).
+ * Entry points: ss_spmm / ss_spmm_pairs (one or two rows per pass), ss_spmm_tiled (each row's weights
+ * cut into input-channel tiles that stay in L1), ss_conv2d_run (a whole batch-1 2-D convolution: pad,
+ * product, crop, ablated channels in one parallel region), ss_gemv_* / ss_gemv_run (the batch-1 Linear:
+ * y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]], packed scalar loads or AVX2 gathers), and the glue
+ * ss_pack_panels / ss_transpose (8x8 register transposes) / ss_fill_rows.
  * Threads: OpenMP, resolved at load time to the libgomp that torch itself loaded, so torch's intra-op
- * pool and these kernels share one pool and never oversubscribe the cores.
+ * pool and these kernels share one pool and never oversubscribe the cores. The product bodies use
+ * orphaned worksharing so that ss_conv2d_run can run them inside its own parallel region.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,7 +50,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 17; }
+int ss_abi_version(void) { return 18; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
