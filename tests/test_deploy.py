@@ -464,3 +464,18 @@ def test_kernel_settings_have_readable_names():
     assert planner.setting_name({"block": 64, "pairs": False, "tile_kb": 32}) == "64,tiles32K"
     assert planner.setting_name({"panel_width": 32, "pairs": False, "transposed_out": True}) == "32,transposed"
     assert planner.setting_name({"gemv_variant": "packed"}) == "packed"
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own reference conv
+@pytest.mark.parametrize("k,dil", [(2, 1), (4, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_same_padding_with_even_kernels_pads_more_on_the_far_side(k, dil, n):
+    torch.manual_seed(k * 10 + dil)
+    conv = nn.Conv2d(6, 5, k, padding="same", dilation=dil)
+    ss.sparsify(conv, 0.6)
+    dep = deploy(conv, plan="condensed")
+    x = torch.randn(n, 6, 9, 8)
+    for v in dep.variants(x):
+        dep.use_variant(v)
+        with torch.no_grad():
+            assert_equal_outputs(dep(x), conv(x))
