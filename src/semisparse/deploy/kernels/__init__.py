@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 18
+_ABI = 19
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -71,10 +71,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_spmm.restype = None
     lib.ss_spmm_pairs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_pairs.restype = None
-    for name in ("ss_gemv_i16", "ss_gemv_i32", "ss_gemv_gather_i16", "ss_gemv_gather_i32"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, p, p, i64, i64]
-        fn.restype = None
     lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_tiled.restype = ctypes.c_int
     lib.ss_gemv_run.argtypes = [p, p, p]
@@ -355,14 +351,10 @@ def gemv(
     y: torch.Tensor, variant: str = "packed",
 ) -> None:
     """Batch-1 Linear: ``y[orow[r]] = bias[r] + sum_j W[r, j] * x[idx[r, j]]``; ``x`` (K,), ``y`` (out,)."""
-    rows, k = W.shape
-    lib = library()
-    if lib is None:
+    run = gemv_binding(W, idx, bias, orow, variant)
+    if run is None:
         return gemv_reference(x, W, idx, bias, orow, y)
-    _threads(lib)
-    wide = "" if variant == "packed" else "gather_"
-    fn = getattr(lib, f"ss_gemv_{wide}i16" if idx.dtype == torch.int16 else f"ss_gemv_{wide}i32")
-    fn(x.data_ptr(), W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), y.data_ptr(), rows, k)
+    run(x, y)
 
 
 class _GemvPlan(ctypes.Structure):
@@ -428,11 +420,12 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
         W.data_ptr(), off.data_ptr(), _ptr(seg), _ptr(bias), orow.data_ptr(), ablated.data_ptr(),
         ablated_vals.data_ptr(), rows, k, 1 if seg is None else seg.shape[1] - 1, g["P"], PB, kind,
         0, out_channels, g["Ho"], g["Wo"], len(ablated))
-    plan_ref, fn = ctypes.byref(plan), lib.ss_conv2d_run
+    plan_ref, fn, split_for = ctypes.byref(plan), lib.ss_conv2d_run, [0]
 
     def run(x: torch.Tensor, out: torch.Tensor, _keep=plan) -> None:
         threads = torch.get_num_threads()
-        _keep.by_blocks = split_by_blocks(g["P"], PB, rows, threads)
+        if split_for[0] != threads:  # how threads share the work depends on their number only
+            _keep.by_blocks, split_for[0] = split_by_blocks(g["P"], PB, rows, threads), threads
         _threads(lib)
         if fn(plan_ref, x.data_ptr(), out.data_ptr()) != 0:
             raise MemoryError("semisparse: could not allocate the convolution's work buffers")

@@ -50,7 +50,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 18; }
+int ss_abi_version(void) { return 19; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -298,18 +298,19 @@ void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const flo
  * channels stream the block's input from L2, which halves the FMA rate. Partial sums of the tiles before
  * the last go to a per-thread scratch row (L1/L2), the last tile writes Y. The last (partial) block reads
  * through masked loads, so X needs no slack past position P. Returns 0, or -1 when scratch allocation fails. */
-static __thread float *tl_acc = NULL;
-static __thread size_t tl_cap = 0;
-
-static float *acc_buffer(size_t floats) {
-    if (floats > tl_cap) {
-        free(tl_acc);
-        tl_cap = 0;
-        tl_acc = aligned_alloc(64, ((floats * 4 + 63) / 64) * 64);
-        if (tl_acc) tl_cap = floats;
+/* A thread's work buffer, grown on demand and kept for the thread's life (NULL when allocation fails). */
+static float *grow(float **buf, size_t *cap, size_t floats) {
+    if (floats > *cap) {
+        free(*buf);
+        *cap = 0;
+        *buf = aligned_alloc(64, ((floats * 4 + 63) / 64) * 64);
+        if (*buf) *cap = floats;
     }
-    return tl_acc;
+    return *buf;
 }
+
+static __thread float *tl_acc = NULL; /* partial sums of the tiled kernel (each OpenMP thread its own) */
+static __thread size_t tl_cap = 0;
 
 #ifdef SS_AVX2
 static inline __m256i lane_mask(int n, int v) {
@@ -492,7 +493,7 @@ static void tiled_body(const float *X, const float *W, const int32_t *off, const
         r1 = rows * (me + 1) / nth;
     }
 #endif
-    float *acc = nt > 1 ? acc_buffer((size_t)((r1 - r0) > 0 ? (r1 - r0) : 1) * PB) : tl_acc;
+    float *acc = nt > 1 ? grow(&tl_acc, &tl_cap, (size_t)((r1 - r0) > 0 ? (r1 - r0) : 1) * PB) : tl_acc;
     if (nt > 1 && acc == NULL) {
 #pragma omp atomic write
         *failed = 1;
@@ -543,7 +544,7 @@ static inline float hsum256(__m256 v) {
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 #define SS_GEMV(NAME, IDX_T, GATHER)                                                                    \
-void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow,     \
+static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
           float *y, int64_t rows, int64_t k) {                                                          \
     _Pragma("omp parallel for schedule(static)")                                                        \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
@@ -576,7 +577,7 @@ SS_GEMV(ss_gemv_gather_i16, uint16_t, hwgather8_u16)
 SS_GEMV(ss_gemv_gather_i32, int32_t, hwgather8_i32)
 #else
 #define SS_GEMV(NAME, IDX_T)                                                                            \
-void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow,     \
+static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
           float *y, int64_t rows, int64_t k) {                                                          \
     _Pragma("omp parallel for schedule(static)")                                                        \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
@@ -644,18 +645,8 @@ typedef struct {
     int64_t rows, k, nt, P, PB, kind, by_blocks, Cout, Ho, Wo, nabl;
 } ss_conv_plan;
 
-static __thread float *tl_xbuf = NULL, *tl_ybuf = NULL;
+static __thread float *tl_xbuf = NULL, *tl_ybuf = NULL; /* the calling thread's conv input / output */
 static __thread size_t tl_xcap = 0, tl_ycap = 0;
-
-static float *grow(float **buf, size_t *cap, size_t floats) {
-    if (floats > *cap) {
-        free(*buf);
-        *cap = 0;
-        *buf = aligned_alloc(64, ((floats * 4 + 63) / 64) * 64);
-        if (*buf) *cap = floats;
-    }
-    return *buf;
-}
 
 int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
     const int64_t plane = p->Hq * p->Wq, direct = p->Hq == p->Ho && p->Wq == p->Wo;
