@@ -281,7 +281,7 @@ def test_report_of_deployed_model_shows_kernel_and_ratio():
     rows = {r.name: r for r in rep.layers}
     assert set(rows) == {"0.weight", "2.weight"}
     for r in rows.values():
-        assert r.extra["kernel"] in ("dense", "condensed", "condensed-gemv", "condensed-gemv/packed",
+        assert r.extra["kernel"] in ("dense", "dense-gemm", "condensed", "condensed-gemv", "condensed-gemv/packed",
                                      "condensed-gemv/gather") or r.extra["kernel"].startswith("condensed")
         assert r.extra["ratio"] >= 0 and r.extra["dense_us"] > 0 and r.macs > 0  # timings: noisy machine
     assert "kernel" in str(rep) and "ratio" in str(rep)
@@ -479,3 +479,78 @@ def test_same_padding_with_even_kernels_pads_more_on_the_far_side(k, dil, n):
         dep.use_variant(v)
         with torch.no_grad():
             assert_equal_outputs(dep(x), conv(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_dense_mode_1x1_conv_as_one_matrix_product_equals_torch(bias, n):
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(12, 20, 1, bias=bias))
+    ss.sparsify(model, 0.5)
+    dep = deploy(model, plan="dense")
+    layer = dep[0]
+    assert layer.dense_variants(torch.randn(n, 12, 5, 7)) == [{"dense_gemm": False}, {"dense_gemm": True}]
+    layer.use_variant({"dense_gemm": True})
+    assert layer.kernel_name() == "dense-gemm"
+    x = torch.randn(n, 12, 5, 7)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))
+        assert_equal_outputs(dep(x[0]), model(x[0]))  # unbatched input: torch's conv
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 1, groups=2),
+                                  nn.Conv2d(8, 8, 1, padding=1)])
+def test_only_plain_1x1_convs_are_offered_as_a_matrix_product(conv):
+    model = nn.Sequential(conv)
+    ss.sparsify(model, 0.5)
+    layer = deploy(model, plan="dense")[0]
+    assert layer.dense_variants(torch.randn(1, 8, 6, 6)) == [{"dense_gemm": False}]
+
+
+@needs_kernels
+def test_planner_picks_the_fastest_dense_form_and_reports_against_torch(monkeypatch):
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    ss.sparsify(model, 0.5)
+    dep = deploy(model, plan="condensed")
+
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # torch's conv 3, matrix product 1, kernels 2
+        for fn in fns:
+            fn()
+        return [3.0, 1.0] + [2.0] * (len(fns) - 2)
+
+    monkeypatch.setattr(planner, "interleaved_medians", fake_times)
+    planner.plan_layers(dep, torch.randn(1, 8, 6, 6))
+    for layer in (dep[0], dep[2]):
+        assert layer.mode == "dense" and layer.dense_gemm and layer.kernel_name() == "dense-gemm"
+        assert layer.figures["dense_us"] == 3e6 and layer.figures["dense_best_us"] == 1e6
+        assert layer.figures["sparse_us"] == 2e6 and layer.figures["ratio"] == 1.5
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))
+
+
+@needs_kernels
+def test_whole_model_check_hands_everything_back_to_torch_when_never_faster(monkeypatch):
+    from semisparse.deploy.pool import MaxPool2d
+
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3))
+    ss.sparsify(model, 0.5)
+    dep = deploy(model, plan="condensed")
+    dep[2].figures = {"ratio": 2.0}
+    dep[0].set_mode("dense")
+    dep[0].dense_gemm = True
+
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # the deployed side is always the slower
+        for fn in fns:
+            fn()
+        return [1.0, 2.0]
+
+    monkeypatch.setattr(planner, "interleaved_medians", fake_times)
+    planner.plan_model(dep, torch.randn(1, 3, 8, 8))
+    assert dep[0].mode == dep[2].mode == "dense" and not dep[0].dense_gemm
+    assert isinstance(dep[1], MaxPool2d) and not dep[1].use_kernel
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model.eval()(x))

@@ -48,8 +48,11 @@ def deploy(
     next Linear drops the matching input columns (their constant contribution goes into its bias).
     ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
+    Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
+    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` becomes :class:`.pool.MaxPool2d`, which runs
+    semisparse's pooling kernel where the planner measured it faster than torch's.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
-    holds the whole-model timing.
+    holds the whole-model timing and the pooling choices.
     """
     from ..masking.parametrization import sparse_weights
 
@@ -68,6 +71,8 @@ def deploy(
     from . import kernels
     from .condensed import SparseConv, SparseLinear
     from .fold import fold_batchnorm
+    from .pool import MaxPool2d
+    from .pool import supports as supports_pool
 
     m = copy.deepcopy(model).cpu().eval()
     found = {}
@@ -114,6 +119,9 @@ def deploy(
             m = _replace(m, name, SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
         else:
             _bake(mod, "weight", masks[key])
+    for name, mod in list(m.named_modules()):
+        if supports_pool(mod):
+            m = _replace(m, name, MaxPool2d.from_module(mod))
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
             layer.figures["dropped_inputs"] = dropped[layer.key]
@@ -128,12 +136,16 @@ def deploy(
     if plan == "dense":
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
+        for pool in m.modules():
+            if isinstance(pool, MaxPool2d):
+                pool.use_kernel = False
     elif plan == "measure":
-        from .planner import plan_layers, plan_model
+        from .planner import plan_layers, plan_model, plan_pools
 
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
             plan_layers(m, x, reps=reps)
+            pools = plan_pools(m, x, reps=reps)
         except RuntimeError as exc:
             if example_input is not None:
                 raise
@@ -142,6 +154,11 @@ def deploy(
                 "example_input=torch.randn(...) with the model's real input shape"
             ) from exc
         summary.update(plan_model(m, x, reps=reps))
+        for name, pool in m.named_modules():
+            if name in pools:  # the whole-model check may have handed pooling back to torch
+                pools[name]["kernel"] = "semisparse" if pool.use_kernel else "torch"
+        if pools:
+            summary["pools"] = pools
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .condensed import SparseConv, SparseLinear, _Condensed
+from .pool import MaxPool2d
 
 
 def median_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3, budget_s: float = 1.0) -> float:
@@ -132,7 +133,8 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             if layer.mode != "condensed":
                 layer.figures = {"why": "fast kernels unavailable or dtype not fp32"}
                 continue
-            candidates = [("dense", {})] + [("condensed", v) for v in layer.variants(x)]
+            dense_vs = layer.dense_variants(x)
+            candidates = [("dense", v) for v in dense_vs] + [("condensed", v) for v in layer.variants(x)]
 
             def runner(mode, v, layer=layer, x=x):
                 def fn():
@@ -142,11 +144,12 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
                 return fn
 
             medians = interleaved_medians([runner(mode, v) for mode, v in candidates], reps, budget_s=budget_s)
-            t_dense = medians[0]
-            t_sparse, best = min(zip(medians[1:], [v for _, v in candidates[1:]]), key=lambda tv: tv[0])
+            nd = len(dense_vs)
+            t_torch = medians[0]  # torch's own layer: the reference every ratio is against
+            t_dense, dense_best = min(zip(medians[:nd], dense_vs), key=lambda tv: tv[0])
+            t_sparse, best = min(zip(medians[nd:], [v for _, v in candidates[nd:]]), key=lambda tv: tv[0])
             layer.set_mode("condensed")
             layer.use_variant(best)
-            ratio = t_dense / max(t_sparse, 1e-12)
             path = ""
             if isinstance(layer, SparseLinear):
                 path = "gemv" if x.reshape(-1, layer.in_features).shape[0] == 1 else "spmm"
@@ -155,9 +158,45 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             if best:
                 path += "/" + setting_name(best)
             layer.path = path
-            layer.figures = {"dense_us": round(t_dense * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
-                             "ratio": round(ratio, 2)}
-            layer.set_mode("condensed" if ratio > 1.0 else "dense")
+            layer.figures = {"dense_us": round(t_torch * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
+                             "ratio": round(t_torch / max(t_sparse, 1e-12), 2)}
+            if nd > 1:
+                layer.figures["dense_best_us"] = round(t_dense * 1e6, 1)
+            layer.use_variant(dense_best)  # what dense mode runs, now or if the whole-model check reverts
+            layer.set_mode("condensed" if t_sparse < t_dense else "dense")
+
+
+def plan_pools(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> dict[str, dict]:
+    """Time each deployed max pooling with semisparse's kernel and with torch's; keep the faster."""
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, MaxPool2d)]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0].detach()))
+               for n, m in pools]
+    try:
+        with torch.no_grad():
+            run(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    with torch.no_grad():
+        for name, pool in pools:
+            x = seen.get(name)
+            if x is None:
+                pool.use_kernel = False
+                continue
+
+            def runner(flag, pool=pool, x=x):
+                def fn():
+                    pool.use_kernel = flag
+                    return pool(x)
+                return fn
+
+            t_torch, t_kernel = interleaved_medians([runner(False), runner(True)], reps, budget_s=budget_s)
+            pool.use_kernel = t_kernel < t_torch
+            out[name] = {"torch_us": round(t_torch * 1e6, 1), "kernel_us": round(t_kernel * 1e6, 1),
+                         "kernel": "semisparse" if pool.use_kernel else "torch"}
+    return out
 
 
 def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float = 2.0) -> dict:
@@ -167,24 +206,40 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
     """
     chosen = [(n, m) for n, m in layers(model) if m.mode == "condensed"]
     modes = {n: m.mode for n, m in layers(model)}
+    pools = [m for m in model.modules() if isinstance(m, MaxPool2d)]
 
     def set_all(mode_of: Callable[[str, _Condensed], str]) -> None:
         for n, m in layers(model):
             m.set_mode(mode_of(n, m))
 
     def timed_pair() -> tuple[float, float]:
-        current = {n: m.mode for n, m in layers(model)}
+        current = {n: (m.mode, getattr(m, "dense_gemm", False)) for n, m in layers(model)}
+        pooled = [p.use_kernel for p in pools]
 
-        def dense():
-            set_all(lambda n, m: "dense")
+        def restore():
+            for n, m in layers(model):
+                mode, gemm = current[n]
+                m.set_mode(mode)
+                if hasattr(m, "dense_gemm"):
+                    m.dense_gemm = gemm
+            for p, flag in zip(pools, pooled):
+                p.use_kernel = flag
+
+        def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
+            for _, m in layers(model):
+                m.set_mode("dense")
+                if hasattr(m, "dense_gemm"):
+                    m.dense_gemm = False
+            for p in pools:
+                p.use_kernel = False
             return run(model, example_input)
 
         def deployed():
-            set_all(lambda n, m: current[n])
+            restore()
             return run(model, example_input)
 
         t_d, t_s = interleaved_medians([dense, deployed], reps, budget_s=budget_s)
-        set_all(lambda n, m: current[n])
+        restore()
         return t_d, t_s
 
     with torch.no_grad():
@@ -200,6 +255,14 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                 m.figures["why"] = "reverted: whole model was not faster"
                 reverted.append(n)
             order = order[cut:]
+            t_dense, t_dep = timed_pair()
+        if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers too
+            for _, m in layers(model):
+                if getattr(m, "dense_gemm", False):
+                    m.dense_gemm = False
+                    reverted.append(m.key + " (gemm)")
+            for p in pools:
+                p.use_kernel = False
             t_dense, t_dep = timed_pair()
     for _, m in layers(model):
         m.drop_unused()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 19
+_ABI = 20
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -79,6 +79,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_fill_rows.restype = None
     lib.ss_conv2d_run.argtypes = [p, p, p]
     lib.ss_conv2d_run.restype = ctypes.c_int
+    lib.ss_maxpool2d.argtypes = [p, p] + [i64] * 11
+    lib.ss_maxpool2d.restype = ctypes.c_int
     lib.ss_transpose.argtypes = [p, p, i64, i64, i64, i64]
     lib.ss_transpose.restype = None
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]
@@ -310,6 +312,22 @@ def fill_rows(Y: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ldy: int,
             flat[r * ldy: r * ldy + (P - 1) * ldp + 1: ldp] = vals[i]
         return
     lib.ss_fill_rows(Y.data_ptr(), rows.data_ptr(), vals.data_ptr(), len(rows), ldy, P, ldp)
+
+
+def maxpool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              out_hw: tuple[int, int]) -> torch.Tensor | None:
+    """Max pooling of a contiguous fp32 ``(..., H, W)`` tensor (dilation 1) into ``(..., *out_hw)``; None
+    without the kernel library (the caller then runs torch's)."""
+    lib = library()
+    if lib is None:
+        return None
+    _threads(lib)
+    H, W = x.shape[-2:]
+    out = torch.empty(*x.shape[:-2], *out_hw)
+    planes = x.numel() // max(1, H * W)
+    if lib.ss_maxpool2d(x.data_ptr(), out.data_ptr(), planes, H, W, *out_hw, *kernel, *stride, *padding) != 0:
+        raise MemoryError("semisparse: could not allocate the max-pooling kernel's row buffer")
+    return out
 
 
 def transpose(src: torch.Tensor) -> torch.Tensor:
