@@ -554,3 +554,16 @@ def test_whole_model_check_hands_everything_back_to_torch_when_never_faster(monk
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert_equal_outputs(dep(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("start", ["dense", "condensed"])
+def test_dense_weight_of_a_1x1_conv_is_row_major_not_channels_last(start):
+    # torch reads strides (C, 1, C, C) of a (O, C, 1, 1) weight as channels-last and runs a slower conv
+    model = nn.Sequential(nn.Conv2d(16, 32, 1))
+    ss.sparsify(model, 0.5)
+    layer = deploy(model, plan=start)[0]
+    layer.set_mode("condensed")
+    layer.drop_unused()
+    layer.set_mode("dense")
+    for w in (layer.dense_weight, deploy(model, plan="dense")[0].dense_weight):
+        assert w.stride() == (16, 1, 1, 1)
