@@ -455,8 +455,8 @@ class SparseConv(_Condensed):
         return y if batched else y.squeeze(0)
 
     def _gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """A 1x1, stride-1, ungrouped conv as ``W (out, in) @ x (in, positions)`` per sample: on NCHW inputs
-        torch's conv reorders to and from a blocked layout, up to 5x slower at ResNet's 64 -> 256 shapes."""
+        """A 1x1, stride-1, ungrouped conv as ``W (out, in) @ x (in, positions)`` per sample: at batch 1 on
+        NCHW inputs, 1.0-1.5x faster than torch's conv on ResNet-50's 1x1 shapes (machine R)."""
         n, c = x.shape[:2]
         w2 = w.view(self.out_channels, c)
         xs = x.view(n, c, -1)
