@@ -82,6 +82,7 @@ class _Condensed(nn.Module):
     """State shared by the condensed layers: buffers, mode, planner figures, the layer report."""
 
     kind = "Linear"
+    dense_gemm = False  # dense mode of a 1x1 conv: one matrix product instead of torch's conv (planner's pick)
 
     def _init_condensed(self, key: str, w_view: torch.Tensor, m_view: torch.Tensor, bias: torch.Tensor | None,
                         weight: torch.Tensor, pattern: str) -> None:
@@ -184,7 +185,7 @@ class _Condensed(nn.Module):
 
     def kernel_name(self) -> str:
         if self.mode == "dense":
-            return "dense-gemm" if getattr(self, "dense_gemm", False) else "dense"
+            return "dense-gemm" if self.dense_gemm else "dense"
         return "condensed" + (f"-{self.path}" if self.path else "")
 
     def variants(self, x: torch.Tensor) -> list[dict]:
@@ -320,7 +321,6 @@ class SparseConv(_Condensed):
     and cropped, ~(H'W')/(HoWo) extra work.
     """
 
-    dense_gemm = False  # dense mode of a 1x1 conv: one matrix product instead of torch's conv (planner's pick)
 
     def __init__(self, key: str, conv: nn.modules.conv._ConvNd, weight: torch.Tensor, mask: torch.Tensor,
                  bias: torch.Tensor | None, pattern: str = "") -> None:

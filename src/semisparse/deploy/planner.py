@@ -82,11 +82,13 @@ def layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Condensed)]
 
 
-def capture_inputs(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
-    """The input each condensed layer sees in one forward of ``example_input`` (hooks, removed after)."""
+def capture_inputs(model: nn.Module, example_input, modules: list[tuple[str, nn.Module]] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The input each of ``modules`` (default: the condensed layers) sees in one forward of
+    ``example_input`` (hooks, removed after)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name, layer in layers(model):
+    for name, layer in layers(model) if modules is None else modules:
         def hook(mod, args, name=name):
             seen.setdefault(name, args[0].detach())
         handles.append(layer.register_forward_pre_hook(hook))
@@ -169,15 +171,7 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
 def plan_pools(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> dict[str, dict]:
     """Time each deployed max pooling with semisparse's kernel and with torch's; keep the faster."""
     pools = [(n, m) for n, m in model.named_modules() if isinstance(m, MaxPool2d)]
-    seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0].detach()))
-               for n, m in pools]
-    try:
-        with torch.no_grad():
-            run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = capture_inputs(model, example_input, pools) if pools else {}
     out = {}
     with torch.no_grad():
         for name, pool in pools:
@@ -213,23 +207,21 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             m.set_mode(mode_of(n, m))
 
     def timed_pair() -> tuple[float, float]:
-        current = {n: (m.mode, getattr(m, "dense_gemm", False)) for n, m in layers(model)}
+        current = {n: (m.mode, m.dense_gemm) for n, m in layers(model)}
         pooled = [p.use_kernel for p in pools]
 
         def restore():
             for n, m in layers(model):
                 mode, gemm = current[n]
                 m.set_mode(mode)
-                if hasattr(m, "dense_gemm"):
-                    m.dense_gemm = gemm
+                m.dense_gemm = gemm
             for p, flag in zip(pools, pooled):
                 p.use_kernel = flag
 
         def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
             for _, m in layers(model):
                 m.set_mode("dense")
-                if hasattr(m, "dense_gemm"):
-                    m.dense_gemm = False
+                m.dense_gemm = False
             for p in pools:
                 p.use_kernel = False
             return run(model, example_input)
@@ -258,7 +250,7 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             t_dense, t_dep = timed_pair()
         if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers too
             for _, m in layers(model):
-                if getattr(m, "dense_gemm", False):
+                if m.dense_gemm:
                     m.dense_gemm = False
                     reverted.append(m.key + " (gemm)")
             for p in pools:
