@@ -551,8 +551,8 @@ class SparseConv(_Condensed):
     def variants(self, x: torch.Tensor) -> list[dict]:
         # the settings that won somewhere on ResNet-50's layers (benchmarks: interleaved A/B on machine R)
         return [{"block": 64, "pairs": False, "tile_kb": 0}, {"block": 32, "pairs": True, "tile_kb": 0},
-                {"block": 64, "pairs": False, "tile_kb": 32}, {"block": 32, "pairs": False, "tile_kb": 16},
-                {"block": 32, "pairs": False, "tile_kb": 32}]
+                {"block": 64, "pairs": False, "tile_kb": 32}, {"block": 64, "pairs": False, "tile_kb": 16},
+                {"block": 32, "pairs": False, "tile_kb": 16}, {"block": 32, "pairs": False, "tile_kb": 32}]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

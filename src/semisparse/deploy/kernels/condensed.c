@@ -337,8 +337,7 @@ SS_INLINE void NAME(const float *xb, const float *w, const int32_t *off, int64_t
         a3 = _mm256_load_ps(acc + 24); a4 = _mm256_load_ps(acc + 32); a5 = _mm256_load_ps(acc + 40);    \
         a6 = _mm256_load_ps(acc + 48); a7 = _mm256_load_ps(acc + 56);                                   \
     }                                                                                                   \
-    for (int64_t j = j0; j < j1; ++j) {                                                                 \
-        SS_PREFETCH(j, j1, 256);                                                                        \
+    for (int64_t j = j0; j < j1; ++j) { /* no software prefetch: the tile is in L1 (it cost 10-30%) */  \
         const float *s = xb + off[j];                                                                   \
         const __m256 wv = _mm256_broadcast_ss(w + j);                                                   \
         a0 = _mm256_fmadd_ps(wv, LD(s, 0), a0); a1 = _mm256_fmadd_ps(wv, LD(s, 1), a1);                 \
