@@ -31,6 +31,11 @@ def test_bench_whole_model_reports_condensed_share(tmp_path):
     assert row["max_rel_err"] <= 1e-5
     assert 0.0 <= row["condensed_share_of_sparse_macs"] <= 1.0
     assert row["layers"] >= 1 and row["dense_ms"] > 0 and row["deployed_ms"] > 0
+    for base in ("dense_bn_folded", "dense_deployed"):  # each baseline's time and the ratio against it
+        assert row[f"{base}_ms"] > 0
+    # (the times are rounded to the microsecond, the ratio comes from the unrounded times)
+    assert row["ratio_vs_dense_deployed"] == pytest.approx(row["dense_deployed_ms"] / row["deployed_ms"], rel=0.03)
+    assert "deployed all-dense ms" in bench.format_table([row])
 
 
 def test_bench_bad_arguments_are_one_line_errors(capsys):

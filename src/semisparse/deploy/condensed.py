@@ -321,7 +321,6 @@ class SparseConv(_Condensed):
     and cropped, ~(H'W')/(HoWo) extra work.
     """
 
-
     def __init__(self, key: str, conv: nn.modules.conv._ConvNd, weight: torch.Tensor, mask: torch.Tensor,
                  bias: torch.Tensor | None, pattern: str = "") -> None:
         super().__init__()
