@@ -59,7 +59,9 @@ def test_what_the_kernel_does_not_cover_goes_to_torch():
         out = pool(inp)
         torch.testing.assert_close(out, F.max_pool2d(inp, 3, 2, 1))
     with pytest.raises(RuntimeError, match="pad should be at most half"):
-        _pool(3, 1, 2)(x)  # torch's own error for arguments it rejects
+        _pool(3, 1, 2)(x)  # torch's own errors for arguments it rejects
+    with pytest.raises(RuntimeError, match="stride"):
+        _pool(3, 0, 0)(x)
 
 
 def _net() -> nn.Module:

@@ -45,7 +45,7 @@ class MaxPool2d(nn.MaxPool2d):
                 not x.requires_grad and x.device.type == "cpu"):  # fmt: skip
             k, s, p = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
             H, W = x.shape[-2:]
-            if 2 * p[0] <= k[0] and 2 * p[1] <= k[1] and H + 2 * p[0] >= k[0] and W + 2 * p[1] >= k[1]:
+            if min(s) > 0 and 2 * p[0] <= k[0] and 2 * p[1] <= k[1] and H + 2 * p[0] >= k[0] and W + 2 * p[1] >= k[1]:
                 out_hw = (self._out(H, k[0], s[0], p[0]), self._out(W, k[1], s[1], p[1]))
                 y = kernels.maxpool2d(x, k, s, p, out_hw)
                 if y is not None:
