@@ -567,3 +567,28 @@ def test_dense_weight_of_a_1x1_conv_is_row_major_not_channels_last(start):
     layer.set_mode("dense")
     for w in (layer.dense_weight, deploy(model, plan="dense")[0].dense_weight):
         assert w.stride() == (16, 1, 1, 1)
+
+
+def test_interleaved_timing_varies_who_runs_after_whom_and_keeps_results_in_place(monkeypatch):
+    calls = []
+    ticks = iter(range(10**6))
+    clock = lambda: float(next(ticks))  # noqa: E731
+
+    def make(i):
+        def fn():  # candidate i lasts 1 + i ticks of the fake clock
+            calls.append(i)
+            for _ in range(i):
+                clock()
+        return fn
+
+    fns = [make(i) for i in range(4)]
+    monkeypatch.setattr(planner.time, "perf_counter", clock)
+    out = planner.interleaved_medians(fns, reps=30, warmup=1, budget_s=1e9)
+    assert out == [1.0, 2.0, 3.0, 4.0]  # each candidate's median in its own slot, whatever the order
+    timed = calls[4:]
+    assert sorted(timed) == sorted(list(range(4)) * 30)
+    after_first = {timed[j + 1] for j in range(len(timed) - 1) if timed[j] == 0 and (j + 1) % 4}
+    assert len(after_first) >= 2  # candidate 0 is not always followed by the same candidate
+    calls.clear()
+    planner.interleaved_medians(fns, reps=3, warmup=0, budget_s=1e9, shuffle=False)
+    assert calls == [0, 1, 2, 3] * 3
