@@ -100,7 +100,8 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 wc = w.to_sparse_csr()
             fns.append(lambda: torch.addmm(b[:, None], wc, x.t()).t())
-        # cold: the candidates take turns call by call, so each call finds caches the others just used;
+        # cold: the candidates take turns call by call (a new random order each round), so each call finds
+        # caches the others just used;
         # warm: each runs back to back in blocks, its data stays in cache (how timeit measures a statement)
         cold = [1e3 * t for t in interleaved_medians(fns, reps, warmup=5, budget_s=1e9)]
         warm = [1e3 * t for t in blocked_medians(fns, reps)]
