@@ -206,28 +206,23 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
 
     Returns ``{"dense_ms", "deployed_ms", "ratio", "reverted"}``.
     """
-    chosen = [(n, m) for n, m in layers(model) if m.mode == "condensed"]
-    modes = {n: m.mode for n, m in layers(model)}
+    lays = layers(model)
+    chosen = [(n, m) for n, m in lays if m.mode == "condensed"]
     pools = [m for m in model.modules() if isinstance(m, MaxPool2d)]
 
-    def set_all(mode_of: Callable[[str, _Condensed], str]) -> None:
-        for n, m in layers(model):
-            m.set_mode(mode_of(n, m))
-
     def timed_pair() -> tuple[float, float]:
-        current = {n: (m.mode, m.dense_gemm) for n, m in layers(model)}
-        pooled = [p.use_kernel for p in pools]
+        current = [(m, m.mode, m.dense_gemm) for _, m in lays]
+        pooled = [(p, p.use_kernel) for p in pools]
 
         def restore():
-            for n, m in layers(model):
-                mode, gemm = current[n]
+            for m, mode, gemm in current:
                 m.set_mode(mode)
                 m.dense_gemm = gemm
-            for p, flag in zip(pools, pooled):
+            for p, flag in pooled:
                 p.use_kernel = flag
 
         def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
-            for _, m in layers(model):
+            for _, m in lays:
                 m.set_mode("dense")
                 m.dense_gemm = False
             for p in pools:
@@ -243,7 +238,6 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
         return t_d, t_s
 
     with torch.no_grad():
-        set_all(lambda n, m: modes[n])
         t_dense, t_dep = timed_pair()
         reverted = []
         # Smallest measured gains first: those are where noise or the glue (packing, cropping) may lose.
@@ -257,14 +251,14 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             order = order[cut:]
             t_dense, t_dep = timed_pair()
         if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers too
-            for _, m in layers(model):
+            for _, m in lays:
                 if m.dense_gemm:
                     m.dense_gemm = False
                     reverted.append(m.key + " (gemm)")
             for p in pools:
                 p.use_kernel = False
             t_dense, t_dep = timed_pair()
-    for _, m in layers(model):
+    for _, m in lays:
         m.drop_unused()
     return {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
             "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}

@@ -640,11 +640,24 @@ SS_INLINE float nan_max(float m, float v) {
     return v != v ? v : r;
 }
 
+/* The max of col[w0, w1) clipped to [0, W): an output whose window overlaps the padding. */
+SS_INLINE float window_max(const float *col, int64_t w0, int64_t w1, int64_t W) {
+    if (w0 < 0) w0 = 0;
+    if (w1 > W) w1 = W;
+    float m = col[w0];
+    for (int64_t w = w0 + 1; w < w1; ++w) m = nan_max(m, col[w]);
+    return m;
+}
+
 static __thread float *tl_pool = NULL; /* one column-max row per thread */
 static __thread size_t tl_pool_cap = 0;
 
 int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                  int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+    /* output columns [j0, j1) have their whole window inside the row; those before and after are clipped */
+    int64_t j1 = W - kw + pw < 0 ? 0 : (W - kw + pw) / sw + 1, j0 = (pw + sw - 1) / sw;
+    if (j1 > Wo) j1 = Wo;
+    if (j0 > j1) j0 = j1;
     int failed = 0;
 #pragma omp parallel
     {
@@ -667,33 +680,20 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
                     const float *r = xp + h * W;
                     for (int64_t w = 0; w < W; ++w) col[w] = nan_max(col[w], r[w]);
                 }
-                /* windows inside the row: j in [j0, j1); the edges are clipped */
-                int64_t j0 = (pw + sw - 1) / sw, j1 = W - kw + pw < 0 ? 0 : (W - kw + pw) / sw + 1;
-                if (j1 > Wo) j1 = Wo;
-                if (j0 > j1) j0 = j1;
-                for (int64_t j = 0; j < Wo; ++j) {
-                    if (j == j0 && j1 > j0) {
-                        if (kw == 3 && sw == 2) /* ResNet's stem pooling: a fixed window the compiler unrolls */
-                            for (; j < j1; ++j) {
-                                const float *c3 = col + j * 2 - pw;
-                                yr[j] = nan_max(nan_max(c3[0], c3[1]), c3[2]);
-                            }
-                        else
-                            for (; j < j1; ++j) {
-                                const float *cw = col + j * sw - pw;
-                                float m = cw[0];
-                                for (int64_t w = 1; w < kw; ++w) m = nan_max(m, cw[w]);
-                                yr[j] = m;
-                            }
-                        if (j >= Wo) break;
+                for (int64_t j = 0; j < j0; ++j) yr[j] = window_max(col, j * sw - pw, j * sw - pw + kw, W);
+                if (kw == 3 && sw == 2) /* ResNet's stem pooling: a fixed window the compiler unrolls */
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const float *c3 = col + j * 2 - pw;
+                        yr[j] = nan_max(nan_max(c3[0], c3[1]), c3[2]);
                     }
-                    int64_t w0 = j * sw - pw, w1 = w0 + kw;
-                    if (w0 < 0) w0 = 0;
-                    if (w1 > W) w1 = W;
-                    float m = col[w0];
-                    for (int64_t w = w0 + 1; w < w1; ++w) m = nan_max(m, col[w]);
-                    yr[j] = m;
-                }
+                else
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const float *cw = col + j * sw - pw;
+                        float m = cw[0];
+                        for (int64_t w = 1; w < kw; ++w) m = nan_max(m, cw[w]);
+                        yr[j] = m;
+                    }
+                for (int64_t j = j1; j < Wo; ++j) yr[j] = window_max(col, j * sw - pw, j * sw - pw + kw, W);
             }
     }
     return failed ? -1 : 0;
