@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from semisparse.deploy import triton_condensed as tc
@@ -98,6 +100,21 @@ def test_linear_half_precision_within_format_tolerance(dtype, batch, split):
     close(run(layer, x), reference(x, w, m, b), dtype)
 
 
+@settings(max_examples=8, deadline=None)
+@given(out_f=st.integers(1, 24), in_f=st.integers(1, 40), batch=st.integers(1, 9), data=st.data())
+def test_any_shape_fan_in_ablation_and_config_equals_masked_dense(out_f, in_f, batch, data):
+    k = data.draw(st.integers(1, in_f), label="k")
+    ablated = data.draw(st.sets(st.integers(0, out_f - 1), max_size=out_f), label="ablated")
+    cfg = data.draw(st.sampled_from(tc.configs_for(batch, k)), label="config")
+    torch.manual_seed(out_f * 1000 + in_f)
+    w, b = torch.randn(out_f, in_f), torch.randn(out_f)
+    m = fan_in_mask(out_f, in_f, k, tuple(ablated))
+    layer = tc.TritonCondensedLinear(w, m, b)
+    layer.use_config(cfg)
+    x = torch.randn(batch, in_f)
+    close(run(layer, x), reference(x, w, m, b), torch.float32)
+
+
 def test_linear_keeps_leading_dims_and_unbatched_input():
     torch.manual_seed(2)
     w, b = torch.randn(10, 16), torch.randn(10)
@@ -165,13 +182,17 @@ def test_conv1x1_equals_masked_dense_conv_in_both_memory_formats(channels_last, 
     close(run(layer, x[0]), ref[0], torch.float32)  # unbatched (C, H, W)
 
 
-def test_conv1x1_bf16_channels_last_split_k():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv1x1_bf16_split_k(channels_last):
+    """Split-k's second pass scatters position m = n*P + p back to sample n (NCHW keeps samples apart)."""
     torch.manual_seed(5)
     conv = nn.Conv2d(32, 8, 1, bias=False)
     m = fan_in_mask(8, 32, 7).view(8, 32, 1, 1)
     layer = tc.build(conv, m).to(torch.bfloat16)
-    layer.use_config(tc.KernelConfig(8, 4, 8, split=2))
-    x = torch.randn(2, 32, 2, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert not any(c.transpose_input for c in layer.configs(torch.empty(2, 32, 2, 3)))
+    layer.use_config(tc.KernelConfig(8, 4, 4, split=2))
+    x = torch.randn(2, 32, 2, 3).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     ref = F.conv2d(x.double(), (conv.weight * m).to(torch.bfloat16).double().detach())
     close(run(layer, x), ref, torch.bfloat16)
 

@@ -36,9 +36,10 @@ On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTER
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -99,17 +100,18 @@ def _cf_kernel(x_ptr, v_ptr, i_ptr, b_ptr, perm_ptr, y_ptr,
     x_base = x_ptr + n * sxn
     if BB == 1:
         x_base += pb * sxp
-        acc1 = tl.zeros((BO,), dtype=tl.float32)
+        acc2 = tl.zeros((BO, BK), dtype=tl.float32)  # reduced over k once, after the loop
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
             m = kept[:, None] & (kk < k_hi)[None, :]
             off = rows[:, None] * K + kk[None, :]
-            w = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-            j = tl.load(i_ptr + off, mask=m, other=0).to(tl.int32)
+            w = tl.load(v_ptr + off, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            j = tl.load(i_ptr + off, mask=m, other=0, eviction_policy="evict_first").to(tl.int32)
             if U16:
                 j = j & 0xFFFF
-            xv = tl.load(x_base + j * sxc, mask=m, other=0.0).to(tl.float32)
-            acc1 += tl.sum(w * xv, axis=1)
+            xv = tl.load(x_base + j * sxc, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc2 += w * xv
+        acc1 = tl.sum(acc2, axis=1)
         if SPLIT == 1:
             live = rows < OUT
             if HAS_BIAS:
@@ -121,18 +123,20 @@ def _cf_kernel(x_ptr, v_ptr, i_ptr, b_ptr, perm_ptr, y_ptr,
     else:
         pos = pb * BB + tl.arange(0, BB)
         pok = pos < P
-        acc = tl.zeros((BO, BB), dtype=tl.float32)
+        acc3 = tl.zeros((BO, BK, BB), dtype=tl.float32)  # FMAs only in the loop; one reduction after it
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
             m = kept[:, None] & (kk < k_hi)[None, :]
             off = rows[:, None] * K + kk[None, :]
-            w = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-            j = tl.load(i_ptr + off, mask=m, other=0).to(tl.int32)
+            w = tl.load(v_ptr + off, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            j = tl.load(i_ptr + off, mask=m, other=0, eviction_policy="evict_first").to(tl.int32)
             if U16:
                 j = j & 0xFFFF
             xoff = j[:, :, None] * sxc + pos[None, None, :] * sxp
-            xv = tl.load(x_base + xoff, mask=m[:, :, None] & pok[None, None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, :, None] * xv, axis=1)
+            xm = m[:, :, None] & pok[None, None, :]
+            xv = tl.load(x_base + xoff, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc3 += w[:, :, None] * xv
+        acc = tl.sum(acc3, axis=1)
         live = rows < OUT
         tile = live[:, None] & pok[None, :]
         if SPLIT == 1:
@@ -224,6 +228,11 @@ def configs_for(positions: int, fan_in: int) -> list[KernelConfig]:
     """The settings worth timing for ``positions`` rows of input (batch, or N*H*W for a 1x1 conv) and a
     fan-in of ``fan_in`` kept inputs per neuron. Small batches: many outputs per program, threads along k,
     split-k; large batches: wide batch tiles over a transposed input. The first is the heuristic default."""
+    return list(_configs(min(positions, 65), fan_in))
+
+
+@functools.lru_cache(maxsize=512)
+def _configs(positions: int, fan_in: int) -> tuple[KernelConfig, ...]:
     kcap = max(2, _pow2(max(fan_in, 1)))
 
     def cfg(bo, bk, bb, split=1, warps=None, xt=False):
@@ -244,12 +253,7 @@ def configs_for(positions: int, fan_in: int) -> list[KernelConfig]:
         out = [cfg(32, 4, 32, xt=True), cfg(64, 4, 32, xt=True), cfg(32, 8, 32, xt=True),
                cfg(16, 8, 64, xt=True), cfg(64, 2, 64, xt=True), cfg(128, 2, 32, xt=True),
                cfg(16, 4, 64, xt=True), cfg(32, 2, 64, xt=True)]
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
+    return tuple(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -470,6 +474,15 @@ class TritonCondensedConv(TritonCondensedLinear):
     def _positions(self, x: torch.Tensor) -> int:
         return math.prod(x.shape[2:]) * x.shape[0] if x.dim() == self.nd + 2 else math.prod(x.shape[1:])
 
+    def configs(self, x: torch.Tensor) -> list[KernelConfig]:
+        """As the Linear's, less ``transpose_input``: an NCHW input already is ``(C, H*W)`` per sample."""
+        out = []
+        for c in configs_for(self._positions(x), self.fan_in):
+            c = replace(c, transpose_input=False)
+            if c not in out:
+                out.append(c)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == self.nd + 2
         if not batched and x.dim() != self.nd + 1:
@@ -491,8 +504,9 @@ class TritonCondensedConv(TritonCondensedLinear):
             y = torch.empty(N, self.out_features, *spatial, dtype=x.dtype, device=x.device)
         y3 = y.movedim(1, -1).view(N, S, self.out_features)  # a view: the kernel writes y
         cfg = self.config or configs_for(N * S, self.fan_in)[0]
-        if S == 1 and N > 1:  # 1x1 spatial: a plain (N, C) Linear over samples
-            x3, y3 = x3.reshape(1, N, self.in_features), y3.view(1, N, self.out_features)
+        if N > 1 and x3.stride(0) == S * x3.stride(1) and y3.stride(0) == S * y3.stride(1):
+            # samples follow each other (channels-last, or 1x1 spatial): one run of N*S positions
+            x3, y3 = x3.reshape(1, N * S, self.in_features), y3.view(1, N * S, self.out_features)
         self._run(x3, y3, cfg)
         return y if batched else y.squeeze(0)
 
