@@ -81,12 +81,13 @@ def interpreting() -> bool:
 
 
 def _cf_kernel(x_ptr, v_ptr, i_ptr, b_ptr, perm_ptr, y_ptr,
-               P, R, OUT, K, KS, n_pblk, n_oblk,
+               P, R, OUT, K, KP, KS, n_pblk, n_oblk,
                sxn, sxp, sxc, syn, syp, syo, spart,
                BO: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, SPLIT: tl.constexpr,
                U16: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``y[n, p, perm[r]] = sum_j values[r, j] * x[n, p, idx[r, j]] + bias_p[r]`` for a ``(BO, BB)`` tile
-    over ``j`` in this program's split; SPLIT > 1 writes fp32 partials ``y[split, n*P + p, r]`` instead."""
+    over ``j < K`` in this program's split (rows ``KP`` apart: aligned, vector loads); SPLIT > 1 writes fp32
+    partials ``y[split, n*P + p, r]`` instead."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     ob = pid % n_oblk  # output blocks vary fastest: programs that run together share one input panel
@@ -97,18 +98,20 @@ def _cf_kernel(x_ptr, v_ptr, i_ptr, b_ptr, perm_ptr, y_ptr,
     kept = rows < R  # rows R..OUT-1 are ablated: nothing loaded, acc stays 0
     k_lo = split * KS
     k_hi = tl.minimum(k_lo + KS, K)
+    k_end = tl.minimum(k_lo + KS, KP)  # weights / indices past K are zero padding: loads masked to KP vectorise
     x_base = x_ptr + n * sxn
     if BB == 1:
         x_base += pb * sxp
         acc2 = tl.zeros((BO, BK), dtype=tl.float32)  # reduced over k once, after the loop
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
-            m = kept[:, None] & (kk < k_hi)[None, :]
-            off = rows[:, None] * K + kk[None, :]
-            w = tl.load(v_ptr + off, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            j = tl.load(i_ptr + off, mask=m, other=0, eviction_policy="evict_first").to(tl.int32)
+            mw = kept[:, None] & (kk < k_end)[None, :]
+            off = rows[:, None] * KP + kk[None, :]
+            w = tl.load(v_ptr + off, mask=mw, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            j = tl.load(i_ptr + off, mask=mw, other=0, eviction_policy="evict_first").to(tl.int32)
             if U16:
                 j = j & 0xFFFF
+            m = kept[:, None] & (kk < k_hi)[None, :]
             xv = tl.load(x_base + j * sxc, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
             acc2 += w * xv
         acc1 = tl.sum(acc2, axis=1)
@@ -126,12 +129,13 @@ def _cf_kernel(x_ptr, v_ptr, i_ptr, b_ptr, perm_ptr, y_ptr,
         acc3 = tl.zeros((BO, BK, BB), dtype=tl.float32)  # FMAs only in the loop; one reduction after it
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
-            m = kept[:, None] & (kk < k_hi)[None, :]
-            off = rows[:, None] * K + kk[None, :]
-            w = tl.load(v_ptr + off, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            j = tl.load(i_ptr + off, mask=m, other=0, eviction_policy="evict_first").to(tl.int32)
+            mw = kept[:, None] & (kk < k_end)[None, :]
+            off = rows[:, None] * KP + kk[None, :]
+            w = tl.load(v_ptr + off, mask=mw, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            j = tl.load(i_ptr + off, mask=mw, other=0, eviction_policy="evict_first").to(tl.int32)
             if U16:
                 j = j & 0xFFFF
+            m = kept[:, None] & (kk < k_hi)[None, :]
             xoff = j[:, :, None] * sxc + pos[None, None, :] * sxp
             xm = m[:, :, None] & pok[None, None, :]
             xv = tl.load(x_base + xoff, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -224,15 +228,19 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def configs_for(positions: int, fan_in: int) -> list[KernelConfig]:
-    """The settings worth timing for ``positions`` rows of input (batch, or N*H*W for a 1x1 conv) and a
-    fan-in of ``fan_in`` kept inputs per neuron. Small batches: many outputs per program, threads along k,
-    split-k; large batches: wide batch tiles over a transposed input. The first is the heuristic default."""
-    return list(_configs(min(positions, 65), fan_in))
+def configs_for(positions: int, fan_in: int, elem_bytes: int = 4) -> list[KernelConfig]:
+    """The settings worth timing for ``positions`` rows of input (batch, or N*H*W for a 1x1 conv), a fan-in
+    of ``fan_in`` kept inputs per neuron and ``elem_bytes`` per input element (4 fp32, 2 bf16/fp16).
+
+    Batch 1: threads along k, a few outputs per program or many with split-k. Up to 64: a batch tile of up
+    to 16, split-k. Larger: either a 32-byte batch tile (8 fp32 / 16 bf16) whose input panel, ``in x 32``
+    bytes, stays in L1 while a program sweeps many outputs, or wide 32/64 tiles that read whole cache
+    lines. The first is the heuristic default (used when no config is set)."""
+    return list(_configs(min(positions, 65), fan_in, elem_bytes))
 
 
 @functools.lru_cache(maxsize=512)
-def _configs(positions: int, fan_in: int) -> tuple[KernelConfig, ...]:
+def _configs(positions: int, fan_in: int, elem_bytes: int) -> tuple[KernelConfig, ...]:
     kcap = max(2, _pow2(max(fan_in, 1)))
 
     def cfg(bo, bk, bb, split=1, warps=None, xt=False):
@@ -250,9 +258,11 @@ def _configs(positions: int, fan_in: int) -> tuple[KernelConfig, ...]:
                cfg(8, 32, bb, split=4, xt=True), cfg(32, 16, bb, split=2, xt=True), cfg(16, 16, bb),
                cfg(8, 32, min(bb, 8)), cfg(64, 8, min(_pow2(positions), 32), xt=True)]
     else:
-        out = [cfg(32, 4, 32, xt=True), cfg(64, 4, 32, xt=True), cfg(32, 8, 32, xt=True),
-               cfg(16, 8, 64, xt=True), cfg(64, 2, 64, xt=True), cfg(128, 2, 32, xt=True),
-               cfg(16, 4, 64, xt=True), cfg(32, 2, 64, xt=True)]
+        line = max(1, 32 // elem_bytes)  # one 32-byte sector of the transposed input per gather
+        out = [cfg(64, 8, line, xt=True), cfg(128, 4, line, xt=True), cfg(128, 8, line, xt=True),
+               cfg(256, 4, line, xt=True), cfg(64, 4, 2 * line, xt=True),
+               cfg(32, 4, 32, xt=True), cfg(64, 4, 32, xt=True), cfg(32, 8, 32, xt=True),
+               cfg(16, 8, 64, xt=True), cfg(64, 2, 64, xt=True)]
     return tuple(dict.fromkeys(out))
 
 
@@ -282,10 +292,16 @@ def _condense(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _pack(values, cols, kept, ablated, in_f, bias):
+    """Rows padded to a multiple of 16 entries (zeros, never read): every row starts 16-element aligned,
+    so the kernel's weight and index loads vectorise."""
+    k = values.shape[1]
+    pad = -k % 16
+    if pad:
+        values, cols = F.pad(values, (0, pad)), F.pad(cols, (0, pad))
     idx = _u16(cols) if in_f <= U16_LIMIT else cols.to(torch.int32)
     perm = torch.cat([kept, ablated]).to(torch.int64)
     bias_p = None if bias is None else bias.detach()[perm].to(values.dtype).contiguous()
-    return values.contiguous(), idx.contiguous(), perm.contiguous(), bias_p, int(kept.numel())
+    return values.contiguous(), idx.contiguous(), perm.contiguous(), bias_p, int(kept.numel()), k
 
 
 def _u16(cols: torch.Tensor) -> torch.Tensor:
@@ -311,13 +327,13 @@ class TritonCondensedLinear(nn.Module):
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self._set(*_condense(weight, mask, bias))
 
-    def _set(self, values, idx, perm, bias_p, n_kept) -> None:
+    def _set(self, values, idx, perm, bias_p, n_kept, fan_in) -> None:
         self.register_buffer("values", values)
         self.register_buffer("idx", idx)
         self.register_buffer("perm", perm)
         self.register_buffer("bias_p", bias_p)
         self.n_kept = n_kept
-        self.fan_in = int(values.shape[1])
+        self.fan_in = fan_in  # kept inputs per neuron; values / idx rows are padded to 16
         self.config: KernelConfig | None = None
 
     @classmethod
@@ -345,7 +361,7 @@ class TritonCondensedLinear(nn.Module):
 
     def configs(self, x: torch.Tensor) -> list[KernelConfig]:
         """Settings worth timing for input ``x`` (see :func:`configs_for`)."""
-        return configs_for(self._positions(x), self.fan_in)
+        return configs_for(self._positions(x), self.fan_in, x.element_size())
 
     def use_config(self, config: KernelConfig | None) -> None:
         """Run every call with ``config`` (``None``: the heuristic default for each call's batch)."""
@@ -358,7 +374,8 @@ class TritonCondensedLinear(nn.Module):
         w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
         if self.n_kept:
             rows = self.perm[: self.n_kept]
-            w[rows] = w[rows].scatter_add(1, _columns(self.idx), self.values)
+            k = self.fan_in
+            w[rows] = w[rows].scatter_add(1, _columns(self.idx[:, :k]), self.values[:, :k])
         return w
 
     def dense_bias(self) -> torch.Tensor | None:
@@ -374,6 +391,8 @@ class TritonCondensedLinear(nn.Module):
         return x.numel() // max(x.shape[-1], 1) if x.dim() else 1
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
+        if channels != self.in_features:
+            raise SemisparseError(f"expected {what} of size {self.in_features}, got input shape {tuple(x.shape)}")
         if x.dtype != self.values.dtype:
             raise SemisparseError(f"{type(self).__name__} holds {self.values.dtype} weights, got {x.dtype} input; "
                                   f"convert the layer or the input")
@@ -382,19 +401,19 @@ class TritonCondensedLinear(nn.Module):
         if x.device.type != "cuda" and not interpreting():
             raise SemisparseError("the condensed Triton kernels run on CUDA tensors (or on CPU under "
                                   "TRITON_INTERPRET=1); got a CPU input")
-        if channels != self.in_features:
-            raise SemisparseError(f"expected {what} of size {self.in_features}, got input shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0:
             raise SemisparseError(f"expected input (..., {self.in_features}), got a scalar")
-        if x.requires_grad and torch.is_grad_enabled():
+        if x.requires_grad and torch.is_grad_enabled():  # inference kernels: autograd runs the dense weight
+            if x.shape[-1] != self.in_features:
+                raise SemisparseError(f"expected last dimension of size {self.in_features}, got {tuple(x.shape)}")
             return F.linear(x, self.dense_weight(), self.dense_bias())
         self._check(x, x.shape[-1], "last dimension")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        cfg = self.config or configs_for(x2.shape[0], self.fan_in)[0]
+        cfg = self.config or configs_for(x2.shape[0], self.fan_in, x.element_size())[0]
         if cfg.transpose_input and x2.shape[0] > 1:
             xt = x2.t().contiguous()  # (in, batch): a gather reads a contiguous run of the batch
             x3 = xt.t().unsqueeze(0)
@@ -412,20 +431,21 @@ class TritonCondensedLinear(nn.Module):
             fill = torch.zeros_like(y3[0, 0]) if self.bias_p is None else self.dense_bias()
             y3.copy_(fill.expand_as(y3))
             return
-        launch(x3, self.values, self.idx, self.bias_p, self.perm, self.n_kept, y3, cfg)
+        launch(x3, self.values, self.idx, self.fan_in, self.bias_p, self.perm, self.n_kept, y3, cfg)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.fan_in}, "
                 f"kept={self.n_kept}, config={self.config.name if self.config else 'auto'}")
 
 
-def launch(x3: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, bias_p: torch.Tensor | None,
+def launch(x3: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, fan_in: int, bias_p: torch.Tensor | None,
            perm: torch.Tensor, n_kept: int, y3: torch.Tensor, cfg: KernelConfig) -> None:
-    """Run the condensed kernel(s): ``y3[n, p, perm[r]] = values[r] . x3[n, p, idx[r]] + bias_p[r]``
-    (rows ``r >= n_kept`` are ablated: bias only). ``x3 (N, P, in)``, ``y3 (N, P, out)`` strided views."""
+    """Run the condensed kernel(s): ``y3[n, p, perm[r]] = values[r, :fan_in] . x3[n, p, idx[r, :fan_in]] +
+    bias_p[r]`` (rows ``r >= n_kept`` are ablated: bias only). ``x3 (N, P, in)``, ``y3 (N, P, out)`` strided
+    views; ``values`` / ``idx`` ``(R, KP)`` contiguous, ``KP >= fan_in``."""
     main, reduce = _kernels()
     N, P, _ = x3.shape
-    R, K = values.shape
+    K, KP = fan_in, values.shape[1]
     OUT = perm.numel()
     BO, BK, BB = cfg.block_out, cfg.block_k, cfg.block_batch
     n_oblk, n_pblk = _cdiv(OUT, BO), _cdiv(P, BB)
@@ -436,13 +456,13 @@ def launch(x3: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, bias_p: to
     b = bias_p if has_bias else values
     u16 = idx.dtype == torch.int16
     if split == 1:
-        main[grid](x3, values, idx, b, perm, y3, P, n_kept, OUT, K, KS, n_pblk, n_oblk,
+        main[grid](x3, values, idx, b, perm, y3, P, n_kept, OUT, K, KP, KS, n_pblk, n_oblk,
                    *x3.stride(), *y3.stride(), 0,
                    BO=BO, BK=BK, BB=BB, SPLIT=1, U16=u16, HAS_BIAS=has_bias, num_warps=cfg.num_warps)
         return
     M = N * P
     part = torch.empty(split, M, OUT, dtype=torch.float32, device=x3.device)
-    main[grid](x3, values, idx, b, perm, part, P, n_kept, OUT, K, KS, n_pblk, n_oblk,
+    main[grid](x3, values, idx, b, perm, part, P, n_kept, OUT, K, KP, KS, n_pblk, n_oblk,
                *x3.stride(), 0, 0, 0, M * OUT,
                BO=BO, BK=BK, BB=BB, SPLIT=split, U16=u16, HAS_BIAS=has_bias, num_warps=cfg.num_warps)
     BM = min(_pow2(M), 16)
@@ -477,7 +497,7 @@ class TritonCondensedConv(TritonCondensedLinear):
     def configs(self, x: torch.Tensor) -> list[KernelConfig]:
         """As the Linear's, less ``transpose_input``: an NCHW input already is ``(C, H*W)`` per sample."""
         out = []
-        for c in configs_for(self._positions(x), self.fan_in):
+        for c in configs_for(self._positions(x), self.fan_in, x.element_size()):
             c = replace(c, transpose_input=False)
             if c not in out:
                 out.append(c)
@@ -490,7 +510,9 @@ class TritonCondensedConv(TritonCondensedLinear):
                                   f"Conv{self.nd}d, got shape {tuple(x.shape)}")
         if not batched:
             x = x.unsqueeze(0)
-        if x.requires_grad and torch.is_grad_enabled():
+        if x.requires_grad and torch.is_grad_enabled():  # inference kernels: autograd runs the dense weight
+            if x.shape[1] != self.in_features:
+                raise SemisparseError(f"expected input channels of size {self.in_features}, got {tuple(x.shape)}")
             w = self.dense_weight().view(self.out_features, self.in_features, *([1] * self.nd))
             y = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1](x, w, self.dense_bias())
             return y if batched else y.squeeze(0)
@@ -503,7 +525,7 @@ class TritonCondensedConv(TritonCondensedLinear):
         else:
             y = torch.empty(N, self.out_features, *spatial, dtype=x.dtype, device=x.device)
         y3 = y.movedim(1, -1).view(N, S, self.out_features)  # a view: the kernel writes y
-        cfg = self.config or configs_for(N * S, self.fan_in)[0]
+        cfg = self.config or configs_for(N * S, self.fan_in, x.element_size())[0]
         if N > 1 and x3.stride(0) == S * x3.stride(1) and y3.stride(0) == S * y3.stride(1):
             # samples follow each other (channels-last, or 1x1 spatial): one run of N*S positions
             x3, y3 = x3.reshape(1, N * S, self.in_features), y3.view(1, N * S, self.out_features)
