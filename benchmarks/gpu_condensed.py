@@ -155,24 +155,28 @@ def check(kind: str, layer: nn.Module, cfg, x: torch.Tensor, ref: torch.Tensor) 
     return row
 
 
+def with_tf32(on: bool, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with TF32 allowed or not for matmuls and cuDNN convs (captured that way in a graph),
+    the flags restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        return module(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def time_part(part: dict, timer: Timer, dense: nn.Module, layer: nn.Module, x: torch.Tensor, ref: torch.Tensor,
               cap_s: float, start: float) -> dict:
-    """Check every config of ``layer`` on ``x``, then time dense (fp32: also with TF32) and each config."""
+    """Check every config of ``layer`` on ``x``, then time dense (TF32 off; fp32 also with TF32 on, an aside)
+    and each config."""
     names, runs = ["dense"], []
     part["configs"] = []
     with torch.no_grad():
-        runs.append(timer.prepare(lambda: dense(x)))
+        runs.append(timer.prepare(lambda: with_tf32(False, dense, x)))  # the baseline: true fp32 (and bf16)
         if x.dtype == torch.float32 and not timer.smoke:
-            def dense_tf32():
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-                try:
-                    return dense(x)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = False
-                    torch.backends.cudnn.allow_tf32 = True  # torch's default for convs
-
-            names.append("dense-tf32")
-            runs.append(timer.prepare(dense_tf32))
+            names.append("dense-tf32")  # an aside: fp32 dense on tensor cores (TF32 rounding of the inputs)
+            runs.append(timer.prepare(lambda: with_tf32(True, dense, x)))
         for cfg in layer.configs(x):
             if time.perf_counter() - start > cap_s / 2:  # keep half the cap for timing
                 part["configs"].append({"config": cfg.name, "skipped": "part time cap"})
@@ -281,7 +285,7 @@ def main() -> None:
     result = {"meta": {"device": "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name(),
                        "torch": torch.__version__, "triton": triton.__version__, "smoke": args.smoke,
                        "reps": timer.reps, "inner": timer.inner, "graphs": not args.smoke,
-                       "tf32_dense_default": torch.backends.cuda.matmul.allow_tf32},
+                       "dense_baseline": "same dtype, TF32 off (dense_tf32_us: fp32 with TF32 on, an aside)"},
               "correctness": [], "parts": [], "not_run": []}
 
     def save() -> None:

@@ -4,8 +4,10 @@ The CPU condensed form (:mod:`.condensed`) keeps, per output neuron that keeps a
 values and their input columns; ablated neurons (all-zero mask rows) are not computed, their output is their
 bias (or 0). The GPU form here holds the same information, laid out for one Triton kernel:
 
-* ``values`` ``(R, k)`` in the layer's dtype (fp32, bf16 or fp16; the kernel accumulates in fp32);
-* ``idx`` ``(R, k)``: input columns, uint16 bits in int16 while ``in_features <= 65,536``, else int32;
+* ``values`` ``(R, k)`` in the layer's dtype (fp32, bf16 or fp16; the kernel accumulates in fp32), rows
+  padded with zeros to a multiple of 16 entries so every row starts aligned and its loads vectorise;
+* ``idx`` ``(R, k)`` (padded alike): input columns, uint16 bits in int16 while ``in_features <= 65,536``,
+  else int32;
 * ``perm`` ``(out,)`` int64: the output channel of each kernel row, the R kept rows first, then the ablated
   ones (which the kernel writes as their bias without loading anything);
 * ``bias_p`` ``(out,)`` (or ``None``): the bias in ``perm`` order.
@@ -29,6 +31,8 @@ Interface for the GPU planner::
             layer.use_config(cfg)                    # ... time layer(x) (graphed), keep the fastest
         layer.use_config(best)                       # None: a heuristic pick per call
 
+``tc.launch`` runs the kernel on any ``(N, P, in)`` / ``(N, P, out)`` strided views (for a caller with its
+own buffers); ``tc.configs_for(positions, fan_in, elem_bytes)`` is the config space without a layer.
 ``layer(x)`` has ``nn.Linear``'s (``nn.ConvNd``'s) contract: same shapes, dtype in = dtype out, bias added,
 ablated outputs = bias. Inputs that need gradients run the expanded dense weight through torch.
 On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``; tests).
@@ -55,7 +59,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 __all__ = ["KernelConfig", "TritonCondensedLinear", "TritonCondensedConv", "available", "interpreting",
-           "build", "candidates", "configs_for", "supports"]
+           "build", "candidates", "configs_for", "launch", "supports"]
 
 #: Largest input width the uint16 index form addresses.
 U16_LIMIT = 65_536
