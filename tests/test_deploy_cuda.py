@@ -421,3 +421,36 @@ def test_cusparselt_linear_matches_dense_bf16_on_gpu():
     form = LinearForm(SparseGemm(w, b, be))
     x = torch.randn(197, 768, dtype=torch.bfloat16, device="cuda")
     assert rel(form(x), F.linear(x, w, b)) < 1e-2
+
+
+# --- semisparse bench --device cuda ---------------------------------------------------------------------------------
+
+def test_bench_model_row_carries_every_baseline_and_error():
+    from semisparse.cli.bench_cuda import bench_model_cuda, format_rows
+
+    table = {"deployed": 1.0, "original": 2.0, "all-dense": 1.5, "eager": 3.0}
+
+    def timer(fn, what):
+        fn()
+        return table.get(what[1], 1.0) * 1e-3
+
+    def factory():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 40)).eval()
+
+    row = bench_model_cuda(factory, 4, torch.bfloat16, timer=timer, eager_timer=timer, backend=EmulatedBackend(),
+                           graphs=EmulatedGraphs(), device="cpu", plan="sparse")
+    assert row["ratio_vs_original"] == 2.0 and row["ratio_vs_all_dense"] == 1.5 and row["ratio_vs_eager"] == 3.0
+    assert row["compiled_ms"] is None and row["sparse_layers"] == 2 == row["layers"]
+    assert row["rel_err_vs_dense"] < 2e-2 and row["max_layer_rel_err"] < 2e-2 and len(row["layer_errors"]) == 2
+    assert {r["kernel"] for r in row["per_layer"]} == {"cusparselt"}
+    assert "vs original graphed" in format_rows([row])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_bench_device_cuda_without_a_gpu_is_one_line(capsys):
+    from semisparse.cli import main as cli
+
+    assert cli(["bench", "--device", "cuda", "--model", "resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA" in err and err.count("\n") == 1

@@ -136,6 +136,9 @@ def deploy_cuda(
     try:
         if saved is not None:
             load_plan_into(m, saved)
+            summary["model"] = saved.header.get("summary", {}).get("model")
+            if (summary["model"] or {}).get("fallback"):
+                serve = original  # the planner found nothing faster than the original: serve it again
             with torch.no_grad():
                 run_once(m, x)  # searches the alg ids a changed environment made stale, outside any capture
         elif plan == "sparse":
