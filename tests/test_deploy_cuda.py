@@ -454,3 +454,45 @@ def test_bench_device_cuda_without_a_gpu_is_one_line(capsys):
     assert cli(["bench", "--device", "cuda", "--model", "resnet50"]) == 2
     err = capsys.readouterr().err
     assert "CUDA" in err and err.count("\n") == 1
+
+
+@needs_cuda
+def test_deploy_cuda_tiny_vit_graphed_matches_dense_on_gpu(tmp_path):
+    vit = tiny_vit()
+    ss.sparsify(vit, "2:4")
+    x = torch.randn(4, 3, 32, 32)
+    dep = ss.deploy(vit, device="cuda", dtype=torch.bfloat16, example_input=x)
+    with torch.no_grad():
+        ref = vit.cuda()(x.cuda())
+    assert rel(dep(x), ref) < 2e-2 and len(dep.shapes) == 1
+    save_plan(dep, tmp_path / "p.safetensors")
+    again = ss.deploy(vit.cpu(), device="cuda", dtype=torch.bfloat16, example_input=x,
+                      plan=str(tmp_path / "p.safetensors"))
+    assert torch.equal(again(x), dep(x))
+
+
+def test_a_registered_form_joins_the_planner_and_a_refusing_one_is_left_out():
+    from semisparse.deploy.cuda import FORMS, register_form
+    from semisparse.deploy.cuda.forms import DenseGemm
+
+    saved = list(FORMS)
+
+    def condensed(spec, backend):  # stands in for the Triton condensed kernel: fan-in masks only
+        return LinearForm(DenseGemm(spec.weight, spec.bias)) if spec.pattern.startswith("fan-in") else None
+
+    def refuses(spec, backend):
+        raise RuntimeError("shape not supported")
+
+    try:
+        register_form("condensed", condensed, sparse=True)
+        register_form("broken", refuses, sparse=True)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+        ss.sparsify(m, 0.75)  # constant fan-in: not 2:4, no cuSPARSELt form
+        timer = TableTimer({("0.weight", "condensed"): 0.25, ("2.weight", "condensed"): 2.0}, ["0.weight", "2.weight"],
+                           original=100.0)
+        dep = emulated(m, x=torch.randn(4, 64), timer=timer)
+        lays = {lay.key: lay for _, lay in planned_layers(dep.module)}
+        assert lays["0.weight"].choice == "condensed" and lays["2.weight"].choice == "dense"
+        assert "cusparselt" not in lays["0.weight"].timings and "broken unavailable" in lays["0.weight"].notes[0]
+    finally:
+        FORMS[:] = saved

@@ -96,7 +96,10 @@ class CusparseltBackend:
         kw = {"bias": bias} if bias is not None and "bias" in self.keywords else {}
         if "transpose_result" in self.keywords:
             kw["transpose_result"] = True
-        found = torch._cslt_sparse_mm_search(packed, dense_t, **kw)
+        try:
+            found = torch._cslt_sparse_mm_search(packed, dense_t, **kw)
+        except RuntimeError:  # no search for this problem: cuSPARSELt's default algorithm
+            return 0
         return int(found[0] if isinstance(found, (tuple, list)) else found)
 
     def describe(self) -> dict:

@@ -129,7 +129,11 @@ class PlannedLayer(nn.Module):
         for f in FORMS:
             if (only is not None and f.name not in only) or f.name in skip:
                 continue
-            mod = f.build(spec, backend)
+            try:
+                mod = f.build(spec, backend)
+            except RuntimeError as exc:  # the kernel refused this layer (shape, alignment): leave the form out
+                self.notes.append(f"{f.name} unavailable: {str(exc).splitlines()[0][:120] if str(exc) else exc}")
+                continue
             if mod is not None:
                 forms[f.name] = mod
         if not forms:
