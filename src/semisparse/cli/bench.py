@@ -48,6 +48,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-csr", action="store_true", help="skip the torch CSR comparison")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
+    # --device cuda: 2:4 through cuSPARSELt (semisparse.cli.bench_cuda)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: condensed kernels (constant fan-in); cuda: 2:4 layers through cuSPARSELt")
+    p.add_argument("--pattern", default="2:4", help="with --device cuda: the N:M pattern (2:4)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --device cuda")
+    p.add_argument("--tokens", type=int, nargs="*", default=None,
+                   help="with --device cuda: token counts of the layer rows (default 197 3152 12608 50432)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="with --device cuda: skip the torch.compile(mode='max-autotune') baseline (minutes)")
     return p
 
 
@@ -289,6 +298,10 @@ def _table(head: list[str], body: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.device == "cuda":
+        from .bench_cuda import main_cuda
+
+        return main_cuda(args)
     if args.threads < 1:
         raise SemisparseError(f"--threads must be >= 1, got {args.threads}")
     if args.reps < 1:

@@ -18,6 +18,7 @@ import torch
 from ..deploy import checkpoint as ckpt_io
 from ..errors import SemisparseError
 from ..masking import LayerReport, Report, report
+from ..masking import masks as ss_masks
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -66,7 +67,34 @@ def get_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name, for a checkpoint that does not record its arch")
     p.add_argument("--num-classes", type=int, default=None, help="with --model: number of classes")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--onnx", action="store_true",
+                   help="write a plain ONNX graph instead (masks baked in: zeros in place, no mask nodes), e.g. for "
+                   "TensorRT's sparse engines; CHECKPOINT may also be a compressed file")
+    p.add_argument("--input-size", type=_input_size, default=None, metavar="CxHxW",
+                   help="with --onnx: one input's size (default: guessed from the model, 3x224x224 for ImageNet)")
     return p
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    """``semisparse export --onnx``: see :func:`semisparse.deploy.onnx_export.export_onnx`."""
+    from ..deploy.onnx_export import export_onnx
+
+    src = Path(args.checkpoint)
+    dst = Path(args.output) if args.output else src.with_suffix(".onnx")
+    if dst.resolve() == src.resolve():
+        raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
+    if is_compressed(src):
+        model = ckpt_io.load(src, model=_given_model(args))
+    else:
+        model, _ = ckpt_io.load_training_checkpoint(src, model=_given_model(args))
+    example = None if args.input_size is None else torch.randn(1, *args.input_size)
+    export_onnx(model, dst, example)
+    result = {"output": str(dst), "sparse_layers": len(ss_masks(model)), "bytes": dst.stat().st_size}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {dst}: {_mb(result['bytes'])}, {result['sparse_layers']} sparse weights with zeros in place")
+    return 0
 
 
 def _given_model(args: argparse.Namespace) -> torch.nn.Module | None:
@@ -165,6 +193,8 @@ def main_export(argv: list[str] | None = None) -> int:
     args = get_export_parser().parse_args(argv)
     if args.fp16 and args.bf16:
         raise SemisparseError("choose one of --fp16 and --bf16")
+    if args.onnx:
+        return _export_onnx(args)
     src = Path(args.checkpoint)
     if is_compressed(src):
         raise SemisparseError(

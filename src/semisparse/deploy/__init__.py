@@ -36,6 +36,7 @@ def deploy(
     fold: bool = True,
     fold_bn: bool = True,
     reps: int = 20,
+    graph: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
     masked dense model's.
@@ -53,9 +54,18 @@ def deploy(
     semisparse's pooling kernel where the planner measured it faster than torch's.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
+
+    ``device="cuda"``: 2:4 layers through cuSPARSELt in CUDA graphs (``graph=False``: eager), planned on the
+    GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
+    (see :func:`semisparse.deploy.cuda.deploy_cuda`).
     """
     from ..masking.parametrization import sparse_weights
 
+    if torch.device(device).type == "cuda":
+        from .cuda import deploy_cuda
+
+        return deploy_cuda(model, dtype, batch_size, example_input, plan=plan, graph=graph, fold_bn=fold_bn,
+                           reps=reps, device=device)
     if plan not in ("measure", "condensed", "dense"):
         raise SemisparseError(f"plan must be 'measure', 'condensed' or 'dense', got {plan!r}")
     dev = torch.device(device)

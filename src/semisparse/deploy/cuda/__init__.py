@@ -1,0 +1,34 @@
+"""2:4 inference on NVIDIA GPUs: cuSPARSELt layers, CUDA graphs and a planner that never slows a model.
+
+``ss.deploy(model, device="cuda", dtype=torch.bfloat16)`` calls :func:`deploy_cuda`. Modules, bottom up:
+
+* :mod:`.backend` - cuSPARSELt through ``torch._cslt_*`` (keywords probed), or its CPU emulation;
+* :mod:`.eligibility` - which masks and shapes run 2:4, padding sizes to multiples of 16, reasons;
+* :mod:`.forms` - dense and 2:4 GEMMs; Linear, 1x1 conv (channels-last) and k x k conv lowerings;
+* :mod:`.layer` - a layer with candidate forms (a registry other kernels can join) and its report row;
+* :mod:`.graph` - one CUDA graph per input shape, static buffers, a bound on the number of shapes;
+* :mod:`.timing` / :mod:`.planner` - graphed timings, per-layer choices, the whole-model check;
+* :mod:`.plan_io` - save / load a plan with its compressed weights and algorithm ids;
+* :mod:`.build` - the deploy flow.
+"""
+
+from .backend import CusparseltBackend, EmulatedBackend, require_cusparselt, unavailable_reason
+from .build import deploy_cuda
+from .graph import CudaGraphs, EmulatedGraphs, GraphedModule
+from .layer import FORMS, PlannedLayer, register_form
+from .plan_io import save_plan
+
+__all__ = [
+    "deploy_cuda",
+    "save_plan",
+    "register_form",
+    "FORMS",
+    "PlannedLayer",
+    "GraphedModule",
+    "CudaGraphs",
+    "EmulatedGraphs",
+    "CusparseltBackend",
+    "EmulatedBackend",
+    "require_cusparselt",
+    "unavailable_reason",
+]

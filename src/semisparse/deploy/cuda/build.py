@@ -1,0 +1,283 @@
+"""``ss.deploy(model, device="cuda")``: 2:4 layers through cuSPARSELt, planned, inside CUDA graphs.
+
+The steps, each in its own module: read the masks off a copy of the model and fold eval BatchNorm into
+convs; turn every masked Linear, MHA projection and Conv2d into a :class:`~.layer.PlannedLayer` holding
+its candidate forms (:mod:`.eligibility` decides what may run 2:4 and why not); move to the device and
+dtype (channels-last for models with convs); plan (:mod:`.planner`) or load a saved plan (:mod:`.plan_io`);
+wrap in :class:`~.graph.GraphedModule` and capture the planned input shape.
+
+``backend``, ``graphs``, ``timer`` and ``device`` are injectable: with :class:`~.backend.EmulatedBackend`,
+:class:`~.graph.EmulatedGraphs` and a fake timer, the whole flow runs on CPU (tests, ``--smoke``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ...errors import SemisparseError
+from .backend import EmulatedBackend, require_cusparselt
+from .eligibility import LayerSpec
+from .graph import MAX_SHAPES, CudaGraphs, EmulatedGraphs, GraphedModule
+from .layer import PlannedLayer
+from .planner import Timer, plan_layers, plan_model, plan_sparse, planned_layers
+
+PLANS = ("measure", "sparse", "dense")
+
+
+def deploy_cuda(
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 1,
+    example_input: torch.Tensor | tuple | None = None,
+    *,
+    plan: str | os.PathLike = "measure",
+    graph: bool = True,
+    fold_bn: bool = True,
+    lower_kxk: bool = True,
+    max_shapes: int = MAX_SHAPES,
+    reps: int = 20,
+    backend=None,
+    graphs=None,
+    timer: Timer | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """An inference copy of the masked ``model`` whose 2:4 layers run cuSPARSELt where that is faster.
+
+    ``dtype``: ``torch.bfloat16`` / ``torch.float16``; ``None`` keeps the model's dtype; in fp32 every layer
+    stays dense (2:4 tensor cores need 16-bit types; the report says so). ``plan``: ``"measure"`` (time
+    each layer's forms, then the whole model; never slower than the original dense model graphed the same
+    way), ``"sparse"`` (every eligible layer sparse, no timing), ``"dense"`` (the deployed all-dense twin),
+    or the path of a plan written by :func:`~.plan_io.save_plan` (no timing, no algorithm search).
+    ``graph``: replay CUDA graphs, one per input shape up to ``max_shapes`` (then eager); ``False`` runs
+    eagerly. ``lower_kxk``: also time k x k convs lowered to 2:4 GEMMs (per tap, im2col).
+    The rest is for tests and other back-ends (see the module docstring).
+    """
+    from ...masking.parametrization import sparse_weights
+    from .plan_io import load_plan_into, read_plan
+
+    saved = None
+    if isinstance(plan, (os.PathLike, Path)) or (isinstance(plan, str) and plan not in PLANS):
+        if not Path(plan).is_file():
+            raise SemisparseError(f"plan must be one of {', '.join(PLANS)} or a saved plan file; got {str(plan)!r}")
+        saved = read_plan(plan)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise SemisparseError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise SemisparseError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype!r}")
+    if backend is None:
+        backend = require_cusparselt()
+        device = "cuda" if device is None else device
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if graphs is None and graph:
+        graphs = CudaGraphs() if device.type == "cuda" else EmulatedGraphs()
+    if timer is None:
+        from .timing import GraphTimer, WallTimer
+
+        timer = GraphTimer(reps) if device.type == "cuda" else WallTimer(max(3, reps // 4))
+    if not any(True for _ in sparse_weights(model)):
+        raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if saved is not None:
+        from .plan_io import check_environment
+
+        planned_dtype = saved.header.get("summary", {}).get("dtype")
+        if planned_dtype not in (None, str(dtype).removeprefix("torch.")):
+            raise SemisparseError(f"saved plan {plan} was made for {planned_dtype}, not {dtype}; pass that dtype")
+        check_environment(saved, backend)
+
+    m, masks, patterns = masked_copy(model)
+    original = _baked(m, masks)  # the original dense model: masks multiplied in, nothing else changed
+    folded = []
+    if fold_bn:
+        from ..fold import fold_batchnorm
+
+        folded = fold_batchnorm(m, masks)
+    specs, baked = _collect(m, masks, patterns)
+    channels_last = any(isinstance(mod, nn.Conv2d) for mod in m.modules())
+    fmt = torch.channels_last if channels_last else None
+    for mod in (m, original):
+        mod.to(device=device, dtype=dtype)
+        if fmt is not None:
+            mod.to(memory_format=fmt)
+    skip = () if lower_kxk else ("cusparselt-taps", "cusparselt-im2col")
+    for name, spec in specs:
+        spec.weight = spec.weight.to(device=device, dtype=dtype)
+        if spec.weight.dim() == 4 and fmt is not None:
+            spec.weight = spec.weight.contiguous(memory_format=fmt)
+        spec.bias = None if spec.bias is None else spec.bias.to(device=device, dtype=dtype)
+        only = None if saved is None else saved.forms_for(spec.key)
+        layer = PlannedLayer(spec, saved.backend_for(backend, spec.key) if saved else backend, only=only, skip=skip)
+        m = layer if not name else _set(m, name, layer)
+
+    from .. import default_example_input
+
+    x = example_input if example_input is not None else default_example_input(model, batch_size)
+    x = _to_device(x, device, dtype, fmt)
+    from .plan_io import environment
+
+    summary: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "backend": backend.describe(),
+                     "environment": environment(backend),
+                     "graph": bool(graph), "max_shapes": max_shapes if graph else 0,
+                     "plan": str(plan) if saved is None else "loaded", "batch_size": batch_size,
+                     "input_shape": list(x.shape) if isinstance(x, torch.Tensor) else None,
+                     "folded_bn": len(folded), "memory_format": "channels_last" if fmt else "contiguous"}
+    if baked:
+        summary["kept_dense"] = baked
+    serve: nn.Module = m
+    try:
+        if saved is not None:
+            load_plan_into(m, saved)
+            summary["model"] = saved.header.get("summary", {}).get("model")
+            if (summary["model"] or {}).get("fallback"):
+                serve = original  # the planner found nothing faster than the original: serve it again
+            with torch.no_grad():
+                run_once(m, x)  # searches the alg ids a changed environment made stale, outside any capture
+        elif plan == "sparse":
+            plan_sparse(m)
+            with torch.no_grad():
+                run_once(m, x)
+        elif plan == "measure":
+            plan_layers(m, x, timer)
+            result = plan_model(m, x, timer, original)
+            summary["model"] = result
+            if result["fallback"]:
+                serve = original
+        for _, layer in planned_layers(m):
+            layer.drop_unused()
+    except RuntimeError as exc:
+        if example_input is not None:
+            raise
+        raise SemisparseError(f"could not run the model on a guessed input of shape {tuple(x.shape)} ({exc}); "
+                              "pass example_input=torch.randn(...) with the model's real input shape") from exc
+    summary["sparse_layers"] = sum(1 for _, lay in planned_layers(m) if lay.is_sparse)
+    summary["layers"] = len(planned_layers(m))
+    out = GraphedModule(serve, graphs if graph else None, dtype=dtype, device=device, memory_format=fmt,
+                        max_shapes=max_shapes)
+    if serve is not m:
+        out.deployed = m  # kept for the report: what was planned and why it was not served
+    if graph and isinstance(x, torch.Tensor):
+        out.capture(x)
+    out.semisparse_plan = summary
+    return out
+
+
+def run_once(model: nn.Module, x) -> None:
+    model(*x) if isinstance(x, (list, tuple)) else model(x)
+
+
+def _to_device(x, device, dtype, fmt):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device, dtype, fmt) for v in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    return x.contiguous(memory_format=fmt) if (fmt is not None and x.dim() == 4) else x
+
+
+def masked_copy(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, str]]:
+    """A CPU eval copy of ``model`` with its mask parametrizations removed (dense originals kept), and the
+    masks and pattern names by original state_dict key. The user's model is left untouched."""
+    from ...masking.parametrization import sparse_weights
+
+    m = copy.deepcopy(model).cpu().eval()
+    masks, patterns = {}, {}
+    for sw in list(sparse_weights(m)):
+        masks[sw.key] = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
+        patterns[sw.key] = sw.parametrization.pattern_name
+    for mod in m.modules():
+        if parametrize.is_parametrized(mod):
+            originals = {name: plist.original for name, plist in mod.parametrizations.items()}
+            del mod._modules["parametrizations"]
+            mod.__class__ = mod.__class__.__bases__[0]  # the copy's own generated class, not the user's
+            for name, original in originals.items():
+                mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, masks, patterns
+
+
+def _baked(m: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    out = copy.deepcopy(m)
+    with torch.no_grad():
+        for key, mask in masks.items():
+            out.get_parameter(key).mul_(mask.to(out.get_parameter(key).dtype))
+    return out
+
+
+def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str, LayerSpec]], dict[str, str]]:
+    """Specs of every masked layer deploy rebuilds; masked weights it cannot rebuild are baked (multiplied
+    in, the module kept) and returned with the reason."""
+    from ..attention import SparseMultiheadAttention, supports
+
+    specs: list[tuple[str, LayerSpec]] = []
+    baked: dict[str, str] = {}
+    handled: set[str] = set()
+
+    def key_of(name, p):
+        return f"{name}.{p}" if name else p
+
+    def spec(key, kind, weight, bias, conv=None):
+        w = weight.detach().float() * masks[key]
+        b = None if bias is None else bias.detach().float()
+        return LayerSpec(key, kind, w, masks[key], b, patterns[key], conv or {})
+
+    for name, mod in list(m.named_modules()):
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        key, out_key = key_of(name, "in_proj_weight"), key_of(name, "out_proj.weight")
+        if key not in masks and out_key not in masks:
+            continue
+        why = supports(mod)
+        if why or key not in masks:
+            for k, p, holder in ((key, "in_proj_weight", mod), (out_key, "weight", mod.out_proj)):
+                if k in masks:
+                    with torch.no_grad():
+                        getattr(holder, p).mul_(masks[k])
+                    baked[k] = why or "MultiheadAttention with a dense packed QKV: kept as torch's module"
+                    handled.add(k)
+            continue
+        new = SparseMultiheadAttention(mod, nn.Identity(), nn.Identity())
+        _set(m, name, new)
+        specs.append((key_of(name, "in_proj"), spec(key, "MultiheadAttention", mod.in_proj_weight, mod.in_proj_bias)))
+        if out_key in masks:
+            specs.append((key_of(name, "out_proj"), spec(out_key, "Linear", mod.out_proj.weight, mod.out_proj.bias)))
+        else:
+            plain = nn.Linear(mod.embed_dim, mod.embed_dim, bias=mod.out_proj.bias is not None)
+            plain.load_state_dict(mod.out_proj.state_dict())
+            new.out_proj = plain
+        handled.update({key, out_key})
+    for name, mod in list(m.named_modules()):
+        key = key_of(name, "weight")
+        if key not in masks or key in handled:
+            continue
+        if isinstance(mod, nn.Linear):
+            specs.append((name, spec(key, "Linear", mod.weight, mod.bias)))
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
+            conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
+            specs.append((name, spec(key, "Conv2d", mod.weight, mod.bias, conv)))
+        else:
+            with torch.no_grad():
+                mod.weight.mul_(masks[key])
+            baked[key] = f"{type(mod).__name__}: only Linear, Conv2d (zero padding) and MHA are rebuilt on CUDA"
+    return specs, baked
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``root``; returns ``root``."""
+    if not name:
+        raise SemisparseError("deploy(device='cuda') cannot rebuild a bare nn.MultiheadAttention; wrap it in a model")
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return root
+
+
+__all__ = ["deploy_cuda", "masked_copy", "EmulatedBackend", "EmulatedGraphs"]
