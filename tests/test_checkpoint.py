@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -81,6 +82,22 @@ def test_round_trip_is_exact(tmp_path, pattern, pad, keep_dense):
     path = ck.save(model, tmp_path / "m.safetensors", keep_dense=keep_dense)
     loaded = ss.load(path, model=fresh_like(model))
     assert_same_sparse_model(model, loaded, dense_underneath=keep_dense)
+
+
+def test_loading_into_a_deep_copy_leaves_the_original_model_working(tmp_path):
+    # the copy shares parametrize's generated class with the original: removing the copy's masks must not
+    # delete the original's weight property
+    model = small_cnn().eval()
+    ss.sparsify(model, "2:4")
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+    path = ck.save(model, tmp_path / "m.safetensors")
+    loaded = ss.load(path, model=copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        assert torch.equal(loaded.eval()(x), before)
+    assert ss.masks(model).keys() == ss.masks(loaded).keys()
 
 
 def test_padded_taps_layout_round_trips_with_short_groups(tmp_path):

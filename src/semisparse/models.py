@@ -15,7 +15,7 @@ weights enum name (``ResNet18_Weights.IMAGENET1K_V1``) whose file is already in 
 nothing is ever downloaded. The model gets ``model.semisparse_arch = {"name", "num_classes", **kw}``
 (JSON-able) so a checkpoint can rebuild it.
 
-This module is a leaf: it imports torch, torchvision and (optionally) timm only.
+It imports torch, torchvision, (optionally) timm, and the mask parametrization's state-dict reader only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torchvision
 from torch import nn
 
 from .errors import SemisparseError
+from .masking.parametrization import effective_state_dict
 
 __all__ = ["create_model", "list_models", "load_weights", "register_model", "MODELS"]
 
@@ -216,23 +217,6 @@ def _hub_file(enum_name: str, model_name: str | None = None) -> str:
     return path
 
 
-def _effective_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A semisparse training state_dict (parametrization keys) -> plain keys with masks applied."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if ".parametrizations." not in f".{key}":
-            out[key] = value
-            continue
-        prefix, rest = f".{key}".split(".parametrizations.", 1)
-        prefix = prefix[1:]
-        param, tail = rest.split(".", 1)
-        name = f"{prefix}.{param}" if prefix else param
-        if tail == "original":
-            mask = sd.get(f"{key[: -len('original')]}0.mask")
-            out[name] = value * mask.to(value.dtype) if mask is not None else value
-    return out
-
-
 def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str | None = None) -> nn.Module:
     """Load a local file or a cached torchvision enum into ``model`` (strict; shapes must match).
 
@@ -251,7 +235,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str |
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SemisparseError(f"weights {path} hold no state_dict (expected a dict of tensors, or one under 'model')")
-    sd = _effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    sd = effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..deploy.planner import blocked_medians, interleaved_medians
 from ..errors import SemisparseError
+from ..masking.parametrization import effective_state_dict
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -236,20 +237,8 @@ def _create(name: str) -> nn.Module:
 
 def _masked_dense(name: str, model: nn.Module) -> nn.Module:
     """A plain copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
-    import semisparse as ss
-
     dense = _create(name).eval()
-    sd = {}
-    for key, v in model.state_dict().items():
-        if ".parametrizations." in key or key.startswith("parametrizations."):
-            if key.endswith(".original"):
-                sd[key.replace("parametrizations.", "").removesuffix(".original")] = v
-            continue
-        sd[key] = v
-    dense.load_state_dict(sd)
-    with torch.no_grad():
-        for key, m in ss.masks(model).items():
-            dense.get_parameter(key).mul_(m)
+    dense.load_state_dict(effective_state_dict(model.state_dict()))
     return dense
 
 

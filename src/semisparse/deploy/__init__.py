@@ -13,7 +13,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 
@@ -54,7 +53,7 @@ def deploy(
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
     """
-    from ..masking.parametrization import sparse_weights
+    from ..masking.parametrization import detach, sparse_weights
 
     if plan not in ("measure", "condensed", "dense"):
         raise SemisparseError(f"plan must be 'measure', 'condensed' or 'dense', got {plan!r}")
@@ -79,9 +78,9 @@ def deploy(
     for sw in list(sparse_weights(m)):
         mask = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
         found[sw.key] = (sw.name, sw.param, mask, sw.parametrization.pattern_name)
-    for mod in m.modules():
-        if parametrize.is_parametrized(mod):
-            _strip_parametrizations(mod)
+    for sw in list(sparse_weights(m)):  # the dense originals, as plain inference weights
+        detach(sw.module, sw.param)
+        getattr(sw.module, sw.param).requires_grad_(False)
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
     folded_bn = fold_batchnorm(m, masks) if fold_bn else []
@@ -187,19 +186,6 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
         if isinstance(mod, nn.Linear):
             return torch.randn(batch_size, mod.in_features)
     raise SemisparseError("cannot guess the model's input shape; pass example_input=torch.randn(...)")
-
-
-def _strip_parametrizations(mod: nn.Module) -> None:
-    """Turn a (deep-copied) parametrized module back into its plain class with the dense originals.
-
-    ``parametrize.remove_parametrizations`` edits the generated class, which a deep copy shares with the
-    user's model; restoring the copy's own class leaves the user's model untouched.
-    """
-    originals = {name: plist.original for name, plist in mod.parametrizations.items()}
-    del mod._modules["parametrizations"]
-    mod.__class__ = mod.__class__.__bases__[0]
-    for name, original in originals.items():
-        mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

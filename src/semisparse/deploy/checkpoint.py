@@ -36,11 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Layout
-from ..masking.parametrization import Mask, SparseParametrization, Target, sparse_weights
+from ..masking.parametrization import (
+    Mask,
+    SparseParametrization,
+    Target,
+    attach,
+    detach_all,
+    sparse_weights,
+    split_state_dict,
+)
 from ..patterns import NM
 
 FORMAT = "semisparse.compressed"
@@ -575,8 +582,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             raise SemisparseError(f"{path}: {key}: malformed layer entry ({exc})") from None
     if model is None:
         model = _build(header.get("arch"), path)
-    for sw in list(sparse_weights(model)):  # a given model that is sparsified already: start from its dense
-        parametrize.remove_parametrizations(sw.module, sw.param, leave_parametrized=False)
+    detach_all(model)  # a given model that is sparsified already: start from its dense weights
     state = {name: tensors[name] for name in header["dense"]}
     for key, (_, weight) in decoded.items():
         state[key] = weight
@@ -599,8 +605,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         mod_name, _, param = key.rpartition(".")
         module = modules[mod_name]
         p.mask = p.mask.to(getattr(module, param).device)
-        p.param_order = tuple(module._parameters)  # as ss.sparsify does, so finalize keeps key order
-        parametrize.register_parametrization(module, param, p)
+        attach(module, param, p)
     return model
 
 
@@ -648,27 +653,6 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state
 
 
-def split_parametrized_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """A sparsified model's state_dict -> (dense state with the original keys, masks found in it).
-
-    ``X.parametrizations.W.original`` becomes ``X.W``; ``X.parametrizations.W.0.mask`` is collected as the
-    mask of ``X.W``; any other parametrization buffer (a learned mask's logits) is dropped.
-    """
-    dense, found = {}, {}
-    for name, t in _strip_wrappers(state).items():
-        head, sep, tail = name.partition("parametrizations.")
-        if not sep or (head and not head.endswith(".")):
-            dense[name] = t
-            continue
-        param, _, rest = tail.partition(".")
-        key = head + param
-        if rest == "original":
-            dense[key] = t
-        elif rest == "0.mask" and t.dtype == torch.bool:
-            found[key] = t
-    return dense, found
-
-
 def load_training_checkpoint(
     path: str | os.PathLike, model: nn.Module | None = None
 ) -> tuple[nn.Module, dict]:
@@ -699,9 +683,8 @@ def load_training_checkpoint(
         raise SemisparseError(f"{path}: 'model' is not a state_dict of tensors")
     if model is None:
         model = _build(ckpt.get("arch"), path)
-    dense, found = split_parametrized_state(state)
-    for sw in list(sparse_weights(model)):
-        parametrize.remove_parametrizations(sw.module, sw.param, leave_parametrized=False)
+    dense, found = split_state_dict(_strip_wrappers(state))
+    detach_all(model)
     try:
         model.load_state_dict(dense, strict=True)
     except RuntimeError as exc:

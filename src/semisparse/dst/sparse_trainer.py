@@ -30,11 +30,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
-from ..masking.parametrization import Mask, sparse_weights
+from ..masking.parametrization import Mask, attach, sparse_weights
 from ..masking.report import Report, build_report
 from ..patterns import NM, fanin_mask, nm_mask, parse_pattern
 from . import rules
@@ -246,8 +245,7 @@ class DynamicSparsity:
             mask = mask.to(weight.device)
             target = nm if nm is not None else k0
             p = Mask(mask, c.layout, target)
-            p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
-            parametrize.register_parametrization(c.module, c.param, p)
+            attach(c.module, c.param, p)
             ablate = rule == "srigl" and c is not classifier and not _matches(c, no_ablation_globs)
             layer = SparseLayer(c.key, c.module, c.param, c.layout, p, budget, k0, ablate)
             self.layers.append(layer)

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Layout, plan
-from ..masking.parametrization import Mask, sparse_weights
+from ..masking.parametrization import Mask, attach, sparse_weights
 from ..patterns import NM, nm_mask, parse_pattern
 from .sparse_trainer import _as_globs, _matches, check_optimizer, unwrap
 
@@ -86,8 +85,7 @@ class SRSTE:
             w = getattr(c.module, c.param).detach()
             mask = c.layout.from_view(nm_mask(c.layout.to_view(w.abs()), nm.n, nm.m))
             p = STEMask(mask, c.layout, nm, self.decay)
-            p.param_order = tuple(c.module._parameters)
-            parametrize.register_parametrization(c.module, c.param, p)
+            attach(c.module, c.param, p)
             self.masks.append((p, c.module, c.param))
 
     @torch.no_grad()
