@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import checkpoint as ck
+from semisparse.io import compressed as ck
 from semisparse.layout import Layout
 from semisparse.masking import Mask, parametrization_of
 from semisparse.patterns import NM

@@ -14,7 +14,7 @@ from torch import nn
 
 import semisparse as ss
 from semisparse.cli import main as cli
-from semisparse.deploy import checkpoint as ck
+from semisparse.io import compressed as ck
 from semisparse.masking import parametrization_of
 from semisparse.patterns import NM
 

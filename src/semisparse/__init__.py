@@ -14,7 +14,7 @@ The public API is a few verbs::
 """
 
 from .deploy import deploy
-from .deploy.checkpoint import load, save
+from .io.compressed import load, save
 from .dst import SRSTE, RigL, SRigL
 from .errors import PatternError, SemisparseError
 from .masking import check, finalize, masks, report, sparsify

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..deploy import checkpoint as ckpt_io
+from ..io import compressed as ckpt_io
 from ..errors import SemisparseError
 from ..masking import LayerReport, Report, report
 

@@ -1,0 +1,1 @@
+"""Files: the compressed safetensors checkpoint (:mod:`.compressed`)."""
