@@ -172,16 +172,15 @@ def deployed_layers(model: nn.Module) -> list:
 
 
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """``(batch, C, S, S)`` for an image model (C from its first conv, S from ``image_size`` or 224), or
+    """``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``,
+    which semisparse's models and torchvision's ViTs carry, or its arch's, else 224), or
     ``(batch, in_features)`` when the first layer is a Linear."""
     arch = getattr(model, "semisparse_arch", None) or {}
     size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
     for mod in model.modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = mod.weight.dim() - 2
-            s = int(size) if size else (8 if arch.get("name") == "digits_cnn" else
-                                        32 if "cifar" in str(arch.get("name", "")) or arch.get("name") == "wrn22_2"
-                                        else 224)
+            s = int(size) if size else 224
             return torch.randn(batch_size, mod.in_channels, *([s] * nd))
         if isinstance(mod, nn.Linear):
             return torch.randn(batch_size, mod.in_features)

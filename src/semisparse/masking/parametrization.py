@@ -105,6 +105,11 @@ class SparseWeight:
         return f"{self.name}.{self.param}" if self.name else self.param
 
     @property
+    def state_prefix(self) -> str:
+        """The prefix of this weight's parametrization entries in the model's state_dict."""
+        return (f"{self.name}." if self.name else "") + f"parametrizations.{self.param}."
+
+    @property
     def original(self) -> torch.Tensor:
         """The dense weight underneath the mask (an ``nn.Parameter``)."""
         return self.module.parametrizations[self.param].original
