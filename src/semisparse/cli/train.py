@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
+from ..masking import report as ss_report
 from ..models import create_model
 from ..train import distributed as dist_utils
 from ..train.checkpoint import check_arch, load_checkpoint, set_rng_state
@@ -502,8 +503,6 @@ def setup(args: argparse.Namespace) -> Run:
                                 args.bias_weight_decay, args.transformer_embedding_decay)  # fmt: skip
     sparsity.attach(model, optimizer, total_steps)
     if report is None and sparsity.dst is not None:
-        from ..masking import report as ss_report
-
         report = ss_report(model, example_input=example)
     lr_scheduler = build_lr_scheduler(
         optimizer, args.lr_scheduler, args.epochs, args.lr_warmup_epochs, args.lr_warmup_method,

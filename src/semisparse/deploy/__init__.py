@@ -1,4 +1,4 @@
-"""Deploy: condensed sparse kernels, the measuring planner and compressed checkpoint I/O.
+"""Deploy: condensed sparse kernels and the measuring planner (the speed path).
 
 ``ss.deploy(model)`` reads the masks semisparse holds on ``model`` (``ss.sparsify`` / ``ss.load``; never the
 zeros of a weight) and returns an inference copy in which every sparse Linear, Conv and MHA projection is
@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
+from ..masking.parametrization import detach, sparse_weights
+from . import kernels
+from .attention import SparseMultiheadAttention, supports
+from .condensed import SparseConv, SparseLinear, deployed_layers
+from .fold import fold_batchnorm
+from .planner import plan_layers, plan_model, plan_pools
+from .pool import MaxPool2d
+from .pool import supports as supports_pool
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -53,8 +61,6 @@ def deploy(
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
     """
-    from ..masking.parametrization import detach, sparse_weights
-
     if plan not in ("measure", "condensed", "dense"):
         raise SemisparseError(f"plan must be 'measure', 'condensed' or 'dense', got {plan!r}")
     dev = torch.device(device)
@@ -66,12 +72,6 @@ def deploy(
         raise SemisparseError(f"batch_size must be a positive int, got {batch_size!r}")
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
-
-    from . import kernels
-    from .condensed import SparseConv, SparseLinear
-    from .fold import fold_batchnorm
-    from .pool import MaxPool2d
-    from .pool import supports as supports_pool
 
     m = copy.deepcopy(model).cpu().eval()
     found = {}
@@ -95,8 +95,6 @@ def deploy(
         if isinstance(mod, nn.MultiheadAttention):
             key = f"{name}.in_proj_weight" if name else "in_proj_weight"
             out_key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            from .attention import SparseMultiheadAttention, supports
-
             if key in masks and not supports(mod):
                 in_proj = SparseLinear(key, mod.in_proj_weight.detach(), masks[key], mod.in_proj_bias,
                                        patterns[key], kind="MultiheadAttention")
@@ -139,8 +137,6 @@ def deploy(
             if isinstance(pool, MaxPool2d):
                 pool.use_kernel = False
     elif plan == "measure":
-        from .planner import plan_layers, plan_model, plan_pools
-
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
             plan_layers(m, x, reps=reps)
@@ -162,13 +158,6 @@ def deploy(
         layer.drop_unused()
     m.semisparse_plan = summary
     return m
-
-
-def deployed_layers(model: nn.Module) -> list:
-    """``[(module name, condensed layer)]`` of a deployed model."""
-    from .condensed import _Condensed
-
-    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, _Condensed)]
 
 
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
@@ -204,8 +193,6 @@ def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
 
 
 def _linear_or_sparse(lin: nn.Linear, key: str, masks: dict, patterns: dict) -> nn.Module:
-    from .condensed import SparseLinear
-
     if key in masks:
         return SparseLinear(key, lin.weight.detach(), masks[key], lin.bias, patterns[key])
     plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)

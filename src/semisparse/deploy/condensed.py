@@ -196,6 +196,11 @@ class _Condensed(nn.Module):
         return state
 
 
+def deployed_layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
+    """``[(module name, condensed layer)]`` of a deployed model."""
+    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, _Condensed)]
+
+
 class SparseLinear(_Condensed):
     """Condensed ``nn.Linear`` (also an MHA's packed in-projection). ``x (..., in) -> (..., out)``.
 

@@ -11,9 +11,12 @@ from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
 from ..patterns import NM, FanIn, fanin_mask, nm_mask, parse_pattern
 from .parametrization import Mask, SparseParametrization, Target, attach, detach, sparse_weights
+from .permute import annotate_report, permute_channels
 from .report import Report, build_report
 
 METHODS = ("magnitude", "random", "gumbel")
+
+# .gumbel is imported where learned masks are asked for: it loads numba (optional) when installed.
 
 
 def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn) -> tuple[torch.Tensor, Target]:
@@ -102,8 +105,6 @@ def sparsify(
     )
     permuted = None
     if permute:
-        from .permute import permute_channels
-
         if existing or masks is not None:
             raise SemisparseError("permute=True needs a dense model and computed masks (not masks=...)")
         if method == "gumbel":
@@ -174,8 +175,6 @@ def sparsify(
     rep = build_report(model, candidates, example_input)
     rep.notes.extend(notes)
     if permuted is not None:
-        from .permute import annotate_report
-
         annotate_report(rep, permuted)
     return rep
 
