@@ -3,7 +3,7 @@
 * :mod:`.budgets` - uniform and ERK layer densities;
 * :mod:`.schedule` - an update every ``delta`` steps until ``t_end``, cosine-decayed drop fraction;
 * :mod:`.rules` - RigL, SRigL (constant fan-in + neuron ablation) and N:M prune/grow, vectorised per layer;
-* :mod:`.sparse_trainer` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
+* :mod:`.dynamic` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
 * :mod:`.srste` - SR-STE, N:M from scratch with a straight-through gradient;
 * :mod:`.api` - the factories ``RigL``, ``SRigL``, ``SRSTE`` and ``from_flags`` for the CLI.
 """
@@ -11,7 +11,7 @@
 from .api import DST_METHODS, SRSTE, RigL, SRigL, from_flags
 from .budgets import erk_densities, layer_densities, uniform_densities
 from .schedule import UpdateSchedule
-from .sparse_trainer import DynamicSparsity
+from .dynamic import DynamicSparsity
 from .srste import STEMask
 
 __all__ = [

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..patterns import NM, parse_pattern
-from .sparse_trainer import DynamicSparsity
+from .dynamic import DynamicSparsity
 from .srste import SRSTE as _SRSTE
 
 DST_METHODS = ("rigl", "srigl", "sr-ste", "static")

@@ -8,7 +8,7 @@
 
 Shapes are plain tuples (the weight's shape). Densities are floats in (0, 1]. Per-layer counts are
 floored (:func:`fanin_budgets`), so the achieved sparsity is at least the target, by less than a weight per
-neuron; :class:`~semisparse.dst.sparse_trainer.DynamicSparsity` reports the achieved figure.
+neuron; :class:`~semisparse.dst.dynamic.DynamicSparsity` reports the achieved figure.
 """
 
 from __future__ import annotations

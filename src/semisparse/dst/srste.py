@@ -18,7 +18,7 @@ from ..errors import SemisparseError
 from ..layout import Layout, plan
 from ..masking.parametrization import Mask, attach, sparse_weights
 from ..patterns import NM, nm_mask, parse_pattern
-from .sparse_trainer import _as_globs, _matches, check_optimizer, unwrap
+from .dynamic import _as_globs, _matches, check_optimizer, unwrap
 
 
 class _StraightThrough(torch.autograd.Function):
