@@ -61,7 +61,7 @@ class SparseLayer:
         return self.module.parametrizations[self.param].original
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def refuse_ddp(model: nn.Module) -> nn.Module:
     """The module inside ``DataParallel``, else ``model``; a ``DistributedDataParallel`` model is an error.
 
     DDP hooks the gradient accumulators of the parameters when it is built, and registering a
@@ -173,7 +173,7 @@ class DynamicSparsity:
         dense_globs = _as_globs(dense_layers, "dense_layers")
         no_ablation_globs = _as_globs(no_ablation, "no_ablation")
 
-        inner = unwrap(model)
+        inner = refuse_ddp(model)
         existing = list(sparse_weights(inner))
         if existing:
             raise SemisparseError(
@@ -408,7 +408,7 @@ class DynamicSparsity:
 
     def report(self, example_input: torch.Tensor | None = None) -> Report:
         """The core's coverage report plus the achieved sparsity and ablated neurons."""
-        rep = build_report(unwrap(self.model), self._candidates, example_input)
+        rep = build_report(refuse_ddp(self.model), self._candidates, example_input)
         target = f"{self.sparsity:.4g}"
         rep.notes.append(
             f"{self.rule}: achieved sparsity {self.achieved_sparsity:.4f} over the budgeted layers "

@@ -18,7 +18,7 @@ from ..errors import SemisparseError
 from ..layout import Layout, plan
 from ..masking.parametrization import Mask, attach, sparse_weights
 from ..patterns import NM, nm_mask, parse_pattern
-from .dynamic import _as_globs, _matches, check_optimizer, unwrap
+from .dynamic import _as_globs, _matches, check_optimizer, refuse_ddp
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -68,7 +68,7 @@ class SRSTE:
             raise SemisparseError(f'SR-STE needs an N:M pattern such as "2:4", got {pattern!r}')
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
             raise SemisparseError(f"decay must be a number >= 0 (e.g. 2e-4), got {decay!r}")
-        inner = unwrap(model)
+        inner = refuse_ddp(model)
         if next(sparse_weights(inner), None) is not None:
             raise SemisparseError("model is already sparsified; SR-STE sets its own masks (start from a dense model)")
         dense_globs = _as_globs(dense_layers, "dense_layers")
