@@ -10,8 +10,8 @@
 
 from .api import DST_METHODS, SRSTE, RigL, SRigL, from_flags
 from .budgets import erk_densities, layer_densities, uniform_densities
-from .schedule import UpdateSchedule
 from .dynamic import DynamicSparsity
+from .schedule import UpdateSchedule
 from .srste import STEMask
 
 __all__ = [
