@@ -157,7 +157,7 @@ def from_flags(
     common = dict(include=include, exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped,
                   dense_layers=dense_layers)
     if dst == "sr-ste":
-        return SRSTE(model, optimizer, pattern or "2:4", decay, **common)
+        return SRSTE(model, optimizer, pattern=pattern or "2:4", decay=decay, **common)
     steps = max(1, int(float(t_end) * total_steps))
     sched = dict(sparsity=sparsity_level, t_end=steps, delta=delta, alpha=alpha, distribution=distribution,
                  seed=seed, **common)
