@@ -18,7 +18,8 @@ from ..errors import SemisparseError
 from ..layout import Layout, plan
 from ..masking.parametrization import Mask, attach, sparse_weights
 from ..patterns import NM, nm_mask, parse_pattern
-from .dynamic import _as_globs, _matches, check_optimizer, refuse_ddp
+from .dynamic import check_optimizer, refuse_ddp
+from .topology import as_globs, matches
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -71,9 +72,9 @@ class SRSTE:
         inner = refuse_ddp(model)
         if next(sparse_weights(inner), None) is not None:
             raise SemisparseError("model is already sparsified; SR-STE sets its own masks (start from a dense model)")
-        dense_globs = _as_globs(dense_layers, "dense_layers")
+        dense_globs = as_globs(dense_layers, "dense_layers")
         candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
-        eligible = [c for c in candidates if c.eligible and not _matches(c, dense_globs)]
+        eligible = [c for c in candidates if c.eligible and not matches(c, dense_globs)]
         if not eligible:
             reasons = sorted({c.reason for c in candidates if c.reason}) or ["no eligible layer"]
             raise SemisparseError(f"no layer of this model can be made {nm}: {'; '.join(reasons)}")
