@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -17,7 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import checkpoint as ck
+from semisparse import models
+from semisparse.io import codec
+from semisparse.io import compressed as ck
 from semisparse.layout import Layout
 from semisparse.masking import Mask, parametrization_of
 from semisparse.patterns import NM
@@ -81,6 +82,22 @@ def test_round_trip_is_exact(tmp_path, pattern, pad, keep_dense):
     path = ck.save(model, tmp_path / "m.safetensors", keep_dense=keep_dense)
     loaded = ss.load(path, model=fresh_like(model))
     assert_same_sparse_model(model, loaded, dense_underneath=keep_dense)
+
+
+def test_loading_into_a_deep_copy_leaves_the_original_model_working(tmp_path):
+    # the copy shares parametrize's generated class with the original: removing the copy's masks must not
+    # delete the original's weight property
+    model = small_cnn().eval()
+    ss.sparsify(model, "2:4")
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+    path = ck.save(model, tmp_path / "m.safetensors")
+    loaded = ss.load(path, model=copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        assert torch.equal(loaded.eval()(x), before)
+    assert ss.masks(model).keys() == ss.masks(loaded).keys()
 
 
 def test_padded_taps_layout_round_trips_with_short_groups(tmp_path):
@@ -253,13 +270,11 @@ def test_size_budget_on_resnet18(tmp_path):
 def test_load_rebuilds_the_recorded_architecture(tmp_path, monkeypatch):
     calls = []
 
-    def create_model(name, num_classes=1000, **kw):
-        calls.append((name, num_classes, kw))
-        m = small_cnn() if name == "tiny" else None
-        m.semisparse_arch = {"name": name, "num_classes": num_classes, **kw}
-        return m
+    def tiny(num_classes=1000, **kw):
+        calls.append(("tiny", num_classes, kw))
+        return small_cnn()
 
-    monkeypatch.setitem(sys.modules, "semisparse.models", types.SimpleNamespace(create_model=create_model))
+    monkeypatch.setitem(models.MODELS, "tiny", tiny)
     model = small_cnn()
     model.semisparse_arch = {"name": "tiny", "num_classes": 10, "width": 1}
     ss.sparsify(model, 0.9)
@@ -455,9 +470,9 @@ def test_failed_save_leaves_the_previous_file_and_no_temp_files(tmp_path):
 def test_pack_bits_round_trips(bits, data):
     vals = data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=50))
     t = torch.tensor(vals, dtype=torch.int64)
-    packed = ck.pack_bits(t, bits)
+    packed = codec.pack_bits(t, bits)
     assert packed.numel() == (len(vals) * bits + 7) // 8
-    assert torch.equal(ck.unpack_bits(packed, bits, len(vals)).long(), t)
+    assert torch.equal(codec.unpack_bits(packed, bits, len(vals)).long(), t)
 
 
 @settings(max_examples=25, deadline=None)

@@ -6,15 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import semisparse as ss
+from semisparse import models
 from semisparse.cli import main as cli
-from semisparse.deploy import checkpoint as ck
+from semisparse.io import compressed as ck
 from semisparse.masking import parametrization_of
 from semisparse.patterns import NM
 
@@ -41,15 +41,11 @@ def tiny(num_classes: int = 10) -> nn.Module:
 def registry(monkeypatch):
     """A stand-in model registry: `tiny` only (the real one is exercised by the end-to-end test)."""
 
-    def create_model(name, num_classes=1000, **kw):
-        if name != "tiny":
-            raise ss.SemisparseError(f"unknown model {name!r}")
+    def build(num_classes=1000):
         torch.manual_seed(99)  # different values from the trained model: loading must fill them
-        m = tiny(num_classes)
-        m.semisparse_arch = {"name": name, "num_classes": num_classes, **kw}
-        return m
+        return tiny(num_classes)
 
-    monkeypatch.setitem(sys.modules, "semisparse.models", types.SimpleNamespace(create_model=create_model))
+    monkeypatch.setitem(models.MODELS, "tiny", build)
 
 
 def trained(pattern, **kw) -> nn.Module:
@@ -190,7 +186,7 @@ def test_report_of_file_without_arch_lists_recorded_layers(tmp_path, capsys):
         (["report", "{missing}"], "no such file"),
         (["report", "{junk}"], "not a valid safetensors"),
         (["export", "{junk}"], "already a compressed file"),
-        (["export", "{notckpt}"], "not a readable PyTorch checkpoint"),
+        (["export", "{notckpt}"], "cannot read checkpoint"),
         (["export", "{ckpt}", "--fp16", "--bf16"], "one of --fp16 and --bf16"),
         (["export", "{ckpt}", "-o", "{ckpt}"], "would overwrite"),
     ],

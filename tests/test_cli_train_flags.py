@@ -8,6 +8,7 @@ effect is a whole run (resume, output-dir, test-only, config, print-freq...) are
 
 import glob
 import importlib.util
+import math
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 
 import semisparse as ss
 from semisparse.cli import train as cli_train
+from semisparse.dst import api as dst_api
 from semisparse.models import MODELS, create_model
 from test_data import write_imagefolder
 
@@ -52,14 +54,14 @@ def _isolate(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setitem(MODELS, "tiny_vit_test", lambda num_classes=10: TinyViT(num_classes))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: nn.Sequential(m))  # a marker wrapper, no inductor
-    for name in ("RigL", "SRigL", "SRSTE"):
-        real = getattr(ss, name)
+    for name in ("RigL", "SRigL", "SRSTE"):  # the factories from_flags calls for the CLI
+        real = getattr(dst_api, name)
 
         def record(model, optimizer, _real=real, _name=name, **kw):
             DST_CALLS.append((_name, kw))
             return _real(model, optimizer, **kw)
 
-        monkeypatch.setattr(ss, name, record)
+        monkeypatch.setattr(dst_api, name, record)
     DST_CALLS.clear()
     yield
     torch.use_deterministic_algorithms(False)
@@ -265,6 +267,23 @@ def test_flags_without_effect_are_refused(argv, message, capsys):
     capsys.readouterr()
     assert main(["train", "--epochs", "1", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dst", ["rigl", "srigl", "static"])
+def test_cli_dst_path_gives_the_api_masks_for_the_same_flags_and_seed(dst):
+    flags = {"sparsity_level": 0.8, "distribution": "uniform", "dense_layers": ["features.0"]}
+    argv = ["--dst", dst, "--sparsity-level", "0.8", "--distribution", "uniform", "--dense-layers", "features.0"]
+    r = build([*argv, "--seed", "3"], "D", None)
+    total = math.ceil(len(r.train_loader) / r.args.accumulation_steps) * r.args.epochs
+    model = create_model("digits_cnn", num_classes=10)
+    api = dst_api.from_flags(model, torch.optim.SGD(model.parameters(), lr=0.1), dst, total, seed=3, **flags)
+    cli_masks, api_masks = ss.masks(r.model), ss.masks(model)
+    assert cli_masks.keys() == api_masks.keys() and "features.0.weight" not in cli_masks
+    for key in api_masks:
+        assert torch.equal(cli_masks[key], api_masks[key]), key
+    assert r.sparsity.dst.schedule == api.schedule and r.sparsity.dst.rule == api.rule
+    other = build([*argv, "--seed", "4"], "D", None)  # the seed is used
+    assert any(not torch.equal(m, ss.masks(other.model)[k]) for k, m in cli_masks.items())
 
 
 def test_override_ignore_linear_is_the_default_behaviour(img):

@@ -10,7 +10,7 @@ from torch import nn
 
 import semisparse as ss
 from semisparse import SemisparseError
-from semisparse.dst import from_flags
+from semisparse.dst import ConstantFanIn, DynamicSparsity, LayerBudget, UpdateSchedule, from_flags
 from semisparse.dst.budgets import erk_densities, fanin_budgets
 
 
@@ -392,3 +392,14 @@ def test_grad_steps_sums_the_dense_gradient_over_the_last_steps_before_an_update
     new = sched.layers[0].mask.mask.reshape(-1)
     assert sorted((new & ~kept).nonzero().flatten().tolist()) == sorted(expect.tolist()) and n_drop > 0
     assert not sched._dense_grads
+
+
+def test_factories_are_a_rule_a_budget_and_a_schedule_composed():
+    a = tiny_cnn()
+    b = copy.deepcopy(a)
+    made = ss.SRigL(a, make_opt(a, "sgd"), sparsity=0.8, t_end=50, delta=5, ablation=0.2, seed=1)
+    composed = DynamicSparsity(b, make_opt(b, "sgd"), ConstantFanIn(0.2), LayerBudget(0.8), UpdateSchedule(5, 50),
+                               seed=1)
+    ma, mb = ss.masks(a), ss.masks(b)
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert made.state_dict()["layers"] == composed.state_dict()["layers"] and composed.rule == "srigl"

@@ -14,9 +14,9 @@ The public API is a few verbs::
 """
 
 from .deploy import deploy
-from .deploy.checkpoint import load, save
 from .dst import SRSTE, RigL, SRigL
 from .errors import PatternError, SemisparseError
+from .io.compressed import load, save
 from .masking import check, finalize, masks, report, sparsify
 from .masking.report import Report
 from .patterns import NM, FanIn, parse_pattern

@@ -13,9 +13,11 @@ Names:
 ``weights`` is a local file (a state_dict, or a checkpoint holding one under ``model``) or a torchvision
 weights enum name (``ResNet18_Weights.IMAGENET1K_V1``) whose file is already in the torch hub cache:
 nothing is ever downloaded. The model gets ``model.semisparse_arch = {"name", "num_classes", **kw}``
-(JSON-able) so a checkpoint can rebuild it.
+(JSON-able) so a checkpoint can rebuild it. semisparse's own models carry ``image_size`` (the side of the
+square input they are built for, as torchvision's ViT does) so ``ss.deploy`` and ``semisparse bench`` know
+their input without being told.
 
-This module is a leaf: it imports torch, torchvision and (optionally) timm only.
+It imports torch, torchvision, (optionally) timm, and the mask parametrization's state-dict reader only.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import torchvision
 from torch import nn
 
 from .errors import SemisparseError
+from .io.files import load_torch
+from .masking.parametrization import effective_state_dict
 
-__all__ = ["create_model", "list_models", "load_weights", "register_model", "MODELS"]
+__all__ = ["create_model", "from_arch", "list_models", "load_weights", "register_model", "MODELS"]
 
 #: semisparse's own models: name -> constructor(num_classes=..., **kw).
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -49,6 +53,7 @@ def resnet18_cifar(num_classes: int = 10, **kw: object) -> nn.Module:
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
+    model.image_size = 32
     return model
 
 
@@ -90,6 +95,7 @@ class WideResNet(nn.Module):
             cin = w
         self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
+        self.image_size = 32
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -125,6 +131,7 @@ class DigitsCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, num_classes)
         )
+        self.image_size = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -190,6 +197,17 @@ def create_model(
     return model
 
 
+def from_arch(arch: Mapping | None, where: object) -> nn.Module:
+    """The model a file's recorded ``semisparse_arch`` describes (``where`` names the file in errors)."""
+    if not isinstance(arch, Mapping) or "name" not in arch:
+        raise SemisparseError(
+            f"{where}: the file records no model architecture; pass one: ss.load(path, model=...) "
+            "(CLI: --model NAME)"
+        )
+    kw = dict(arch)
+    return create_model(kw.pop("name"), **kw)
+
+
 def _weights_enum(enum_name: str, model_name: str | None):
     """``ResNet18_Weights.IMAGENET1K_V1``, or ``IMAGENET1K_V1`` / ``DEFAULT`` of ``model_name``'s enum."""
     if "." not in enum_name and model_name in _torchvision_names():
@@ -216,23 +234,6 @@ def _hub_file(enum_name: str, model_name: str | None = None) -> str:
     return path
 
 
-def _effective_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A semisparse training state_dict (parametrization keys) -> plain keys with masks applied."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if ".parametrizations." not in f".{key}":
-            out[key] = value
-            continue
-        prefix, rest = f".{key}".split(".parametrizations.", 1)
-        prefix = prefix[1:]
-        param, tail = rest.split(".", 1)
-        name = f"{prefix}.{param}" if prefix else param
-        if tail == "original":
-            mask = sd.get(f"{key[: -len('original')]}0.mask")
-            out[name] = value * mask.to(value.dtype) if mask is not None else value
-    return out
-
-
 def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str | None = None) -> nn.Module:
     """Load a local file or a cached torchvision enum into ``model`` (strict; shapes must match).
 
@@ -244,14 +245,11 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str |
     path = os.fspath(weights)
     if not os.path.exists(path):
         path = _hub_file(path, model_name)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SemisparseError(f"cannot read weights {path}: not a torch state_dict file ({exc})") from exc
+    obj = load_torch(path, "weights")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SemisparseError(f"weights {path} hold no state_dict (expected a dict of tensors, or one under 'model')")
-    sd = _effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    sd = effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

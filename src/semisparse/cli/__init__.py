@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .. import __version__
+from ..errors import SemisparseError
+
 COMMANDS = {
     "demo": ("semisparse.cli.demo", "train a small CNN on the bundled digits, sparsify it every way, compare"),
     "train": ("semisparse.cli.train", "train / fine-tune a model with masks or sparse training (torchvision flags)"),
@@ -36,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd in ("-V", "--version"):
-        from .. import __version__
-
         print(__version__)
         return 0
     if cmd not in COMMANDS:
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print("semisparse: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user, the traceback only on request
-        from ..errors import SemisparseError
-
         if debug or not isinstance(exc, (SemisparseError, FileNotFoundError, NotADirectoryError, PermissionError)):
             if debug:
                 raise

@@ -23,8 +23,17 @@ import warnings
 import torch
 from torch import nn
 
+from ..deploy import default_example_input, deploy, deployed_layers, kernels
+from ..deploy.fold import fold_batchnorm
 from ..deploy.planner import blocked_medians, interleaved_medians
+from ..dst.budgets import erk_densities, fanin_budgets
 from ..errors import SemisparseError
+from ..layout import plan
+from ..masking import masks as model_masks
+from ..masking import report, sparsify
+from ..masking.parametrization import effective_state_dict
+from ..models import create_model
+from ..patterns import fanin_mask
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,8 +70,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def machine() -> dict:
-    from ..deploy import kernels
-
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as fh:
@@ -80,17 +87,13 @@ def machine() -> dict:
 
 def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, csr: bool = True) -> dict:
     """One Linear ``in_f -> out_f`` at constant fan-in ``sparsity``: dense, condensed, CSR; limits."""
-    import semisparse as ss
-
-    from ..deploy import deploy
-
     torch.manual_seed(0)
     lin = nn.Linear(in_f, out_f)
-    ss.sparsify(lin, sparsity)
+    sparsify(lin, sparsity)
     dep = deploy(lin, plan="condensed")
     dense = nn.Linear(in_f, out_f)  # the dense nn.Linear holding the masked weight: module against module
     with torch.no_grad():
-        dense.weight.copy_(lin.weight * ss.masks(lin)["weight"])
+        dense.weight.copy_(lin.weight * model_masks(lin)["weight"])
         dense.bias.copy_(lin.bias)
     w, b = dense.weight.detach(), dense.bias.detach()
     x = torch.randn(batch, in_f)
@@ -142,10 +145,6 @@ def srigl_like_masks(model: nn.Module, sparsity: float, ablation: float) -> dict
     """SRigL's structure without training: ERK per-layer density as a constant fan-in (magnitude top-k
     per neuron), and the ``ablation`` share of neurons with the smallest norms of every layer but the last
     fully masked (ablated). Layers ERK leaves dense get no mask."""
-    from ..dst.budgets import erk_densities, fanin_budgets
-    from ..layout import plan
-    from ..patterns import fanin_mask
-
     cands = [c for c in plan(model, None) if c.eligible]
     shapes = [c.weight_shape for c in cands]
     dens = erk_densities(shapes, sparsity)
@@ -170,14 +169,10 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
                 ablation: float = 0.0, image_size: int | None = None) -> dict:
     """A whole model at ``sparsity``: dense latency vs deployed, share of sparse MACs in condensed kernels.
 
-    Also the demo's speed section: ``bench_model("resnet50", 0.9)`` -> ``{"dense_ms", "deployed_ms",
-    "ratio", ...}``."""
-    import semisparse as ss
-
-    from ..deploy import default_example_input, deploy, deployed_layers
-
+    ``masks``: ``"uniform"`` constant fan-in, or ``"srigl"`` (:func:`srigl_like_masks` with ``ablation``).
+    Returns one result row: ``{"dense_ms", "deployed_ms", "ratio", ...}`` and the planner's choices."""
     torch.manual_seed(0)
-    model = _create(name).eval()
+    model = create_model(name).eval()
     with torch.no_grad():  # zero-initialised layers (torchvision ViT's head) would make every output 0
         for mod in model.modules():
             if isinstance(mod, (nn.Linear, nn.Conv2d)) and not mod.weight.any():
@@ -186,17 +181,15 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     if image_size is not None:
         x = torch.randn(*x.shape[:2], *([image_size] * (x.dim() - 2)))
     if masks == "srigl":
-        ss.sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
+        sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
     else:
-        ss.sparsify(model, sparsity)
+        sparsify(model, sparsity)
     t0 = time.perf_counter()
     dep = deploy(model, batch_size=batch, example_input=x)
     plan_s = time.perf_counter() - t0
     dense = _masked_dense(name, model)
     # The same dense model with BatchNorm folded into its convs, as deploy folds it: the ratio against it is
     # what sparsity alone buys.
-    from ..deploy.fold import fold_batchnorm
-
     folded = copy.deepcopy(dense)
     fold_batchnorm(folded, {})
     # The deployed model with every layer dense: the same BatchNorm folding, dense forms (1x1 convs as one
@@ -211,7 +204,7 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
         t_dense, t_folded, t_dense_dep, t_dep = (1e3 * t for t in interleaved_medians(
             [lambda: dense(x), lambda: folded(x), lambda: dense_dep(x), lambda: dep(x)], reps, warmup=3,
             budget_s=1e9))
-    rep = ss.report(dep, x)
+    rep = report(dep, x)
     sparse_rows = [r for r in rep.layers if r.sparse]
     sparse_macs = sum(r.macs or 0 for r in sparse_rows)
     cond_macs = sum(r.macs or 0 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed"))
@@ -233,32 +226,10 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     }
 
 
-def _create(name: str) -> nn.Module:
-    try:
-        from ..models import create_model
-    except ImportError:  # pragma: no cover - registry not installed
-        import torchvision
-
-        return getattr(torchvision.models, name)(weights=None)
-    return create_model(name)
-
-
 def _masked_dense(name: str, model: nn.Module) -> nn.Module:
     """A plain copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
-    import semisparse as ss
-
-    dense = _create(name).eval()
-    sd = {}
-    for key, v in model.state_dict().items():
-        if ".parametrizations." in key or key.startswith("parametrizations."):
-            if key.endswith(".original"):
-                sd[key.replace("parametrizations.", "").removesuffix(".original")] = v
-            continue
-        sd[key] = v
-    dense.load_state_dict(sd)
-    with torch.no_grad():
-        for key, m in ss.masks(model).items():
-            dense.get_parameter(key).mul_(m)
+    dense = create_model(name).eval()
+    dense.load_state_dict(effective_state_dict(model.state_dict()))
     return dense
 
 

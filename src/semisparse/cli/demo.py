@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import masking
+from ..deploy import deploy, deployed_layers
 from ..models import create_model
 from ..train import (
     SparsityConfig,
@@ -152,12 +153,8 @@ class Demo:
         return model
 
     def row_deployed(self, model: nn.Module, label: str) -> None:
-        import semisparse as ss
-
-        from ..deploy import deployed_layers
-
         t0 = time.perf_counter()
-        deployed = ss.deploy(copy.deepcopy(model).eval(), batch_size=1)
+        deployed = deploy(copy.deepcopy(model).eval(), batch_size=1)
         layers = deployed_layers(deployed)
         self.condensed = (sum(layer.mode == "condensed" for _, layer in layers), len(layers))
         dense_ms = latency_ms(self.dense.eval(), self.example)
@@ -180,15 +177,13 @@ def latency_ms(model: nn.Module, x: torch.Tensor, reps: int = 30, warmup: int = 
 
 def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
     """Deploy ``name`` at ``sparsity`` constant fan-in and time batch 1 against the dense model."""
-    import semisparse as ss
-
     torch.manual_seed(0)
     dense = create_model(name, num_classes=1000).eval()
     x = torch.randn(1, 3, 224, 224)
     sparse = copy.deepcopy(dense)
-    rep = ss.sparsify(sparse, sparsity, example_input=x)
+    rep = masking.sparsify(sparse, sparsity, example_input=x)
     t0 = time.perf_counter()
-    deployed = ss.deploy(sparse.eval(), batch_size=1)
+    deployed = deploy(sparse.eval(), batch_size=1)
     plan_s = time.perf_counter() - t0
     with torch.inference_mode():
         ref, out = sparse(x), deployed(x)

@@ -14,11 +14,14 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from ..deploy import checkpoint as ckpt_io
 from ..errors import SemisparseError
+from ..io import compressed as ckpt_io
 from ..masking import LayerReport, Report, report
 from ..masking import masks as ss_masks
+from ..models import create_model
+from ..train.checkpoint import load_training_checkpoint
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -86,7 +89,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if is_compressed(src):
         model = ckpt_io.load(src, model=_given_model(args))
     else:
-        model, _ = ckpt_io.load_training_checkpoint(src, model=_given_model(args))
+        model, _ = load_training_checkpoint(src, model=_given_model(args))
     example = None if args.input_size is None else torch.randn(1, *args.input_size)
     export_onnx(model, dst, example)
     result = {"output": str(dst), "sparse_layers": len(ss_masks(model)), "bytes": dst.stat().st_size}
@@ -102,10 +105,8 @@ def _given_model(args: argparse.Namespace) -> torch.nn.Module | None:
         if args.num_classes is not None:
             raise SemisparseError("--num-classes needs --model")
         return None
-    import importlib
-
     kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    return importlib.import_module("semisparse.models").create_model(args.model, **kw)
+    return create_model(args.model, **kw)
 
 
 def is_compressed(path: str | Path) -> bool:
@@ -138,8 +139,6 @@ def _header_report(header: dict, path: Path) -> Report:
                 extra={"encoding": e["encoding"]},
             )
         )
-    from safetensors import safe_open
-
     stats = ("running_mean", "running_var", "num_batches_tracked")
     with safe_open(str(path), framework="pt") as f:
         dense = sum(math.prod(f.get_slice(n).get_shape()) for n in header["dense"] if not n.endswith(stats))
@@ -168,7 +167,7 @@ def main_report(argv: list[str] | None = None) -> int:
         out["dtype"] = header.get("dtype")
         out["encodings"] = sorted({e["encoding"] for e in header["layers"].values()})
     else:
-        model, info = ckpt_io.load_training_checkpoint(path, model=_given_model(args))
+        model, info = load_training_checkpoint(path, model=_given_model(args))
         rep = report(model, example_input=example)
         out |= {
             "kind": "training checkpoint",
@@ -203,7 +202,7 @@ def main_export(argv: list[str] | None = None) -> int:
     dst = Path(args.output) if args.output else src.with_suffix(".safetensors")
     if dst.resolve() == src.resolve():
         raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
-    model, _ = ckpt_io.load_training_checkpoint(src, model=_given_model(args))
+    model, _ = load_training_checkpoint(src, model=_given_model(args))
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     ckpt_io.save(model, dst, dtype=dtype, keep_dense=args.keep_dense)
     size = ckpt_io.sizes(dst)

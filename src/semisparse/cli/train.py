@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..dst.api import DST_METHODS
 from ..errors import SemisparseError
+from ..masking import report as ss_report
 from ..models import create_model
 from ..train import distributed as dist_utils
 from ..train.checkpoint import check_arch, load_checkpoint, set_rng_state
@@ -128,7 +130,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--apex-verbosity", default=None, type=int, choices=(0, 1, 2, 3),
       help="sparsity report: 0 none, 1 one line, 2 per-layer table (default), 3 table + settings")
     a("--blocked-mmm", action="store_true", help="refused: masked layers train as ordinary convs; see --help")
-    a("--dst", default=None, choices=("rigl", "srigl", "sr-ste"), help="dynamic sparse training")
+    a("--dst", default=None, choices=DST_METHODS, help="dynamic sparse training (static: fixed random masks)")
     a("--sparsity-level", default=None, type=float, help="--dst rigl/srigl target sparsity (default: 0.9)")
     a("--delta", default=None, type=int, help="--dst: optimizer steps between mask updates (default: 100)")
     a("--alpha", default=None, type=float, help="--dst: initial prune fraction (default: 0.3)")
@@ -299,8 +301,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: choose learned masks or DST")
     if args.dst and args.sparsity == "sparse_2x4":
         raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4/--enable-apex or --dst")
-    n(args, ("sparsity_level", "delta", "alpha", "t_end", "distribution", "dense_layers"),
-      args.dst in ("rigl", "srigl"), "needs --dst rigl or srigl")
+    n(args, ("sparsity_level", "distribution", "dense_layers"), args.dst in ("rigl", "srigl", "static"),
+      "needs --dst rigl, srigl or static")
+    n(args, ("delta", "alpha", "t_end"), args.dst in ("rigl", "srigl"), "needs --dst rigl or srigl")
     n(args, ("ablation",), args.dst == "srigl", "needs --dst srigl")
     if args.trainable == "gumbel_2x4" and args.sparsity != "gumbel_2x4":
         raise SemisparseError("--trainable gumbel_2x4 (train the masks only) needs --sparsity gumbel_2x4")
@@ -393,6 +396,7 @@ def _sparsity_config(args) -> SparsityConfig:
         pad=args.aug_for_2x4, ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped, dst=args.dst,
         level=args.sparsity_level, delta=args.delta, alpha=args.alpha, t_end=args.t_end,
         distribution=args.distribution, ablation=args.ablation, dense_layers=list(args.dense_layers or []),
+        seed=args.seed,
     )  # fmt: skip
 
 
@@ -502,8 +506,6 @@ def setup(args: argparse.Namespace) -> Run:
                                 args.bias_weight_decay, args.transformer_embedding_decay)  # fmt: skip
     sparsity.attach(model, optimizer, total_steps)
     if report is None and sparsity.dst is not None:
-        from ..masking import report as ss_report
-
         report = ss_report(model, example_input=example)
     lr_scheduler = build_lr_scheduler(
         optimizer, args.lr_scheduler, args.epochs, args.lr_warmup_epochs, args.lr_warmup_method,

@@ -1,4 +1,4 @@
-"""Deploy: condensed sparse kernels, the measuring planner and compressed checkpoint I/O.
+"""Deploy: condensed sparse kernels and the measuring planner (the speed path).
 
 ``ss.deploy(model)`` reads the masks semisparse holds on ``model`` (``ss.sparsify`` / ``ss.load``; never the
 zeros of a weight) and returns an inference copy in which every sparse Linear, Conv and MHA projection is
@@ -13,9 +13,16 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
+from ..masking.parametrization import detach, sparse_weights
+from . import kernels
+from .attention import SparseMultiheadAttention, supports
+from .condensed import SparseConv, SparseLinear, deployed_layers
+from .fold import fold_batchnorm
+from .planner import plan_layers, plan_model, plan_pools
+from .pool import MaxPool2d
+from .pool import supports as supports_pool
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -59,10 +66,8 @@ def deploy(
     GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
     (see :func:`semisparse.deploy.cuda.deploy_cuda`).
     """
-    from ..masking.parametrization import sparse_weights
-
     if torch.device(device).type == "cuda":
-        from .cuda import deploy_cuda
+        from .cuda import deploy_cuda  # deploy.cuda imports this package's default_example_input
 
         return deploy_cuda(model, dtype, batch_size, example_input, plan=plan, graph=graph, fold_bn=fold_bn,
                            reps=reps, device=device)
@@ -78,20 +83,14 @@ def deploy(
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
-    from . import kernels
-    from .condensed import SparseConv, SparseLinear
-    from .fold import fold_batchnorm
-    from .pool import MaxPool2d
-    from .pool import supports as supports_pool
-
     m = copy.deepcopy(model).cpu().eval()
     found = {}
     for sw in list(sparse_weights(m)):
         mask = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
         found[sw.key] = (sw.name, sw.param, mask, sw.parametrization.pattern_name)
-    for mod in m.modules():
-        if parametrize.is_parametrized(mod):
-            _strip_parametrizations(mod)
+    for sw in list(sparse_weights(m)):  # the dense originals, as plain inference weights
+        detach(sw.module, sw.param)
+        getattr(sw.module, sw.param).requires_grad_(False)
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
     folded_bn = fold_batchnorm(m, masks) if fold_bn else []
@@ -106,8 +105,6 @@ def deploy(
         if isinstance(mod, nn.MultiheadAttention):
             key = f"{name}.in_proj_weight" if name else "in_proj_weight"
             out_key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            from .attention import SparseMultiheadAttention, supports
-
             if key in masks and not supports(mod):
                 in_proj = SparseLinear(key, mod.in_proj_weight.detach(), masks[key], mod.in_proj_bias,
                                        patterns[key], kind="MultiheadAttention")
@@ -150,8 +147,6 @@ def deploy(
             if isinstance(pool, MaxPool2d):
                 pool.use_kernel = False
     elif plan == "measure":
-        from .planner import plan_layers, plan_model, plan_pools
-
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
             plan_layers(m, x, reps=reps)
@@ -175,41 +170,20 @@ def deploy(
     return m
 
 
-def deployed_layers(model: nn.Module) -> list:
-    """``[(module name, condensed layer)]`` of a deployed model."""
-    from .condensed import _Condensed
-
-    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, _Condensed)]
-
-
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """``(batch, C, S, S)`` for an image model (C from its first conv, S from ``image_size`` or 224), or
+    """``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``,
+    which semisparse's models and torchvision's ViTs carry, or its arch's, else 224), or
     ``(batch, in_features)`` when the first layer is a Linear."""
     arch = getattr(model, "semisparse_arch", None) or {}
     size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
     for mod in model.modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = mod.weight.dim() - 2
-            s = int(size) if size else (8 if arch.get("name") == "digits_cnn" else
-                                        32 if "cifar" in str(arch.get("name", "")) or arch.get("name") == "wrn22_2"
-                                        else 224)
+            s = int(size) if size else 224
             return torch.randn(batch_size, mod.in_channels, *([s] * nd))
         if isinstance(mod, nn.Linear):
             return torch.randn(batch_size, mod.in_features)
     raise SemisparseError("cannot guess the model's input shape; pass example_input=torch.randn(...)")
-
-
-def _strip_parametrizations(mod: nn.Module) -> None:
-    """Turn a (deep-copied) parametrized module back into its plain class with the dense originals.
-
-    ``parametrize.remove_parametrizations`` edits the generated class, which a deep copy shares with the
-    user's model; restoring the copy's own class leaves the user's model untouched.
-    """
-    originals = {name: plist.original for name, plist in mod.parametrizations.items()}
-    del mod._modules["parametrizations"]
-    mod.__class__ = mod.__class__.__bases__[0]
-    for name, original in originals.items():
-        mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -229,8 +203,6 @@ def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
 
 
 def _linear_or_sparse(lin: nn.Linear, key: str, masks: dict, patterns: dict) -> nn.Module:
-    from .condensed import SparseLinear
-
     if key in masks:
         return SparseLinear(key, lin.weight.detach(), masks[key], lin.bias, patterns[key])
     plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)

@@ -21,12 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..indices import columns, store
 from ..layout import Layout
 from ..masking.report import LayerReport
 from . import kernels
-
-#: Largest view width the uint16 index form addresses.
-U16_LIMIT = 65_536
 
 
 def condense(w_view: torch.Tensor, m_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,23 +42,8 @@ def condense(w_view: torch.Tensor, m_view: torch.Tensor) -> tuple[torch.Tensor, 
     valid = torch.arange(k)[None, :] < counts[orow][:, None]
     idx = torch.where(valid, order, torch.zeros_like(order))
     values = torch.gather(w_view[orow].detach().float(), 1, idx) * valid
-    K = w_view.shape[1]
-    if K <= U16_LIMIT:
-        idx = idx.to(torch.int32).to(torch.int16) if K <= 32_768 else _to_u16_bits(idx)
-    else:
-        idx = idx.to(torch.int32)
+    idx = store(idx, w_view.shape[1])
     return values.contiguous(), idx.contiguous(), orow.to(torch.int64).contiguous()
-
-
-def _to_u16_bits(idx: torch.Tensor) -> torch.Tensor:
-    """Indices in [0, 65535] as int16 holding the uint16 bit pattern."""
-    return torch.where(idx >= 32_768, idx - 65_536, idx).to(torch.int16)
-
-
-def columns(idx: torch.Tensor) -> torch.Tensor:
-    """Stored indices back to int64 view columns."""
-    out = idx.to(torch.int64)
-    return out & 0xFFFF if idx.dtype == torch.int16 else out
 
 
 def _plain(w: torch.Tensor) -> torch.Tensor:
@@ -211,6 +194,11 @@ class _Condensed(nn.Module):
         for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill"):
             state.pop(name, None)
         return state
+
+
+def deployed_layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
+    """``[(module name, condensed layer)]`` of a deployed model."""
+    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, _Condensed)]
 
 
 class SparseLinear(_Condensed):

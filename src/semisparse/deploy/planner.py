@@ -17,23 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .condensed import SparseConv, SparseLinear, _Condensed
+from .condensed import SparseConv, SparseLinear, deployed_layers
 from .pool import MaxPool2d
-
-
-def median_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3, budget_s: float = 1.0) -> float:
-    """Median seconds of ``fn()`` over up to ``reps`` runs (fewer when they would exceed ``budget_s``)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if len(times) >= 5 and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
 
 
 def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup: int = 2,
@@ -86,17 +71,13 @@ def blocked_medians(fns: list[Callable[[], object]], reps: int = 200, rounds: in
     return [statistics.median(t) for t in times]
 
 
-def layers(model: nn.Module) -> list[tuple[str, _Condensed]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _Condensed)]
-
-
 def capture_inputs(model: nn.Module, example_input, modules: list[tuple[str, nn.Module]] | None = None
                    ) -> dict[str, torch.Tensor]:
     """The input each of ``modules`` (default: the condensed layers) sees in one forward of
     ``example_input`` (hooks, removed after)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name, layer in layers(model) if modules is None else modules:
+    for name, layer in deployed_layers(model) if modules is None else modules:
         def hook(mod, args, name=name):
             seen.setdefault(name, args[0].detach())
         handles.append(layer.register_forward_pre_hook(hook))
@@ -134,7 +115,7 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
     """Time every condensed layer both ways on its real input and keep the faster mode."""
     inputs = capture_inputs(model, example_input)
     with torch.no_grad():
-        for name, layer in layers(model):
+        for name, layer in deployed_layers(model):
             x = inputs.get(name)
             if x is None:
                 layer.set_mode("dense")
@@ -206,7 +187,7 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
 
     Returns ``{"dense_ms", "deployed_ms", "ratio", "reverted"}``.
     """
-    lays = layers(model)
+    lays = deployed_layers(model)
     chosen = [(n, m) for n, m in lays if m.mode == "condensed"]
     pools = [m for m in model.modules() if isinstance(m, MaxPool2d)]
 

@@ -3,16 +3,19 @@
 * :mod:`.budgets` - uniform and ERK layer densities;
 * :mod:`.schedule` - an update every ``delta`` steps until ``t_end``, cosine-decayed drop fraction;
 * :mod:`.rules` - RigL, SRigL (constant fan-in + neuron ablation) and N:M prune/grow, vectorised per layer;
-* :mod:`.sparse_trainer` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
+* :mod:`.topology` - each method's rule as an object (initial mask, update, target): ``Unstructured``,
+  ``ConstantFanIn``, ``NMGroups``;
+* :mod:`.dynamic` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
 * :mod:`.srste` - SR-STE, N:M from scratch with a straight-through gradient;
 * :mod:`.api` - the factories ``RigL``, ``SRigL``, ``SRSTE`` and ``from_flags`` for the CLI.
 """
 
 from .api import DST_METHODS, SRSTE, RigL, SRigL, from_flags
-from .budgets import erk_densities, layer_densities, uniform_densities
+from .budgets import LayerBudget, erk_densities, layer_densities, uniform_densities
+from .dynamic import DynamicSparsity
 from .schedule import UpdateSchedule
-from .sparse_trainer import DynamicSparsity
 from .srste import STEMask
+from .topology import ConstantFanIn, NMGroups, Rule, Unstructured
 
 __all__ = [
     "DST_METHODS",
@@ -22,6 +25,11 @@ __all__ = [
     "from_flags",
     "DynamicSparsity",
     "UpdateSchedule",
+    "LayerBudget",
+    "Rule",
+    "Unstructured",
+    "ConstantFanIn",
+    "NMGroups",
     "STEMask",
     "erk_densities",
     "layer_densities",

@@ -1,5 +1,8 @@
 """Short factories: each method is a combination of budget x schedule x rule (see :class:`DynamicSparsity`).
 
+RigL = ``LayerBudget`` x ``UpdateSchedule`` x :class:`~.topology.Unstructured`; SRigL the same with
+:class:`~.topology.ConstantFanIn` (or :class:`~.topology.NMGroups` for ``pattern="N:M"``).
+
 ``ss.RigL`` / ``ss.SRigL`` / ``ss.SRSTE`` are the public names; :func:`from_flags` maps the ``semisparse
 train`` flags (``--dst --sparsity-level --delta --alpha --t-end FRACTION ...``) onto them.
 """
@@ -15,8 +18,11 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..patterns import NM, parse_pattern
-from .sparse_trainer import DynamicSparsity
+from .budgets import LayerBudget
+from .dynamic import DynamicSparsity
+from .schedule import UpdateSchedule
 from .srste import SRSTE as _SRSTE
+from .topology import ConstantFanIn, NMGroups, Unstructured, as_globs
 
 DST_METHODS = ("rigl", "srigl", "sr-ste", "static")
 
@@ -48,10 +54,10 @@ def RigL(  # noqa: N802 - public name of the method
     gradient for growth is summed over the last ``grad_steps`` optimizer steps before each update (the
     seed's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
     return DynamicSparsity(
-        model, optimizer, rule="rigl", sparsity=sparsity, t_end=t_end, delta=delta, alpha=alpha,
-        distribution=distribution, erk_power_scale=erk_power_scale, dense_layers=dense_layers, include=include,
-        exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped, static=static,
-        sparse_init=sparse_init, init_gain=init_gain, seed=seed, grad_steps=grad_steps,
+        model, optimizer, Unstructured(), LayerBudget(sparsity, distribution, erk_power_scale),
+        _schedule(t_end, delta, alpha, static), dense_layers=dense_layers, include=include, exclude=exclude,
+        ignore_linear=ignore_linear, ignore_grouped=ignore_grouped, sparse_init=sparse_init, init_gain=init_gain,
+        seed=seed, grad_steps=grad_steps,
     )
 
 
@@ -83,7 +89,6 @@ def SRigL(  # noqa: N802
     ``ablation * k`` salient weights are ablated and their budget shared by the rest. The last layer (the
     classifier) and ``no_ablation`` modules are never ablated. ``pattern="N:M"`` is the N:M variant:
     prune and regrow inside each group of M (always valid N:M, no ablation; ``sparsity`` is then 1 - N/M)."""
-    rule = "srigl"
     if pattern is not None:
         nm = parse_pattern(pattern)
         if not isinstance(nm, NM):
@@ -91,14 +96,24 @@ def SRigL(  # noqa: N802
         if sparsity is not None and abs(float(sparsity) - (1 - nm.density)) > 1e-6 and sparsity != 0.9:
             warnings.warn(f"SRigL with pattern {nm}: sparsity is {1 - nm.density:g}; sparsity={sparsity} ignored",
                           stacklevel=2)
-        rule, pattern = "nm", nm
+        rule, budget = NMGroups(nm), None  # every layer keeps N of M: no budget to share out
+    else:
+        rule = ConstantFanIn(ablation, as_globs(no_ablation, "no_ablation"))
+        budget = LayerBudget(sparsity, distribution, erk_power_scale)
     return DynamicSparsity(
-        model, optimizer, rule=rule, sparsity=sparsity, t_end=t_end, delta=delta, alpha=alpha,
-        distribution=distribution, erk_power_scale=erk_power_scale, dense_layers=dense_layers, include=include,
-        exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped, ablation=ablation,
-        no_ablation=no_ablation, pattern=pattern, static=static, sparse_init=sparse_init, init_gain=init_gain,
-        seed=seed, grad_steps=grad_steps,
+        model, optimizer, rule, budget, _schedule(t_end, delta, alpha, static), dense_layers=dense_layers,
+        include=include, exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped,
+        sparse_init=sparse_init, init_gain=init_gain, seed=seed, grad_steps=grad_steps,
     )
+
+
+def _schedule(t_end: int | None, delta: int, alpha: float, static: bool) -> UpdateSchedule:
+    if t_end is None and static:
+        t_end = 1
+    if t_end is None:
+        raise SemisparseError("t_end is required: the optimizer step after which the topology stays fixed "
+                              "(e.g. int(0.75 * total_steps))")
+    return UpdateSchedule(delta=delta, t_end=t_end, alpha=alpha, static=bool(static))
 
 
 def SRSTE(  # noqa: N802
@@ -157,7 +172,7 @@ def from_flags(
     common = dict(include=include, exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped,
                   dense_layers=dense_layers)
     if dst == "sr-ste":
-        return SRSTE(model, optimizer, pattern or "2:4", decay, **common)
+        return SRSTE(model, optimizer, pattern=pattern or "2:4", decay=decay, **common)
     steps = max(1, int(float(t_end) * total_steps))
     sched = dict(sparsity=sparsity_level, t_end=steps, delta=delta, alpha=alpha, distribution=distribution,
                  seed=seed, **common)

@@ -8,13 +8,14 @@
 
 Shapes are plain tuples (the weight's shape). Densities are floats in (0, 1]. Per-layer counts are
 floored (:func:`fanin_budgets`), so the achieved sparsity is at least the target, by less than a weight per
-neuron; :class:`~semisparse.dst.sparse_trainer.DynamicSparsity` reports the achieved figure.
+neuron; :class:`~semisparse.dst.dynamic.DynamicSparsity` reports the achieved figure.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..errors import SemisparseError
 
@@ -82,3 +83,23 @@ def fanin_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float])
 def count_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float]) -> list[int]:
     """Weights kept per layer (unstructured): ``max(1, floor(d * numel))``."""
     return [max(1, min(math.prod(sh), math.floor(d * math.prod(sh) + 1e-9))) for sh, d in zip(shapes, densities)]
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """How much each layer may keep: an overall ``sparsity`` shared out by ``distribution`` (uniform or ERK)."""
+
+    sparsity: float
+    distribution: str = "erk"
+    erk_power_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        if self.distribution not in DISTRIBUTIONS:
+            raise SemisparseError(
+                f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
+            )
+
+    def densities(self, shapes: Sequence[tuple[int, ...]]) -> list[float]:
+        """Per-layer densities of ``shapes`` (weight shapes, in order)."""
+        return layer_densities(shapes, self.sparsity, self.distribution, self.erk_power_scale)

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Layout, plan
-from ..masking.parametrization import Mask, sparse_weights
+from ..masking.parametrization import Mask, attach, sparse_weights
 from ..patterns import NM, nm_mask, parse_pattern
-from .sparse_trainer import _as_globs, _matches, check_optimizer, unwrap
+from .dynamic import check_optimizer, refuse_ddp
+from .topology import as_globs, matches
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -69,12 +69,12 @@ class SRSTE:
             raise SemisparseError(f'SR-STE needs an N:M pattern such as "2:4", got {pattern!r}')
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
             raise SemisparseError(f"decay must be a number >= 0 (e.g. 2e-4), got {decay!r}")
-        inner = unwrap(model)
+        inner = refuse_ddp(model)
         if next(sparse_weights(inner), None) is not None:
             raise SemisparseError("model is already sparsified; SR-STE sets its own masks (start from a dense model)")
-        dense_globs = _as_globs(dense_layers, "dense_layers")
+        dense_globs = as_globs(dense_layers, "dense_layers")
         candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
-        eligible = [c for c in candidates if c.eligible and not _matches(c, dense_globs)]
+        eligible = [c for c in candidates if c.eligible and not matches(c, dense_globs)]
         if not eligible:
             reasons = sorted({c.reason for c in candidates if c.reason}) or ["no eligible layer"]
             raise SemisparseError(f"no layer of this model can be made {nm}: {'; '.join(reasons)}")
@@ -86,8 +86,7 @@ class SRSTE:
             w = getattr(c.module, c.param).detach()
             mask = c.layout.from_view(nm_mask(c.layout.to_view(w.abs()), nm.n, nm.m))
             p = STEMask(mask, c.layout, nm, self.decay)
-            p.param_order = tuple(c.module._parameters)
-            parametrize.register_parametrization(c.module, c.param, p)
+            attach(c.module, c.param, p)
             self.masks.append((p, c.module, c.param))
 
     @torch.no_grad()

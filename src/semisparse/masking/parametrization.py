@@ -11,17 +11,22 @@ State-dict keys of a sparsified ``conv1.weight``::
     conv1.parametrizations.weight.0.mask     # bool mask, the weight's shape
 
 (``ss.masks`` and ``ss.finalize`` translate back to the original ``conv1.weight`` name.)
+
+Every mask is put on a weight by :func:`attach` and taken off by :func:`detach` (as ``torch.ao.pruning``
+has one ``prepare`` and one ``squash_mask``), and :func:`split_state_dict` / :func:`effective_state_dict`
+read the keys above back into plain ones: this module is the only one that knows the parametrize machinery.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import PatternError, SemisparseError
 from ..layout import Layout
 from ..patterns import NM, check_view
 
@@ -66,8 +71,6 @@ class SparseParametrization(nn.Module):
 
 def _check_padded(mask: torch.Tensor, layout: Layout, nm: NM, where: str) -> None:
     """Padded layouts keep ``min(N, real weights)`` real entries per group of M kernel taps."""
-    from ..errors import PatternError
-
     view = layout.to_view(mask, nm.m, fill=False).reshape(-1, nm.m)
     real = layout.to_view(torch.ones_like(mask), nm.m, fill=False).reshape(-1, nm.m).sum(-1)
     if not bool((view.sum(-1) == real.clamp(max=nm.n)).all()):
@@ -102,6 +105,11 @@ class SparseWeight:
         return f"{self.name}.{self.param}" if self.name else self.param
 
     @property
+    def state_prefix(self) -> str:
+        """The prefix of this weight's parametrization entries in the model's state_dict."""
+        return (f"{self.name}." if self.name else "") + f"parametrizations.{self.param}."
+
+    @property
     def original(self) -> torch.Tensor:
         """The dense weight underneath the mask (an ``nn.Parameter``)."""
         return self.module.parametrizations[self.param].original
@@ -120,3 +128,83 @@ def sparse_weights(model: nn.Module) -> Iterator[SparseWeight]:
 
 def is_sparsified(model: nn.Module) -> bool:
     return next(sparse_weights(model), None) is not None
+
+
+def attach(module: nn.Module, param: str, parametrization: SparseParametrization) -> None:
+    """Put ``parametrization`` on ``module.<param>``: the weight becomes ``original`` under the mask.
+
+    The module's parameter order is remembered so :func:`detach` puts the weight back in its place (the
+    state_dict of a finalized model has the original key order).
+    """
+    parametrization.param_order = tuple(module._parameters)
+    parametrize.register_parametrization(module, param, parametrization)
+
+
+def detach(module: nn.Module, param: str, *, bake: bool = False) -> None:
+    """Take the semisparse parametrization off ``module.<param>``, leaving a plain parameter.
+
+    ``bake=False`` leaves the dense ``original`` (masked entries included); ``bake=True`` multiplies the
+    hard mask in. The module first gets a private copy of parametrize's generated class: removal deletes
+    the weight's property from that class, which a ``copy.deepcopy`` of the model shares, so without it
+    detaching a copy would break the original.
+    """
+    plist = module.parametrizations[param]
+    if len(plist) != 1:
+        raise SemisparseError(f"{param} carries {len(plist)} parametrizations; semisparse handles only its own")
+    p = plist[0]
+    original = plist.original
+    mask = p.hard_mask().detach() if bake else None
+    _own_class(module)
+    parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+    order = getattr(p, "param_order", ())
+    if param in order:  # keep the original state_dict key order
+        params = module._parameters
+        rank = {name: i for i, name in enumerate(order)}
+        items = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        params.clear()
+        params.update(items)
+    if bake:
+        with torch.no_grad():
+            getattr(module, param).mul_(mask.to(original.dtype))
+
+
+def detach_all(model: nn.Module, *, bake: bool = False) -> None:
+    """:func:`detach` every semisparse parametrization of ``model``."""
+    for sw in list(sparse_weights(model)):
+        detach(sw.module, sw.param, bake=bake)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of parametrize's generated class (see :func:`detach`)."""
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def split_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A sparsified model's state_dict -> (dense state with the original keys, bool masks found in it).
+
+    ``X.parametrizations.W.original`` becomes ``X.W``; a bool ``X.parametrizations.W.0.mask`` is collected
+    as the mask of ``X.W``; any other parametrization buffer (a learned mask's logits) is dropped.
+    """
+    dense, found = {}, {}
+    for name, t in state.items():
+        head, sep, tail = name.partition("parametrizations.")
+        if not sep or (head and not head.endswith(".")):
+            dense[name] = t
+            continue
+        param, _, rest = tail.partition(".")
+        key = head + param
+        if rest == "original":
+            dense[key] = t
+        elif rest == "0.mask" and t.dtype == torch.bool:
+            found[key] = t
+    return dense, found
+
+
+def effective_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sparsified model's state_dict -> plain keys, each masked weight multiplied by its mask."""
+    dense, found = split_state_dict(state)
+    for key, mask in found.items():
+        dense[key] = dense[key] * mask.to(dense[key].dtype)
+    return dense

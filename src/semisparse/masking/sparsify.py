@@ -6,15 +6,17 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
 from ..patterns import NM, FanIn, fanin_mask, nm_mask, parse_pattern
-from .parametrization import Mask, SparseParametrization, Target, sparse_weights
+from .parametrization import Mask, SparseParametrization, Target, attach, detach, sparse_weights
+from .permute import annotate_report, permute_channels
 from .report import Report, build_report
 
 METHODS = ("magnitude", "random", "gumbel")
+
+# .gumbel is imported where learned masks are asked for: it loads numba (optional) when installed.
 
 
 def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn) -> tuple[torch.Tensor, Target]:
@@ -103,8 +105,6 @@ def sparsify(
     )
     permuted = None
     if permute:
-        from .permute import permute_channels
-
         if existing or masks is not None:
             raise SemisparseError("permute=True needs a dense model and computed masks (not masks=...)")
         if method == "gumbel":
@@ -164,10 +164,9 @@ def sparsify(
 
     # Everything is computed and valid: only now is the model modified.
     for sw in existing:
-        _remove(sw.module, sw.param, bake=False)
+        detach(sw.module, sw.param)
     for c, p in chosen:
-        p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
-        parametrize.register_parametrization(c.module, c.param, p)
+        attach(c.module, c.param, p)
     notes = []
     if method == "gumbel":
         from .gumbel import apply_trainable
@@ -176,42 +175,8 @@ def sparsify(
     rep = build_report(model, candidates, example_input)
     rep.notes.extend(notes)
     if permuted is not None:
-        from .permute import annotate_report
-
         annotate_report(rep, permuted)
     return rep
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give ``module`` a private copy of parametrize's generated class.
-
-    ``remove_parametrizations`` deletes the weight's property from that class, which a ``copy.deepcopy``
-    of the model shares: without this, finalizing a copy would break the original.
-    """
-    cls = type(module)
-    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-
-
-def _remove(module: nn.Module, param: str, bake: bool) -> None:
-    plist = module.parametrizations[param]
-    if len(plist) != 1:
-        raise SemisparseError(f"{param} carries {len(plist)} parametrizations; semisparse handles only its own")
-    p = plist[0]
-    original = plist.original
-    mask = p.hard_mask().detach() if bake else None
-    _own_class(module)
-    parametrize.remove_parametrizations(module, param, leave_parametrized=False)
-    order = getattr(p, "param_order", ())
-    if param in order:  # keep the original state_dict key order
-        params = module._parameters
-        rank = {name: i for i, name in enumerate(order)}
-        items = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-        params.clear()
-        params.update(items)
-    if bake:
-        with torch.no_grad():
-            getattr(module, param).mul_(mask.to(original.dtype))
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,7 +204,7 @@ def finalize(model: nn.Module) -> nn.Module:
     for sw in list(sparse_weights(model)):
         requires_grad = getattr(sw.parametrization, "original_requires_grad", None)
         learned = learned or type(sw.parametrization).__name__ == "GumbelMask"
-        _remove(sw.module, sw.param, bake=True)
+        detach(sw.module, sw.param, bake=True)
         if requires_grad is not None:
             getattr(sw.module, sw.param).requires_grad_(requires_grad)
     if learned:

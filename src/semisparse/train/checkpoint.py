@@ -12,8 +12,10 @@ A checkpoint is a plain dict (``torch.save``) of tensors, numbers, strings, list
     rng           {"torch": uint8 tensor, "cuda": [uint8 tensors], "numpy": {...}, "python": [...]}
     step          optimizer steps taken so far
 
-Files are written to a temporary name in the same folder and renamed over the target, so a crash or a
-failing run never leaves a half-written or overwritten ``checkpoint.pth``.
+Files are written to a temporary name in the same folder and renamed over the target
+(:func:`semisparse.io.files.atomic_write`), so a crash or a failing run never leaves a half-written or
+overwritten ``checkpoint.pth``. :func:`load_training_checkpoint` rebuilds the model of such a file with its
+masks (``semisparse report`` / ``export``).
 """
 
 from __future__ import annotations
@@ -21,28 +23,25 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..errors import SemisparseError
+from ..errors import PatternError, SemisparseError
+from ..io.files import atomic_write, load_torch
+from ..masking import sparsify
+from ..masking.parametrization import detach_all, split_state_dict
+from ..models import from_arch
+from ..patterns import NM, FanIn, parse_pattern
 
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "args")
 
 
 def atomic_save(obj: object, path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file + ``os.replace`` (atomic on POSIX)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict:
@@ -82,11 +81,7 @@ def load_checkpoint(path: str) -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; a clear error if it is not one."""
     if not os.path.isfile(path):
         raise SemisparseError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SemisparseError(f"cannot read checkpoint {path}: corrupted or not a torch checkpoint ({reason})") from exc
+    ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise SemisparseError(
             f"{path} is not a training checkpoint (expected a dict with keys {', '.join(REQUIRED_KEYS)})"
@@ -102,3 +97,77 @@ def check_arch(ckpt: Mapping, arch: Mapping, path: str) -> None:
             f"checkpoint {path} is of model {saved.get('name')!r} ({saved.get('num_classes')} classes), "
             f"but this run builds {arch.get('name')!r} ({arch.get('num_classes')} classes)"
         )
+
+
+# ------------------------------------------------------------------------------------- reading a model
+
+
+def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes when every key has one."""
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_training_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a training checkpoint (``torch.load(weights_only=True)``, no pickle of code).
+
+    The checkpoint holds ``model`` (a state_dict, parametrization keys allowed), ``arch`` (the
+    ``create_model`` arguments), ``args`` and ``sparsity: {"masks": {"layer.weight": bool}, "pattern": ...}``.
+    Dense weights are loaded, then the masks applied with ``ss.sparsify(masks=...)``: with the declared
+    pattern when every mask honours it, else as constant fan-in when that holds, else unstructured.
+    Returns ``(model, info)``; ``info`` has the checkpoint's ``sparsity`` entries other than the masks.
+    """
+    path = Path(path)
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, dict):
+        raise SemisparseError(f"{path}: expected a dict checkpoint with a 'model' state_dict")
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SemisparseError(f"{path}: 'model' is not a state_dict of tensors")
+    if model is None:
+        model = from_arch(ckpt.get("arch"), path)
+    dense, found = split_state_dict(_strip_wrappers(state))
+    detach_all(model)
+    try:
+        model.load_state_dict(dense, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:2]
+        raise SemisparseError(f"{path}: the checkpoint does not fit the model ({' '.join(first)})") from None
+    sparsity = ckpt.get("sparsity")
+    sparsity = sparsity if isinstance(sparsity, dict) else {}
+    masks = sparsity.get("masks") or found
+    info = {k: v for k, v in sparsity.items() if k not in ("masks", "state")}  # state: DST's, not needed
+    if masks:
+        masks = {k: v.to(torch.bool) for k, v in masks.items()}
+        _apply_masks(model, masks, sparsity.get("pattern"))
+    if isinstance(ckpt.get("arch"), dict) and not hasattr(model, "semisparse_arch"):
+        model.semisparse_arch = dict(ckpt["arch"])
+    return model, info
+
+
+def _apply_masks(model: nn.Module, masks: dict, declared: object) -> None:
+    """Apply ``masks`` under the most specific structure they all honour (declared, fan-in, unstructured)."""
+    tries: list = []
+    if declared is not None:
+        try:
+            tries.append(parse_pattern(declared))
+        except SemisparseError:
+            pass
+    tries += [FanIn(0.5), None]  # the fan-in value is unused with masks=: k comes from each mask
+    last: Exception | None = None
+    for pat in tries:
+        try:
+            sparsify(model, pat, masks=masks, pad=isinstance(pat, NM), overwrite=True)
+            return
+        except PatternError as exc:
+            last = exc
+        except SemisparseError as exc:
+            if pat is None:
+                raise
+            last = exc
+    raise last  # pragma: no cover - pattern None accepts any mask

@@ -6,7 +6,8 @@
    magnitude masks (``ss.sparsify(model, pattern, "magnitude")``, the ASP recipe: prune once, retrain) or
    learned Gumbel masks (``method="gumbel"``).
 2. ``attach(model, optimizer, total_steps)`` - after the optimizer exists: dynamic sparse training
-   (``ss.RigL``, ``ss.SRigL``, ``ss.SRSTE``), which needs the optimizer to mask its state.
+   (``ss.RigL``, ``ss.SRigL``, ``ss.SRSTE``, built by :func:`semisparse.dst.api.from_flags`, the one
+   mapping of the ``--dst`` flags), which needs the optimizer to mask its state.
 3. ``after_optimizer_step(step)`` - after every ``optimizer.step()``: the Gumbel temperature schedule
    (``semisparse.masking.gumbel.set_step``) or the DST update (``.step()``).
 
@@ -21,18 +22,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..dst.api import DST_METHODS, from_flags
 from ..errors import SemisparseError
 from ..masking import masks as model_masks
 from ..masking import sparse_weights, sparsify
 from ..masking.report import Report
 
 METHODS = ("none", "magnitude", "gumbel")
-DST_METHODS = ("rigl", "srigl", "sr-ste")
 
 
 @dataclass
 class SparsityConfig:
-    """How a run is made sparse. ``method``: none | magnitude | gumbel; ``dst``: None | rigl | srigl | sr-ste."""
+    """How a run is made sparse. ``method``: none | magnitude | gumbel; ``dst``: None | rigl | srigl | sr-ste |
+    static. ``seed`` seeds DST's initial random masks."""
 
     method: str = "none"
     pattern: str | None = "2:4"
@@ -52,6 +54,7 @@ class SparsityConfig:
     distribution: str = "erk"
     ablation: float | None = None
     dense_layers: list[str] = field(default_factory=list)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,26 +114,13 @@ class TrainingSparsity:
         self._model = model
         if not c.dst:
             return
-        import semisparse as ss
-
-        name = {"rigl": "RigL", "srigl": "SRigL", "sr-ste": "SRSTE"}[c.dst]
-        cls = getattr(ss, name, None)
-        if cls is None:
-            raise SemisparseError(f"--dst {c.dst} needs ss.{name}, which this install of semisparse does not have")
-        common = {"ignore_linear": c.ignore_linear, "ignore_grouped": c.ignore_grouped}
-        if c.dst == "sr-ste":
-            self.dst = cls(model, optimizer, pattern=c.pattern or "2:4", **common)
-            return
-        kw: dict[str, object] = dict(sparsity=c.level, t_end=max(1, int(c.t_end * total_steps)),
-                                     distribution=c.distribution, delta=c.delta, alpha=c.alpha, **common)  # fmt: skip
-        if c.dense_layers:
-            kw["dense_layers"] = list(c.dense_layers)
-        if c.dst == "srigl":
-            if c.ablation is not None:
-                kw["ablation"] = c.ablation
-            if c.pattern:
-                kw["pattern"] = c.pattern
-        self.dst = cls(model, optimizer, **kw)
+        kw: dict[str, object] = {} if c.ablation is None else {"ablation": c.ablation}
+        self.dst = from_flags(
+            model, optimizer, c.dst, int(total_steps), sparsity_level=c.level, delta=c.delta, alpha=c.alpha,
+            t_end=c.t_end, distribution=c.distribution, dense_layers=list(c.dense_layers), pattern=c.pattern,
+            ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped, exclude=c.exclude or None,
+            seed=c.seed, **kw,
+        )  # fmt: skip
 
     # -- during training -------------------------------------------------------------------------------
     def after_optimizer_step(self, step: int) -> None:
@@ -163,7 +153,7 @@ class TrainingSparsity:
         """The checkpoint's ``sparsity`` entry: masks by weight name, pattern, method and state."""
         c = self.config
         pattern = c.pattern if c.method != "none" or c.dst in ("sr-ste", "srigl") else None
-        if c.dst in ("rigl", "srigl") and not (c.dst == "srigl" and c.pattern):
+        if c.dst in ("rigl", "srigl", "static") and not (c.dst == "srigl" and c.pattern):
             pattern = f"{c.level:g}"
         return {"masks": model_masks(model), "pattern": pattern, "method": c.name,
                 "state": self.state_dict() if c.enabled else None}  # fmt: skip

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ...indices import columns
+
 _SRC = Path(__file__).with_name("condensed.c")
 _ABI = 20
 _lock = threading.Lock()
@@ -197,7 +199,7 @@ def offsets(idx: torch.Tensor, coff: torch.Tensor, base: torch.Tensor) -> torch.
     Built once per input geometry (and cached by the layer): the kernel then does one load per kept
     weight instead of two dependent ones. Raises ValueError where an offset does not fit int32.
     """
-    off = base[:, None] + coff[_columns(idx)]
+    off = base[:, None] + coff[columns(idx)]
     if off.numel() and int(off.max()) >= 2**31:
         raise ValueError("activation buffer too large for int32 offsets")
     return off.to(torch.int32).contiguous()
@@ -451,14 +453,6 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
     return run
 
 
-def _columns(idx: torch.Tensor) -> torch.Tensor:
-    """Indices as int64, int16 read as unsigned (the storage holds uint16 bit patterns)."""
-    out = idx.to(torch.int64)
-    if idx.dtype == torch.int16:
-        out = out & 0xFFFF
-    return out
-
-
 def spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp=1) -> None:  # noqa: N803
     """Pure-torch :func:`spmm` (the fallback and the tests' oracle for the index arithmetic)."""
     p = torch.arange(P, device=X.device)
@@ -471,7 +465,7 @@ def spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp=1) -> None: 
 
 
 def gemv_reference(x, W, idx, bias, orow, y) -> None:
-    out = (W * x[_columns(idx)]).sum(1)
+    out = (W * x[columns(idx)]).sum(1)
     if bias is not None:
         out = out + bias
     y[orow] = out

@@ -1,9 +1,10 @@
 """The stateful piece of dynamic sparse training: masks on the model, changed every ``delta`` steps.
 
-:class:`DynamicSparsity` composes a layer budget (:mod:`.budgets`), an update schedule (:mod:`.schedule`)
-and a prune/grow rule (:mod:`.rules`): ``"rigl"`` (unstructured), ``"srigl"`` (constant fan-in with neuron
-ablation) or ``"nm"`` (prune and regrow inside each group of M). The short factories in :mod:`.api`
-(``ss.RigL``, ``ss.SRigL``) are what users call.
+:class:`DynamicSparsity` composes a layer budget (:class:`~.budgets.LayerBudget`), an update schedule
+(:class:`~.schedule.UpdateSchedule`) and a rule (:mod:`.topology`: :class:`~.topology.Unstructured` for
+RigL, :class:`~.topology.ConstantFanIn` for SRigL with neuron ablation, :class:`~.topology.NMGroups` for
+prune and regrow inside each group of M), each chosen once and passed in. The short factories in
+:mod:`.api` (``ss.RigL``, ``ss.SRigL``) are what users call.
 
 Masks are the core's :class:`~semisparse.masking.Mask` parametrizations (``ss.masks``, ``ss.check`` and
 ``ss.finalize`` see them; the mask is a buffer in the model's state_dict). A fan-in layer stores its
@@ -23,25 +24,20 @@ Adam/AdamW moments: every state tensor of the weight's shape) is reset, so maske
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
-from ..masking.parametrization import Mask, sparse_weights
+from ..masking.parametrization import Mask, attach, sparse_weights
 from ..masking.report import Report, build_report
-from ..patterns import NM, fanin_mask, nm_mask, parse_pattern
-from . import rules
-from .budgets import check_sparsity, count_budgets, fanin_budgets, layer_densities
+from .budgets import LayerBudget
 from .schedule import UpdateSchedule
-
-RULES = ("rigl", "srigl", "nm")
+from .topology import Rule, Start, as_globs, matches
 
 
 @dataclass
@@ -62,7 +58,7 @@ class SparseLayer:
         return self.module.parametrizations[self.param].original
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def refuse_ddp(model: nn.Module) -> nn.Module:
     """The module inside ``DataParallel``, else ``model``; a ``DistributedDataParallel`` model is an error.
 
     DDP hooks the gradient accumulators of the parameters when it is built, and registering a
@@ -77,20 +73,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, nn.DataParallel):
         model = model.module
     return model
-
-
-def _matches(c: Candidate, globs: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(c.name, g) or fnmatch.fnmatchcase(c.key, g) for g in globs)
-
-
-def _as_globs(value: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if not all(isinstance(v, str) for v in value):
-        raise SemisparseError(f"{what} must be module names or globs (strings), got {value!r}")
-    return tuple(value)
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], keys: Sequence[str]) -> None:
@@ -130,58 +112,32 @@ class DynamicSparsity:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        rule: Rule,
+        budget: LayerBudget | None,
+        schedule: UpdateSchedule,
         *,
-        rule: str = "srigl",
-        sparsity: float | None = 0.9,
-        t_end: int | None = None,
-        delta: int = 100,
-        alpha: float = 0.3,
-        distribution: str = "erk",
-        erk_power_scale: float = 1.0,
         dense_layers: Sequence[str] | str = (),
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         ignore_linear: bool = False,
         ignore_grouped: bool = False,
-        ablation: float = 0.3,
-        no_ablation: Sequence[str] | str = (),
-        pattern: str | NM | None = None,
-        static: bool = False,
         sparse_init: bool = True,
         init_gain: float = math.sqrt(2.0),
         seed: int = 0,
         grad_steps: int = 1,
     ) -> None:
-        if rule not in RULES:
-            raise SemisparseError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
-        nm = None
-        if rule == "nm":
-            nm = parse_pattern(pattern) if pattern is not None else None
-            if not isinstance(nm, NM):
-                raise SemisparseError(f'the N:M rule needs pattern="N:M" (e.g. "2:4"), got {pattern!r}')
-        else:
-            sparsity = check_sparsity(sparsity)
-        if t_end is None and static:
-            t_end = 1
-        if t_end is None:
-            raise SemisparseError("t_end is required: the optimizer step after which the topology stays fixed "
-                                  "(e.g. int(0.75 * total_steps))")
-        self.schedule = UpdateSchedule(delta=delta, t_end=t_end, alpha=alpha, static=bool(static))
-        if isinstance(ablation, bool) or not isinstance(ablation, (int, float)) or not 0.0 <= ablation <= 1.0:
-            raise SemisparseError(f"ablation (gamma) must be in [0, 1], got {ablation!r}")
         if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
             raise SemisparseError(f"grad_steps must be a positive int (optimizer steps), got {grad_steps!r}")
-        dense_globs = _as_globs(dense_layers, "dense_layers")
-        no_ablation_globs = _as_globs(no_ablation, "no_ablation")
-
-        inner = unwrap(model)
+        dense_globs = as_globs(dense_layers, "dense_layers")
+        inner = refuse_ddp(model)
         existing = list(sparse_weights(inner))
         if existing:
             raise SemisparseError(
                 f"model is already sparsified ({len(existing)} masked weights, e.g. {existing[0].key}); "
                 "dynamic sparse training sets its own masks: start from a dense model or call ss.finalize first"
             )
-        candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+        candidates = plan(inner, rule.pattern, include, exclude, ignore_linear=ignore_linear,
+                          ignore_grouped=ignore_grouped)
         eligible = [c for c in candidates if c.eligible]
         if not eligible:
             reasons = sorted({c.reason for c in candidates}) or ["it has no Linear, Conv or MultiheadAttention layer"]
@@ -189,67 +145,45 @@ class DynamicSparsity:
         check_optimizer(optimizer, [getattr(c.module, c.param) for c in eligible], [c.key for c in eligible])
 
         first = eligible[0]
-        forced = [c for c in eligible if _matches(c, dense_globs) or ("first" in dense_globs and c is first)]
-        unknown = [g for g in dense_globs if g != "first" and not any(_matches(c, [g]) for c in candidates)]
+        forced = [c for c in eligible if matches(c, dense_globs) or ("first" in dense_globs and c is first)]
+        unknown = [g for g in dense_globs if g != "first" and not any(matches(c, [g]) for c in candidates)]
         if unknown:
             raise SemisparseError(f"dense_layers {', '.join(unknown)} match no Linear/Conv layer of the model")
         budgeted = [c for c in eligible if c not in forced]
         if not budgeted:
             raise SemisparseError("every eligible layer is in dense_layers: nothing left to make sparse")
         shapes = [c.weight_shape for c in budgeted]
-        if nm is not None:
-            densities = [nm.density] * len(shapes)
-        else:
-            densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        densities = rule.densities(shapes, budget)
         classifier = eligible[-1]
 
         gen = torch.Generator().manual_seed(int(seed))
-        chosen: list[tuple[Candidate, torch.Tensor, int, int | None]] = []
+        chosen: list[tuple[Candidate, Start]] = []
         dense_reason: dict[int, str] = {id(c): "kept dense (dense_layers)" for c in forced}
         for c, d, shape in zip(budgeted, densities, shapes):
-            layout = c.layout
-            rows, width = shape[0], math.prod(shape[1:])
-            scores = torch.rand(rows, width, generator=gen)
-            if nm is not None:
-                mask_view, budget, k0 = nm_mask(scores, nm.n, nm.m), rows * width * nm.n // nm.m, None
-            elif rule == "srigl":
-                # The layer's budget is floor(d * numel); neurons start at k0 = floor(d * fan_in) each, and
-                # ablation hands the budget of ablated neurons (and the rounding slack) to the others.
-                k0 = fanin_budgets([shape], [d])[0]
-                if k0 >= width:
-                    dense_reason[id(c)] = f"{distribution} density {d:.2f}: kept dense"
-                    continue
-                mask_view, budget = fanin_mask(scores, k0), max(k0 * rows, count_budgets([shape], [d])[0])
-            else:
-                budget, k0 = count_budgets([shape], [d])[0], None
-                if budget >= rows * width:
-                    dense_reason[id(c)] = f"{distribution} density {d:.2f}: kept dense"
-                    continue
-                mask_view = rules.top_in_layer(scores, budget)
-            chosen.append((c, layout.from_view(mask_view), budget, k0))
+            start = rule.start(torch.rand(shape[0], math.prod(shape[1:]), generator=gen), d)
+            if start is None:
+                dense_reason[id(c)] = f"{budget.distribution} density {d:.2f}: kept dense"
+                continue
+            chosen.append((c, start))
 
         # Everything is validated and computed: only now is the model modified.
         self.model = model
         self.optimizer = optimizer
-        self.rule = rule
-        self.sparsity = sparsity if nm is None else 1.0 - nm.density
-        self.pattern = nm
-        self.threshold_ratio = float(ablation) if rule == "srigl" else 0.0
+        self.topology = rule
+        self.schedule = schedule
+        self.sparsity = rule.sparsity(budget)
         self.layers: list[SparseLayer] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._accumulate = False
         self.grad_steps = grad_steps
         self._step = 0
         self._handles = []
-        for c, mask, budget, k0 in chosen:
-            weight = getattr(c.module, c.param)
-            mask = mask.to(weight.device)
-            target = nm if nm is not None else k0
-            p = Mask(mask, c.layout, target)
-            p.param_order = tuple(c.module._parameters)  # finalize puts the weight back in its place
-            parametrize.register_parametrization(c.module, c.param, p)
-            ablate = rule == "srigl" and c is not classifier and not _matches(c, no_ablation_globs)
-            layer = SparseLayer(c.key, c.module, c.param, c.layout, p, budget, k0, ablate)
+        for c, start in chosen:
+            mask = c.layout.from_view(start.mask).to(getattr(c.module, c.param).device)
+            p = Mask(mask, c.layout, rule.target(start))
+            attach(c.module, c.param, p)
+            layer = SparseLayer(c.key, c.module, c.param, c.layout, p, start.budget, start.k0,
+                                rule.ablates(c, classifier))
             self.layers.append(layer)
             with torch.no_grad():
                 if sparse_init:
@@ -264,6 +198,11 @@ class DynamicSparsity:
         self._dense_params = sum(math.prod(c.weight_shape) for c in budgeted if id(c) in dense_reason)
         self._budget_params = sum(math.prod(s) for s in shapes)
         self._accumulate = self._capturing(0)
+
+    @property
+    def rule(self) -> str:
+        """The rule's name (``"rigl"``, ``"srigl"``, ``"nm"``), as the state_dict records it."""
+        return self.topology.name
 
     # -- dense gradient capture ---------------------------------------------------------------------
     def _capture(self, key: str):
@@ -320,23 +259,9 @@ class DynamicSparsity:
     def update(self, drop_fraction: float) -> None:
         """One topology update of every layer with the captured dense gradients."""
         for layer, g in zip(self.layers, self._gathered_grads()):
-            lay, old = layer.layout, layer.mask.mask
-            if self.rule == "nm":  # groups of M run along input channels: the layout's view
-                view, back = lay.to_view, lay.from_view
-            else:  # fan-in and unstructured rules ignore the order inside a row: a free reshape
-                rows = old.shape[0]
-                view, back = (lambda t, rows=rows: t.reshape(rows, -1)), (lambda v, shape=old.shape: v.reshape(shape))
-            mview, wview, gview = view(old), view(layer.original), view(g)
-            if self.rule == "rigl":
-                new, target = rules.rigl_update(mview, wview, gview, drop_fraction), None
-            elif self.rule == "nm":
-                nm = self.pattern
-                new, target = rules.nm_update(mview, wview, gview, drop_fraction, nm.n, nm.m), nm
-            else:
-                threshold = max(1, int(self.threshold_ratio * layer.k0)) if self.threshold_ratio > 0 else 0
-                new, target = rules.srigl_update(
-                    mview, wview, gview, drop_fraction, layer.budget, threshold, layer.ablate
-                )
+            view, back = self.topology.view(layer)
+            new, target = self.topology.update(layer, view(layer.mask.mask), view(layer.original), view(g),
+                                               drop_fraction)
             self._apply(layer, back(new), target)
 
     def _apply(self, layer: SparseLayer, new: torch.Tensor, target: object) -> None:
@@ -383,8 +308,7 @@ class DynamicSparsity:
         for key, info in saved.items():
             if info["budget"] != mine[key].budget:
                 raise SemisparseError(f"state_dict budget of {key} is {info['budget']}, expected {mine[key].budget}")
-            if self.rule == "srigl":
-                mine[key].mask.target = int(info["k"])
+            self.topology.restore(mine[key], info)
         self._step = int(state["step"])
         self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
         self._accumulate = self._capturing(self._step)
@@ -410,7 +334,7 @@ class DynamicSparsity:
 
     def report(self, example_input: torch.Tensor | None = None) -> Report:
         """The core's coverage report plus the achieved sparsity and ablated neurons."""
-        rep = build_report(unwrap(self.model), self._candidates, example_input)
+        rep = build_report(refuse_ddp(self.model), self._candidates, example_input)
         target = f"{self.sparsity:.4g}"
         rep.notes.append(
             f"{self.rule}: achieved sparsity {self.achieved_sparsity:.4f} over the budgeted layers "

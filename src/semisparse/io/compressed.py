@@ -1,0 +1,241 @@
+"""Compressed checkpoints: ``save(model, path)`` / ``load(path, model=None)``, safetensors, no pickle.
+
+A sparsified weight is stored as its kept values plus the smallest index form its structure allows
+(:mod:`.codec`); everything else as it is. Tensor names: dense tensors under their original state_dict key
+(``bn1.running_mean``, and ``conv1.weight`` for a layer that is not sparse); a sparse ``conv1.weight`` as
+``conv1.weight::values``, ``::nm``, ``::alive``, ``::cols``, ``::counts``, ``::bitmap`` and, with
+``keep_dense``, ``::dense``. The header metadata key ``"semisparse"`` holds JSON: format version, the model's
+``semisparse_arch`` (so ``load(path)`` rebuilds it), per-layer structure, and a BLAKE2b digest of every
+tensor so a tampered file is rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import SemisparseError
+from ..masking.parametrization import attach, detach_all, sparse_weights
+from ..models import from_arch
+from .codec import DTYPES, PARTS, SEP, decode, encode
+from .files import atomic_write
+
+FORMAT = "semisparse.compressed"
+VERSION = 1
+META_KEY = "semisparse"
+
+# ------------------------------------------------------------------------------------------ save/load
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """BLAKE2b over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    return h.hexdigest()
+
+
+def save(
+    model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None, keep_dense: bool = False
+) -> Path:
+    """Write ``model`` (sparsified or not) as a compressed safetensors file; returns the path.
+
+    Sparse weights are stored as kept values plus indices (see the module docstring), everything else as
+    it is. ``dtype`` (e.g. ``torch.float16``) converts every floating tensor; ``keep_dense=True`` also
+    keeps the dense weight under each mask. The model's ``semisparse_arch`` is recorded so ``load(path)``
+    can rebuild it. Writing is atomic (temporary file, then ``os.replace``).
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SemisparseError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
+    path = Path(path)
+    sparse = {sw.key: sw for sw in sparse_weights(model)}
+    prefixes = [sw.state_prefix for sw in sparse.values()]
+    layers: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    dense_keys: list[str] = []
+    for name, t in model.state_dict(keep_vars=False).items():
+        if any(name.startswith(pre) for pre in prefixes):
+            continue  # original / mask / learned-mask buffers: replaced by the encoded weight below
+        if SEP in name:
+            raise SemisparseError(f"state_dict key {name!r} contains {SEP!r}, which the file format reserves")
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[name] = t.clone().contiguous()  # never shares storage (safetensors refuses shared tensors)
+        dense_keys.append(name)
+    with torch.no_grad():
+        for key, sw in sparse.items():
+            original = sw.original.detach()
+            effective = original * sw.parametrization.hard_mask().to(original.dtype)
+            entry, enc = encode(
+                key, sw.parametrization, effective, original if keep_dense else None, dtype or original.dtype
+            )
+            layers[key] = entry
+            tensors.update(enc)
+    arch = getattr(model, "semisparse_arch", None)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch if isinstance(arch, dict) else None,
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "layers": layers,
+        "dense": dense_keys,
+        "digest": _digest(tensors),
+    }
+    try:
+        meta = {META_KEY: json.dumps(header)}
+    except TypeError as exc:
+        raise SemisparseError(f"model.semisparse_arch must be JSON-serialisable: {exc}") from None
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a compressed file, validated for format and version (no tensors are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # SafetensorError is not importable on every safetensors version
+        raise SemisparseError(
+            f"{path}: not a valid safetensors file (truncated or corrupted?): {exc}"
+        ) from None
+    return _parse_header(meta, path)
+
+
+def _parse_header(meta: Mapping[str, str], path: Path) -> dict:
+    if META_KEY not in meta:
+        raise SemisparseError(
+            f"{path}: a safetensors file but not a semisparse compressed checkpoint "
+            "(no 'semisparse' metadata); write one with ss.save(model, path)"
+        )
+    try:
+        header = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise SemisparseError(f"{path}: corrupted semisparse header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise SemisparseError(f"{path}: header does not describe a {FORMAT} file")
+    if header.get("version") != VERSION:
+        raise SemisparseError(
+            f"{path}: format version {header.get('version')!r}; this semisparse reads version {VERSION}"
+        )
+    if not isinstance(header.get("layers"), dict) or not isinstance(header.get("dense"), list):
+        raise SemisparseError(f"{path}: header lacks the layer table")
+    return header
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    header = read_header(path)
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = f.get_tensor(name)
+    except Exception as exc:
+        raise SemisparseError(f"{path}: cannot read tensors (truncated or corrupted?): {exc}") from None
+    if _digest(tensors) != header.get("digest"):
+        raise SemisparseError(
+            f"{path}: contents do not match the recorded digest (file tampered or corrupted)"
+        )
+    expected = set(header["dense"])
+    for key, entry in header["layers"].items():
+        if not isinstance(entry, dict) or entry.get("encoding") not in PARTS:
+            enc = entry.get("encoding") if isinstance(entry, dict) else entry
+            raise SemisparseError(f"{path}: {key}: unknown encoding {enc!r}; expected {sorted(PARTS)}")
+        parts, keep_dense = PARTS[entry["encoding"]], entry.get("keep_dense")
+        expected |= {f"{key}{SEP}{part}" for part in (*parts, "dense" if keep_dense else "values")}
+    if set(tensors) != expected or set(header["dense"]) & set(header["layers"]):
+        extra = sorted(set(tensors) ^ expected)[:3]
+        raise SemisparseError(f"{path}: tensors do not match the header (e.g. {extra})")
+    return header, tensors
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Read a file written by :func:`save` into ``model``, or into the architecture the file records.
+
+    Returns the model sparsified with :class:`~semisparse.masking.Mask` parametrizations: the same masks
+    and structure targets (``ss.check`` passes), values equal to the saved model's effective weights (the
+    dense weights underneath when saved with ``keep_dense``), ready for ``ss.deploy``. A truncated,
+    tampered or foreign file raises :class:`~semisparse.SemisparseError`.
+    """
+    path = Path(path)
+    header, tensors = _read(path)
+    decoded = {}
+    for key, entry in header["layers"].items():
+        try:
+            decoded[key] = decode(key, entry, tensors)
+        except SemisparseError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed header value
+            raise SemisparseError(f"{path}: {key}: malformed layer entry ({exc})") from None
+    if model is None:
+        model = from_arch(header.get("arch"), path)
+    detach_all(model)  # a given model that is sparsified already: start from its dense weights
+    state = {name: tensors[name] for name in header["dense"]}
+    for key, (_, weight) in decoded.items():
+        state[key] = weight
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SemisparseError(
+            f"{path}: the model does not match the file (missing from the file: {missing[:3]}, not in the "
+            f"model: {unexpected[:3]})"
+        )
+    for name, t in state.items():
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise SemisparseError(
+                f"{path}: {name} has shape {tuple(t.shape)} in the file; the model's is "
+                f"{tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    modules = dict(model.named_modules())
+    for key, (p, _) in decoded.items():
+        mod_name, _, param = key.rpartition(".")
+        module = modules[mod_name]
+        p.mask = p.mask.to(getattr(module, param).device)
+        attach(module, param, p)
+    return model
+
+
+def sizes(path: str | os.PathLike) -> dict[str, int | float]:
+    """File size against the same tensors stored dense in the same dtypes (header bytes excluded)."""
+    path = Path(path)
+    header = read_header(path)
+    dense = 0
+    with safe_open(str(path), framework="pt") as f:
+        for name in header["dense"]:
+            sl = f.get_slice(name)
+            dense += math.prod(sl.get_shape()) * DTYPES[_st_dtype(sl.get_dtype())].itemsize
+    for entry in header["layers"].values():
+        dense += math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
+    size = path.stat().st_size
+    return {"file_bytes": size, "dense_bytes": dense, "ratio": size / max(1, dense)}
+
+
+def _st_dtype(code: str) -> str:
+    return {
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F64": "float64",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "I32": "int32",
+        "I64": "int64",
+        "BOOL": "bool",
+    }.get(code, "uint8")
