@@ -69,10 +69,8 @@ def deploy(
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
     from . import kernels
-    from .condensed import SparseConv, SparseLinear
     from .fold import fold_batchnorm
     from .pool import MaxPool2d
-    from .pool import supports as supports_pool
 
     m = copy.deepcopy(model).cpu().eval()
     found = {}
@@ -90,38 +88,7 @@ def deploy(
                       RuntimeWarning, stacklevel=2)
     dropped = _fold_sequentials(m, masks) if fold else {}
 
-    modules = dict(m.named_modules())
-    handled = set()
-    for name, mod in list(modules.items()):
-        if isinstance(mod, nn.MultiheadAttention):
-            key = f"{name}.in_proj_weight" if name else "in_proj_weight"
-            out_key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            from .attention import SparseMultiheadAttention, supports
-
-            if key in masks and not supports(mod):
-                in_proj = SparseLinear(key, mod.in_proj_weight.detach(), masks[key], mod.in_proj_bias,
-                                       patterns[key], kind="MultiheadAttention")
-                out_proj = _linear_or_sparse(mod.out_proj, out_key, masks, patterns)
-                m = _replace(m, name, SparseMultiheadAttention(mod, in_proj, out_proj))
-                handled.update({key, out_key})
-            else:  # F.multi_head_attention_forward reads both weights directly: bake the masks
-                _bake(mod, "in_proj_weight", masks.get(key))
-                _bake(mod.out_proj, "weight", masks.get(out_key))
-                handled.update({key, out_key})
-    modules = dict(m.named_modules())
-    for name, mod in modules.items():
-        key = f"{name}.weight" if name else "weight"
-        if key not in masks or key in handled:
-            continue
-        if isinstance(mod, nn.Linear):
-            m = _replace(m, name, SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
-            m = _replace(m, name, SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
-        else:
-            _bake(mod, "weight", masks[key])
-    for name, mod in list(m.named_modules()):
-        if supports_pool(mod):
-            m = _replace(m, name, MaxPool2d.from_module(mod))
+    m = _condense(m, masks, patterns)
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
             layer.figures["dropped_inputs"] = dropped[layer.key]
@@ -165,6 +132,52 @@ def deploy(
     return m
 
 
+def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
+    """Replace every masked Linear, Conv and MHA (and plain max pooling) of ``m`` by its deployed form,
+    under every name it is registered at (a module reached by two names stays one module); returns the root."""
+    from .attention import SparseMultiheadAttention, supports
+    from .condensed import SparseConv, SparseLinear
+    from .pool import MaxPool2d
+    from .pool import supports as supports_pool
+
+    handled = set()
+    names = _registered_names(m)
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            keys = [prefix + p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                         "out_proj.weight")]
+            handled.update(keys)
+            if not any(k in masks for k in keys):
+                continue
+            if supports(mod):  # F.multi_head_attention_forward reads the weights directly: bake the masks
+                for k in keys:
+                    owner, _, param = k[len(prefix):].rpartition(".")
+                    _bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
+                continue
+            m = _replace_everywhere(m, names[id(mod)], SparseMultiheadAttention.from_module(mod, prefix, masks, patterns))
+    names = _registered_names(m)
+    for name, mod in list(m.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in masks or key in handled:
+            continue
+        if isinstance(mod, nn.Linear):
+            new = SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+            new = SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+        else:
+            _bake(mod, "weight", masks[key])
+            continue
+        m = _replace_everywhere(m, names[id(mod)], new)
+    names = _registered_names(m)
+    for mod in list(m.modules()):
+        if supports_pool(mod):
+            m = _replace_everywhere(m, names[id(mod)], MaxPool2d.from_module(mod))
+    from .transformer import deploy_transformers
+
+    return deploy_transformers(m)
+
+
 def deployed_layers(model: nn.Module) -> list:
     """``[(module name, condensed layer)]`` of a deployed model."""
     from .condensed import _Condensed
@@ -202,13 +215,22 @@ def _strip_parametrizations(mod: nn.Module) -> None:
         mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name``; returns the (possibly new) root."""
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def _registered_names(root: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it is registered under}`` (a module shared by two parents has two)."""
+    names: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at each of ``names`` (all the names one module is registered under); returns the
+    (possibly new) root."""
+    for name in names:
+        if not name:
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
     return root
 
 
@@ -216,16 +238,6 @@ def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
     if mask is not None:
         with torch.no_grad():
             getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
-
-
-def _linear_or_sparse(lin: nn.Linear, key: str, masks: dict, patterns: dict) -> nn.Module:
-    from .condensed import SparseLinear
-
-    if key in masks:
-        return SparseLinear(key, lin.weight.detach(), masks[key], lin.bias, patterns[key])
-    plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
-    plain.load_state_dict(lin.state_dict())
-    return plain
 
 
 def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
@@ -236,20 +248,24 @@ def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
     ``{second layer's key: columns dropped}``. Works on plain Linears with masks (before condensing).
     """
     dropped: dict[str, int] = {}
+    shared = {i for i, names in _registered_names(model).items() if len(names) > 1}
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        mods = list(seq.named_children())
-        for i, (a_name, a) in enumerate(mods):
+        names = [n for n, _ in seq.named_children()]
+        for i, a_name in enumerate(names):
+            a = seq._modules[a_name]  # as the fold of the pair before left it (it may be that pair's second)
             akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
-            if not isinstance(a, nn.Linear) or akey not in masks:
+            if not isinstance(a, nn.Linear) or akey not in masks or id(a) in shared:
                 continue
             j = i + 1
-            while j < len(mods) and isinstance(mods[j][1], _ELEMENTWISE):
+            while j < len(names) and isinstance(seq._modules[names[j]], _ELEMENTWISE):
                 j += 1
-            if j >= len(mods) or not isinstance(mods[j][1], nn.Linear):
+            if j >= len(names) or not isinstance(seq._modules[names[j]], nn.Linear):
                 continue
-            b_name, b = mods[j]
+            b_name, b = names[j], seq._modules[names[j]]
+            if id(b) in shared or any(id(seq._modules[n]) in shared for n in names[i + 1:j]):
+                continue
             bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
             amask = masks[akey]
             keep = amask.any(1)
@@ -258,8 +274,8 @@ def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
             gone = ~keep
             with torch.no_grad():
                 const = a.bias[gone].clone() if a.bias is not None else torch.zeros(int(gone.sum()))
-                for _, mod in mods[i + 1:j]:
-                    const = mod(const)
+                for n in names[i + 1:j]:
+                    const = seq._modules[n](const)
                 wb = b.weight * masks[bkey] if bkey in masks else b.weight
                 shift = wb[:, gone] @ const.to(wb.dtype)
                 new_a = nn.Linear(a.in_features, int(keep.sum()), bias=a.bias is not None)

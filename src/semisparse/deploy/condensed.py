@@ -507,7 +507,9 @@ class SparseConv(_Condensed):
             return y.view(1, self.out_channels, *g["outs"])
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
-        return y.transpose(0, 1).contiguous()
+        # always a copy: y lives in the reused scratch buffer (with one output channel and nothing cropped,
+        # .contiguous() would hand out the buffer itself, and the next call would overwrite the result)
+        return y.transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     def _bind_conv(self, x: torch.Tensor, g: dict) -> tuple:
         """Bind the one-call batch-1 convolution for this input shape and kernel setting; forward then calls it
