@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
+from .cpus import fit_threads_hook
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -53,6 +54,13 @@ def deploy(
     semisparse's pooling kernel where the planner measured it faster than torch's.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
+
+    The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
+    dropout off, BatchNorm on its running statistics. Each call of it keeps torch's intra-op threads (in the
+    calling Python thread) and its kernels' at no more than the CPUs the process may use at that moment (its
+    CPU affinity and cgroup quota, :mod:`.cpus`): threads beyond them spin-wait for each other. The count torch
+    had comes back when the CPUs do. An ``example_input`` the model refuses, with any ``plan``, is a
+    ``SemisparseError``; deployed layers refuse what the original layers refuse, with the same errors.
     """
     from ..masking.parametrization import sparse_weights
 
@@ -65,6 +73,8 @@ def deploy(
         raise SemisparseError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SemisparseError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise SemisparseError(f"reps must be a positive int (timed runs per candidate), got {reps!r}")
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
@@ -100,6 +110,8 @@ def deploy(
             layer.set_mode("dense")
         m.to(dtype)
         plan = "dense"
+    if example_input is not None and plan != "measure":
+        _check_example(m, _cast(example_input, dtype))
     if plan == "dense":
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
@@ -109,6 +121,8 @@ def deploy(
     elif plan == "measure":
         from .planner import plan_layers, plan_model, plan_pools
 
+        if example_input is not None:
+            _check_example(m, example_input)
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
             plan_layers(m, x, reps=reps)
@@ -129,7 +143,44 @@ def deploy(
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary
+    m.register_forward_pre_hook(fit_threads_hook)
     return m
+
+
+def _cast(x, dtype: torch.dtype | None):
+    """``x`` (a tensor, or a tuple / dict of them) with its floating tensors in ``dtype``."""
+    if dtype is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(t, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_describe(t) for t in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _check_example(m: nn.Module, x) -> None:
+    """Run ``x`` through the deployed ``m`` once: an input the model refuses is a one-line SemisparseError."""
+    from .planner import run
+
+    try:
+        with torch.no_grad():
+            run(m, x)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SemisparseError(f"example_input {_describe(x)} does not fit the model ({type(exc).__name__}: "
+                              f"{first}); pass an input of the model's real shape and dtype") from exc
 
 
 def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
@@ -155,7 +206,8 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
                     owner, _, param = k[len(prefix):].rpartition(".")
                     _bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
                 continue
-            m = _replace_everywhere(m, names[id(mod)], SparseMultiheadAttention.from_module(mod, prefix, masks, patterns))
+            new = SparseMultiheadAttention.from_module(mod, prefix, masks, patterns)
+            m = _replace_everywhere(m, names[id(mod)], new)
     names = _registered_names(m)
     for name, mod in list(m.named_modules()):
         key = f"{name}.weight" if name else "weight"
