@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
-from .cpus import fit_threads_hook
+from . import cpus
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -99,6 +99,7 @@ def deploy(
     dropped = _fold_sequentials(m, masks) if fold else {}
 
     m = _condense(m, masks, patterns)
+    cpus.attach(m)  # before planning: the planner times the model as it will run
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
             layer.figures["dropped_inputs"] = dropped[layer.key]
@@ -125,8 +126,9 @@ def deploy(
             _check_example(m, example_input)
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
-            plan_layers(m, x, reps=reps)
-            pools = plan_pools(m, x, reps=reps)
+            with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
+                plan_layers(m, x, reps=reps)
+                pools = plan_pools(m, x, reps=reps)
         except RuntimeError as exc:
             if example_input is not None:
                 raise
@@ -143,7 +145,6 @@ def deploy(
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary
-    m.register_forward_pre_hook(fit_threads_hook)
     return m
 
 

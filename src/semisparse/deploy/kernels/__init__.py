@@ -3,9 +3,9 @@
 Why C through ctypes rather than a torch C++ extension or numba: it compiles in about a second with the
 system C compiler (no torch headers, no ninja, no build isolation pulling a second torch), its call costs
 a few microseconds, and with ``-fopenmp`` it binds at load time to the ``libgomp`` torch already loaded,
-so these kernels and torch's intra-op pool are one pool: ``torch.set_num_threads`` sets both and the cores
-are never oversubscribed. The library is cached per source/compiler/CPU under
-``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
+so these kernels and torch's intra-op pool are one pool: the kernels run as many threads as torch's pool
+has, and no more than the CPUs the process may use at the call (:mod:`..cpus`). The library is cached per
+source/compiler/CPU under ``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
 
 Where no C compiler is found (or ``SEMISPARSE_NO_KERNELS=1``) the same functions run as pure torch
 reference code, one warning is issued, and the planner then keeps dense layers wherever that is slower.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..cpus import fit_threads
+from ..cpus import threads_now
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 20
+_ABI = 21
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -96,9 +96,9 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 
 def _threads(lib: ctypes.CDLL) -> int:
-    """Keep the kernels' OpenMP pool the size of torch's intra-op pool in this thread, and both no larger than
-    the CPUs the process may use now (:func:`..cpus.fit_threads`; cheap when unchanged). Returns the size."""
-    n = fit_threads()
+    """The kernels' thread count in this Python thread: torch's intra-op count, no more than the CPUs the
+    process may use now (:func:`..cpus.threads_now`); handed to the C side when it changed. Returns it."""
+    n = threads_now()
     if getattr(_seen, "n", None) != n:
         lib.ss_sync_threads(n)
         _seen.n = n
