@@ -169,6 +169,10 @@ class DynamicSparsity:
         self.schedule = UpdateSchedule(delta=delta, t_end=t_end, alpha=alpha, static=bool(static))
         if isinstance(ablation, bool) or not isinstance(ablation, (int, float)) or not 0.0 <= ablation <= 1.0:
             raise SemisparseError(f"ablation (gamma) must be in [0, 1], got {ablation!r}")
+        if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or not (
+                math.isfinite(erk_power_scale) and erk_power_scale >= 0):  # fmt: skip
+            raise SemisparseError(f"erk_power_scale must be a finite number >= 0 (1: ERK, 0: uniform), got "
+                                  f"{erk_power_scale!r}")
         if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
             raise SemisparseError(f"grad_steps must be a positive int (optimizer steps), got {grad_steps!r}")
         dense_globs = _as_globs(dense_layers, "dense_layers")
