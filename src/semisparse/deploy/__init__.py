@@ -56,11 +56,12 @@ def deploy(
     holds the whole-model timing and the pooling choices.
 
     The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
-    dropout off, BatchNorm on its running statistics. Each call of it keeps torch's intra-op threads (in the
-    calling Python thread) and its kernels' at no more than the CPUs the process may use at that moment (its
-    CPU affinity and cgroup quota, :mod:`.cpus`): threads beyond them spin-wait for each other. The count torch
-    had comes back when the CPUs do. An ``example_input`` the model refuses, with any ``plan``, is a
-    ``SemisparseError``; deployed layers refuse what the original layers refuse, with the same errors.
+    dropout off, BatchNorm on its running statistics. Each call of it runs its kernels and its torch ops on no
+    more threads than the CPUs the process may use at that moment (its CPU affinity, cgroup quota, and what
+    other processes leave free: :mod:`.cpus`), since OpenMP threads beyond them spin-wait for each other;
+    torch's thread count is as it was after the call. An ``example_input`` the model refuses, with any
+    ``plan``, is a ``SemisparseError``; deployed layers refuse what the original layers refuse, with the same
+    errors (inputs the kernels do not take run torch's own op).
     """
     from ..masking.parametrization import sparse_weights
 
@@ -105,7 +106,8 @@ def deploy(
             layer.figures["dropped_inputs"] = dropped[layer.key]
 
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
-                     "kernels": kernels.available(), "simd_bits": kernels.simd_width(), "folded_bn": len(folded_bn)}
+                     "usable_cpus": cpus.usable(), "kernels": kernels.available(), "simd_bits": kernels.simd_width(),
+                     "folded_bn": len(folded_bn)}
     if dtype is not None and dtype != torch.float32:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
@@ -129,7 +131,7 @@ def deploy(
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
                 plan_layers(m, x, reps=reps)
                 pools = plan_pools(m, x, reps=reps)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             if example_input is not None:
                 raise
             raise SemisparseError(
