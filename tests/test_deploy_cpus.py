@@ -39,8 +39,8 @@ def _pin_process(cpu_set) -> None:
 def _fresh(monkeypatch, load: bool = False) -> None:
     """Forget the cached readings (the next call re-reads them); ``load=False``: ignore other processes' load
     (this machine is shared: those tests are about affinity)."""
-    monkeypatch.setitem(cpus._cache, "affinity_at", -1.0)
-    monkeypatch.setitem(cpus._cache, "load_at", -1.0)
+    for key in ("affinity_at", "quota_at", "load_at", "next_at"):
+        monkeypatch.setitem(cpus._cache, key, -1.0)
     monkeypatch.setitem(cpus._cache, "sample", None)
     monkeypatch.setitem(cpus._cache, "free", None)
     if not load:
@@ -91,10 +91,9 @@ def test_usable_is_capped_by_quota_and_by_what_others_leave_free(monkeypatch):
     monkeypatch.setattr(cpus, "affinity_set", lambda: frozenset(range(8)))
     monkeypatch.setattr(cpus, "quota_cpus", lambda: 6)
     monkeypatch.setattr(cpus, "free_cpus", lambda cpu_set, now: 4.8)  # others took 3.2 of the 8 CPUs
-    monkeypatch.setitem(cpus._cache, "quota_at", -1.0)
     assert cpus.usable() == 5  # 4.8 free: the fifth thread's CPU is 80% free, within the margin
     monkeypatch.setattr(cpus, "free_cpus", lambda cpu_set, now: 0.3)
-    monkeypatch.setitem(cpus._cache, "load_at", -1.0)
+    cpus.refresh()
     assert cpus.usable() == 1  # never less than one
 
 
@@ -127,7 +126,7 @@ def test_pinned_after_planning_batch1_call_stays_within_3x_of_unpinned(monkeypat
                 one_thread.append(block())
                 torch.set_num_threads(before)
                 _pin_process({min(every)})
-                time.sleep(cpus.AFFINITY_EVERY_S)
+                time.sleep(cpus.AFFINITY_EVERY_S)  # as a deployed model notices on its own
                 pinned.append(block())
                 _pin_process(every)
                 time.sleep(cpus.AFFINITY_EVERY_S)
@@ -158,13 +157,13 @@ def test_pinned_deployed_call_runs_torch_ops_and_kernels_on_one_thread_and_gives
         with torch.no_grad():
             dep(x)
             _pin_process({min(every)})
-            monkeypatch.setitem(cpus._cache, "affinity_at", -1.0)
+            cpus.refresh()
             y = dep(x)
             assert torch.get_num_threads() == before  # given back after the call
             if kernels.available():
                 assert kernels.library().ss_max_threads() == 1  # what the kernels last ran with
             _pin_process(every)
-            monkeypatch.setitem(cpus._cache, "affinity_at", -1.0)
+            cpus.refresh()
             dep(x)
     finally:
         _pin_process(every)
@@ -198,7 +197,7 @@ def test_a_busy_neighbour_on_one_cpu_leaves_one_thread(monkeypatch):
         time.sleep(0.1)
         cpus.usable()  # first sample
         time.sleep(0.25)
-        monkeypatch.setitem(cpus._cache, "affinity_at", -1.0)
+        cpus.refresh()
         assert cpus.usable() == 1, cpus._cache["free"]  # the neighbour took one of the two
     finally:
         busy.kill()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["usable", "threads_now", "fitted_threads", "attach"]
+__all__ = ["usable", "refresh", "threads_now", "fitted_threads", "attach"]
 
 AFFINITY_EVERY_S = 0.01
 LOAD_EVERY_S = 0.1
@@ -35,7 +35,7 @@ QUOTA_EVERY_S = 1.0
 FREE_MARGIN = 0.25
 
 _cache: dict = {"affinity": os.cpu_count() or 1, "cpus": None, "affinity_at": -1.0, "quota": None,
-                "quota_at": -1.0, "free": None, "load_at": -1.0, "sample": None}
+                "quota_at": -1.0, "free": None, "load_at": -1.0, "sample": None, "usable": 1, "next_at": -1.0}
 _TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 _local = threading.local()
 
@@ -137,11 +137,20 @@ def _v1_quota(d: Path) -> float | None:
     return None if quota <= 0 or period <= 0 else quota / period
 
 
+def refresh() -> None:
+    """Forget every reading: the next :func:`usable` reads affinity, quota and load again (for callers that
+    just moved the process and cannot wait ``AFFINITY_EVERY_S``)."""
+    for key in ("affinity_at", "quota_at", "load_at", "next_at"):
+        _cache[key] = -1.0
+
+
 def usable() -> int:
     """CPUs this process may use now: its affinity, capped by its cgroup quota and by the CPUs other processes
     leave free (each re-read when stale); at least 1."""
     now = time.monotonic()
     c = _cache
+    if now < c["next_at"]:  # nothing is due: the answer of the last look
+        return c["usable"]
     if now >= c["affinity_at"]:
         cpus = affinity_set()
         c["cpus"], c["affinity"] = cpus, len(cpus) if cpus else os.cpu_count() or 1
@@ -159,7 +168,9 @@ def usable() -> int:
         n = min(n, c["quota"])
     if c["free"] is not None:
         n = min(n, math.floor(c["free"] + FREE_MARGIN))
-    return max(1, n)
+    c["usable"] = n = max(1, n)
+    c["next_at"] = min(c["affinity_at"], c["quota_at"], c["load_at"] if c["cpus"] else math.inf)
+    return n
 
 
 def threads_now() -> int:
@@ -182,13 +193,18 @@ def fitted_threads() -> Iterator[int]:
 
 
 def _enter(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: torch's threads down to what the process may use, for this call."""
+    """Forward pre-hook: torch's threads down to what the process may use, for this call (a microsecond or
+    less when nothing changes: one batch-1 layer call is 25)."""
     base = torch.get_num_threads()
-    stack = _local.__dict__.setdefault("bases", [])
-    stack.append(base)
-    n = max(1, min(base, usable()))
-    if n != base:
+    n = usable()
+    stack = _local.__dict__.get("bases")
+    if stack is None:
+        stack = _local.bases = []
+    if n < base:
         torch.set_num_threads(n)
+        stack.append(base)
+    else:
+        stack.append(0)
 
 
 def _leave(module: nn.Module, args: tuple, output: object) -> None:
@@ -196,7 +212,7 @@ def _leave(module: nn.Module, args: tuple, output: object) -> None:
     stack = _local.__dict__.get("bases")
     if stack:
         base = stack.pop()
-        if torch.get_num_threads() != base:
+        if base:
             torch.set_num_threads(base)
 
 
