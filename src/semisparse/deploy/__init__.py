@@ -16,13 +16,14 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..masking.parametrization import detach, sparse_weights
-from . import kernels
+from . import cpus, kernels
 from .attention import SparseMultiheadAttention, supports
 from .condensed import SparseConv, SparseLinear, deployed_layers
 from .fold import fold_batchnorm
-from .planner import plan_layers, plan_model, plan_pools
+from .planner import plan_layers, plan_model, plan_pools, run
 from .pool import MaxPool2d
 from .pool import supports as supports_pool
+from .transformer import deploy_transformers
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -62,6 +63,14 @@ def deploy(
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
 
+    The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
+    dropout off, BatchNorm on its running statistics. Each call of it runs its kernels and its torch ops on no
+    more threads than the CPUs the process may use at that moment (its CPU affinity, cgroup quota, and what
+    other processes leave free: :mod:`.cpus`), since OpenMP threads beyond them spin-wait for each other;
+    torch's thread count is as it was after the call. An ``example_input`` the model refuses, with any
+    ``plan``, is a ``SemisparseError``; deployed layers refuse what the original layers refuse, with the same
+    errors (inputs the kernels do not take run torch's own op).
+
     ``device="cuda"``: 2:4 layers through cuSPARSELt in CUDA graphs (``graph=False``: eager), planned on the
     GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
     (see :func:`semisparse.deploy.cuda.deploy_cuda`).
@@ -80,6 +89,8 @@ def deploy(
         raise SemisparseError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SemisparseError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise SemisparseError(f"reps must be a positive int (timed runs per candidate), got {reps!r}")
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
@@ -99,47 +110,22 @@ def deploy(
                       RuntimeWarning, stacklevel=2)
     dropped = _fold_sequentials(m, masks) if fold else {}
 
-    modules = dict(m.named_modules())
-    handled = set()
-    for name, mod in list(modules.items()):
-        if isinstance(mod, nn.MultiheadAttention):
-            key = f"{name}.in_proj_weight" if name else "in_proj_weight"
-            out_key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            if key in masks and not supports(mod):
-                in_proj = SparseLinear(key, mod.in_proj_weight.detach(), masks[key], mod.in_proj_bias,
-                                       patterns[key], kind="MultiheadAttention")
-                out_proj = _linear_or_sparse(mod.out_proj, out_key, masks, patterns)
-                m = _replace(m, name, SparseMultiheadAttention(mod, in_proj, out_proj))
-                handled.update({key, out_key})
-            else:  # F.multi_head_attention_forward reads both weights directly: bake the masks
-                _bake(mod, "in_proj_weight", masks.get(key))
-                _bake(mod.out_proj, "weight", masks.get(out_key))
-                handled.update({key, out_key})
-    modules = dict(m.named_modules())
-    for name, mod in modules.items():
-        key = f"{name}.weight" if name else "weight"
-        if key not in masks or key in handled:
-            continue
-        if isinstance(mod, nn.Linear):
-            m = _replace(m, name, SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
-            m = _replace(m, name, SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key]))
-        else:
-            _bake(mod, "weight", masks[key])
-    for name, mod in list(m.named_modules()):
-        if supports_pool(mod):
-            m = _replace(m, name, MaxPool2d.from_module(mod))
+    m = _condense(m, masks, patterns)
+    cpus.attach(m)  # before planning: the planner times the model as it will run
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
             layer.figures["dropped_inputs"] = dropped[layer.key]
 
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
-                     "kernels": kernels.available(), "simd_bits": kernels.simd_width(), "folded_bn": len(folded_bn)}
+                     "usable_cpus": cpus.usable(), "kernels": kernels.available(), "simd_bits": kernels.simd_width(),
+                     "folded_bn": len(folded_bn)}
     if dtype is not None and dtype != torch.float32:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
         m.to(dtype)
         plan = "dense"
+    if example_input is not None and plan != "measure":
+        _check_example(m, _cast(example_input, dtype))
     if plan == "dense":
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
@@ -147,11 +133,14 @@ def deploy(
             if isinstance(pool, MaxPool2d):
                 pool.use_kernel = False
     elif plan == "measure":
+        if example_input is not None:
+            _check_example(m, example_input)
         x = example_input if example_input is not None else default_example_input(model, batch_size)
         try:
-            plan_layers(m, x, reps=reps)
-            pools = plan_pools(m, x, reps=reps)
-        except RuntimeError as exc:
+            with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
+                plan_layers(m, x, reps=reps)
+                pools = plan_pools(m, x, reps=reps)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             if example_input is not None:
                 raise
             raise SemisparseError(
@@ -170,6 +159,80 @@ def deploy(
     return m
 
 
+def _cast(x, dtype: torch.dtype | None):
+    """``x`` (a tensor, or a tuple / dict of them) with its floating tensors in ``dtype``."""
+    if dtype is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(t, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_describe(t) for t in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _check_example(m: nn.Module, x) -> None:
+    """Run ``x`` through the deployed ``m`` once: an input the model refuses is a one-line SemisparseError."""
+    try:
+        with torch.no_grad():
+            run(m, x)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SemisparseError(f"example_input {_describe(x)} does not fit the model ({type(exc).__name__}: "
+                              f"{first}); pass an input of the model's real shape and dtype") from exc
+
+
+def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
+    """Replace every masked Linear, Conv and MHA (and plain max pooling) of ``m`` by its deployed form,
+    under every name it is registered at (a module reached by two names stays one module); returns the root."""
+    handled = set()
+    names = _registered_names(m)
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            keys = [prefix + p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                         "out_proj.weight")]
+            handled.update(keys)
+            if not any(k in masks for k in keys):
+                continue
+            if supports(mod):  # F.multi_head_attention_forward reads the weights directly: bake the masks
+                for k in keys:
+                    owner, _, param = k[len(prefix):].rpartition(".")
+                    _bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
+                continue
+            new = SparseMultiheadAttention.from_module(mod, prefix, masks, patterns)
+            m = _replace_everywhere(m, names[id(mod)], new)
+    names = _registered_names(m)
+    for name, mod in list(m.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in masks or key in handled:
+            continue
+        if isinstance(mod, nn.Linear):
+            new = SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+            new = SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+        else:
+            _bake(mod, "weight", masks[key])
+            continue
+        m = _replace_everywhere(m, names[id(mod)], new)
+    names = _registered_names(m)
+    for mod in list(m.modules()):
+        if supports_pool(mod):
+            m = _replace_everywhere(m, names[id(mod)], MaxPool2d.from_module(mod))
+    return deploy_transformers(m)
+
+
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     """``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``,
     which semisparse's models and torchvision's ViTs carry, or its arch's, else 224), or
@@ -186,13 +249,22 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
     raise SemisparseError("cannot guess the model's input shape; pass example_input=torch.randn(...)")
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name``; returns the (possibly new) root."""
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def _registered_names(root: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it is registered under}`` (a module shared by two parents has two)."""
+    names: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at each of ``names`` (all the names one module is registered under); returns the
+    (possibly new) root."""
+    for name in names:
+        if not name:
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
     return root
 
 
@@ -200,14 +272,6 @@ def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
     if mask is not None:
         with torch.no_grad():
             getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
-
-
-def _linear_or_sparse(lin: nn.Linear, key: str, masks: dict, patterns: dict) -> nn.Module:
-    if key in masks:
-        return SparseLinear(key, lin.weight.detach(), masks[key], lin.bias, patterns[key])
-    plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
-    plain.load_state_dict(lin.state_dict())
-    return plain
 
 
 def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
@@ -218,20 +282,24 @@ def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
     ``{second layer's key: columns dropped}``. Works on plain Linears with masks (before condensing).
     """
     dropped: dict[str, int] = {}
+    shared = {i for i, names in _registered_names(model).items() if len(names) > 1}
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        mods = list(seq.named_children())
-        for i, (a_name, a) in enumerate(mods):
+        names = [n for n, _ in seq.named_children()]
+        for i, a_name in enumerate(names):
+            a = seq._modules[a_name]  # as the fold of the pair before left it (it may be that pair's second)
             akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
-            if not isinstance(a, nn.Linear) or akey not in masks:
+            if not isinstance(a, nn.Linear) or akey not in masks or id(a) in shared:
                 continue
             j = i + 1
-            while j < len(mods) and isinstance(mods[j][1], _ELEMENTWISE):
+            while j < len(names) and isinstance(seq._modules[names[j]], _ELEMENTWISE):
                 j += 1
-            if j >= len(mods) or not isinstance(mods[j][1], nn.Linear):
+            if j >= len(names) or not isinstance(seq._modules[names[j]], nn.Linear):
                 continue
-            b_name, b = mods[j]
+            b_name, b = names[j], seq._modules[names[j]]
+            if id(b) in shared or any(id(seq._modules[n]) in shared for n in names[i + 1:j]):
+                continue
             bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
             amask = masks[akey]
             keep = amask.any(1)
@@ -240,8 +308,8 @@ def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
             gone = ~keep
             with torch.no_grad():
                 const = a.bias[gone].clone() if a.bias is not None else torch.zeros(int(gone.sum()))
-                for _, mod in mods[i + 1:j]:
-                    const = mod(const)
+                for n in names[i + 1:j]:
+                    const = seq._modules[n](const)
                 wb = b.weight * masks[bkey] if bkey in masks else b.weight
                 shift = wb[:, gone] @ const.to(wb.dtype)
                 new_a = nn.Linear(a.in_features, int(keep.sum()), bias=a.bias is not None)

@@ -149,7 +149,10 @@ class _Condensed(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._forget_derived()  # .to(), .float(), ... may replace the stored tensors
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.dense_weight is not None:  # not a buffer (never saved), but it must follow dtype and device
+            self.dense_weight = fn(self.dense_weight)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._forget_derived()
@@ -233,21 +236,22 @@ class SparseLinear(_Condensed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bound = self.__dict__.get("_bound_gemv")
-        if bound is not None and x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.float32 and (
-                not x.requires_grad and x.is_contiguous()):  # fmt: skip
+        if bound is not None and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == self.in_features and (
+                x.dtype == torch.float32 and x.is_cpu and not x.requires_grad and x.is_contiguous()):  # fmt: skip
             # batch-1 latency in condensed mode: as little Python as possible around the bound kernel
             y = torch.empty(1, self.out_features)
             bound(x, y)
             self.__dict__["_macs"] = self._batch1_macs
             return y
-        w = self.dense_weight
-        if self.mode == "dense" and w is not None and x.dtype == w.dtype:
-            # Kept dense by the planner: no more work than nn.Linear (its __setattr__ skipped on purpose).
+        if self.mode == "dense" or not self._kernel_takes(x):
+            # Kept dense by the planner, or an input the kernel does not take: torch's own op on the masked
+            # weight, which computes what nn.Linear computes and raises what it raises (its __setattr__ skipped
+            # on purpose: no more work than nn.Linear).
+            w = self.dense_weight if self.dense_weight is not None else self._dense_now()
             y = F.linear(x, w, self.bias)
             self.__dict__["_macs"] = y.numel() * self.in_features
             return y
-        if (self.mode == "condensed" and x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32
-                and not x.requires_grad and x.is_contiguous() and not self.n_ablated):  # fmt: skip
+        if x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and not self.n_ablated:
             run = self._batch1()
             if run is not None:
                 y = torch.empty(1, self.out_features)
@@ -255,12 +259,8 @@ class SparseLinear(_Condensed):
                 self.__dict__["_macs"] = self._batch1_macs
                 return y
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()
         self.__dict__["_macs"] = x2.shape[0] * self.out_features * self.in_features
-        if self.mode == "dense" or x.dtype != torch.float32 or x.requires_grad:
-            w = self.dense_weight if self.dense_weight is not None else self._dense_now()
-            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        x2 = x2.contiguous()
         B = x2.shape[0]
         if B == 1:
             y = self._output_init((self.out_features,), 0)
@@ -282,6 +282,12 @@ class SparseLinear(_Condensed):
         kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32, prefer_blocks=True)
         return y.view(*lead, self.out_features)
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """An input the condensed kernels compute exactly what ``nn.Linear`` would: fp32 on the CPU (as the
+        stored values), ``(..., in_features)``, not empty, no autograd."""
+        return (x.dim() >= 1 and x.shape[-1] == self.in_features and x.dtype == torch.float32 and x.is_cpu
+                and self.values.dtype == torch.float32 and not x.requires_grad and x.numel() > 0)
 
     def _batch1(self):
         """Bind the batch-1 kernel to the stored tensors (None without kernels); forward then takes the
@@ -339,7 +345,7 @@ class SparseConv(_Condensed):
             return out
         return [(p, p) for p in self.padding]
 
-    def _plan_geometry(self, n: int, spatial: tuple[int, ...]) -> dict:
+    def _plan_geometry(self, n: int, spatial: tuple[int, ...]) -> dict | None:
         """Offsets and sizes for an input ``(n, C, *spatial)``; cached per shape (the int32 offset table
         is 4 bytes per kept weight: a runtime cache, not part of the stored form)."""
         key = (n, spatial)
@@ -353,7 +359,7 @@ class SparseConv(_Condensed):
         padded = [s + a + b for s, (a, b) in zip(spatial_in, pads)]
         outs = [(p - d * (k - 1) - 1) // s + 1 for p, d, k, s in zip(padded, self.dilation, self.kernel_size, strides)]
         if any(o <= 0 for o in outs):
-            raise ValueError(f"{self.key}: input {spatial} is too small for kernel {self.kernel_size}")
+            return None  # too small for the kernel: torch's conv raises its own error
         planes = [-(-p // s) for p, s in zip(padded, strides)]  # H' = ceil(padded / stride)
         plane = math.prod(planes)
         nph = math.prod(strides)
@@ -415,31 +421,39 @@ class SparseConv(_Condensed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.__dict__.get("_fast_conv")
-        if fast is not None and x.shape == fast[0] and x.dtype == torch.float32 and (
+        if fast is not None and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
                 not x.requires_grad and x.is_contiguous()):  # fmt: skip
             out = torch.empty(fast[2])  # batch-1 2-D conv in condensed mode: one bound C call
             fast[1](x, out)
             self.__dict__["_macs"] = fast[3]
             return out
-        w = self.dense_weight
-        if self.mode == "dense" and w is not None and x.dtype == w.dtype:
-            # Kept dense by the planner: no more work than nn.ConvNd (its __setattr__ skipped on purpose).
-            if self.dense_gemm and x.dim() == self.nd + 2 and x.is_contiguous():
-                y = self._gemm(x, w)
-            else:
-                conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-                y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            self.__dict__["_macs"] = y.numel() * math.prod(self.shape[1:])
-            return y
-        batched = x.dim() == self.nd + 2
-        if not batched:
-            x = x.unsqueeze(0)
-        if self.mode == "dense" or x.dtype != torch.float32 or x.requires_grad:
-            y = self._dense_forward(x)
+        if self.mode == "condensed" and self._kernel_takes(x):
+            batched = x.dim() == self.nd + 2
+            y = self._condensed_forward(x.contiguous() if batched else x.unsqueeze(0).contiguous())
+            if y is not None:
+                self.__dict__["_macs"] = y.numel() * math.prod(self.shape[1:])
+                return y if batched else y.squeeze(0)
+        # Kept dense by the planner, or an input the kernel does not take: torch's own op on the masked weight,
+        # which computes what nn.ConvNd computes and raises what it raises (its __setattr__ skipped on purpose).
+        w = self.dense_weight if self.dense_weight is not None else self._dense_now()
+        if self.mode == "dense" and self.dense_gemm and x.dim() == self.nd + 2 and x.is_contiguous() and (
+                x.shape[1] == self.in_channels and x.dtype == w.dtype and x.device == w.device):  # fmt: skip
+            y = self._gemm(x, w)
         else:
-            y = self._condensed_forward(x.contiguous())
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+            y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         self.__dict__["_macs"] = y.numel() * math.prod(self.shape[1:])
-        return y if batched else y.squeeze(0)
+        return y
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """An input the condensed kernels compute exactly what the conv would: fp32 on the CPU (as the stored
+        values), ``([N,] C, *spatial)`` with this conv's channels, not empty, no autograd."""
+        return (x.dim() in (self.nd + 1, self.nd + 2) and x.shape[-self.nd - 1] == self.in_channels
+                and x.dtype == torch.float32 and x.is_cpu and self.values.dtype == torch.float32
+                and not x.requires_grad and x.numel() > 0)
+
+    def _dense_now(self) -> torch.Tensor:
+        return self._layout().from_view(expand(self.values, self.idx, self.orow, self.view_shape))
 
     def _gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """A 1x1, stride-1, ungrouped conv as ``W (out, in) @ x (in, positions)`` per sample: at batch 1 on
@@ -465,16 +479,13 @@ class SparseConv(_Condensed):
             return [{"dense_gemm": False}, {"dense_gemm": True}]
         return [{"dense_gemm": False}]
 
-    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight if self.dense_weight is not None else self._layout().from_view(
-            expand(self.values, self.idx, self.orow, self.view_shape))
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return conv(x, w.to(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
-
-    def _condensed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _condensed_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x (N, C, *spatial)`` contiguous fp32 through the kernels; None where the input is too small for
+        the kernel (torch's conv then says so)."""
         n = x.shape[0]
         g = self._plan_geometry(n, tuple(x.shape[2:]))
+        if g is None:
+            return None
         if n == 1 and self.nd == 2 and kernels.available():
             fast = self._bind_conv(x, g)
             out = torch.empty(fast[2])
@@ -495,7 +506,9 @@ class SparseConv(_Condensed):
             return y.view(1, self.out_channels, *g["outs"])
         y = y.view(self.out_channels, n, *g["planes"])
         y = y[(slice(None), slice(None), *[slice(0, o) for o in g["outs"]])]
-        return y.transpose(0, 1).contiguous()
+        # always a copy: y lives in the reused scratch buffer (with one output channel and nothing cropped,
+        # .contiguous() would hand out the buffer itself, and the next call would overwrite the result)
+        return y.transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     def _bind_conv(self, x: torch.Tensor, g: dict) -> tuple:
         """Bind the one-call batch-1 convolution for this input shape and kernel setting; forward then calls it

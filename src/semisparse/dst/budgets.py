@@ -99,6 +99,9 @@ class LayerBudget:
             raise SemisparseError(
                 f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
             )
+        p = self.erk_power_scale
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p >= 0):
+            raise SemisparseError(f"erk_power_scale must be a finite number >= 0 (1: ERK, 0: uniform), got {p!r}")
 
     def densities(self, shapes: Sequence[tuple[int, ...]]) -> list[float]:
         """Per-layer densities of ``shapes`` (weight shapes, in order)."""

@@ -38,6 +38,7 @@ installed, CPU fp32; elementwise torch ops over pattern planes otherwise, also o
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -541,16 +542,18 @@ def apply_trainable(model: nn.Module, options: Mapping[str, object]) -> list[str
 
 def restore_trainable(model: nn.Module) -> None:
     """Give back what mask training took: the ``requires_grad`` flags of ``trainable="mask"`` and the
-    BatchNorm hooks of ``bn="freeze"``. ``ss.finalize`` calls this, so a finalized model trains as before."""
+    BatchNorm hooks of ``bn="freeze"`` (the BatchNorm layers they held in eval mode follow the model's mode
+    again). ``ss.finalize`` calls this, so a finalized model trains as before; a no-op on other models."""
     for m in model.modules():
         handle = getattr(m, "_semisparse_bn_hook", None)
         if handle is not None:
             handle.remove()
             del m._semisparse_bn_hook
+            m.train(model.training)
     before = getattr(model, "_semisparse_requires_grad", None) or {}
     params = dict(model.named_parameters())
     for name, flag in before.items():
-        key = name.replace(".parametrizations.weight.original", ".weight")
+        key = re.sub(r"(^|\.)parametrizations\.(\w+)\.original$", r"\1\2", name)  # the weight once finalized
         p = params.get(name, params.get(key))
         if p is not None:
             p.requires_grad_(flag)

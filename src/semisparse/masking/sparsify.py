@@ -51,6 +51,18 @@ def _validate_options(method: str, options: Mapping[str, object]) -> None:
     if unknown:
         extra = f" (accepted: {', '.join(sorted(allowed))})" if allowed else ""
         raise SemisparseError(f"unknown option(s) {', '.join(unknown)} for method={method!r}{extra}")
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SemisparseError(f"seed must be an int (the random masks' generator seed), got {seed!r}")
+
+
+def _check_globs(value: object, what: str) -> None:
+    """``include`` / ``exclude``: None, one module-name glob, or a list of them."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return
+    raise SemisparseError(f"{what} must be a module-name glob or a list of them (e.g. \"layer4.*\"), got {value!r}")
 
 
 def sparsify(
@@ -92,6 +104,8 @@ def sparsify(
     if masks is not None and method == "gumbel":
         raise SemisparseError("masks=... applies fixed masks; it cannot be combined with method='gumbel'")
     _validate_options(method, options)
+    _check_globs(include, "include")
+    _check_globs(exclude, "exclude")
 
     existing = list(sparse_weights(model))
     if existing and not overwrite:
@@ -172,6 +186,10 @@ def sparsify(
         from .gumbel import apply_trainable
 
         notes = apply_trainable(model, options)
+    elif existing:  # fixed masks replaced learned ones: nothing is mask training any more
+        from .gumbel import restore_trainable
+
+        restore_trainable(model)
     rep = build_report(model, candidates, example_input)
     rep.notes.extend(notes)
     if permuted is not None:
@@ -197,20 +215,18 @@ def finalize(model: nn.Module) -> nn.Module:
     """Bake every mask into a plain weight and remove the parametrizations.
 
     The state_dict then has exactly the original model's keys; masked entries are zero. Learned masks
-    use their deterministic mask, and what mask training froze (``trainable="mask"``) trains again.
+    use their deterministic mask, and what mask training froze (``trainable="mask"``, ``bn="freeze"``)
+    trains again, also when the learned masks were replaced since (``overwrite=True``, ``ss.load``).
     Returns the same model.
     """
-    learned = False
+    from .gumbel import restore_trainable
+
     for sw in list(sparse_weights(model)):
         requires_grad = getattr(sw.parametrization, "original_requires_grad", None)
-        learned = learned or type(sw.parametrization).__name__ == "GumbelMask"
         detach(sw.module, sw.param, bake=True)
         if requires_grad is not None:
             getattr(sw.module, sw.param).requires_grad_(requires_grad)
-    if learned:
-        from .gumbel import restore_trainable
-
-        restore_trainable(model)
+    restore_trainable(model)  # a no-op unless mask training left its marks
     return model
 
 

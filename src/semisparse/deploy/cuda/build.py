@@ -234,18 +234,22 @@ def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str,
         if not isinstance(mod, nn.MultiheadAttention):
             continue
         key, out_key = key_of(name, "in_proj_weight"), key_of(name, "out_proj.weight")
-        if key not in masks and out_key not in masks:
+        params = [(key, "in_proj_weight", mod), (out_key, "weight", mod.out_proj)] + [
+            (key_of(name, p), p, mod) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+        if not any(k in masks for k, _, _ in params):
             continue
         why = supports(mod)
+        if not why and not mod._qkv_same_embed_dim:
+            why = "MultiheadAttention with separate q/k/v projections (kdim/vdim): kept as torch's module"
         if why or key not in masks:
-            for k, p, holder in ((key, "in_proj_weight", mod), (out_key, "weight", mod.out_proj)):
+            for k, p, holder in params:
                 if k in masks:
                     with torch.no_grad():
                         getattr(holder, p).mul_(masks[k])
                     baked[k] = why or "MultiheadAttention with a dense packed QKV: kept as torch's module"
                     handled.add(k)
             continue
-        new = SparseMultiheadAttention(mod, nn.Identity(), nn.Identity())
+        new = SparseMultiheadAttention(mod, out_proj=nn.Identity(), in_proj=nn.Identity())
         _set(m, name, new)
         specs.append((key_of(name, "in_proj"), spec(key, "MultiheadAttention", mod.in_proj_weight, mod.in_proj_bias)))
         if out_key in masks:

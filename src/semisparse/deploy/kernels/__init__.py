@@ -3,9 +3,9 @@
 Why C through ctypes rather than a torch C++ extension or numba: it compiles in about a second with the
 system C compiler (no torch headers, no ninja, no build isolation pulling a second torch), its call costs
 a few microseconds, and with ``-fopenmp`` it binds at load time to the ``libgomp`` torch already loaded,
-so these kernels and torch's intra-op pool are one pool: ``torch.set_num_threads`` sets both and the cores
-are never oversubscribed. The library is cached per source/compiler/CPU under
-``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
+so these kernels and torch's intra-op pool are one pool: the kernels run as many threads as torch's pool
+has, and no more than the CPUs the process may use at the call (:mod:`..cpus`). The library is cached per
+source/compiler/CPU under ``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
 
 Where no C compiler is found (or ``SEMISPARSE_NO_KERNELS=1``) the same functions run as pure torch
 reference code, one warning is issued, and the planner then keeps dense layers wherever that is slower.
@@ -22,14 +22,16 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 
 from ...indices import columns
+from ..cpus import threads_now
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 20
+_ABI = 21
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -94,12 +96,14 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_max_threads.restype = ctypes.c_int
 
 
-def _threads(lib: ctypes.CDLL) -> None:
-    """Keep the kernels' OpenMP pool the size of torch's intra-op pool in this thread (cheap when unchanged)."""
-    n = torch.get_num_threads()
+def _threads(lib: ctypes.CDLL) -> int:
+    """The kernels' thread count in this Python thread: torch's intra-op count, no more than the CPUs the
+    process may use now (:func:`..cpus.threads_now`); handed to the C side when it changed. Returns it."""
+    n = threads_now()
     if getattr(_seen, "n", None) != n:
         lib.ss_sync_threads(n)
         _seen.n = n
+    return n
 
 
 def library() -> ctypes.CDLL | None:
@@ -172,6 +176,100 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+# Argument checks. The C entry points take raw pointers and trust every size and index they are given, so
+# each Python function below proves, before it calls one, that every element the C code reads or writes
+# lies inside the tensors passed (dtype, device, contiguity, sizes, and the range of every index table);
+# anything else is a ValueError. The range of an index table is computed once per tensor and version.
+
+_extents: dict[int, tuple] = {}
+
+
+def _bad(what: str) -> ValueError:
+    return ValueError(f"semisparse kernels: {what}")
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None) -> None:
+    """``t`` is a contiguous CPU tensor of ``dtype`` (and ``shape``): what the C code may read as a flat array."""
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise _bad(f"{name} must be a contiguous CPU {dtype} tensor, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise _bad(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return -1
+
+
+def extent(t: torch.Tensor, unsigned16: bool = False) -> tuple[int, int]:
+    """``(min, max)`` of an integer index tensor (int16 read as unsigned with ``unsigned16``); ``(0, -1)`` when
+    empty. Cached per tensor until it is modified in place (its version) or its storage changes."""
+    key = id(t)
+    ver, ptr = _version(t), t.data_ptr()
+    hit = _extents.get(key)
+    if hit is not None and hit[0] == ver and hit[1] == ptr and hit[2] == unsigned16 and hit[3] == t.numel():
+        return hit[4], hit[5]
+    if t.numel() == 0:
+        lo, hi = 0, -1
+    else:
+        v = t.to(torch.int64) & 0xFFFF if unsigned16 else t
+        lo, hi = int(v.min()), int(v.max())
+    if hit is None:
+        weakref.finalize(t, _extents.pop, key, None)
+    _extents[key] = (ver, ptr, unsigned16, t.numel(), lo, hi)
+    return lo, hi
+
+
+def _check_rows(W: torch.Tensor, off: torch.Tensor, bias: torch.Tensor | None, orow: torch.Tensor,  # noqa: N803
+                off_dtype: torch.dtype = torch.int32) -> tuple[int, int]:
+    """The stored rows of a condensed layer: ``W (rows, k)`` fp32, ``off``/``idx`` ``(rows, k)``, ``bias (rows,)``
+    or None, ``orow (rows,)`` int64. Returns ``(rows, k)``."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise _bad("W must be a (rows, k) tensor")
+    rows, k = W.shape
+    _check(W, "W", torch.float32)
+    if off.dtype not in ((torch.int16, torch.int32) if off_dtype == torch.int16 else (off_dtype,)):
+        raise _bad(f"index table must be {off_dtype}, got {off.dtype}")
+    _check(off, "index table", off.dtype, (rows, k))
+    _check(orow, "orow", torch.int64, (rows,))
+    if bias is not None:
+        _check(bias, "bias", torch.float32, (rows,))
+    return rows, k
+
+
+def _check_writes(Y: torch.Tensor, rows: torch.Tensor, P: int, ldy: int, ldp: int) -> None:  # noqa: N803
+    """``Y[rows[i]*ldy + p*ldp]`` for ``p < P`` lies inside ``Y``."""
+    _check(Y, "Y", torch.float32)
+    if P < 0 or ldy < 0 or ldp < 0:
+        raise _bad(f"P, ldy and ldp must be >= 0, got {P}, {ldy}, {ldp}")
+    lo, hi = extent(rows)
+    if P and rows.numel() and (lo < 0 or hi * ldy + (P - 1) * ldp >= Y.numel()):
+        raise _bad(f"output rows {lo}..{hi} x {P} positions (ldy {ldy}, ldp {ldp}) do not fit Y of {Y.numel()}")
+
+
+def _check_reads(X: torch.Tensor, off: torch.Tensor, P: int, PB: int, panel: int, exact: bool) -> None:  # noqa: N803
+    """Block ``b`` of ``PB`` positions reads ``X[b*panel + off + i]``: for ``i < BLOCK`` (full-width vector
+    loads), or with ``exact`` (masked loads) only for the block's positions. All of it inside ``X``."""
+    _check(X, "X", torch.float32)
+    if panel < 0:
+        raise _bad(f"panel must be >= 0, got {panel}")
+    if not P or not off.numel():
+        return
+    lo, hi = extent(off)
+    nb = -(-P // PB)
+    if exact:
+        need = (nb - 1) * panel + hi + (P - (nb - 1) * PB)
+        if nb > 1:
+            need = max(need, (nb - 2) * panel + hi + PB)
+    else:
+        need = (nb - 1) * panel + hi + BLOCK
+    if lo < 0 or need > X.numel():
+        raise _bad(f"offsets {lo}..{hi} over {P} positions read up to element {need} of X, which has {X.numel()}")
+
+
 def split_by_blocks(P: int, PB: int, rows: int, threads: int, prefer_blocks: bool = False) -> int:  # noqa: N803
     """1: threads take position blocks (each sweeps every row); 0: threads take rows (each sweeps every block).
 
@@ -227,15 +325,16 @@ def spmm(
     and position stride ``ldp``; positions ``p < P``; ``PB`` a multiple of 8, at most ``BLOCK``. All
     contiguous, on CPU. ``pairs=True`` (needs ``PB == 32``) runs two rows per pass.
     """
-    rows, k = W.shape
+    rows, k = _check_rows(W, off, bias, orow)
+    if PB not in (8, 16, 24, 32, 40, 48, 56, 64) or (pairs and PB != 32):
+        raise _bad(f"PB must be a multiple of 8 from 8 to 64 (32 with pairs=True), got {PB}")
+    _check_reads(X, off, P, PB, panel, exact=False)
+    _check_writes(Y, orow, P, ldy, ldp)
     lib = library()
     if lib is None:
         return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
-    _threads(lib)
-    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads(), prefer_blocks)
+    by_blocks = split_by_blocks(P, PB, rows, _threads(lib), prefer_blocks)
     if pairs:
-        if PB != 32:
-            raise ValueError("pairs=True needs PB == 32")
         lib.ss_spmm_pairs(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
                           rows, k, P, ldy, ldp, panel, by_blocks)
         return
@@ -277,17 +376,35 @@ def spmm_tiled(
     Same result as :func:`spmm` up to summation order; ``X`` needs no slack past position ``P``.
     """
     if PB not in (32, 64):
-        raise ValueError(f"tiled spmm needs PB 32 or 64, got {PB}")
-    rows, k = W.shape
+        raise _bad(f"tiled spmm needs PB 32 or 64, got {PB}")
+    rows, k = _check_rows(W, off, bias, orow)
+    if not isinstance(seg, torch.Tensor) or seg.dim() != 2 or seg.shape[0] != rows or seg.shape[1] < 2:
+        raise _bad(f"seg must be a (rows={rows}, tiles + 1) tensor")
+    _check(seg, "seg", torch.int32)
+    _check_segments(seg, k)
+    _check_reads(X, off, P, PB, panel, exact=True)
+    _check_writes(Y, orow, P, ldy, ldp)
     lib = library()
     if lib is None:
         return spmm_reference(X, W, off, bias, orow, Y, P, ldy, PB, panel, ldp)
-    _threads(lib)
-    by_blocks = split_by_blocks(P, PB, rows, torch.get_num_threads())
+    by_blocks = split_by_blocks(P, PB, rows, _threads(lib))
     rc = lib.ss_spmm_tiled(X.data_ptr(), W.data_ptr(), off.data_ptr(), seg.data_ptr(), seg.shape[1] - 1,
                            _ptr(bias), orow.data_ptr(), Y.data_ptr(), rows, k, P, ldy, ldp, PB, panel, by_blocks)
     if rc != 0:
         raise MemoryError("semisparse: could not allocate the tiled kernel's scratch rows")
+
+
+def _check_segments(seg: torch.Tensor, k: int) -> None:
+    """Each row's tile bounds ascend within ``[0, k]`` (checked once per tensor version)."""
+    key = ("segments", k)
+    hit = _extents.get(id(seg))
+    if hit is not None and hit[:4] == (_version(seg), seg.data_ptr(), key, seg.numel()):
+        return
+    if not (bool((seg[:, 0] >= 0).all()) and bool((seg[:, -1] <= k).all()) and bool((seg[:, 1:] >= seg[:, :-1]).all())):
+        raise _bad(f"seg must ascend within [0, {k}] along each row")
+    if hit is None:
+        weakref.finalize(seg, _extents.pop, id(seg), None)
+    _extents[id(seg)] = (_version(seg), seg.data_ptr(), key, seg.numel(), 0, k)
 
 
 def scratch(slot: str, numel: int) -> torch.Tensor:
@@ -307,6 +424,11 @@ def scratch(slot: str, numel: int) -> torch.Tensor:
 
 def fill_rows(Y: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ldy: int, P: int, ldp: int = 1) -> None:  # noqa: N803
     """``Y[rows[i]*ldy + p*ldp] = vals[i]`` for ``p < P`` (the outputs of rows that are not computed)."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+        raise _bad("rows must be a 1-D tensor")
+    _check(rows, "rows", torch.int64)
+    _check(vals, "vals", torch.float32, tuple(rows.shape))
+    _check_writes(Y, rows, P, ldy, ldp)
     lib = library()
     if lib is None:
         flat = Y.view(-1)
@@ -320,11 +442,19 @@ def maxpool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
               out_hw: tuple[int, int]) -> torch.Tensor | None:
     """Max pooling of a contiguous fp32 ``(..., H, W)`` tensor (dilation 1) into ``(..., *out_hw)``; None
     without the kernel library (the caller then runs torch's)."""
+    _check(x, "x", torch.float32)
+    if x.dim() < 2:
+        raise _bad(f"x must be (..., H, W), got shape {tuple(x.shape)}")
+    (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, padding, out_hw
+    H, W = x.shape[-2:]
+    # every output row / column's window starts inside the input (after clipping the padding)
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw, ho, wo) < 0 or (ho and (ho - 1) * sh - ph > H - 1) or (
+            wo and (wo - 1) * sw - pw > W - 1) or ((ho or wo) and min(H, W) < 1):  # fmt: skip
+        raise _bad(f"pooling {kernel}/{stride}/{padding} to {out_hw} does not fit a {H}x{W} input")
     lib = library()
     if lib is None:
         return None
     _threads(lib)
-    H, W = x.shape[-2:]
     out = torch.empty(*x.shape[:-2], *out_hw)
     planes = x.numel() // max(1, H * W)
     if lib.ss_maxpool2d(x.data_ptr(), out.data_ptr(), planes, H, W, *out_hw, *kernel, *stride, *padding) != 0:
@@ -335,6 +465,9 @@ def maxpool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
 def transpose(src: torch.Tensor) -> torch.Tensor:
     """``src (R, C)`` contiguous fp32 -> ``(C, R)`` contiguous (8x8 register blocks; torch's own strided copy
     is several times slower here)."""
+    if not isinstance(src, torch.Tensor) or src.dim() != 2:
+        raise _bad("src must be a 2-D tensor")
+    _check(src, "src", torch.float32)
     R, C = src.shape
     lib = library()
     if lib is None:
@@ -347,6 +480,11 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
 
 def pack_panels(x: torch.Tensor, PB: int) -> torch.Tensor:  # noqa: N803
     """``x`` (B, K) -> flat panels ``(ceil(B/PB), K, PB)`` (zero rows past B) plus ``BLOCK`` floats of slack."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise _bad("x must be a (B, K) tensor")
+    _check(x, "x", torch.float32)
+    if not isinstance(PB, int) or PB < 1:
+        raise _bad(f"PB must be a positive int, got {PB!r}")
     B, K = x.shape
     npan = -(-B // PB)
     out = torch.empty(npan * K * PB + BLOCK, dtype=x.dtype)
@@ -373,8 +511,19 @@ def gemv(
     """Batch-1 Linear: ``y[orow[r]] = bias[r] + sum_j W[r, j] * x[idx[r, j]]``; ``x`` (K,), ``y`` (out,)."""
     run = gemv_binding(W, idx, bias, orow, variant)
     if run is None:
+        _check_vectors(x, y, extent(idx, idx.dtype == torch.int16)[1] + 1, extent(orow)[1] + 1)
         return gemv_reference(x, W, idx, bias, orow, y)
     run(x, y)
+
+
+def _check_vectors(x: torch.Tensor, y: torch.Tensor, nx: int, ny: int) -> None:
+    """``x`` and ``y`` contiguous CPU fp32 with at least ``nx`` / ``ny`` elements."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.float32
+            and y.dtype == torch.float32 and x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous()
+            and x.numel() >= nx and y.numel() >= ny):
+        _check(x, "x", torch.float32)
+        _check(y, "y", torch.float32)
+        raise _bad(f"x needs {nx} and y {ny} elements, got {x.numel()} and {y.numel()}")
 
 
 class _GemvPlan(ctypes.Structure):
@@ -388,9 +537,16 @@ def gemv_binding(W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, 
     """:func:`gemv` with everything but ``x`` and ``y`` bound once: ``run(x, y)``; None without kernels.
 
     A batch-1 layer call is a few tens of microseconds, so per-call argument handling is a visible share
-    of it: the bound call passes one pointer to a prepared argument block plus ``x`` and ``y``. The caller
-    keeps ``W``, ``idx``, ``bias`` and ``orow`` alive and unchanged.
+    of it: the bound call passes one pointer to a prepared argument block plus ``x`` and ``y``, after checking
+    that they hold what the bound indices address. ``run`` keeps the bound tensors alive; it refuses to run
+    once ``idx`` or ``orow`` were changed in place (bind again).
     """
+    _check_rows(W, idx, bias, orow, off_dtype=torch.int16)
+    if variant not in GEMV_VARIANTS:
+        raise _bad(f"variant must be one of {GEMV_VARIANTS}, got {variant!r}")
+    nx, ny = extent(idx, idx.dtype == torch.int16)[1] + 1, extent(orow)[1] + 1
+    if extent(orow)[0] < 0 or extent(idx)[0] < 0 and idx.dtype != torch.int16:
+        raise _bad("negative index")
     lib = library()
     if lib is None:
         return None
@@ -398,8 +554,16 @@ def gemv_binding(W: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, 
     plan = _GemvPlan(W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), rows, k,
                      int(idx.dtype != torch.int16), int(variant != "packed"))
     plan_ref, fn, threads = ctypes.byref(plan), lib.ss_gemv_run, _threads
+    f32 = torch.float32
+    track = not (idx.is_inference() or orow.is_inference())
+    versions = (idx._version, orow._version) if track else None
 
-    def run(x: torch.Tensor, y: torch.Tensor, _keep=plan) -> None:
+    def run(x: torch.Tensor, y: torch.Tensor, _keep=plan, _tensors=(W, idx, bias, orow)) -> None:
+        if not (x.dtype == f32 and y.dtype == f32 and x.is_cpu and y.is_cpu and x.is_contiguous()
+                and y.is_contiguous() and x.numel() >= nx and y.numel() >= ny):
+            _check_vectors(x, y, nx, ny)
+        if track and (idx._version, orow._version) != versions:
+            raise _bad("the bound indices were changed in place; bind again")
         threads(lib)
         fn(plan_ref, x.data_ptr(), y.data_ptr())
 
@@ -417,6 +581,45 @@ class _ConvPlan(ctypes.Structure):
                 + [(n, _I64) for n in ("rows", "k", "nt", "P", "PB", "kind", "by_blocks", "Cout", "Ho", "Wo",
                                        "nabl")])
 
+_CONV_GEOMETRY = ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp", "cs", "stH", "stW", "Hq", "Wq",
+                  "P", "Ho", "Wo")
+
+
+def _check_conv_plan(g: dict, W: torch.Tensor, off: torch.Tensor, seg: torch.Tensor | None,  # noqa: N803
+                     bias: torch.Tensor | None, orow: torch.Tensor, ablated: torch.Tensor,
+                     ablated_vals: torch.Tensor, PB: int, kind: int, out_channels: int) -> None:
+    """What ``ss_conv2d_run`` touches lies inside its buffers: the input copy reads rows ``< H0`` and columns
+    ``< W0`` of each of ``C`` channels, the padded copy fits ``cs`` floats per channel, the product reads the
+    copy (``C * cs`` plus ``BLOCK`` floats) and writes ``P <= Hq*Wq`` positions of ``out_channels`` planes."""
+    rows, k = _check_rows(W, off, bias, orow)
+    _check(ablated, "ablated", torch.int64)
+    _check(ablated_vals, "ablated_vals", torch.float32, tuple(ablated.shape))
+    v = {n: g.get(n) for n in _CONV_GEOMETRY}
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+        raise _bad(f"conv geometry must be ints: {v}")
+    if min(v["C"], v["H0"], v["W0"], v["sh"], v["sw"], v["stH"], v["stW"], v["Hq"], v["Wq"], out_channels) < 1 or (
+            min(v["pt"], v["pl"], v["P"], v["Ho"], v["Wo"], v["Hp"], v["Wp"]) < 0):  # fmt: skip
+        raise _bad(f"conv geometry out of range: {v}")
+    plane = v["Hq"] * v["Wq"]
+    if (v["H"] != -(-v["H0"] // v["sh"]) or v["W"] != -(-v["W0"] // v["sw"]) or v["pl"] + v["W"] > v["Wq"] * v["stW"]
+            or v["cs"] < v["stH"] * v["stW"] * plane or v["P"] > plane or v["Ho"] > v["Hq"] or v["Wo"] > v["Wq"]):
+        raise _bad(f"inconsistent conv geometry: {v}")
+    if kind not in (0, 1, 2) or PB not in ((8, 16, 24, 32, 40, 48, 56, 64), (32,), (32, 64))[kind]:
+        raise _bad(f"kernel kind {kind} with PB {PB} is not a kernel setting")
+    if kind == 2:
+        if seg is None or seg.dim() != 2 or seg.shape[0] != rows or seg.shape[1] < 2:
+            raise _bad("channel tiles need seg (rows, tiles + 1)")
+        _check(seg, "seg", torch.int32)
+        _check_segments(seg, k)
+    lo, hi = extent(off)
+    nb = -(-v["P"] // PB)
+    if v["P"] and rows and k and (lo < 0 or (nb - 1) * PB + hi + BLOCK > v["C"] * v["cs"] + BLOCK):
+        raise _bad(f"offsets {lo}..{hi} read past the padded input of {v['C']} x {v['cs']}")
+    for name, t in (("orow", orow), ("ablated", ablated)):
+        a, b = extent(t)
+        if t.numel() and (a < 0 or b >= out_channels):
+            raise _bad(f"{name} {a}..{b} outside the {out_channels} output channels")
+
 
 def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torch.Tensor | None,  # noqa: N803
                    bias: torch.Tensor | None, orow: torch.Tensor, ablated: torch.Tensor, ablated_vals: torch.Tensor,
@@ -427,8 +630,10 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
     and size, the 1x1 subsampling steps, the padded size, the stride phases and their planes, positions,
     output size). ``kind`` 0: one row per pass
     (``PB`` 8-64), 1: row pairs (``PB`` 32), 2: channel tiles (``seg``, ``PB`` 32 or 64). None without kernels.
-    The caller keeps every tensor alive and unchanged while ``run`` is used.
+    The plan is checked once (:func:`_check_conv_plan`); ``run`` checks ``x`` is ``(C, H0, W0)`` and ``out``
+    ``(out_channels, Ho, Wo)`` worth of contiguous fp32, and keeps the bound tensors alive.
     """
+    _check_conv_plan(geometry, W, off, seg, bias, orow, ablated, ablated_vals, PB, kind, out_channels)
     lib = library()
     if lib is None:
         return None
@@ -441,12 +646,21 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor, seg: torc
         ablated_vals.data_ptr(), rows, k, 1 if seg is None else seg.shape[1] - 1, g["P"], PB, kind,
         0, out_channels, g["Ho"], g["Wo"], len(ablated))
     plan_ref, fn, split_for = ctypes.byref(plan), lib.ss_conv2d_run, [0]
+    nx, ny = g["C"] * g["H0"] * g["W0"], out_channels * g["Ho"] * g["Wo"]
+    keep = (W, off, seg, bias, orow, ablated, ablated_vals)
+    track = not any(t is not None and t.is_inference() for t in keep)
+    versions = tuple(t._version for t in keep if t is not None) if track else None
 
-    def run(x: torch.Tensor, out: torch.Tensor, _keep=plan) -> None:
-        threads = torch.get_num_threads()
+    def run(x: torch.Tensor, out: torch.Tensor, _keep=plan, _tensors=keep) -> None:
+        if not (x.dtype == torch.float32 and out.dtype == torch.float32 and x.is_cpu and out.is_cpu
+                and x.is_contiguous() and out.is_contiguous() and x.numel() == nx and out.numel() == ny):
+            _check_vectors(x, out, nx, ny)
+            raise _bad(f"x must hold {nx} and out {ny} elements, got {x.numel()} and {out.numel()}")
+        if track and tuple(t._version for t in _tensors if t is not None) != versions:
+            raise _bad("the bound tensors were changed in place; bind again")
+        threads = _threads(lib)
         if split_for[0] != threads:  # how threads share the work depends on their number only
             _keep.by_blocks, split_for[0] = split_by_blocks(g["P"], PB, rows, threads), threads
-        _threads(lib)
         if fn(plan_ref, x.data_ptr(), out.data_ptr()) != 0:
             raise MemoryError("semisparse: could not allocate the convolution's work buffers")
 

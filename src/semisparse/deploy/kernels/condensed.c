@@ -21,8 +21,10 @@
  * ss_pack_panels / ss_transpose (8x8 register transposes) / ss_fill_rows, and ss_maxpool2d (torch's CPU max
  * pooling is slow at batch 1; deployed models use this one where the planner measures it faster).
  * Threads: OpenMP, resolved at load time to the libgomp that torch itself loaded, so torch's intra-op
- * pool and these kernels share one pool and never oversubscribe the cores. The product bodies use
- * orphaned worksharing so that ss_conv2d_run can run them inside its own parallel region.
+ * pool and these kernels share one pool and never oversubscribe the cores; each region runs the thread
+ * count Python set for the calling thread (ss_sync_threads: no more than the CPUs the process may use now).
+ * The product bodies use orphaned worksharing so that ss_conv2d_run can run them inside its own parallel
+ * region. Every entry point trusts its arguments: the Python wrappers check them first.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -51,7 +53,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 20; }
+int ss_abi_version(void) { return 21; }
 
 int ss_simd(void) {
 #ifdef SS_AVX2
@@ -61,23 +63,19 @@ int ss_simd(void) {
 #endif
 }
 
-/* Give the calling thread the pool size torch uses (OpenMP's per-thread ICV: a thread other than the one
- * that called torch.set_num_threads would otherwise start one thread per core). */
-void ss_sync_threads(int n) {
+/* The number of threads this calling thread's parallel regions use (set by Python from the CPUs the process
+ * may use now, never more than torch's pool). Each region names it in num_threads(): OpenMP's own per-thread
+ * setting, which torch reads as its intra-op thread count, is left alone. */
+static __thread int tl_threads = 0;
 #ifdef _OPENMP
-    if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+#define SS_THREADS (tl_threads > 0 ? tl_threads : omp_get_max_threads())
 #else
-    (void)n;
+#define SS_THREADS 1
 #endif
-}
 
-int ss_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
+void ss_sync_threads(int n) { tl_threads = n > 0 ? n : 0; }
+
+int ss_max_threads(void) { return SS_THREADS; }
 
 /* One row over up to 64 consecutive positions of one block: xb points at the block, yb at the output.
  * Accumulators are named registers (an array indexed in a loop is spilled to the stack by GCC: 8 stores
@@ -209,7 +207,7 @@ static void spmm_body(const float *X, const float *W, const int32_t *off, const 
 void ss_spmm(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
              float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t PB, int64_t panel,
              int64_t by_blocks) {
-#pragma omp parallel
+#pragma omp parallel num_threads(SS_THREADS)
     spmm_body(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, PB, panel, by_blocks);
 }
 
@@ -288,7 +286,7 @@ static void pairs_body(const float *X, const float *W, const int32_t *off, const
 void ss_spmm_pairs(const float *X, const float *W, const int32_t *off, const float *bias, const int64_t *orow,
                    float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel,
                    int64_t by_blocks) {
-#pragma omp parallel
+#pragma omp parallel num_threads(SS_THREADS)
     pairs_body(X, W, off, bias, orow, Y, rows, k, P, ldy, ldp, panel, by_blocks);
 }
 
@@ -518,7 +516,7 @@ int ss_spmm_tiled(const float *X, const float *W, const int32_t *off, const int3
                   const float *bias, const int64_t *orow, float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy,
                   int64_t ldp, int64_t PB, int64_t panel, int64_t by_blocks) {
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(SS_THREADS)
     tiled_body(X, W, off, seg, nt, bias, orow, Y, rows, k, P, ldy, ldp, PB, panel, by_blocks, &failed);
     return failed ? -1 : 0;
 }
@@ -548,7 +546,7 @@ static inline float hsum256(__m256 v) {
 #define SS_GEMV(NAME, IDX_T, GATHER)                                                                    \
 static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
           float *y, int64_t rows, int64_t k) {                                                          \
-    _Pragma("omp parallel for schedule(static)")                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(SS_THREADS)")                                    \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
         const float *w = W + r * k;                                                                     \
         const IDX_T *id = idx + r * k;                                                                  \
@@ -581,7 +579,7 @@ SS_GEMV(ss_gemv_gather_i32, int32_t, hwgather8_i32)
 #define SS_GEMV(NAME, IDX_T)                                                                            \
 static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
           float *y, int64_t rows, int64_t k) {                                                          \
-    _Pragma("omp parallel for schedule(static)")                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(SS_THREADS)")                                    \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
         const float *w = W + r * k;                                                                     \
         const IDX_T *id = idx + r * k;                                                                  \
@@ -659,7 +657,7 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
     if (j1 > Wo) j1 = Wo;
     if (j0 > j1) j0 = j1;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(SS_THREADS)
     {
         float *col = grow(&tl_pool, &tl_pool_cap, (size_t)W);
         if (col == NULL) {
@@ -728,7 +726,7 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
     const int64_t used = p->stH * p->stW * plane;
     int failed = 0;
     memset(xbuf + p->C * p->cs, 0, sizeof(float) * SS_BLOCK); /* slack read by spare lanes */
-#pragma omp parallel
+#pragma omp parallel num_threads(SS_THREADS)
     {
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < p->C; ++c) {
@@ -838,7 +836,7 @@ static void transpose_rows(const float *src, float *dst, int64_t R, int64_t C, i
 
 void ss_transpose(const float *src, float *dst, int64_t R, int64_t C, int64_t lds, int64_t ldd) {
     const int64_t nr = (R + 63) / 64, nc = (C + 63) / 64; /* 64 x 64 tiles: 16 KiB a side */
-#pragma omp parallel for schedule(static) if (R * C > 16384)
+#pragma omp parallel for schedule(static) if (R * C > 16384) num_threads(SS_THREADS)
     for (int64_t t = 0; t < nr * nc; ++t) {
         const int64_t r0 = (t / nc) * 64, c0 = (t % nc) * 64, c1 = c0 + 64 < C ? c0 + 64 : C;
         transpose_rows(src + r0 * lds, dst + r0, R - r0 < 64 ? R - r0 : 64, C, lds, ldd, c0, c1);
@@ -849,7 +847,7 @@ void ss_transpose(const float *src, float *dst, int64_t R, int64_t C, int64_t ld
  * the last panel past B are zero. */
 void ss_pack_panels(const float *x, float *out, int64_t B, int64_t K, int64_t PB) {
     const int64_t npan = (B + PB - 1) / PB, nk = (K + 63) / 64;
-#pragma omp parallel for schedule(static) if (B * K > 16384)
+#pragma omp parallel for schedule(static) if (B * K > 16384) num_threads(SS_THREADS)
     for (int64_t t = 0; t < npan * nk; ++t) {
         const int64_t pan = t / nk, i0 = (t % nk) * 64, i1 = i0 + 64 < K ? i0 + 64 : K;
         const int64_t b0 = pan * PB, nb = B - b0 < PB ? B - b0 : PB;
