@@ -198,6 +198,31 @@ def test_vit_mha_and_head_run_24_and_match_the_masked_model():
     assert rows["heads.head.weight"].extra["kernel"] == "cusparselt"
 
 
+class _KdimAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, kdim=16, vdim=8, batch_first=True)
+
+    def forward(self, q):
+        k, v = q[..., :16], q[..., 16:24]
+        return self.mha(q, k, v, need_weights=False)[0]
+
+
+def test_mha_with_separate_qkv_projections_keeps_torchs_module_with_every_mask_applied():
+    torch.manual_seed(0)
+    model = _KdimAttention().eval()
+    ss.sparsify(model, "2:4")
+    assert {"mha.q_proj_weight", "mha.k_proj_weight", "mha.v_proj_weight"} <= set(ss.masks(model))
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        ref = model(x)
+    dep = emulated(model, torch.float32, x=x, plan="sparse")
+    with torch.no_grad():
+        assert rel(dep(x), ref) < 1e-5  # before: q/k/v kept their dense values
+    kept = dep.semisparse_plan["kept_dense"]
+    assert all("separate q/k/v" in kept[k] for k in ("mha.q_proj_weight", "mha.k_proj_weight", "mha.v_proj_weight"))
+
+
 def test_fp32_keeps_24_layers_dense_with_the_reason_and_exact_outputs():
     vit = tiny_vit()
     ss.sparsify(vit, "2:4")
