@@ -129,6 +129,10 @@ def _bad_cases(tmp, good):
         "other model": ([*base, "--resume", str(other / "checkpoint.pth")], "is of model 'resnet18'"),
         "other sparsity": ([*base, "--sparsity", "sparse_2x4", "--resume", str(good / "checkpoint.pth")],
                            "trained with --sparsity none"),
+        "other optimizer": ([*base, "--opt", "adamw", "--resume", str(good / "checkpoint.pth")],
+                            "trained with --opt sgd; resume with the same flag (this run has adamw)"),
+        "other scheduler": ([*base, "--lr-scheduler", "cosineannealinglr", "--resume", str(good / "checkpoint.pth")],
+                            "trained with --lr-scheduler steplr"),
         "contradictory": ([*base, "--enable-apex", "--sparsity", "gumbel_2x4"], "contradicts"),
         "dst and gumbel": ([*base, "--dst", "rigl", "--sparsity", "gumbel_2x4"], "--dst cannot be combined"),
         "bad config": ([*base, "--config", str(tmp / "nope.yaml")], "does not exist"),
@@ -136,7 +140,8 @@ def _bad_cases(tmp, good):
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "unknown model", "corrupt checkpoint",
-                                  "other model", "other sparsity", "contradictory", "dst and gumbel", "bad config"])
+                                  "other model", "other sparsity", "other optimizer",
+                                  "other scheduler", "contradictory", "dst and gumbel", "bad config"])
 def test_bad_input_is_one_line_and_keeps_the_checkpoint(case, good_run, tmp_path_factory, capsys):
     tmp = tmp_path_factory.getbasetemp() / "bad"
     tmp.mkdir(exist_ok=True)

@@ -24,12 +24,34 @@ def test_output_dir_gets_metrics_with_the_documented_fields(tmp_path):
     assert files == {"checkpoint.pth", "metrics.jsonl", "model_0.pth"}
 
 
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory):
+    import torch
+
+    from semisparse.models import create_model
+
+    path = tmp_path_factory.mktemp("w") / "digits_cnn.pth"
+    torch.manual_seed(0)
+    torch.save(create_model("digits_cnn", num_classes=10).state_dict(), path)
+    return str(path)
+
+
 @pytest.mark.parametrize("flag", [["--test-only"], ["--trainable", "none"]])
-def test_test_only_evaluates_and_writes_nothing(flag, tmp_path, capsys):
-    assert main([*FAST, "--epochs", "1", "--output-dir", str(tmp_path), *flag]) == 0
+def test_test_only_evaluates_and_writes_nothing(flag, tmp_path, capsys, digits_weights):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main([*FAST, "--epochs", "1", "--output-dir", str(out_dir), "--weights", digits_weights, *flag]) == 0
     out = capsys.readouterr().out
     assert "test: val_loss" in out and "epoch 0" not in out
-    assert list(tmp_path.iterdir()) == []
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", [["--test-only"], ["--trainable", "none"]])
+def test_test_only_without_weights_or_resume_is_refused(flag, capsys):
+    # a fresh model is random: scoring it silently invites mistaking a random model's accuracy for a result
+    assert main([*FAST, "--epochs", "1", *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err and "--weights" in err and "--resume" in err, err
 
 
 def test_test_only_with_resume_evaluates_the_checkpoint(tmp_path, capsys):
@@ -74,8 +96,25 @@ def test_config_recipe_sets_flags_and_the_command_line_wins(tmp_path):
     with pytest.raises(Exception, match="unknown option 'learning_rate'"):
         parse_args(["--config", str(recipe)])
     recipe.write_text("sparsity: dense\n")
-    with pytest.raises(SystemExit):  # choices are checked as for typed flags
-        parse_args(["--config", str(recipe)])
+    with pytest.raises(semisparse.SemisparseError, match=r"--config .*r.yaml: argument --sparsity: invalid choice"):
+        parse_args(["--config", str(recipe)])  # choices are checked as for typed flags, in one line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [0.1, 0.2]\n", "lr takes one value, got [0.1, 0.2]"),
+    ("mask_tau: [2, 1, 0.5]\n", "mask_tau takes 2 values, got [2, 1, 0.5]"),
+    ("dense_layers: []\n", "dense_layers takes one or more values"),
+    ("lr: {a: 1}\n", "lr takes one value"),
+    ('epochs: "x"\n', "argument --epochs: invalid int value: 'x'"),
+    ("mask_tau: 2\n", "argument --mask-tau: expected 2 arguments"),
+])
+def test_config_values_of_the_wrong_kind_are_one_line_naming_the_recipe(text, message, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--config {recipe}: " in err and message in err, err
 
 
 def test_use_wandb_without_wandb_says_so(monkeypatch, capsys):

@@ -192,11 +192,33 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
             if not isinstance(value, bool):
                 raise SemisparseError(f"--config {path}: {key} is a switch; expected true or false")
             tokens += [flag] if value else []
-        elif isinstance(value, list):
-            tokens += [flag, *map(str, value)]
+        elif isinstance(value, (list, dict)):
+            tokens += [flag, *_config_values(path, key, action, value)]
         elif value is not None:
             tokens += [flag, str(value)]
     return tokens, dests
+
+
+def _config_values(path: str, key, action: argparse.Action, value) -> list[str]:
+    """A recipe's list value as tokens, refused in one line when the flag takes another number of values."""
+    if isinstance(value, dict) or action.nargs in (None, "?"):
+        raise SemisparseError(f"--config {path}: {key} takes one value, got {value!r}")
+    if isinstance(action.nargs, int) and len(value) != action.nargs:
+        raise SemisparseError(f"--config {path}: {key} takes {action.nargs} values, got {value!r}")
+    if not value:
+        raise SemisparseError(f"--config {path}: {key} takes one or more values, got an empty list")
+    return [str(v) for v in value]
+
+
+def _check_config_tokens(path: str, tokens: list[str]) -> None:
+    """Parse the recipe's tokens alone so a bad value is one line naming the recipe (not argparse's usage)."""
+    checker = get_args_parser()
+
+    def fail(message: str):
+        raise SemisparseError(f"--config {path}: {message}")
+
+    checker.error = fail  # argparse reports every bad value through error()
+    checker.parse_args(tokens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tokens: list[str] = []
     if known.config:
         tokens, _ = _config_tokens(known.config, parser)
+        _check_config_tokens(recipe_path(known.config), tokens)
     full = tokens + argv
     args = parser.parse_args(full)
     probe = get_args_parser()
@@ -309,6 +332,11 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.trainable == "none":
         args.test_only = True
+    if args.test_only and not (args.weights or args.resume):
+        # a fresh model is randomly initialised: its score means nothing and would be easy to mistake for one
+        flag = "--trainable none" if args.trainable == "none" else "--test-only"
+        raise SemisparseError(f"{flag} evaluates a trained model: give --weights FILE (or a torchvision weights "
+                              "name) or --resume CHECKPOINT; without them the model is randomly initialised")
     return args
 
 
@@ -428,10 +456,10 @@ def _resume(run: Run, path: str) -> None:
     ckpt = load_checkpoint(path)
     check_arch(ckpt, run.model.semisparse_arch, path)
     saved = (ckpt.get("args") or {})
-    for key in ("sparsity", "dst", "pattern"):
+    for key in ("sparsity", "dst", "pattern", "opt", "lr_scheduler"):
         if key in saved and saved[key] != getattr(run.args, key):
             raise SemisparseError(f"checkpoint {path} was trained with {_flag(key)} {saved[key]}; resume with the "
-                                  f"same sparsity flags (this run has {getattr(run.args, key)})")  # fmt: skip
+                                  f"same flag (this run has {getattr(run.args, key)})")  # fmt: skip
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
