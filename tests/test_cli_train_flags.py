@@ -230,6 +230,7 @@ REFUSED = {
     "--override-ignore-linear": (["--override-ignore-linear"], "needs --sparsity"),
     "--wandb-project": (["--wandb-project", "x"], "needs --use-wandb"),
     "--wandb-log-dir": (["--wandb-log-dir", "x"], "needs --use-wandb"),
+    "--overwrite": (["--overwrite"], "needs --output-dir"),  # its effect: test_cli_train_output_dir.py
 }
 
 

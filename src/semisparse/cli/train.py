@@ -32,6 +32,7 @@ from ..train.engine import EMA, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
+from ..train.run_folder import claim_output_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
@@ -73,6 +74,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--lr-min", default=None, type=float, help="cosineannealinglr: minimum lr (default: 0.0)")
     a("--print-freq", default=10, type=int, help="print frequency in iterations (0: epoch lines only)")
     a("--output-dir", default=None, help="where checkpoints and metrics.jsonl go (default: nothing is written)")
+    a("--overwrite", action="store_true", help="replace another run's files in --output-dir (removed only once "
+      "this run's first checkpoint is written); without it such a folder is refused")
     a("--resume", default=None, help="path of a checkpoint to continue from")
     a("--start-epoch", default=None, type=int, metavar="N", help="start epoch (default: 0; from --resume)")
     a("--cache-dataset", action="store_true", help="cache an ImageFolder's file index for quicker start-up")
@@ -295,6 +298,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     n(args, ("ra_magnitude",), args.auto_augment == "ra", "needs --auto-augment ra")
     n(args, ("augmix_severity",), args.auto_augment == "augmix", "needs --auto-augment augmix")
     n(args, ("amp_dtype",), args.amp, "needs --amp")
+    n(args, ("overwrite",), bool(args.output_dir), "needs --output-dir (it replaces another run's files there)")
+    n(args, ("overwrite",), not args.test_only, "does nothing with --test-only (it writes no file)")
     n(args, ("wandb_project", "wandb_log_dir"), args.use_wandb, "needs --use-wandb")
     if args.test_only and args.model_ema and not args.resume:
         raise SemisparseError("--model-ema with --test-only evaluates the EMA saved in a checkpoint; add --resume")
@@ -593,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             wandb_logger(None, None, {})
     validate(args)
+    folder = None
+    if args.output_dir and not args.test_only:  # before any work: another run's folder is refused at once
+        folder = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                                  clean=os.environ.get("RANK", "0") == "0")  # fmt: skip
     try:
         run = setup(args)
         if args.test_only:
@@ -614,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
             batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
+            save_checkpoint=folder.save if folder is not None else None,
         )  # fmt: skip
     finally:
         dist_utils.cleanup()
