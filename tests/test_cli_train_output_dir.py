@@ -65,8 +65,7 @@ def test_a_fresh_run_into_another_runs_folder_is_refused_and_changes_nothing(pre
 
 def test_resume_of_another_folders_run_into_this_one_is_refused(previous, tmp_path, capsys):
     out, before = previous
-    other = tmp_path / "other"
-    assert main([*FAST, "--epochs", "1", "--output-dir", str(other)]) == 0
+    other = tmp_path / "other"  # refused before the checkpoint is read: it need not exist
     capsys.readouterr()
     assert main([*FAST, "--epochs", "2", "--output-dir", str(out), "--resume", str(other / "checkpoint.pth")]) == 2
     err = capsys.readouterr().err.strip()
@@ -172,3 +171,24 @@ def test_a_killed_overwrite_run_leaves_the_previous_files_and_the_next_run_clean
     assert {k: v for k, v in snapshot(out).items() if k in before} == before
     assert main(argv) == 0
     assert set(snapshot(out)) == {"checkpoint.pth", "model_0.pth", "metrics.jsonl"} and epochs_of(out) == [0]
+
+
+IMG = ["train", "--device", "cpu", "--model", "digits_cnn", "-b", "2", "--lr", "0.01", "--print-freq", "0",
+       "--train-crop-size", "16", "--val-resize-size", "16", "--val-crop-size", "16"]
+
+
+def test_a_run_stopped_by_a_corrupt_image_leaves_the_previous_files_byte_identical(tmp_path, capsys):
+    from test_data import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "data", per_class=2, size=16)
+    out = tmp_path / "run"
+    assert main([*IMG, "--data-path", str(data), "-j", "0", "--epochs", "1", "--output-dir", str(out)]) == 0
+    before = snapshot(out)
+    bad = data / "train" / "b" / "0.png"
+    bad.write_bytes(b"\x89PNG damaged")
+    capsys.readouterr()
+    rc = main([*IMG, "--data-path", str(data), "-j", "2", "--epochs", "1", "--output-dir", str(out), "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert str(bad) in err and str(data / "train") in err
+    assert snapshot(out) == before

@@ -188,3 +188,19 @@ def test_weights_enum_member_alone_is_looked_up_in_the_models_enum(tmp_path, mon
     torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
     for name in ("IMAGENET1K_V1", "DEFAULT", "SqueezeNet1_1_Weights.IMAGENET1K_V1"):
         create_model("squeezenet1_1", weights=name)
+
+
+def test_skip_bad_images_trains_on_the_readable_ones_and_counts_the_rest_at_the_end(tmp_path, capsys):
+    from test_data import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "data", per_class=2, size=16)
+    (data / "train" / "a" / "1.png").write_bytes(b"damaged")
+    argv = ["train", "--device", "cpu", "--model", "digits_cnn", "-b", "2", "--print-freq", "0", "-j", "0",
+            "--train-crop-size", "16", "--val-resize-size", "16", "--val-crop-size", "16", "--data-path", str(data),
+            "--epochs", "2"]
+    capsys.readouterr()
+    assert main([*argv, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "--skip-bad-images: skipped 1 unreadable image file (named above)"
+    assert sum(str(data / "train" / "a" / "1.png") in line for line in err) == 1  # named once in two epochs
+    assert main(argv) == 2  # without the flag: the one-line error

@@ -79,6 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--resume", default=None, help="path of a checkpoint to continue from")
     a("--start-epoch", default=None, type=int, metavar="N", help="start epoch (default: 0; from --resume)")
     a("--cache-dataset", action="store_true", help="cache an ImageFolder's file index for quicker start-up")
+    a("--skip-bad-images", action="store_true", help="leave out ImageFolder files that cannot be decoded (each "
+      "named once, counted at the end) instead of stopping at the first")
     a("--sync-bn", action="store_true", help="use SyncBatchNorm (torchrun on CUDA)")
     a("--test-only", action="store_true", help="only evaluate the model")
     a("--auto-augment", default=None, help="auto augment policy: ra, ta_wide, augmix, imagenet, cifar10, svhn")
@@ -280,6 +282,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                                   "only, not the digits tensors; drop it to use the PyTorch DataLoader")  # fmt: skip
         n(args, ("auto_augment", "random_erase", "backend", "use_v2"), False, "is not available with --enable-dali "
           "(its pipeline is random-resized-crop + flip); drop one of them")
+        n(args, ("skip_bad_images",), False, "is not available with --enable-dali (DALI decodes the files itself); "
+          "drop one of them")
         require_dali()
     for name in ("batch_size", "epochs", "accumulation_steps"):
         if getattr(args, name) < 1:
@@ -396,6 +400,8 @@ def _data(args) -> DataSets:
     )
     _needs(args, ("val_resize_size", "val_crop_size", "cache_dataset"), not is_cifar,
            "applies to ImageFolder data only (CIFAR-10 is validated at 32x32 as is)")
+    _needs(args, ("skip_bad_images",), not is_digits and not is_cifar,
+           "applies to ImageFolder data only (CIFAR-10 batches and digits are checked whole when loaded)")
     _needs(args, ("interpolation",), not is_cifar or args.auto_augment is not None,
            "only affects ImageFolder resizing or --auto-augment on CIFAR-10")
     augment = AugmentOptions(
@@ -518,7 +524,7 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         train_loader, val_loader = make_loaders(
             data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
-            ra_reps=args.ra_reps if args.ra_sampler else 1,
+            ra_reps=args.ra_reps if args.ra_sampler else 1, skip_bad_images=args.skip_bad_images,
         )  # fmt: skip
     model = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
@@ -625,9 +631,16 @@ def main(argv: list[str] | None = None) -> int:
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
             save_checkpoint=folder.save if folder is not None else None,
         )  # fmt: skip
+        _report_skipped(run)
     finally:
         dist_utils.cleanup()
     return 0
+
+
+def _report_skipped(run: Run) -> None:
+    skipped = getattr(run.train_loader, "skipped", None)  # shared by both loaders (ImageFolder data)
+    if skipped is not None:
+        print(skipped.summary(), file=sys.stderr, flush=True)
 
 
 def _test_only(run: Run) -> int:
@@ -639,6 +652,7 @@ def _test_only(run: Run) -> int:
         if run.ema is not None and run.args.resume:
             ee = evaluate(run.ema.module, run.criterion, run.val_loader, run.device, amp_dtype=run.amp_dtype)
             print(f"test (EMA): val_loss {ee['loss']:.4f} val_acc1 {ee['acc1']:.2f} val_acc5 {ee['acc5']:.2f}")
+    _report_skipped(run)
     return 0
 
 
