@@ -125,8 +125,10 @@ def _bad_cases(tmp, good):
         "missing data": (["--data-path", str(tmp / "nope"), "--epochs", "1"], "not a directory"),
         "empty data": (["--data-path", str(tmp / "empty"), "--epochs", "1"], "ImageFolder"),
         "unknown model": (["--model", "resnet1800", "--epochs", "1"], "unknown model"),
-        "corrupt checkpoint": ([*base, "--resume", str(tmp / "corrupt.pth")], "cannot read checkpoint"),
-        "other model": ([*base, "--resume", str(other / "checkpoint.pth")], "is of model 'resnet18'"),
+        # another folder's checkpoint into `good` needs --overwrite; the run fails before `good` is touched
+        "corrupt checkpoint": ([*base, "--overwrite", "--resume", str(tmp / "corrupt.pth")],
+                               "cannot read checkpoint"),
+        "other model": ([*base, "--overwrite", "--resume", str(other / "checkpoint.pth")], "is of model 'resnet18'"),
         "other sparsity": ([*base, "--sparsity", "sparse_2x4", "--resume", str(good / "checkpoint.pth")],
                            "trained with --sparsity none"),
         "other optimizer": ([*base, "--opt", "adamw", "--resume", str(good / "checkpoint.pth")],
