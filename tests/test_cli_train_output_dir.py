@@ -100,7 +100,9 @@ def test_a_failing_resume_keeps_the_metrics_history(previous, monkeypatch, capsy
 
 def test_overwrite_touches_nothing_before_the_new_checkpoint_then_replaces_the_old_run(previous, monkeypatch):
     out, before = previous
-    old_events = set(os.listdir(out / "tensorboard")) if (out / "tensorboard").is_dir() else set()
+    (out / "tensorboard").mkdir(exist_ok=True)
+    (out / "tensorboard" / "events.out.tfevents.1.old-run").write_bytes(b"old curves")
+    old_events = set(os.listdir(out / "tensorboard"))
     seen = []
     real = run_folder.atomic_save
 
@@ -116,8 +118,7 @@ def test_overwrite_touches_nothing_before_the_new_checkpoint_then_replaces_the_o
     assert epochs_of(out) == [0]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["seed"] == 7 and ckpt["epoch"] == 0
-    if old_events:
-        assert old_events.isdisjoint(os.listdir(out / "tensorboard"))  # the old run's curves are gone too
+    assert old_events.isdisjoint(os.listdir(out / "tensorboard"))  # the old run's curves are gone too
     # the replaced folder is an ordinary run folder: it resumes, keeping its own history
     assert main([*FAST, "--epochs", "2", "--seed", "7", "--output-dir", str(out),
                  "--resume", str(out / "checkpoint.pth")]) == 0  # fmt: skip
