@@ -232,6 +232,8 @@ REFUSED = {
     "--override-ignore-linear": (["--override-ignore-linear"], "needs --sparsity"),
     "--wandb-project": (["--wandb-project", "x"], "needs --use-wandb"),
     "--wandb-log-dir": (["--wandb-log-dir", "x"], "needs --use-wandb"),
+    "--overwrite": (["--overwrite"], "needs --output-dir"),  # its effect: test_cli_train_output_dir.py
+    "--skip-bad-images": (["--skip-bad-images"], "applies to ImageFolder data only"),  # effect: test_data.py
 }
 
 

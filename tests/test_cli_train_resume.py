@@ -125,10 +125,16 @@ def _bad_cases(tmp, good):
         "missing data": (["--data-path", str(tmp / "nope"), "--epochs", "1"], "not a directory"),
         "empty data": (["--data-path", str(tmp / "empty"), "--epochs", "1"], "ImageFolder"),
         "unknown model": (["--model", "resnet1800", "--epochs", "1"], "unknown model"),
-        "corrupt checkpoint": ([*base, "--resume", str(tmp / "corrupt.pth")], "cannot read checkpoint"),
-        "other model": ([*base, "--resume", str(other / "checkpoint.pth")], "is of model 'resnet18'"),
+        # another folder's checkpoint into `good` needs --overwrite; the run fails before `good` is touched
+        "corrupt checkpoint": ([*base, "--overwrite", "--resume", str(tmp / "corrupt.pth")],
+                               "cannot read checkpoint"),
+        "other model": ([*base, "--overwrite", "--resume", str(other / "checkpoint.pth")], "is of model 'resnet18'"),
         "other sparsity": ([*base, "--sparsity", "sparse_2x4", "--resume", str(good / "checkpoint.pth")],
                            "trained with --sparsity none"),
+        "other optimizer": ([*base, "--opt", "adamw", "--resume", str(good / "checkpoint.pth")],
+                            "trained with --opt sgd; resume with the same flag (this run has adamw)"),
+        "other scheduler": ([*base, "--lr-scheduler", "cosineannealinglr", "--resume", str(good / "checkpoint.pth")],
+                            "trained with --lr-scheduler steplr"),
         "contradictory": ([*base, "--enable-apex", "--sparsity", "gumbel_2x4"], "contradicts"),
         "dst and gumbel": ([*base, "--dst", "rigl", "--sparsity", "gumbel_2x4"], "--dst cannot be combined"),
         "bad config": ([*base, "--config", str(tmp / "nope.yaml")], "does not exist"),
@@ -136,7 +142,8 @@ def _bad_cases(tmp, good):
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "unknown model", "corrupt checkpoint",
-                                  "other model", "other sparsity", "contradictory", "dst and gumbel", "bad config"])
+                                  "other model", "other sparsity", "other optimizer",
+                                  "other scheduler", "contradictory", "dst and gumbel", "bad config"])
 def test_bad_input_is_one_line_and_keeps_the_checkpoint(case, good_run, tmp_path_factory, capsys):
     tmp = tmp_path_factory.getbasetemp() / "bad"
     tmp.mkdir(exist_ok=True)

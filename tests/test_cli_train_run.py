@@ -24,12 +24,34 @@ def test_output_dir_gets_metrics_with_the_documented_fields(tmp_path):
     assert files == {"checkpoint.pth", "metrics.jsonl", "model_0.pth"}
 
 
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory):
+    import torch
+
+    from semisparse.models import create_model
+
+    path = tmp_path_factory.mktemp("w") / "digits_cnn.pth"
+    torch.manual_seed(0)
+    torch.save(create_model("digits_cnn", num_classes=10).state_dict(), path)
+    return str(path)
+
+
 @pytest.mark.parametrize("flag", [["--test-only"], ["--trainable", "none"]])
-def test_test_only_evaluates_and_writes_nothing(flag, tmp_path, capsys):
-    assert main([*FAST, "--epochs", "1", "--output-dir", str(tmp_path), *flag]) == 0
+def test_test_only_evaluates_and_writes_nothing(flag, tmp_path, capsys, digits_weights):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main([*FAST, "--epochs", "1", "--output-dir", str(out_dir), "--weights", digits_weights, *flag]) == 0
     out = capsys.readouterr().out
     assert "test: val_loss" in out and "epoch 0" not in out
-    assert list(tmp_path.iterdir()) == []
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", [["--test-only"], ["--trainable", "none"]])
+def test_test_only_without_weights_or_resume_is_refused(flag, capsys):
+    # a fresh model is random: scoring it silently invites mistaking a random model's accuracy for a result
+    assert main([*FAST, "--epochs", "1", *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err and "--weights" in err and "--resume" in err, err
 
 
 def test_test_only_with_resume_evaluates_the_checkpoint(tmp_path, capsys):
@@ -74,8 +96,25 @@ def test_config_recipe_sets_flags_and_the_command_line_wins(tmp_path):
     with pytest.raises(Exception, match="unknown option 'learning_rate'"):
         parse_args(["--config", str(recipe)])
     recipe.write_text("sparsity: dense\n")
-    with pytest.raises(SystemExit):  # choices are checked as for typed flags
-        parse_args(["--config", str(recipe)])
+    with pytest.raises(semisparse.SemisparseError, match=r"--config .*r.yaml: argument --sparsity: invalid choice"):
+        parse_args(["--config", str(recipe)])  # choices are checked as for typed flags, in one line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [0.1, 0.2]\n", "lr takes one value, got [0.1, 0.2]"),
+    ("mask_tau: [2, 1, 0.5]\n", "mask_tau takes 2 values, got [2, 1, 0.5]"),
+    ("dense_layers: []\n", "dense_layers takes one or more values"),
+    ("lr: {a: 1}\n", "lr takes one value"),
+    ('epochs: "x"\n', "argument --epochs: invalid int value: 'x'"),
+    ("mask_tau: 2\n", "argument --mask-tau: expected 2 arguments"),
+])
+def test_config_values_of_the_wrong_kind_are_one_line_naming_the_recipe(text, message, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--config {recipe}: " in err and message in err, err
 
 
 def test_use_wandb_without_wandb_says_so(monkeypatch, capsys):
@@ -149,3 +188,19 @@ def test_weights_enum_member_alone_is_looked_up_in_the_models_enum(tmp_path, mon
     torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
     for name in ("IMAGENET1K_V1", "DEFAULT", "SqueezeNet1_1_Weights.IMAGENET1K_V1"):
         create_model("squeezenet1_1", weights=name)
+
+
+def test_skip_bad_images_trains_on_the_readable_ones_and_counts_the_rest_at_the_end(tmp_path, capsys):
+    from test_data import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "data", per_class=2, size=16)
+    (data / "train" / "a" / "1.png").write_bytes(b"damaged")
+    argv = ["train", "--device", "cpu", "--model", "digits_cnn", "-b", "2", "--print-freq", "0", "-j", "0",
+            "--train-crop-size", "16", "--val-resize-size", "16", "--val-crop-size", "16", "--data-path", str(data),
+            "--epochs", "2"]
+    capsys.readouterr()
+    assert main([*argv, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "--skip-bad-images: skipped 1 unreadable image file (named above)"
+    assert sum(str(data / "train" / "a" / "1.png") in line for line in err) == 1  # named once in two epochs
+    assert main(argv) == 2  # without the flag: the one-line error

@@ -122,3 +122,75 @@ def test_cache_dataset_reuses_the_file_index(tmp_path, monkeypatch):
     assert len(again.train) == len(first.train) == 4
     assert len(load_data(str(root)).train) == 5
     assert again.train[0][0].shape == first.train[0][0].shape
+
+
+# --- damaged files: one line naming the file and its folder (worker processes included), or skipped -------
+
+
+def _damage(path, how):
+    if how == "garbage":
+        path.write_bytes(b"not an image at all")
+    else:  # truncated: a valid header, then the data stops
+        path.write_bytes(path.read_bytes()[:80])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_an_unreadable_image_is_one_line_naming_the_file_and_folder(tmp_path, workers, how):
+    from semisparse.train.loaders import make_loaders
+
+    root = write_imagefolder(tmp_path / "data", per_class=2, size=16)
+    bad = root / "train" / "b" / "1.png"
+    _damage(bad, how)
+    d = load_data(str(root), AugmentOptions(train_crop_size=8, val_resize_size=8, val_crop_size=8))
+    train, _ = make_loaders(d, batch_size=2, workers=workers)
+    with pytest.raises(ss.SemisparseError) as e:
+        for _ in train:
+            pass
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and f"folder {root / 'train'}" in msg and "--skip-bad-images" in msg
+    assert ("not an image file" if how == "garbage" else "truncated") in msg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_images_leaves_them_out_and_counts_each_file_once(tmp_path, workers, capsys):
+    from semisparse.train.loaders import make_loaders
+
+    root = write_imagefolder(tmp_path / "data", per_class=3, size=16)
+    bad = [root / "train" / "a" / "0.png", root / "train" / "b" / "2.png", root / "val" / "a" / "1.png"]
+    for i, path in enumerate(bad):
+        _damage(path, "garbage" if i % 2 else "truncated")
+    d = load_data(str(root), AugmentOptions(train_crop_size=8, val_resize_size=8, val_crop_size=8))
+    train, val = make_loaders(d, batch_size=2, workers=workers, skip_bad_images=True)
+    for _epoch in range(2):  # the same files, met again, are counted once
+        seen = sum(len(y) for _, y in train)
+        assert seen == 4
+    labels = [int(v) for _, y in val for v in y]
+    assert labels == [0, 0, 1, 1, 1]  # val/a/1.png left out, the order kept
+    assert set(train.skipped.files) == {str(p) for p in bad} and train.skipped is val.skipped
+    assert "skipped 3 unreadable image files" in train.skipped.summary()
+    err = capsys.readouterr().err
+    assert all(err.count(str(p)) == 1 for p in bad)
+
+
+def test_skip_bad_images_is_refused_where_files_are_not_decoded_one_by_one():
+    from semisparse.train.loaders import make_loaders
+
+    with pytest.raises(ss.SemisparseError, match="ImageFolder"):
+        make_loaders(load_data("digits"), 8, skip_bad_images=True)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: {**b, "data": b["data"].astype(np.float32)}, "holds float32 pixels; expected uint8"),
+    (lambda b: {**b, "labels": [-1] + b["labels"][1:]}, "label -1 is negative"),
+    (lambda b: {**b, "labels": ["cat"] * len(b["labels"])}, "labels must be a list of integers"),
+])
+def test_cifar10_pixels_or_labels_of_the_wrong_kind_name_the_file(tmp_path, damage, message):
+    d = write_cifar(tmp_path)
+    with open(d / "data_batch_4", "rb") as f:
+        batch = pickle.load(f)
+    with open(d / "data_batch_4", "wb") as f:
+        pickle.dump(damage(batch), f)
+    with pytest.raises(ss.SemisparseError, match=message) as e:
+        load_data(str(tmp_path))
+    assert "\n" not in str(e.value) and str(d / "data_batch_4") in str(e.value)

@@ -34,6 +34,7 @@ from ..train.engine import EMA, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
+from ..train.run_folder import claim_output_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
@@ -75,9 +76,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--lr-min", default=None, type=float, help="cosineannealinglr: minimum lr (default: 0.0)")
     a("--print-freq", default=10, type=int, help="print frequency in iterations (0: epoch lines only)")
     a("--output-dir", default=None, help="where checkpoints and metrics.jsonl go (default: nothing is written)")
+    a("--overwrite", action="store_true", help="replace another run's files in --output-dir (removed only once "
+      "this run's first checkpoint is written); without it such a folder is refused")
     a("--resume", default=None, help="path of a checkpoint to continue from")
     a("--start-epoch", default=None, type=int, metavar="N", help="start epoch (default: 0; from --resume)")
     a("--cache-dataset", action="store_true", help="cache an ImageFolder's file index for quicker start-up")
+    a("--skip-bad-images", action="store_true", help="leave out ImageFolder files that cannot be decoded (each "
+      "named once, counted at the end) instead of stopping at the first")
     a("--sync-bn", action="store_true", help="use SyncBatchNorm (torchrun on CUDA)")
     a("--test-only", action="store_true", help="only evaluate the model")
     a("--auto-augment", default=None, help="auto augment policy: ra, ta_wide, augmix, imagenet, cifar10, svhn")
@@ -194,11 +199,33 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
             if not isinstance(value, bool):
                 raise SemisparseError(f"--config {path}: {key} is a switch; expected true or false")
             tokens += [flag] if value else []
-        elif isinstance(value, list):
-            tokens += [flag, *map(str, value)]
+        elif isinstance(value, (list, dict)):
+            tokens += [flag, *_config_values(path, key, action, value)]
         elif value is not None:
             tokens += [flag, str(value)]
     return tokens, dests
+
+
+def _config_values(path: str, key, action: argparse.Action, value) -> list[str]:
+    """A recipe's list value as tokens, refused in one line when the flag takes another number of values."""
+    if isinstance(value, dict) or action.nargs in (None, "?"):
+        raise SemisparseError(f"--config {path}: {key} takes one value, got {value!r}")
+    if isinstance(action.nargs, int) and len(value) != action.nargs:
+        raise SemisparseError(f"--config {path}: {key} takes {action.nargs} values, got {value!r}")
+    if not value:
+        raise SemisparseError(f"--config {path}: {key} takes one or more values, got an empty list")
+    return [str(v) for v in value]
+
+
+def _check_config_tokens(path: str, tokens: list[str]) -> None:
+    """Parse the recipe's tokens alone so a bad value is one line naming the recipe (not argparse's usage)."""
+    checker = get_args_parser()
+
+    def fail(message: str):
+        raise SemisparseError(f"--config {path}: {message}")
+
+    checker.error = fail  # argparse reports every bad value through error()
+    checker.parse_args(tokens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tokens: list[str] = []
     if known.config:
         tokens, _ = _config_tokens(known.config, parser)
+        _check_config_tokens(recipe_path(known.config), tokens)
     full = tokens + argv
     args = parser.parse_args(full)
     probe = get_args_parser()
@@ -256,6 +284,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                                   "only, not the digits tensors; drop it to use the PyTorch DataLoader")  # fmt: skip
         n(args, ("auto_augment", "random_erase", "backend", "use_v2"), False, "is not available with --enable-dali "
           "(its pipeline is random-resized-crop + flip); drop one of them")
+        n(args, ("skip_bad_images",), False, "is not available with --enable-dali (DALI decodes the files itself); "
+          "drop one of them")
         require_dali()
     for name in ("batch_size", "epochs", "accumulation_steps"):
         if getattr(args, name) < 1:
@@ -274,6 +304,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     n(args, ("ra_magnitude",), args.auto_augment == "ra", "needs --auto-augment ra")
     n(args, ("augmix_severity",), args.auto_augment == "augmix", "needs --auto-augment augmix")
     n(args, ("amp_dtype",), args.amp, "needs --amp")
+    n(args, ("overwrite",), bool(args.output_dir), "needs --output-dir (it replaces another run's files there)")
+    n(args, ("overwrite",), not args.test_only, "does nothing with --test-only (it writes no file)")
     n(args, ("wandb_project", "wandb_log_dir"), args.use_wandb, "needs --use-wandb")
     if args.test_only and args.model_ema and not args.resume:
         raise SemisparseError("--model-ema with --test-only evaluates the EMA saved in a checkpoint; add --resume")
@@ -312,6 +344,11 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.trainable == "none":
         args.test_only = True
+    if args.test_only and not (args.weights or args.resume):
+        # a fresh model is randomly initialised: its score means nothing and would be easy to mistake for one
+        flag = "--trainable none" if args.trainable == "none" else "--test-only"
+        raise SemisparseError(f"{flag} evaluates a trained model: give --weights FILE (or a torchvision weights "
+                              "name) or --resume CHECKPOINT; without them the model is randomly initialised")
     return args
 
 
@@ -366,6 +403,8 @@ def _data(args) -> DataSets:
     )
     _needs(args, ("val_resize_size", "val_crop_size", "cache_dataset"), not is_cifar,
            "applies to ImageFolder data only (CIFAR-10 is validated at 32x32 as is)")
+    _needs(args, ("skip_bad_images",), not is_digits and not is_cifar,
+           "applies to ImageFolder data only (CIFAR-10 batches and digits are checked whole when loaded)")
     _needs(args, ("interpolation",), not is_cifar or args.auto_augment is not None,
            "only affects ImageFolder resizing or --auto-augment on CIFAR-10")
     augment = AugmentOptions(
@@ -432,10 +471,10 @@ def _resume(run: Run, path: str) -> None:
     ckpt = load_checkpoint(path)
     check_arch(ckpt, run.model.semisparse_arch, path)
     saved = (ckpt.get("args") or {})
-    for key in ("sparsity", "dst", "pattern"):
+    for key in ("sparsity", "dst", "pattern", "opt", "lr_scheduler"):
         if key in saved and saved[key] != getattr(run.args, key):
             raise SemisparseError(f"checkpoint {path} was trained with {_flag(key)} {saved[key]}; resume with the "
-                                  f"same sparsity flags (this run has {getattr(run.args, key)})")  # fmt: skip
+                                  f"same flag (this run has {getattr(run.args, key)})")  # fmt: skip
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -489,7 +528,7 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         train_loader, val_loader = make_loaders(
             data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
-            ra_reps=args.ra_reps if args.ra_sampler else 1,
+            ra_reps=args.ra_reps if args.ra_sampler else 1, skip_bad_images=args.skip_bad_images,
         )  # fmt: skip
     model = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
@@ -567,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             wandb_logger(None, None, {})
     validate(args)
+    folder = None
+    if args.output_dir and not args.test_only:  # before any work: another run's folder is refused at once
+        folder = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                                  clean=os.environ.get("RANK", "0") == "0")  # fmt: skip
     try:
         run = setup(args)
         if args.test_only:
@@ -588,10 +631,18 @@ def main(argv: list[str] | None = None) -> int:
             ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
             batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
+            save_checkpoint=folder.save if folder is not None else None,
         )  # fmt: skip
+        _report_skipped(run)
     finally:
         dist_utils.cleanup()
     return 0
+
+
+def _report_skipped(run: Run) -> None:
+    skipped = getattr(run.train_loader, "skipped", None)  # shared by both loaders (ImageFolder data)
+    if skipped is not None:
+        print(skipped.summary(), file=sys.stderr, flush=True)
 
 
 def _test_only(run: Run) -> int:
@@ -603,6 +654,7 @@ def _test_only(run: Run) -> int:
         if run.ema is not None and run.args.resume:
             ee = evaluate(run.ema.module, run.criterion, run.val_loader, run.device, amp_dtype=run.amp_dtype)
             print(f"test (EMA): val_loss {ee['loss']:.4f} val_acc1 {ee['acc1']:.2f} val_acc5 {ee['acc5']:.2f}")
+    _report_skipped(run)
     return 0
 
 

@@ -9,7 +9,9 @@
   rebuilds plain containers and numpy arrays.
 * a folder holding ``train/`` and ``val/`` class sub-folders - ImageNet / any ``ImageFolder`` tree.
 
-Augmentation (``AugmentOptions``) follows torchvision's reference presets.
+Augmentation (``AugmentOptions``) follows torchvision's reference presets. An ImageFolder file that cannot
+be decoded becomes an :class:`UnreadableImage` sample instead of an exception inside a DataLoader worker;
+the loader (:class:`~semisparse.train.loaders.ImageLoader`) names it in one line or skips it.
 """
 
 from __future__ import annotations
@@ -250,6 +252,21 @@ class ArrayImages(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
+def _check_cifar_arrays(path: str, data: np.ndarray, labels) -> np.ndarray:
+    """Refuse, naming the file, what would fail later inside a DataLoader worker or the loss."""
+    if data.dtype != np.uint8:
+        raise SemisparseError(f"CIFAR-10 file {path} holds {data.dtype} pixels; expected uint8 (0-255), "
+                              f"{CIFAR_LAYOUT}")  # fmt: skip
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise SemisparseError(f"CIFAR-10 file {path}: labels must be a list of integers, got {labels.dtype} "
+                              f"values of shape {labels.shape}")  # fmt: skip
+    if len(labels) and labels.min() < 0:
+        raise SemisparseError(f"CIFAR-10 file {path}: label {int(labels.min())} is negative; expected class "
+                              "indices 0..9")  # fmt: skip
+    return labels.astype(np.int64)
+
+
 def _cifar_split(root: str, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in files:
@@ -264,8 +281,8 @@ def _cifar_split(root: str, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
             )
         if len(labels) != data.shape[0]:
             raise SemisparseError(f"CIFAR-10 file {path}: {data.shape[0]} images but {len(labels)} labels")
+        ys.append(_check_cifar_arrays(path, data, labels))
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(labels, dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -285,6 +302,62 @@ def load_cifar10(root: str, augment: AugmentOptions) -> DataSets:
 # --- ImageFolder ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UnreadableImage:
+    """The sample of an image file that could not be decoded. It travels from a DataLoader worker to the
+    main process like any sample, so the error there names the file in one line (no worker traceback)."""
+
+    path: str
+    folder: str
+    reason: str
+
+    def error(self) -> SemisparseError:
+        return SemisparseError(
+            f"cannot read image {self.path} (in the data set folder {self.folder}): {self.reason}; repair or "
+            "remove the file, or pass --skip-bad-images to skip unreadable images"
+        )
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):  # its message is a repr of the open file object
+        return "not an image file PIL can identify"
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class ImageReader:
+    """ImageFolder's loader (torchvision's ``default_loader``, which decodes the whole file) that returns an
+    :class:`UnreadableImage` instead of raising."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, path: str):
+        from torchvision.datasets.folder import default_loader
+
+        try:
+            return default_loader(path)
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            return UnreadableImage(path, self.folder, _unreadable_reason(exc))
+
+
+class PassUnreadable:
+    """A split's transform that lets :class:`UnreadableImage` samples through untouched."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, img):
+        if isinstance(img, UnreadableImage) or self.transform is None:
+            return img
+        return self.transform(img)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+
 def _cache_path(split_dir: str) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     digest = hashlib.sha1(os.path.abspath(split_dir).encode()).hexdigest()[:16]
@@ -301,16 +374,14 @@ def _image_folder(split_dir: str, transform, cache: bool):
         with open(cached) as f:
             index = json.load(f)
         ds = ImageFolder.__new__(ImageFolder)
-        ds.root, ds.transform, ds.target_transform = split_dir, transform, None
-        from torchvision.datasets.folder import default_loader
-
-        ds.loader, ds.extensions = default_loader, None
+        ds.root, ds.transform, ds.target_transform = split_dir, PassUnreadable(transform), None
+        ds.loader, ds.extensions = ImageReader(split_dir), None
         ds.classes, ds.class_to_idx = index["classes"], index["class_to_idx"]
         ds.samples = [tuple(s) for s in index["samples"]]
         ds.imgs, ds.targets = ds.samples, [s[1] for s in ds.samples]
         return ds
     try:
-        ds = ImageFolder(split_dir, transform=transform)
+        ds = ImageFolder(split_dir, transform=PassUnreadable(transform), loader=ImageReader(split_dir))
     except FileNotFoundError as exc:  # no class folders, or no images in them
         raise SemisparseError(f"{split_dir} holds no images ({exc}); expected {IMAGEFOLDER_LAYOUT}") from exc
     if cached:

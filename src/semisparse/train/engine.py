@@ -272,13 +272,17 @@ def fit(
     loggers: Sequence[Logger] = (),
     print_freq: int = 10,
     show_progress: bool = True,
+    save_checkpoint: Callable[[dict, int], None] | None = None,
 ) -> list[dict]:
     """Train epochs ``start_epoch .. epochs-1``; returns one record per epoch (also sent to ``loggers``).
 
     ``model`` may be wrapped in DDP and/or ``torch.compile``; checkpoints store the plain model. With
     ``output_dir`` (rank 0 only) every epoch writes ``model_{epoch}.pth`` and ``checkpoint.pth``
-    atomically. ``lr_scheduler`` steps once per epoch. Records: ``epoch, lr, train_loss, train_acc1,
-    val_loss, val_acc1, val_acc5, sparsity, epoch_seconds, step`` and ``ema_val_loss/acc1/acc5`` with EMA.
+    atomically, then sends its record to ``loggers``; ``save_checkpoint(ckpt, epoch)``, when given, writes
+    instead (the CLI's :class:`~semisparse.train.run_folder.RunFolder`, which replaces another run's files
+    only after the first new checkpoint). ``lr_scheduler`` steps once per epoch. Records: ``epoch, lr,
+    train_loss, train_acc1, val_loss, val_acc1, val_acc5, sparsity, epoch_seconds, step`` and
+    ``ema_val_loss/acc1/acc5`` with EMA.
     """
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
@@ -314,8 +318,11 @@ def fit(
         if output_dir and is_main():
             ckpt = checkpoint_dict(model, optimizer, lr_scheduler, epoch, step, args=args, sparsity=sparsity,
                                    scaler=scaler, ema=ema)  # fmt: skip
-            atomic_save(ckpt, os.path.join(output_dir, f"model_{epoch}.pth"))
-            atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
+            if save_checkpoint is not None:
+                save_checkpoint(ckpt, epoch)
+            else:
+                atomic_save(ckpt, os.path.join(output_dir, f"model_{epoch}.pth"))
+                atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
         if is_main():
             for log in loggers:
                 log(record)

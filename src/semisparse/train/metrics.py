@@ -2,7 +2,9 @@
 
 ``metrics.jsonl`` holds one JSON object per epoch (``epoch`` 0-based as torchvision, ``lr``,
 ``train_loss``, ``val_loss``, ``val_acc1``/``val_acc5`` in percent, ``sparsity``, ``epoch_seconds``,
-``ema_val_acc1`` with EMA...). A resumed run drops the lines of the epochs it redoes, then appends.
+``ema_val_acc1`` with EMA...). A resumed run drops the lines of the epochs it redoes, then appends; the
+lines are dropped when its first record arrives (after its first checkpoint), so a run that fails or is
+killed before that leaves the history as it was.
 """
 
 from __future__ import annotations
@@ -23,21 +25,29 @@ class MetricsLog:
 
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._keep_before: int | None = None
 
     def start(self, start_epoch: int) -> None:
-        """Keep the lines of epochs before ``start_epoch`` only (atomic rewrite)."""
-        if not os.path.exists(self.path):
+        """Keep the lines of epochs before ``start_epoch`` only. Nothing changes until the first record
+        arrives: then the kept lines and that record replace the file in one atomic rename."""
+        self._keep_before = int(start_epoch)
+
+    def __call__(self, record: dict) -> None:
+        line = json.dumps({k: _plain(v) for k, v in record.items()}) + "\n"
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if self._keep_before is None:
+            with open(self.path, "a") as f:
+                f.write(line)
             return
-        keep = [r for r in read_metrics(self.path) if r.get("epoch", -1) < start_epoch]
+        keep = []
+        if os.path.exists(self.path):
+            keep = [r for r in read_metrics(self.path) if r.get("epoch", -1) < self._keep_before]
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
+            f.write(line)
         os.replace(tmp, self.path)
-
-    def __call__(self, record: dict) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        self._keep_before = None
 
 
 def _plain(v):

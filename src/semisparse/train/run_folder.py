@@ -1,0 +1,135 @@
+"""The output folder of a training run: one run per folder, and no file of the previous run lost before
+the new run has a checkpoint.
+
+:func:`claim_output_dir` runs before anything is built. A folder holding another run's files
+(``checkpoint.pth``, ``model_<N>.pth``, ``metrics.jsonl``) is refused unless ``--resume`` continues a
+checkpoint of that folder or ``overwrite`` (``--overwrite``) replaces the run. Replacing waits for the
+commit: :meth:`RunFolder.save` writes the new run's first ``checkpoint.pth``, and only then removes the
+old run's ``model_<N>.pth``, ``metrics.jsonl`` and TensorBoard events (``MetricsLog`` then starts a new
+history). A run that fails or is killed before that leaves the old files byte for byte as they were.
+
+Temporary files of a save killed before its rename (``.checkpoint.pth.tmp<pid>``,
+``metrics.jsonl.tmp<pid>``) are removed when a run claims the folder, unless their process still lives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import SemisparseError
+from .checkpoint import atomic_save
+
+RUN_FILE = re.compile(r"(checkpoint\.pth|metrics\.jsonl|model_\d+\.pth)")
+# atomic_save's ".<name>.tmp<pid>" and MetricsLog's "metrics.jsonl.tmp<pid>"
+TEMP_FILE = re.compile(r"(\.checkpoint\.pth|\.model_\d+\.pth|metrics\.jsonl)\.tmp(\d+)")
+TENSORBOARD_EVENTS = re.compile(r"events\.out\.tfevents\..*")
+
+
+def run_files(output_dir: str) -> list[str]:
+    """Names of the run files (checkpoints and metrics) in ``output_dir``, sorted; [] if it does not exist."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if RUN_FILE.fullmatch(n))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid this machine cannot hold): leave its file
+    return True
+
+
+def remove_temp_files(output_dir: str) -> list[str]:
+    """Remove the temporary files of saves killed before their rename; returns their names.
+
+    A file whose process is still running (another run writing into the same folder) is kept.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        m = TEMP_FILE.fullmatch(name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            os.remove(os.path.join(output_dir, name))
+            removed.append(name)
+    return removed
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+@dataclass
+class RunFolder:
+    """Where one run writes its checkpoints; ``stale`` are the files of the run it replaces (``--overwrite``),
+    removed once this run's first ``checkpoint.pth`` is written."""
+
+    path: str
+    stale: list[str] = field(default_factory=list)  # paths relative to ``path``
+    committed: bool = False
+
+    @property
+    def replaces_a_run(self) -> bool:
+        """True when the folder held another run: its metrics history is not continued."""
+        return bool(self.stale)
+
+    def save(self, ckpt: Mapping, epoch: int) -> None:
+        """Write ``model_{epoch}.pth`` and ``checkpoint.pth`` atomically.
+
+        The usual order is ``model_{epoch}.pth`` first (a kill between the two leaves ``checkpoint.pth`` at
+        the previous epoch, and resuming redoes this one). The first save of a run that replaces another
+        writes ``checkpoint.pth`` first: that rename is the commit before which no old file is touched.
+        """
+        model_path = os.path.join(self.path, f"model_{epoch}.pth")
+        if self.committed or not self.stale:
+            atomic_save(ckpt, model_path)
+            atomic_save(ckpt, os.path.join(self.path, "checkpoint.pth"))
+            self.committed = True
+            return
+        atomic_save(ckpt, os.path.join(self.path, "checkpoint.pth"))
+        self.committed = True
+        for name in self.stale:
+            if name != "checkpoint.pth":
+                try:
+                    os.remove(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
+        self.stale = []
+        atomic_save(ckpt, model_path)
+
+
+def claim_output_dir(output_dir: str, *, resume: str | None = None, overwrite: bool = False,
+                     clean: bool = True) -> RunFolder:  # fmt: skip
+    """The :class:`RunFolder` of a run about to write into ``output_dir`` (nothing of another run is touched).
+
+    Refuses, in one line, a folder holding another run's checkpoints or metrics unless ``resume`` is a
+    checkpoint in that folder (the run continues) or ``overwrite`` is set. ``clean`` removes temporary
+    files left by killed saves (only the process that writes should: rank 0).
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SemisparseError(f"--output-dir {output_dir} is a file; expected a folder (it is created if missing)")
+    if clean:
+        remove_temp_files(output_dir)
+    found = run_files(output_dir)
+    if not found or (resume and _same_dir(os.path.dirname(os.path.abspath(resume)), output_dir)):
+        return RunFolder(output_dir)
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        other = f", not the run of --resume {resume}" if resume else ""
+        hint = f"--resume {os.path.join(output_dir, 'checkpoint.pth')}" if "checkpoint.pth" in found else "--resume"
+        raise SemisparseError(
+            f"--output-dir {output_dir} holds another run's files ({shown}){other}: continue it with {hint}, "
+            "replace it with --overwrite (its files are removed once this run's first checkpoint is written), "
+            "or choose another --output-dir"
+        )
+    stale = list(found)
+    tb = os.path.join(output_dir, "tensorboard")
+    if os.path.isdir(tb):
+        stale += sorted(os.path.join("tensorboard", n) for n in os.listdir(tb) if TENSORBOARD_EVENTS.fullmatch(n))
+    return RunFolder(output_dir, stale)
