@@ -4,12 +4,11 @@ whole batch, and growth uses the dense gradient averaged over the ranks."""
 import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
+from gloo_ranks import run_ranks
 
 STEPS, DELTA = 8, 2
 
@@ -38,44 +37,39 @@ def _hand_grads(rank):
     return torch.randn(6, 20, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        wrapped = nn.parallel.DistributedDataParallel(_model())
-        try:  # parametrizing after DDP is built would hide the gradients from DDP: a clear error
-            ss.SRigL(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), sparsity=0.8, t_end=STEPS)
-            raise AssertionError("a DDP-wrapped model must be refused")
-        except ss.SemisparseError as e:
-            assert "before wrapping it in DistributedDataParallel" in str(e)
-        model = _model()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        sched = ss.SRigL(model, opt, sparsity=0.8, delta=DELTA, t_end=STEPS, ablation=0.3)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        half = 8 // world
-        data = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in _data()]
-        _train(ddp, opt, sched, data)
-        out = {k: v.detach() for k, v in model.state_dict().items()}
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    wrapped = nn.parallel.DistributedDataParallel(_model())
+    try:  # parametrizing after DDP is built would hide the gradients from DDP: a clear error
+        ss.SRigL(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), sparsity=0.8, t_end=STEPS)
+        raise AssertionError("a DDP-wrapped model must be refused")
+    except ss.SemisparseError as e:
+        assert "before wrapping it in DistributedDataParallel" in str(e)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = ss.SRigL(model, opt, sparsity=0.8, delta=DELTA, t_end=STEPS, ablation=0.3)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    half = 8 // world
+    data = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in _data()]
+    _train(ddp, opt, sched, data)
+    out = {k: v.detach() for k, v in model.state_dict().items()}
 
-        # Hand-set gradients: rank r backpropagates G_r through the effective weight.
-        torch.manual_seed(0)
-        lin = nn.Linear(20, 6)
-        opt2 = torch.optim.SGD(lin.parameters(), lr=0.0)
-        s2 = ss.RigL(lin, opt2, sparsity=0.75, delta=1, t_end=1000, distribution="uniform")
-        out["hand.mask_before"] = s2.layers[0].mask.mask.clone()
-        out["hand.w"] = s2.layers[0].original.detach().clone()
-        (lin.weight * _hand_grads(rank)).sum().backward()
-        opt2.step()
-        s2.step()
-        out["hand.mask_after"] = s2.layers[0].mask.mask.clone()
-        out["hand.frac"] = torch.tensor(s2.schedule.drop_fraction(1))
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # Hand-set gradients: rank r backpropagates G_r through the effective weight.
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 6)
+    opt2 = torch.optim.SGD(lin.parameters(), lr=0.0)
+    s2 = ss.RigL(lin, opt2, sparsity=0.75, delta=1, t_end=1000, distribution="uniform")
+    out["hand.mask_before"] = s2.layers[0].mask.mask.clone()
+    out["hand.w"] = s2.layers[0].original.detach().clone()
+    (lin.weight * _hand_grads(rank)).sum().backward()
+    opt2.step()
+    s2.step()
+    out["hand.mask_after"] = s2.layers[0].mask.mask.clone()
+    out["hand.frac"] = torch.tensor(s2.schedule.drop_fraction(1))
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_gloo_ranks_identical_masks_and_averaged_dense_gradient(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in r0:

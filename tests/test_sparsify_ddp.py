@@ -3,11 +3,10 @@
 import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import semisparse as ss
+from gloo_ranks import run_ranks
 
 
 def _model() -> nn.Module:
@@ -29,22 +28,18 @@ def _train(model, x, y, steps=3):
         opt.step()
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = _model()
-        ss.sparsify(model, "2:4")
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x, y = _data()
-        half = x.shape[0] // world
-        _train(ddp, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    model = _model()
+    ss.sparsify(model, "2:4")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = _data()
+    half = x.shape[0] // world
+    _train(ddp, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_gloo_ranks_keep_masks_and_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)

@@ -4,12 +4,17 @@
 one process. Only rank 0 logs and writes files (``is_main()``). Sums over ranks go through
 ``all_reduce_sum``. ``ShardSampler`` gives every rank its share of one per-epoch permutation, so a run on
 N processes with batch B sees the same global batches as one process with batch N*B.
+
+A finished run must also *exit* cleanly (a scheduler reports a run that aborts at exit as failed), which
+takes two things: the process group must really be freed at ``cleanup()`` (see ``init_distributed``), and
+no rank may tear down while a peer still talks to it (``cleanup`` meets the others at a barrier first).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,12 +57,39 @@ def init_distributed(device: str, dist_url: str = "env://", world_size: int | No
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        _import_collectives_with_group_defaults()
         dist.init_process_group(backend, init_method=dist_url, world_size=env_world, rank=rank)
     return DistInfo(rank, env_world, local_rank)
 
 
+def _import_collectives_with_group_defaults() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its collectives take ``group=group.WORLD`` as a default argument, evaluated at import. DDP imports the
+    module lazily, so when that first happens after ``init_process_group`` ten function defaults hold the
+    default group for good: ``destroy_process_group`` can then never free it, and the gloo group's worker
+    threads live on until the interpreter exits. A worker still releasing the last gradient all-reduce then
+    (its work holds the Python context that backward stashes) needs the GIL of an interpreter that is being
+    finalized; Python ends that thread, and the unwind through a noexcept destructor calls std::terminate:
+    "terminate called without an active exception", SIGABRT, a finished run reported failed.
+    Imported first, the defaults are None and the group dies with its last user.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group: meet every rank at a barrier, then destroy the group.
+
+    The barrier means no rank closes its connections while a peer is still in a collective with it. It is
+    skipped while an exception unwinds (``cleanup`` in a ``finally``): a failed rank's peers may never
+    arrive, and it should fail now rather than after the collective timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if sys.exc_info()[1] is None:
+            barrier()
+    finally:
         dist.destroy_process_group()
 
 
