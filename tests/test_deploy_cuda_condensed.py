@@ -204,7 +204,7 @@ def test_a_config_that_computes_wrong_results_is_not_kept(monkeypatch):
 
 def test_tiny_model_fp32_condensed_equals_the_masked_model():
     m = tiny()
-    x = torch.randn(2, 16, 4, 4)
+    x = torch.randn(1, 16, 4, 4)
     with torch.no_grad():
         ref = m(x)
     dep = deploy(m, x, plan="sparse")
@@ -218,3 +218,41 @@ def test_tiny_model_fp32_condensed_equals_the_masked_model():
     assert plan["macs"]["condensed"] == 1.0
     out = dep(x)
     assert out.dtype == torch.float32 and rel(out, ref) < 1e-5
+
+
+# --- semisparse bench --device cuda --pattern fan-in ---------------------------------------------------------------
+
+def test_bench_condensed_layer_row_times_dense_and_every_config():
+    from semisparse.cli.bench_cuda import bench_condensed_layer, format_rows
+
+    def timer(fn, what):  # configs: the 3rd candidate is fastest; dense 1.0 ms
+        if what[2] == "dense":
+            return 1e-3
+        return 0.5e-3 if what[3] == order[2] else 2e-3
+
+    x = torch.randn(2, 64)
+    order = [c.name for c in tc.TritonCondensedLinear(torch.randn(16, 64), fanin_mask((16, 64), 6)).configs(x)]
+    row = bench_condensed_layer(16, 64, 2, 0.9, torch.float32, timer, "cpu")
+    assert row["fan_in"] == 6 and row["ratio"] == 2.0 and row["config"] == order[2]
+    assert set(row["configs_ms"]) == set(order) and row["rel_err"] < 1e-5
+    assert "condensed ms" in format_rows([row])
+
+
+def test_bench_model_row_reports_the_condensed_mac_share():
+    from semisparse.cli.bench_cuda import bench_model_cuda, format_rows
+
+    def timer(fn, what):
+        if what[0] == "layer":  # condensed configs faster than dense for every layer
+            return 0.5e-3 if len(what) > 3 else 1e-3
+        return {"deployed": 1.0, "original": 2.0, "all-dense": 1.5, "eager": 3.0}.get(what[1], 1.0) * 1e-3
+
+    def factory():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 40)).eval()
+
+    row = bench_model_cuda(factory, 2, torch.float32, timer=timer, eager_timer=timer, backend=EmulatedBackend(),
+                           graphs=EmulatedGraphs(), device="cpu", pattern=0.75, masks="uniform")
+    assert row["condensed_mac_share"] == 1.0 and row["sparse_layers"] == 2 == row["layers"]
+    assert row["ratio_vs_original"] == 2.0 and row["rel_err_vs_dense"] < 1e-5 and row["pattern"].startswith("fan-in")
+    assert {r["kernel"] for r in row["per_layer"]} == {NAME} and all(r["config"] for r in row["per_layer"])
+    assert "sparse MACs condensed" in format_rows([row])

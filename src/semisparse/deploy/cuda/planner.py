@@ -116,18 +116,24 @@ def config_name(config: dict) -> str:
 CONFIG_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def tune(layer: PlannedLayer, name: str, form: nn.Module, x: torch.Tensor, timer: Timer) -> float | None:
+def tune(layer: PlannedLayer, name: str, form: nn.Module, x: torch.Tensor, timer: Timer,
+         record: dict | None = None) -> float | None:
     """Time every kernel config of a tunable form as a candidate (``("layer", key, form, config)``), keep the
-    fastest whose output matches the dense form's; returns its time, or None when no config ran."""
+    fastest whose output matches the dense form's; returns its time, or None when no config ran.
+    ``record``, if given, receives ``{config name: seconds}`` of every config timed (the bench's rows)."""
     times: dict[int, float] = {}
     configs = form.candidates(x)
     failed: list[str] = []
     for i, cfg in enumerate(configs):
         form.use_config(cfg)
+        label = getattr(cfg, "name", str(cfg))
         try:
-            times[i] = timer(lambda: form(x), ("layer", layer.key, name, getattr(cfg, "name", str(cfg))))
+            times[i] = timer(lambda: form(x), ("layer", layer.key, name, label))
         except Exception as exc:  # a config this GPU cannot compile or launch (resources): not a candidate
-            failed.append(f"{getattr(cfg, 'name', cfg)}: {type(exc).__name__}")
+            failed.append(f"{label}: {type(exc).__name__}")
+            continue
+        if record is not None:
+            record[label] = times[i]
     dense = layer.forms[layer.dense_choice] if layer.dense_choice in layer.forms else layer.forms["dense"]
     ref = dense(x)
     tol = CONFIG_TOL.get(x.dtype, 1e-3)
