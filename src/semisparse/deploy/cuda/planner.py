@@ -3,7 +3,9 @@
 1. Every :class:`~.layer.PlannedLayer` is timed in each of its forms on the very input it receives in one
    forward of the example input (planned batch, deploy dtype, same memory format), each form run by the
    same timer (CUDA graphs: no host overhead on either side). Its first eager call searches cuSPARSELt's
-   algorithm id. The fastest form is kept; ``ratio`` is the best dense form's time over the chosen one's.
+   algorithm id. A tunable form (the condensed Triton kernels) is timed once per kernel config, each a
+   candidate; the fastest config whose output matches the dense form's stands for the form (:func:`tune`).
+   The fastest form is kept; ``ratio`` is the best dense form's time over the chosen one's.
 2. The whole model is timed as deployed, with every layer in its best dense form (same rebuilt attention,
    padding, folding), and as the original dense model; while the deployed model is slower than either,
    sparse layers go back to dense, smallest measured gain first. If even the all-dense deployed model
