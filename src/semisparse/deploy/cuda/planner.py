@@ -94,9 +94,10 @@ def plan_layers(model: nn.Module, example_input, timer: Timer) -> None:
             ratio = times[best_dense] / max(times[best_sparse], 1e-12)
             layer.figures = {"dense_us": round(times[best_dense] * 1e6, 2),
                              "sparse_us": round(times[best_sparse] * 1e6, 2), "ratio": round(ratio, 3)}
-            config = layer.forms[best_sparse].config_json() if is_tunable(layer.forms[best_sparse]) else None
-            if config is not None:
-                layer.figures["config"] = config_name(config)
+            chosen = layer.forms[best_sparse]
+            config = chosen.config_json() if is_tunable(chosen) else None
+            if config is not None:  # the best sparse form's kernel config (kept even where dense wins)
+                layer.figures["config"] = getattr(getattr(chosen, "config", None), "name", None) or config_name(config)
             if times[best_sparse] < times[best_dense]:
                 layer.choose(best_sparse)
             else:
