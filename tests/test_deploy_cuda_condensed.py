@@ -21,8 +21,9 @@ from semisparse.deploy.cuda.layer import PlannedLayer
 from semisparse.deploy.cuda.planner import planned_layers
 from semisparse.patterns import nm_mask
 
-pytestmark = pytest.mark.skipif(not (tc.available() or tc.interpreting()),
-                                reason="needs triton with CUDA, or the Triton interpreter (TRITON_INTERPRET=1)")
+#: The deploy flow on CPU tensors: the kernels run only under Triton's interpreter (tests/conftest.py turns it
+#: on where there is no CUDA; on a GPU machine these skip and the CUDA test at the end runs instead).
+on_cpu = pytest.mark.skipif(not tc.interpreting(), reason="runs the kernels on CPU under TRITON_INTERPRET=1")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,6 +83,7 @@ def deploy(model, x, **kw):
 
 # --- eligibility -------------------------------------------------------------------------------------------------
 
+@on_cpu
 def test_constant_fan_in_layers_get_the_condensed_form_in_fp32_and_16_bit():
     for dtype in (torch.float32, torch.bfloat16):
         for s in (spec("Linear", (24, 40), dtype=dtype), spec("MultiheadAttention", (48, 16), dtype=dtype),
@@ -90,6 +92,7 @@ def test_constant_fan_in_layers_get_the_condensed_form_in_fp32_and_16_bit():
             assert NAME in layer.forms and layer.sparse_forms == [NAME] and layer.reason == "", (dtype, s.kind)
 
 
+@on_cpu
 def test_condensed_form_refuses_kxk_grouped_and_leaves_nm_to_the_24_path():
     s = spec("Conv2d", (16, 16, 3, 3), conv={"padding": 1, "groups": 1})
     assert "1x1" in condensed_reason(s)
@@ -102,6 +105,7 @@ def test_condensed_form_refuses_kxk_grouped_and_leaves_nm_to_the_24_path():
     assert list(layer.forms) == ["dense"] and "16-bit" in layer.reason and "condensed" not in layer.reason
 
 
+@on_cpu
 @pytest.mark.parametrize("stride", [1, 2])
 def test_condensed_1x1_conv_form_equals_conv2d_on_channels_last(stride):
     s = spec("Conv2d", (32, 16, 1, 1), conv={"stride": stride, "groups": 1, "padding": 0})
@@ -140,6 +144,7 @@ def mlp() -> nn.Module:
     return m
 
 
+@on_cpu
 def test_planner_times_every_config_and_keeps_the_fastest_where_it_beats_dense(tmp_path):
     m = mlp()
     x = torch.randn(4, 64)
@@ -180,6 +185,7 @@ def test_planner_times_every_config_and_keeps_the_fastest_where_it_beats_dense(t
     assert torch.equal(again(x), dep(x))
 
 
+@on_cpu
 def test_a_config_that_computes_wrong_results_is_not_kept(monkeypatch):
     m = mlp()
     x = torch.randn(4, 64)
@@ -202,6 +208,7 @@ def test_a_config_that_computes_wrong_results_is_not_kept(monkeypatch):
 
 # --- whole model through the cuda deploy path ----------------------------------------------------------------------
 
+@on_cpu
 def test_tiny_model_fp32_condensed_equals_the_masked_model():
     m = tiny()
     x = torch.randn(1, 16, 4, 4)
@@ -222,6 +229,7 @@ def test_tiny_model_fp32_condensed_equals_the_masked_model():
 
 # --- semisparse bench --device cuda --pattern fan-in ---------------------------------------------------------------
 
+@on_cpu
 def test_bench_condensed_layer_row_times_dense_and_every_config():
     from semisparse.cli.bench_cuda import bench_condensed_layer, format_rows
 
@@ -238,6 +246,7 @@ def test_bench_condensed_layer_row_times_dense_and_every_config():
     assert "condensed ms" in format_rows([row])
 
 
+@on_cpu
 def test_bench_model_row_reports_the_condensed_mac_share():
     from semisparse.cli.bench_cuda import bench_model_cuda, format_rows
 
@@ -256,3 +265,19 @@ def test_bench_model_row_reports_the_condensed_mac_share():
     assert row["ratio_vs_original"] == 2.0 and row["rel_err_vs_dense"] < 1e-5 and row["pattern"].startswith("fan-in")
     assert {r["kernel"] for r in row["per_layer"]} == {NAME} and all(r["config"] for r in row["per_layer"])
     assert "sparse MACs condensed" in format_rows([row])
+
+
+@pytest.mark.skipif(not tc.available(), reason="needs a CUDA GPU with triton")
+def test_tiny_model_condensed_on_gpu_planned_graphed_and_reloaded(tmp_path):
+    m = tiny()
+    x = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        ref = m.cuda()(x.cuda())
+    dep = ss.deploy(m.cpu(), device="cuda", example_input=x, plan="sparse")  # fp32, every layer condensed
+    assert all(lay.choice == NAME for _, lay in planned_layers(dep.module))
+    assert rel(dep(x), ref) < 1e-5
+    measured = ss.deploy(m, device="cuda", example_input=x)  # every config timed, graphed
+    assert rel(measured(x), ref) < 1e-5
+    save_plan(measured, tmp_path / "p.safetensors")
+    again = ss.deploy(m, device="cuda", example_input=x, plan=str(tmp_path / "p.safetensors"))
+    assert torch.equal(again(x), measured(x))
