@@ -1,4 +1,4 @@
-"""One GPU run for issue 13: probe cuSPARSELt, check correctness, time 2:4 deploy against every baseline.
+"""One GPU run for issues 13 and 16: probe cuSPARSELt, check correctness, time 2:4 and condensed deploys.
 
 Made for a short device session (H100/H200, torch 2.11 + CUDA 13, cuSPARSELt 0.8): parts run in priority
 order, each with a time cap (checked before every item; an item already running finishes), and the JSON is
@@ -16,26 +16,43 @@ rewritten after every item, so a run cut short still leaves what it measured.
     kxk          3x3 convs of ResNet-50 lowered per tap and by im2col vs torch's conv, channels-last
     compile      torch.compile(dense, mode="max-autotune") for ViT-B/16 at 256 and 64, if time is left
 
+  issue 16 (constant fan-in layers on the condensed Triton kernels, through ``ss.deploy(device="cuda")``):
+
+    condensed_correctness  a small model (1x1 convs on channels-last, MHA, MLP with ablated neurons) in fp32 and
+                 bf16, planned (every kernel config timed): relative error vs the masked model; a saved plan
+                 reloaded without timing gives the same outputs
+    condensed_layers  Linear 3072->768 (OUTxIN 768x3072), 90% then 80%, fp32 and bf16, batch 256 / 1 / 32:
+                 dense vs every config (graphed, TF32 off in fp32), the best config and its ratio
+    condensed_models  ViT-B/16 and ResNet-50 at 90% SRigL-like masks, fp32, batch 256 then 1: the ratio vs the
+                 graphed dense model and the share of the sparse MACs that ran condensed
+
+``benchmarks/gpu_all.sh`` runs these parts and ``benchmarks/gpu_condensed.py`` in priority order with budgets.
+
     PYTHONPATH=src python3 benchmarks/gpu_deploy_24.py            # writes $OUT/gpu_deploy_24.json
     PYTHONPATH=src python3 benchmarks/gpu_deploy_24.py --smoke    # CPU: emulated cuSPARSELt, tiny models
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
-import traceback
 
-import torch
-import torch.nn.functional as F
-import torchvision
-from torch import nn
+if "--smoke" in sys.argv:  # the condensed parts run Triton's interpreter on CPU: on before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
-import semisparse as ss
-from semisparse.cli.bench_cuda import (
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+import semisparse as ss  # noqa: E402
+from semisparse.cli.bench_cuda import (  # noqa: E402
+    bench_condensed_layer,
     bench_layer_cuda,
     bench_model_cuda,
     layer_errors,
@@ -44,12 +61,14 @@ from semisparse.cli.bench_cuda import (
     randomize_zero_layers,
     rel_err,
 )
-from semisparse.deploy.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan
-from semisparse.deploy.cuda.timing import WallTimer
+from semisparse.deploy.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan  # noqa: E402
+from semisparse.deploy.cuda.timing import WallTimer  # noqa: E402
 
 #: Seconds per part (the whole run should stay under ~7 minutes of a 10-minute device budget).
 CAPS = {"probe": 20, "correctness": 75, "layers": 35, "vit_b_16": 90, "convnext_tiny": 70, "resnet50": 70,
-        "kxk": 30, "compile": 120}
+        "kxk": 30, "compile": 120, "condensed_correctness": 30, "condensed_layers": 60, "condensed_models": 100}
+ISSUE_13 = ("probe", "correctness", "layers", "vit_b_16", "convnext_tiny", "resnet50", "kxk", "compile")
+ISSUE_16 = ("condensed_correctness", "condensed_layers", "condensed_models")
 
 
 class Run:
@@ -94,8 +113,8 @@ class Run:
 
 
 def summary(row: dict) -> str:
-    keys = ("ratio_vs_original", "ratio_vs_all_dense", "ratio", "rel_err_vs_dense", "max_layer_rel_err",
-            "rel_err", "deployed_ms", "ok")
+    keys = ("ratio_vs_original", "ratio_vs_all_dense", "ratio", "config", "condensed_mac_share", "rel_err_vs_dense",
+            "rel_err_vs_masked", "max_layer_rel_err", "rel_err", "deployed_ms", "ok")
     return ", ".join(f"{k}={row[k]}" for k in keys if k in row) or str(row)[:200]
 
 
@@ -214,6 +233,66 @@ def kxk_row(cin: int, cout: int, size: int, batch: int, stride: int, dtype, time
     return row
 
 
+# --- issue 16: constant fan-in layers through the condensed form -------------------------------------------------
+
+class SmallNet(nn.Module):
+    """1x1 convs (stride 1 and 2) on channels-last, an MHA, an MLP whose ablated neurons fold, a head."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(32, c, 1)
+        self.down = nn.Conv2d(c, c, 1, stride=2)
+        self.attn = nn.MultiheadAttention(c, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(F.relu(self.conv(x)))
+        t = y.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t + self.mlp(t)
+        return self.head(t.mean(1))
+
+
+def condensed_correctness(dtype, kw: dict, batch: int, size: int, save_to: str) -> dict:
+    from semisparse.deploy.cuda.planner import planned_layers
+
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    ss.sparsify(model, 0.9)
+    masks = ss.masks(model)
+    masks["mlp.0.weight"][::9] = False  # ablated neurons (folded) and an ablated conv channel (bias only)
+    masks["conv.weight"][3] = False
+    ss.sparsify(model, None, masks=masks, overwrite=True)
+    dev = kw.get("device") or "cuda"
+    x = torch.randn(batch, 32, size, size)
+    with torch.no_grad():
+        ref = model.to(dev).to(dtype)(x.to(dev, dtype))
+        model.cpu().float()
+    dep = deploy_cuda(model, dtype, batch, x, **kw)
+    with torch.no_grad():
+        out = dep(x)
+    lays = planned_layers(dep.module)
+    row = {"dtype": str(dtype).removeprefix("torch."), "rel_err_vs_masked": rel_err(out, ref),
+           "forms": {lay.key: lay.choice for _, lay in lays},
+           "configs": {lay.key: lay.figures.get("config") for _, lay in lays},
+           "ratios": {lay.key: lay.figures.get("ratio") for _, lay in lays},
+           "notes": {lay.key: lay.notes for _, lay in lays if lay.notes},
+           "macs": dep.semisparse_plan.get("macs"), "planner": dep.semisparse_plan.get("model")}
+    save_plan(dep, save_to)
+
+    def no_timer(fn, what):
+        raise AssertionError("a loaded plan must not time anything")
+
+    t = time.perf_counter()
+    loaded = deploy_cuda(model, dtype, batch, x, plan=save_to, **{**kw, "timer": no_timer})
+    row["reload_s"] = round(time.perf_counter() - t, 2)
+    with torch.no_grad():
+        row["reloaded_equal"] = bool(torch.equal(loaded(x), out))
+    row["ok"] = row["reloaded_equal"] and row["rel_err_vs_masked"] < (1e-5 if dtype == torch.float32 else 3e-2)
+    return row
+
+
 # --- tiny models for --smoke ------------------------------------------------------------------------------------------
 
 def tiny_vit() -> nn.Module:
@@ -244,7 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new items after this many seconds")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--only", nargs="*", default=None, help="run only these parts")
+    p.add_argument("--caps", nargs="*", default=[], metavar="PART=SECONDS", help="override parts' time caps")
     args = p.parse_args(argv)
+    for item in args.caps:
+        part, _, secs = item.partition("=")
+        if part not in CAPS or not secs:
+            p.error(f"--caps takes PART=SECONDS with PART one of {', '.join(CAPS)}; got {item!r}")
+        CAPS[part] = float(secs)
     os.makedirs(args.out, exist_ok=True)
     run = Run(os.path.join(args.out, "gpu_deploy_24.json" if not args.smoke else "gpu_deploy_24_smoke.json"),
               args.budget_s)
@@ -305,6 +390,31 @@ def main(argv: list[str] | None = None) -> int:
                                                                                          timer, backend, device))
                  for ci, co, s, b, st in kxk]
         run.part("kxk", CAPS["kxk"], items)
+    if want("condensed_correctness"):
+        size = 8 if args.smoke else 16
+        items = [(f"small net {str(dt)[6:]}", lambda dt=dt: condensed_correctness(
+            dt, kw, 1 if args.smoke else 4, size, os.path.join(args.out, f"plan_condensed_{str(dt)[6:]}.safetensors")))
+            for dt in (torch.float32, torch.bfloat16)]
+        run.part("condensed_correctness", CAPS["condensed_correctness"], items)
+    if want("condensed_layers"):
+        shape = (32, 96) if args.smoke else (768, 3072)
+        cases = [(torch.float32, 0.9, 256), (torch.float32, 0.9, 1), (torch.bfloat16, 0.9, 256),
+                 (torch.float32, 0.9, 32), (torch.bfloat16, 0.9, 1), (torch.bfloat16, 0.9, 32)]
+        cases += [(dt, 0.8, b) for dt, _, b in cases]
+        if args.smoke:
+            cases = [(dt, s, min(b, 8)) for dt, s, b in cases[:3]]
+        items = [(f"{shape[0]}x{shape[1]} {str(dt)[6:]} {s:.0%} b{b}", lambda dt=dt, s=s, b=b: bench_condensed_layer(
+            *shape, b, s, dt, timer, device)) for dt, s, b in cases]
+        run.part("condensed_layers", CAPS["condensed_layers"], items)
+    if want("condensed_models"):
+        cmodels = {"vit_b_16": models["vit_b_16"][0], "resnet50": models["resnet50"][0]}
+        batches = [1] if args.smoke else [256, 1]
+        items = [(f"{name} fp32 90% b{b}", lambda f=f, b=b, name=name: bench_model_cuda(
+            f, b, torch.float32, timer=timer, eager_timer=eager, pattern=0.9, masks="srigl", ablation=0.1,
+            plan="sparse" if args.smoke else "measure", image_size=16 if args.smoke and name == "resnet50" else None,
+            **model_kw))  # smoke: the interpreter is too slow to time every config of a model
+            for b in batches for name, f in cmodels.items()]
+        run.part("condensed_models", CAPS["condensed_models"], items)
     if want("compile") and not args.smoke:
         factory = models["vit_b_16"][0]
         items = [(f"vit_b_16 b{b} compiled", lambda b=b: bench_model_cuda(

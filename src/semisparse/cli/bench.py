@@ -60,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # --device cuda: 2:4 through cuSPARSELt (semisparse.cli.bench_cuda)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: condensed kernels (constant fan-in); cuda: 2:4 layers through cuSPARSELt")
-    p.add_argument("--pattern", default="2:4", help="with --device cuda: the N:M pattern (2:4)")
+    p.add_argument("--pattern", default="2:4",
+                   help="with --device cuda: 2:4 (cuSPARSELt) or fan-in (condensed Triton kernels; --sparsity --masks)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --device cuda")
     p.add_argument("--tokens", type=int, nargs="*", default=None,
                    help="with --device cuda: token counts of the layer rows (default 197 3152 12608 50432)")

@@ -1,4 +1,5 @@
-"""``semisparse bench --device cuda``: 2:4 layers and whole models on an NVIDIA GPU, against the baselines.
+"""``semisparse bench --device cuda``: 2:4 and constant fan-in layers and whole models on an NVIDIA GPU,
+against the baselines.
 
 Every time is a median of CUDA-event intervals after warm-up. Layer rows time ``x (T, in) @ W.T + b``
 dense (cuBLAS) and through cuSPARSELt (searched algorithm, bias fused), both captured in CUDA graphs.
@@ -10,6 +11,12 @@ and memory format (channels-last for CNNs):
 * ``all_dense`` - the deployed model with every layer dense (same attention, padding, BN folding), graphed;
 * ``eager`` - the dense model called eagerly; ``compiled`` - ``torch.compile(dense, mode="max-autotune")``.
 
+``--pattern fan-in`` benchmarks constant fan-in layers on the condensed Triton kernels instead: layer rows
+time ``nn.Linear``'s dense GEMM and every kernel config of the condensed form (the planner's own tuning),
+graphed, and report the best; model rows deploy SRigL-like masks (``--masks srigl``: ERK fan-in, ablated
+neurons) at ``--sparsity`` and add the share of the sparse MACs that ran condensed. fp32 rows run with TF32
+off for matmuls and cuDNN (true fp32 on both sides, as the kernels compute; the flags are restored after).
+
 The functions take the back-end, graph mechanism and timer as arguments, so ``benchmarks/gpu_deploy_24.py
 --smoke`` runs the same code on CPU with tiny models.
 """
@@ -17,9 +24,10 @@ The functions take the back-end, graph mechanism and timer as arguments, so ``be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +39,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: ViT-B/16 token counts: batch 1 (197), 16, 64 and 256 images.
 DEFAULT_TOKENS = (197, 3152, 12608, 50432)
 DEFAULT_LAYERS = ("3072x768", "768x3072", "2304x768", "768x768", "1000x768")
+#: Constant fan-in layer rows: SRigL's Linear 3072 -> 768 (OUTxIN), batches and sparsities.
+DEFAULT_CONDENSED_LAYERS = ("768x3072",)
+DEFAULT_CONDENSED_BATCHES = (1, 32, 256)
+
+
+@contextlib.contextmanager
+def strict_fp32(dtype: torch.dtype) -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN while timing fp32 (true fp32 on both sides), restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,6 +98,46 @@ def bench_layer_cuda(out_f: int, in_f: int, tokens: int, dtype: torch.dtype, tim
             "ratio": round(t_dense / t_sparse, 3), "ratio_alg0": round(t_dense / t_alg0, 3), "rel_err": err}
 
 
+def bench_condensed_layer(out_f: int, in_f: int, batch: int, sparsity: float, dtype: torch.dtype, timer,
+                          device, ablation: float = 0.0) -> dict:
+    """One Linear ``in_f -> out_f`` with a constant fan-in mask at ``sparsity`` (``ablation``: share of neurons
+    that keep nothing): dense ``F.linear`` vs every config of the condensed form, graphed, same dtype."""
+    from ..deploy.cuda.condensed_form import NAME
+    from ..deploy.cuda.eligibility import LayerSpec
+    from ..deploy.cuda.layer import PlannedLayer
+    from ..deploy.cuda.planner import tune
+    from ..patterns import fanin_k, fanin_mask
+
+    torch.manual_seed(0)
+    k = fanin_k(in_f, sparsity)
+    w = torch.randn(out_f, in_f) / in_f**0.5
+    mask = fanin_mask(torch.rand(out_f, in_f), k)
+    if ablation > 0:
+        mask[torch.randperm(out_f)[: int(ablation * out_f)]] = False
+    spec = LayerSpec("layer", "Linear", (w * mask).to(device=device, dtype=dtype), mask,
+                     torch.randn(out_f).to(device=device, dtype=dtype), f"fan-in {k}")
+    layer = PlannedLayer(spec, None)
+    if NAME not in layer.forms:
+        raise SemisparseError(f"no condensed form for this layer here: {layer.reason}")
+    x = torch.randn(batch, in_f, device=device, dtype=dtype)
+    dense, form = layer.forms["dense"], layer.forms[NAME]
+    configs: dict[str, float] = {}
+    with torch.no_grad(), strict_fp32(dtype):
+        t_dense = timer(lambda: dense(x), ("layer", "layer", "dense"))
+        t_best = tune(layer, NAME, form, x, timer, configs)
+        ref = F.linear(x.double(), spec.weight.double(), spec.bias.double())
+        err = rel_err(form(x), ref) if t_best is not None else None
+    row = {"kind": "condensed-layer", "shape": f"{out_f}x{in_f}", "batch": batch, "sparsity": sparsity, "fan_in": k,
+           "ablation": ablation, "dtype": str(dtype).removeprefix("torch."), "dense_ms": round(t_dense * 1e3, 5),
+           "condensed_ms": None if t_best is None else round(t_best * 1e3, 5),
+           "ratio": None if t_best is None else round(t_dense / t_best, 3),
+           "config": None if form.config is None else form.config.name, "rel_err": err,
+           "configs_ms": {n: round(t * 1e3, 5) for n, t in sorted(configs.items(), key=lambda kv: kv[1])}}
+    if layer.notes:
+        row["notes"] = layer.notes
+    return row
+
+
 def make_model(name: str) -> nn.Module:
     """A registry model with random weights; zero-initialised layers (torchvision ViT's head, which makes
     every output 0 and a relative error NaN) get random weights instead."""
@@ -113,13 +176,15 @@ def layer_errors(deployed: nn.Module, x: torch.Tensor) -> list[dict]:
 
 def bench_model_cuda(model_or_name: str | nn.Module | Callable[[], nn.Module], batch: int, dtype: torch.dtype, *,
                      timer, eager_timer, backend=None, graphs=None, device="cuda", compile_dense: bool = False,
-                     image_size: int | None = None, plan: str = "measure", lower_kxk: bool = True) -> dict:
-    """Deploy a 2:4 model at ``batch`` and time it against the baselines of the module docstring."""
+                     image_size: int | None = None, plan: str = "measure", lower_kxk: bool = True,
+                     pattern: str | float = "2:4", masks: str = "srigl", ablation: float = 0.1) -> dict:
+    """Deploy a sparse model at ``batch`` and time it against the baselines of the module docstring.
+
+    ``pattern``: ``"2:4"`` (magnitude 2:4 masks), or a sparsity in (0, 1): constant fan-in masks, SRigL-like
+    (``masks="srigl"``: ERK budgets, ``ablation`` of the neurons ablated) or uniform."""
     import semisparse as ss
 
     from ..deploy import default_example_input
-    from ..deploy.cuda import deploy_cuda
-    from ..deploy.cuda.build import masked_copy
 
     name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name, "__name__", "model")
     model = make_model(model_or_name) if isinstance(model_or_name, str) else (
@@ -129,7 +194,30 @@ def bench_model_cuda(model_or_name: str | nn.Module | Callable[[], nn.Module], b
     if image_size is not None:
         x = torch.randn(*x.shape[:2], image_size, image_size)
     t0 = time.perf_counter()
-    ss.sparsify(model, "2:4")
+    if isinstance(pattern, str):
+        ss.sparsify(model, pattern)
+    elif masks == "srigl":
+        from .bench import srigl_like_masks
+
+        ss.sparsify(model, None, masks=srigl_like_masks(model, pattern, ablation))
+    else:
+        ss.sparsify(model, pattern)
+    with strict_fp32(dtype):
+        row = _bench_deployed(model, name, x, batch, dtype, t0, timer=timer, eager_timer=eager_timer, backend=backend,
+                              graphs=graphs, device=device, compile_dense=compile_dense, plan=plan,
+                              lower_kxk=lower_kxk)
+    row["pattern"] = pattern if isinstance(pattern, str) else f"fan-in {pattern:g} ({masks})"
+    return row
+
+
+def _bench_deployed(model, name, x, batch, dtype, t0, *, timer, eager_timer, backend, graphs, device, compile_dense,
+                    plan, lower_kxk) -> dict:
+    import semisparse as ss
+
+    from ..deploy.cuda import deploy_cuda
+    from ..deploy.cuda.build import masked_copy
+    from ..deploy.cuda.layer import is_sparse_form
+
     kw = {"backend": backend, "graphs": graphs, "timer": timer, "device": device, "lower_kxk": lower_kxk}
     dep = deploy_cuda(model, dtype, batch, x, plan=plan, **kw)
     plan_s = time.perf_counter() - t0
@@ -172,13 +260,16 @@ def bench_model_cuda(model_or_name: str | nn.Module | Callable[[], nn.Module], b
            "ratio_vs_original": round(t_orig / t_dep, 3), "ratio_vs_all_dense": round(t_all / t_dep, 3),
            "ratio_vs_eager": round(t_eager / t_dep, 3),
            "ratio_vs_compiled": None if t_comp is None else round(t_comp / t_dep, 3),
-           "sparse_layers": sum(1 for r in rows if r.extra.get("kernel", "").startswith("cusparselt")),
+           "sparse_layers": sum(1 for r in rows if is_sparse_form(r.extra.get("kernel", ""))),
            "layers": len(rows), "plan_s": round(plan_s, 1), **errs,
+           "condensed_mac_share": (dep.semisparse_plan.get("macs") or {}).get("condensed"),
+           "mac_share_by_form": (dep.semisparse_plan.get("macs") or {}).get("by_form"),
+           "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
            "max_layer_rel_err": max((e["rel_err"] for e in per_layer), default=0.0),
            "planner": dep.semisparse_plan.get("model"),
            "per_layer": [{"layer": r.name, "kernel": r.extra.get("kernel"), "ratio": r.extra.get("ratio"),
                           "dense_us": r.extra.get("dense_us"), "sparse_us": r.extra.get("sparse_us"),
-                          "why": r.reason} for r in rows],
+                          "config": r.extra.get("config"), "macs": r.macs, "why": r.reason} for r in rows],
            "layer_errors": per_layer}
     return row
 
@@ -193,16 +284,28 @@ def format_rows(rows: list[dict]) -> str:
         lines += _table(head, [[r["shape"], str(r["tokens"]), f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
                                 f"{r['ratio']:.2f}x", f"{r['ratio_alg0']:.2f}x", str(r["alg_id"]),
                                 f"{r['rel_err']:.1e}"] for r in lay])
+    cond = [r for r in rows if r["kind"] == "condensed-layer"]
+    if cond:
+        if lines:
+            lines.append("")
+        head = ["layer OUTxIN", "dtype", "sparsity", "batch", "dense ms", "condensed ms", "ratio", "config", "rel err"]
+        lines += _table(head, [[r["shape"], r["dtype"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.4f}",
+                                "-" if r["condensed_ms"] is None else f"{r['condensed_ms']:.4f}",
+                                "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", str(r["config"]),
+                                "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"] for r in cond])
     mod = [r for r in rows if r["kind"] == "model"]
     if mod:
         lines.append("")
-        head = ["model", "batch", "deployed ms", "vs original graphed", "vs all-dense graphed", "vs eager",
-                "vs compiled", "2:4 layers", "rel err"]
-        lines += _table(head, [[r["model"], str(r["batch"]), f"{r['deployed_ms']:.3f}",
+        head = ["model", "pattern", "dtype", "batch", "deployed ms", "vs original graphed", "vs all-dense graphed",
+                "vs eager", "vs compiled", "sparse layers", "sparse MACs condensed", "rel err"]
+        lines += _table(head, [[r["model"], r.get("pattern", "2:4"), r["dtype"], str(r["batch"]),
+                                f"{r['deployed_ms']:.3f}",
                                 f"{r['ratio_vs_original']:.2f}x", f"{r['ratio_vs_all_dense']:.2f}x",
                                 f"{r['ratio_vs_eager']:.2f}x",
                                 "-" if r["ratio_vs_compiled"] is None else f"{r['ratio_vs_compiled']:.2f}x",
-                                f"{r['sparse_layers']}/{r['layers']}", f"{r['rel_err_vs_dense']:.1e}"] for r in mod])
+                                f"{r['sparse_layers']}/{r['layers']}",
+                                "-" if r.get("condensed_mac_share") is None else f"{r['condensed_mac_share']:.1%}",
+                                f"{r['rel_err_vs_dense']:.1e}"] for r in mod])
     return "\n".join(lines)
 
 
@@ -211,21 +314,61 @@ def main_cuda(args: argparse.Namespace) -> int:
     from ..deploy.cuda import require_cusparselt
     from ..deploy.cuda.timing import GraphTimer
 
-    if args.pattern != "2:4":
-        raise SemisparseError(f"--device cuda benchmarks 2:4 (cuSPARSELt); got --pattern {args.pattern}")
+    if args.pattern not in ("2:4", "fan-in"):
+        raise SemisparseError(f"--device cuda benchmarks --pattern 2:4 (cuSPARSELt) or fan-in (condensed Triton "
+                              f"kernels); got --pattern {args.pattern}")
     dtype = DTYPES[args.dtype]
     backend = require_cusparselt()
     timer, eager = GraphTimer(args.reps), GraphTimer(args.reps, graphed=False)
     info = machine_cuda()
     print(f"machine: {info.get('gpu')} (sm {info.get('capability')}), torch {info['torch']}, CUDA {info['cuda']}, "
           f"cuSPARSELt {info['cusparselt']}, {args.dtype}", flush=True)
+    if args.pattern == "fan-in":
+        rows = _condensed_rows(args, dtype, timer, eager, backend)
+    else:
+        rows = _rows_24(args, dtype, timer, eager, backend)
+    print()
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "results": rows}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _condensed_rows(args: argparse.Namespace, dtype: torch.dtype, timer, eager, backend) -> list[dict]:
+    """Constant fan-in rows: Linear layers at each sparsity and batch, then whole models (SRigL-like masks)."""
+    rows: list[dict] = []
+    layers = args.layer if args.layer is not None else ([] if args.model else list(DEFAULT_CONDENSED_LAYERS))
+    for spec in layers:
+        out_f, in_f = _shape(spec)
+        for s in args.sparsity or (0.9, 0.8):
+            for b in args.batch or DEFAULT_CONDENSED_BATCHES:
+                rows.append(bench_condensed_layer(out_f, in_f, b, s, dtype, timer, "cuda"))
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    for name in args.model or ():
+        for s in args.sparsity or (0.9,):
+            for b in args.batch or (1, 256):
+                rows.append(bench_model_cuda(name, b, dtype, timer=timer, eager_timer=eager, backend=backend,
+                                             compile_dense=not args.no_compile, image_size=args.image_size,
+                                             pattern=s, masks=args.masks, ablation=args.ablation))
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def _shape(spec: str) -> tuple[int, int]:
+    try:
+        out_f, in_f = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise SemisparseError(f"--layer takes OUTxIN, e.g. 768x3072; got {spec!r}") from None
+    return out_f, in_f
+
+
+def _rows_24(args: argparse.Namespace, dtype: torch.dtype, timer, eager, backend) -> list[dict]:
     rows = []
     layers = args.layer if args.layer is not None else ([] if args.model else list(DEFAULT_LAYERS))
     for spec in layers:
-        try:
-            out_f, in_f = (int(v) for v in spec.lower().split("x"))
-        except ValueError:
-            raise SemisparseError(f"--layer takes OUTxIN, e.g. 768x3072; got {spec!r}") from None
+        out_f, in_f = _shape(spec)
         for t in args.tokens or DEFAULT_TOKENS:
             rows.append(bench_layer_cuda(out_f, in_f, t, dtype, timer, backend, "cuda"))
             print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
@@ -234,10 +377,4 @@ def main_cuda(args: argparse.Namespace) -> int:
             rows.append(bench_model_cuda(name, b, dtype, timer=timer, eager_timer=eager, backend=backend,
                                          compile_dense=not args.no_compile, image_size=args.image_size))
             print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "results": rows}, fh, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return rows

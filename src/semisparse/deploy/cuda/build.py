@@ -1,8 +1,11 @@
-"""``ss.deploy(model, device="cuda")``: 2:4 layers through cuSPARSELt, planned, inside CUDA graphs.
+"""``ss.deploy(model, device="cuda")``: 2:4 layers through cuSPARSELt and constant fan-in layers through
+condensed Triton kernels, planned, inside CUDA graphs.
 
-The steps, each in its own module: read the masks off a copy of the model and fold eval BatchNorm into
-convs; turn every masked Linear, MHA projection and Conv2d into a :class:`~.layer.PlannedLayer` holding
-its candidate forms (:mod:`.eligibility` decides what may run 2:4 and why not); move to the device and
+The steps, each in its own module: read the masks off a copy of the model, remove ablated neurons of
+``Linear -> elementwise -> Linear`` chains as the CPU deploy does, and fold eval BatchNorm into convs; turn
+every masked Linear, MHA projection and Conv2d into a :class:`~.layer.PlannedLayer` holding its candidate
+forms (:mod:`.eligibility` decides what may run 2:4 and why not, :mod:`.condensed_form` what runs
+condensed); move to the device and
 dtype (channels-last for models with convs); plan (:mod:`.planner`) or load a saved plan (:mod:`.plan_io`);
 wrap in :class:`~.graph.GraphedModule` and capture the planned input shape.
 
@@ -25,7 +28,7 @@ from .backend import EmulatedBackend, require_cusparselt
 from .eligibility import LayerSpec
 from .graph import MAX_SHAPES, CudaGraphs, EmulatedGraphs, GraphedModule
 from .layer import PlannedLayer
-from .planner import Timer, plan_layers, plan_model, plan_sparse, planned_layers
+from .planner import Timer, mac_shares, plan_layers, plan_model, plan_sparse, planned_layers
 
 PLANS = ("measure", "sparse", "dense")
 
@@ -39,6 +42,7 @@ def deploy_cuda(
     plan: str | os.PathLike = "measure",
     graph: bool = True,
     fold_bn: bool = True,
+    fold: bool = True,
     lower_kxk: bool = True,
     max_shapes: int = MAX_SHAPES,
     reps: int = 20,
@@ -47,15 +51,19 @@ def deploy_cuda(
     timer: Timer | None = None,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """An inference copy of the masked ``model`` whose 2:4 layers run cuSPARSELt where that is faster.
+    """An inference copy of the masked ``model`` whose 2:4 layers run cuSPARSELt, and whose other sparse layers
+    (constant fan-in) run condensed Triton kernels, where that is faster.
 
-    ``dtype``: ``torch.bfloat16`` / ``torch.float16``; ``None`` keeps the model's dtype; in fp32 every layer
-    stays dense (2:4 tensor cores need 16-bit types; the report says so). ``plan``: ``"measure"`` (time
+    ``dtype``: ``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``; ``None`` keeps the model's dtype;
+    in fp32 2:4 layers stay dense (2:4 tensor cores need 16-bit types; the report says so) while constant
+    fan-in layers still run condensed (the kernels take any float type). ``plan``: ``"measure"`` (time
     each layer's forms, then the whole model; never slower than the original dense model graphed the same
     way), ``"sparse"`` (every eligible layer sparse, no timing), ``"dense"`` (the deployed all-dense twin),
     or the path of a plan written by :func:`~.plan_io.save_plan` (no timing, no algorithm search).
     ``graph``: replay CUDA graphs, one per input shape up to ``max_shapes`` (then eager); ``False`` runs
-    eagerly. ``lower_kxk``: also time k x k convs lowered to 2:4 GEMMs (per tap, im2col).
+    eagerly. ``lower_kxk``: also time k x k convs lowered to 2:4 GEMMs (per tap, im2col). ``fold``: remove
+    the ablated neurons of a Linear followed (in an ``nn.Sequential``) by elementwise modules and another
+    Linear, as ``ss.deploy(device="cpu")`` does; ``deployed.semisparse_plan["folded_ablated"]`` counts them.
     The rest is for tests and other back-ends (see the module docstring).
     """
     from ...masking.parametrization import sparse_weights
@@ -96,6 +104,11 @@ def deploy_cuda(
 
     m, masks, patterns = masked_copy(model)
     original = _baked(m, masks)  # the original dense model: masks multiplied in, nothing else changed
+    dropped = {}
+    if fold:
+        from .. import _fold_sequentials  # the CPU deploy's ablated-neuron folding, shared
+
+        dropped = _fold_sequentials(m, masks)
     folded = []
     if fold_bn:
         from ..fold import fold_batchnorm
@@ -129,7 +142,8 @@ def deploy_cuda(
                      "graph": bool(graph), "max_shapes": max_shapes if graph else 0,
                      "plan": str(plan) if saved is None else "loaded", "batch_size": batch_size,
                      "input_shape": list(x.shape) if isinstance(x, torch.Tensor) else None,
-                     "folded_bn": len(folded), "memory_format": "channels_last" if fmt else "contiguous"}
+                     "folded_bn": len(folded), "folded_ablated": dropped,
+                     "memory_format": "channels_last" if fmt else "contiguous"}
     if baked:
         summary["kept_dense"] = baked
     serve: nn.Module = m
@@ -151,6 +165,11 @@ def deploy_cuda(
             summary["model"] = result
             if result["fallback"]:
                 serve = original
+        if isinstance(x, torch.Tensor):
+            with torch.no_grad():
+                summary["macs"] = mac_shares(m, x)
+            if serve is not m:  # the original dense model is served: nothing runs sparse
+                summary["macs"].update(by_form={"original": 1.0}, condensed=0.0)
         for _, layer in planned_layers(m):
             layer.drop_unused()
     except RuntimeError as exc:

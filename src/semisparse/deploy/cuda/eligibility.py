@@ -74,9 +74,6 @@ class LayerSpec:
 def sparse_reason(spec: LayerSpec, dtype: torch.dtype | None = None) -> str:
     """"" when ``spec`` can run cuSPARSELt in ``dtype`` (default: its weight's), else why it stays dense."""
     dtype = spec.weight.dtype if dtype is None else dtype
-    if dtype not in SPARSE_DTYPES:
-        return (f"{str(dtype).removeprefix('torch.')}: 2:4 tensor cores need 16-bit types "
-                "(deploy with dtype=torch.bfloat16 or torch.float16)")
     if spec.kind not in ("Linear", "MultiheadAttention", "Conv2d"):
         return f"{spec.kind}: only Linear, MHA projections and Conv2d run 2:4 on CUDA"
     if spec.kind == "Conv2d":
@@ -84,14 +81,18 @@ def sparse_reason(spec: LayerSpec, dtype: torch.dtype | None = None) -> str:
             return "grouped conv: no 2:4 GEMM lowering"
         if isinstance(spec.conv.get("padding"), str):
             return f"padding={spec.conv['padding']!r}: only numeric padding is lowered"
+    if not is_24(spec.mask_view()):  # before the dtype: a fan-in layer's reason is its mask, in any dtype
+        if ":" in spec.pattern:
+            return f"{spec.pattern} mask is not 2:4 (more than 2 kept in a group of 4): dense"
+        what = "constant fan-in" if spec.pattern.startswith("fan-in") else spec.pattern
+        return f"{what} mask is not 2:4: no cuSPARSELt form (dense on CUDA unless it runs condensed)"
+    if dtype not in SPARSE_DTYPES:
+        return (f"{str(dtype).removeprefix('torch.')}: 2:4 tensor cores need 16-bit types "
+                "(deploy with dtype=torch.bfloat16 or torch.float16)")
     cin = spec.shape[1]
     if cin % ALIGN:
         what = "input features" if spec.weight.dim() == 2 else "input channels"
         return f"{cin} {what}: cuSPARSELt needs a multiple of {ALIGN}"
-    if not is_24(spec.mask_view()):
-        if spec.pattern.startswith("fan-in"):
-            return "constant fan-in mask is not 2:4: dense on CUDA (a condensed GPU kernel can plug in here)"
-        return f"{spec.pattern} mask is not 2:4 (more than 2 kept in a group of 4): dense"
     return ""
 
 

@@ -7,7 +7,9 @@ the Triton condensed kernel for constant fan-in masks (``deploy/triton_condensed
 
     register_form("condensed", build_condensed, sparse=True)   # build_condensed(spec, backend) -> module | None
 
-and the planner then times it against dense like every other form, under the same conditions.
+and the planner then times it against dense like every other form, under the same conditions
+(:mod:`.condensed_form` does exactly that). A form whose module has ``candidates(x)`` and
+``use_config(cfg)`` is *tunable*: the planner times each of its configs as a candidate.
 """
 
 from __future__ import annotations
@@ -42,15 +44,18 @@ class Form:
     name: str
     build: Callable[[LayerSpec, object], nn.Module | None]
     sparse: bool
+    why: Callable[[LayerSpec], str] | None = None  # why it cannot run a layer it is meant for ("" if it can)
 
 
 #: The registry, in build order. Names are unique.
 FORMS: list[Form] = []
 
 
-def register_form(name: str, build: Callable[[LayerSpec, object], nn.Module | None], sparse: bool = True) -> None:
-    """Add (or replace) a form; ``build(spec, backend)`` returns its module or ``None`` where it does not apply."""
-    FORMS[:] = [f for f in FORMS if f.name != name] + [Form(name, build, sparse)]
+def register_form(name: str, build: Callable[[LayerSpec, object], nn.Module | None], sparse: bool = True,
+                  why: Callable[[LayerSpec], str] | None = None) -> None:
+    """Add (or replace) a form; ``build(spec, backend)`` returns its module or ``None`` where it does not apply;
+    ``why(spec)``, if given, says why it does not (shown in the report when a layer gets no sparse form)."""
+    FORMS[:] = [f for f in FORMS if f.name != name] + [Form(name, build, sparse, why)]
 
 
 def _is_1x1(spec: LayerSpec) -> bool:
@@ -139,6 +144,11 @@ class PlannedLayer(nn.Module):
         if not forms:
             raise SemisparseError(f"{spec.key}: none of the forms {only} can run this layer here ({self.reason})")
         self.forms = nn.ModuleDict(forms)
+        if self.sparse_forms:
+            self.reason = ""  # some sparse form runs it (e.g. a condensed kernel for a non-2:4 mask)
+        else:
+            whys = [f.why(spec) for f in FORMS if f.sparse and f.why is not None and f.name not in skip]
+            self.reason = "; ".join(dict.fromkeys(r for r in [self.reason, *whys] if r))
         self.timings: dict = {}
         self.choice = "dense" if "dense" in forms else next(iter(forms))
         self.dense_choice = self.choice  # the best dense form (what a revert goes back to)
@@ -182,6 +192,20 @@ class PlannedLayer(nn.Module):
                 gemms = [m for m in self.forms[name].modules() if isinstance(m, SparseGemm)]
                 for g, v in zip(gemms, vals):
                     g.alg_id = None if v is None else int(v)
+
+    def kernel_configs(self) -> dict[str, dict]:
+        """``{form: its kernel config as JSON}`` for tunable forms with a config set (what a saved plan keeps)."""
+        out = {}
+        for name, form in self.forms.items():
+            to_json = getattr(form, "config_json", None)
+            if callable(to_json) and to_json() is not None:
+                out[name] = to_json()
+        return out
+
+    def set_kernel_configs(self, configs: dict[str, dict]) -> None:
+        for name, cfg in configs.items():
+            if name in self.forms and callable(getattr(self.forms[name], "use_config", None)):
+                self.forms[name].use_config(cfg)
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
         why = self.figures.get("why", "")

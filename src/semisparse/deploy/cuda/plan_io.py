@@ -1,12 +1,15 @@
-"""Save a CUDA deployment's plan with its compressed weights and algorithm ids; load it without re-planning.
+"""Save a CUDA deployment's plan with its compressed weights, algorithm ids and kernel configs; load it
+without re-planning.
 
 A serving process calls ``ss.deploy(model, device="cuda", plan="plan.safetensors")`` with the same masked
 model: each layer is built in its saved form only, its cuSPARSELt weights taken from the file instead of
-compressed again, its searched algorithm ids set; nothing is timed or searched. The file is safetensors
+compressed again, its searched algorithm ids set, a condensed layer's Triton kernel config set (the condensed
+form itself is rebuilt from the mask: cheap); nothing is timed or searched. The file is safetensors
 (no pickle): one tensor per compressed GEMM weight, and a JSON header with the choices, algorithm ids, the
 planner's figures, a digest of every layer's mask (a file from other masks is refused) and the environment
 (GPU, torch, cuSPARSELt). In another environment the packed weights and algorithm ids are not trusted:
-the saved choices are kept, weights are compressed again and ids searched again on the first run.
+the saved choices and kernel configs are kept (a config is correct anywhere, if not the fastest), weights
+are compressed again and ids searched again on the first run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ VERSION = 1
 
 def environment(backend) -> dict:
     env = {"torch": torch.__version__, **backend.describe()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover - depends on the machine
+        pass
     if torch.cuda.is_available() and getattr(backend, "name", "") == "cusparselt":
         env["gpu"] = torch.cuda.get_device_name()
         env["capability"] = list(torch.cuda.get_device_capability())
@@ -51,6 +60,9 @@ def save_plan(deployed: nn.Module, path: str | os.PathLike) -> None:
             tensors[f"{layer.key}/{i}"] = g.packed.detach().cpu().contiguous()
         meta[layer.key] = {"choice": layer.choice, "alg_ids": [g.alg_id for g in gemms], "mask": layer.mask_digest,
                            "figures": layer.figures}
+        config = layer.kernel_configs().get(layer.choice)
+        if config is not None:
+            meta[layer.key]["config"] = config
     summary = getattr(deployed, "semisparse_plan", {})
     header = {"format": FORMAT, "version": VERSION, "layers": meta, "summary": summary,
               "environment": summary.get("environment", {"torch": torch.__version__})}
@@ -124,6 +136,8 @@ def load_plan_into(model: nn.Module, saved: SavedPlan) -> None:
         layer.figures = dict(entry.get("figures", {}))
         if saved.trusted:
             layer.set_alg_ids({entry["choice"]: entry["alg_ids"]})
+        if entry.get("config") is not None:
+            layer.set_kernel_configs({entry["choice"]: entry["config"]})
 
 
 def check_environment(saved: SavedPlan, backend) -> None:
