@@ -287,24 +287,32 @@ def from_arch(arch: object, where: object, shapes: Mapping[str, tuple] | None = 
 
     The architecture is checked by :func:`arch_from_file`. With ``shapes`` (the tensors the file holds, by
     plain state_dict key) the model is first built on the meta device, which allocates nothing, and refused
-    unless its tensors are exactly those: a header cannot make a load allocate more than its file holds.
+    unless its tensors are exactly those: a header cannot make a load allocate more than its file holds. (A
+    model that cannot be built on the meta device, RegNet, is built for real only with no option but a
+    ``num_classes`` no larger than a tensor of the file.)
     """
     kw = arch_from_file(arch, where)
     name = kw.pop("name")
-    if shapes is not None:
-        try:
-            with torch.device("meta"):
-                meta = create_model(name, **kw)
-        except SemisparseError as exc:
-            raise SemisparseError(f"{where}: {exc}") from None
-        except Exception as exc:  # a constructor refusing the recorded options
+    if shapes is None:
+        return create_model(name, **kw)
+    try:
+        with torch.device("meta"):
+            _fits(create_model(name, **kw), shapes, where, name)
+    except SemisparseError as exc:
+        raise SemisparseError(f"{where}: {exc}" if str(where) not in str(exc) else str(exc)) from None
+    except Exception as exc:  # a constructor that reads tensor values (RegNet), or refuses the options
+        longest = max((max(s, default=0) for s in shapes.values()), default=0)
+        if set(kw) - {"num_classes"} or kw.get("num_classes", 0) > longest:
             raise SemisparseError(f"{where}: cannot build the recorded model {name!r}: {_first_line(exc)}") from None
-        wrong = state_mismatch({k: tuple(v.shape) for k, v in meta.state_dict().items()}, shapes)
-        if wrong:
-            raise SemisparseError(
-                f"{where}: the recorded architecture ({name}) does not match the tensors in the file ({wrong})"
-            )
-    return create_model(name, **kw)
+    return _fits(create_model(name, **kw), shapes, where, name)
+
+
+def _fits(model: nn.Module, shapes: Mapping[str, tuple], where: object, name: str) -> nn.Module:
+    wrong = state_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
+    if wrong:
+        raise SemisparseError(f"{where}: the recorded architecture ({name}) does not match the tensors in the file "
+                              f"({wrong})")  # fmt: skip
+    return model
 
 
 def _first_line(exc: BaseException) -> str:

@@ -57,8 +57,8 @@ def _unpickle_reason(message: str) -> str | None:
     """What a ``weights_only`` refusal found, without torch's advice (never load such a file unsafely)."""
     if "Weights only load failed" not in message:
         return None
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message) or re.search(r"(Unsupported operand \d+)", message)
-    what = found.group(1) if found else "an object semisparse does not read"
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported (operand \d+)", message)
+    what = found.group(1) if found else "objects semisparse does not read"
     return (
         f"it holds pickled objects other than tensors and plain containers ({what}); semisparse reads only "
         "tensors, numbers, strings, lists and dicts and never runs pickled code"
