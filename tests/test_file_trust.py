@@ -412,3 +412,59 @@ def test_atomic_writes_temporary_name_is_the_one_run_folders_clean_up(tmp_path):
     (tmp_path / dead).write_bytes(b"partial")
     assert run_folder.remove_temp_files(str(tmp_path)) == [dead]
     assert (tmp_path / seen[0]).exists()
+
+
+# ------------------------------------------------------ --resume: digest, masks against their pattern, fields
+
+RESUME = ["train", "--device", "cpu", "--data-path", "digits", "-b", "128", "--lr", "0.05", "--print-freq", "0",
+          "--sparsity", "sparse_2x4", "--apex-verbosity", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory):
+    """A finished one-epoch sparse_2x4 run on digits."""
+    out = tmp_path_factory.mktemp("sparse") / "run"
+    assert cli([*RESUME, "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+def _resume_edited(sparse_run, tmp_path, edit, *, reseal=True):
+    try:
+        from semisparse.io.digest import seal
+    except ImportError:  # before digests: the same file, which that version loads as it is
+        seal = dict
+
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = torch.load(sparse_run / "checkpoint.pth", weights_only=True)
+    edit(ckpt)
+    torch.save(seal(ckpt) if reseal else ckpt, out / "checkpoint.pth")
+    return out, (out / "checkpoint.pth").read_bytes()
+
+
+def _dense_mask(ckpt):
+    key = "features.5.parametrizations.weight.0.mask"
+    ckpt["model"][key] = torch.ones_like(ckpt["model"][key])
+    ckpt["sparsity"]["masks"]["features.5.weight"] = ckpt["model"][key].clone()
+
+
+RESUME_CASES = {
+    "mask breaks 2:4": (_dense_mask, True, "features.5.weight"),
+    "changed shape": (lambda c: c["model"].update({"features.0.bias": torch.zeros(33)}), True,
+                      "does not fit this run's model (shape mismatch: features.0.bias (33,) vs (32,))"),
+    "epoch x": (lambda c: c.update(epoch="x"), True, "'epoch' is 'x'; expected the last finished epoch as an int"),
+    "kept weight 1e30": (lambda c: c["model"]["features.5.parametrizations.weight.original"].view(-1)[0].fill_(1e30),
+                         False, "is corrupted: its contents do not match the digest"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_refuses_a_bad_checkpoint_in_one_line_before_training(sparse_run, tmp_path, capsys, case):
+    edit, reseal, match = RESUME_CASES[case]
+    out, before = _resume_edited(sparse_run, tmp_path, edit, reseal=reseal)
+    err = one_line_error([*RESUME, "--epochs", "2", "--output-dir", str(out), "--resume", str(out / "checkpoint.pth")],
+                         capsys)  # fmt: skip
+    assert match in err, err
+    if case == "mask breaks 2:4":
+        assert "2:4" in err
+    assert (out / "checkpoint.pth").read_bytes() == before and sorted(os.listdir(out)) == ["checkpoint.pth"]
