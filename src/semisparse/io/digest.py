@@ -100,7 +100,7 @@ def verify(obj: Mapping, where: object, what: str = "checkpoint") -> bool:
         unverified(where, what)
         return False
     body = {k: v for k, v in obj.items() if k != KEY}
-    if recorded != digest(body):
+    if not isinstance(recorded, str) or recorded != digest(body):
         raise corrupted(where, what)
     return True
 
