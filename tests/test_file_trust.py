@@ -468,3 +468,11 @@ def test_resume_refuses_a_bad_checkpoint_in_one_line_before_training(sparse_run,
     if case == "mask breaks 2:4":
         assert "2:4" in err
     assert (out / "checkpoint.pth").read_bytes() == before and sorted(os.listdir(out)) == ["checkpoint.pth"]
+
+
+def test_report_of_a_compressed_file_without_arch_checks_its_digest(tmp_path, capsys):
+    model = sparse_tiny()
+    del model.semisparse_arch
+    path = ck.save(model, tmp_path / "m.safetensors")
+    bad = _resave(path, tmp_path / "bad.safetensors", lambda t: t["3.weight::values"].view(-1)[0].fill_(1e30))
+    assert "is corrupted" in one_line_error(["report", str(bad)], capsys)

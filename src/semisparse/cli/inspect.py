@@ -153,10 +153,11 @@ def main_report(argv: list[str] | None = None) -> int:
     example = None if args.input_size is None else torch.zeros(1, *args.input_size)
     out: dict = {"path": str(path)}
     if is_compressed(path):
-        header = ckpt_io.verify(path)  # every tensor read and checked against the digest, model or not
+        header = ckpt_io.read_header(path)
         out |= {"kind": "compressed"} | ckpt_io.sizes(path)
         model = _given_model(args)
         if model is None and not (header.get("arch") or {}).get("name"):
+            ckpt_io.verify(path)  # every tensor read and checked against the digest (ss.load does it below)
             rep = _header_report(header, path)
         else:
             model = ckpt_io.load(path, model=model)
