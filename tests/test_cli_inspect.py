@@ -210,7 +210,7 @@ def test_checkpoint_for_another_architecture_is_a_clear_error(tmp_path, capsys):
     other = nn.Sequential(nn.Linear(4, 4))
     torch.save({"model": other.state_dict(), "arch": {"name": "tiny", "num_classes": 10}}, tmp_path / "o.pth")
     code, _, err = run(["export", str(tmp_path / "o.pth")], capsys)
-    assert code == 2 and "does not fit the model" in err
+    assert code == 2 and "does not match the tensors in the file" in err
 
 
 @pytest.mark.slow

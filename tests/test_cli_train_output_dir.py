@@ -135,26 +135,28 @@ def test_temporary_files_of_killed_saves_are_removed_unless_their_process_lives(
     out = tmp_path / "run"
     out.mkdir()
     dead = _dead_pid()
-    stale = [f".checkpoint.pth.tmp{dead}", f".model_3.pth.tmp{dead}", f"metrics.jsonl.tmp{dead}"]
-    live = f".checkpoint.pth.tmp{os.getppid()}"
-    for name in [*stale, live, "notes.txt"]:
+    stale = [f".checkpoint.pth.{dead}.k2x_9q0a.tmp", f".model_3.pth.{dead}.a1b2c3d4.tmp",  # atomic_write's names
+             f"metrics.jsonl.tmp{dead}", f".checkpoint.pth.tmp{dead}"]  # MetricsLog's; earlier versions' # fmt: skip
+    live = [f".checkpoint.pth.{os.getppid()}.zz0_1234.tmp", f".checkpoint.pth.tmp{os.getppid()}"]
+    other = [f".notes.txt.{dead}.abcdefgh.tmp", "notes.txt"]  # not a run file's: not ours to remove
+    for name in [*stale, *live, *other]:
         (out / name).write_bytes(b"partial")
     assert main([*FAST, "--epochs", "1", "--output-dir", str(out)]) == 0
     names = set(os.listdir(out))
-    assert not names & set(stale) and {live, "notes.txt", "checkpoint.pth"} <= names
+    assert not names & set(stale) and {*live, *other, "checkpoint.pth"} <= names
 
 
 KILL_AT_FIRST_RENAME = """
 import os, signal, sys
-import semisparse.train.checkpoint as ckpt
+import semisparse.io.files as files
 real = os.replace
 def replace(src, dst):
     if os.path.basename(dst).endswith('.pth'):
         os.kill(os.getpid(), signal.SIGKILL)  # killed with the temporary file written, before its rename
     return real(src, dst)
-ckpt.os = type(sys)('os_spy')
-ckpt.os.__dict__.update(os.__dict__)
-ckpt.os.replace = replace
+files.os = type(sys)('os_spy')
+files.os.__dict__.update(os.__dict__)
+files.os.replace = replace
 from semisparse.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -165,10 +167,12 @@ def test_a_killed_overwrite_run_leaves_the_previous_files_and_the_next_run_clean
     out, before = previous
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     argv = [*FAST, "--epochs", "1", "--output-dir", str(out), "--overwrite"]
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_RENAME, *argv], env=env, capture_output=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AT_FIRST_RENAME, *argv], env=env, stderr=subprocess.PIPE)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
     left = set(snapshot(out)) - set(before)
-    assert len(left) == 1 and left.pop().startswith(".checkpoint.pth.tmp")  # the killed save's partial file
+    assert len(left) == 1  # the killed save's partial file, named with the killed process's pid
+    assert run_folder.TEMP_NAME.fullmatch(left.pop()).groups() == ("checkpoint.pth", str(proc.pid))
     assert {k: v for k, v in snapshot(out).items() if k in before} == before
     assert main(argv) == 0
     assert set(snapshot(out)) == {"checkpoint.pth", "model_0.pth", "metrics.jsonl"} and epochs_of(out) == [0]

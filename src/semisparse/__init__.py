@@ -15,7 +15,7 @@ The public API is a few verbs::
 
 from .deploy import deploy
 from .dst import SRSTE, RigL, SRigL
-from .errors import PatternError, SemisparseError
+from .errors import PatternError, SemisparseError, UnverifiedFileWarning
 from .io.compressed import load, save
 from .masking import check, finalize, masks, report, sparsify
 from .masking.report import Report
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PatternError",
     "SemisparseError",
+    "UnverifiedFileWarning",
     "sparsify",
     "masks",
     "check",

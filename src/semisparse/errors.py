@@ -13,3 +13,7 @@ class SemisparseError(ValueError):
 
 class PatternError(SemisparseError):
     """A mask breaks the sparsity pattern its layer declares (raised by :func:`semisparse.check`)."""
+
+
+class UnverifiedFileWarning(UserWarning):
+    """A file was loaded without a corruption check: it records no digest (older semisparse, or foreign)."""

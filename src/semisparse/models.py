@@ -23,6 +23,7 @@ It imports torch, torchvision, (optionally) timm, and the mask parametrization's
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable, Mapping
 
@@ -31,10 +32,11 @@ import torchvision
 from torch import nn
 
 from .errors import SemisparseError
-from .io.files import load_torch
+from .io.digest import verify as verify_digest
+from .io.files import is_safetensors, load_torch
 from .masking.parametrization import effective_state_dict
 
-__all__ = ["create_model", "from_arch", "list_models", "load_weights", "register_model", "MODELS"]
+__all__ = ["arch_from_file", "create_model", "from_arch", "list_models", "load_weights", "register_model", "MODELS"]
 
 #: semisparse's own models: name -> constructor(num_classes=..., **kw).
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -197,15 +199,125 @@ def create_model(
     return model
 
 
-def from_arch(arch: Mapping | None, where: object) -> nn.Module:
-    """The model a file's recorded ``semisparse_arch`` describes (``where`` names the file in errors)."""
-    if not isinstance(arch, Mapping) or "name" not in arch:
+#: Constructor options a file's recorded architecture may set for a torchvision or timm model (besides
+#: ``num_classes``); semisparse's own models take the keywords of their constructor. Anything else, and
+#: ``weights`` / ``pretrained`` above all, is refused: a file never names another file to read or fetch.
+FILE_ARCH_OPTIONS = frozenset({
+    "dropout", "attention_dropout", "stochastic_depth_prob", "zero_init_residual", "groups", "width_per_group",
+    "replace_stride_with_dilation", "aux_logits", "transform_input", "init_weights", "width_mult",
+    "image_size", "patch_size", "norm_eps", "drop_rate", "drop_path_rate", "in_chans", "in_channels", "width",
+    "depth", "widen",
+})  # fmt: skip
+_NEVER_FROM_A_FILE = ("weights", "pretrained", "weights_backbone", "pretrained_backbone", "progress")
+
+
+def _allowed_options(name: str) -> set[str]:
+    if name in MODELS:
+        try:
+            params = inspect.signature(MODELS[name]).parameters.values()
+        except (TypeError, ValueError):
+            return set()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        named = {p.name for p in params if p.kind in kinds}
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+            named |= FILE_ARCH_OPTIONS
+        return named - set(_NEVER_FROM_A_FILE)
+    return set(FILE_ARCH_OPTIONS)
+
+
+def _plain_option(v: object) -> bool:
+    if isinstance(v, list):
+        return all(isinstance(x, (bool, int, float)) for x in v)
+    return isinstance(v, (bool, int, float))
+
+
+def arch_from_file(arch: object, where: object) -> dict:
+    """A file's recorded architecture, checked: a mapping of a model name and plain constructor options.
+
+    Only ``name``, ``num_classes`` and the options the model's constructor takes (numbers, bools, lists of
+    them; never a path or a ``weights`` / ``pretrained`` option) pass, so a file cannot make a load open or
+    download another file.
+    """
+    if arch is None:
         raise SemisparseError(
-            f"{where}: the file records no model architecture; pass one: ss.load(path, model=...) "
-            "(CLI: --model NAME)"
+            f"{where}: the file records no model architecture; pass one: ss.load(path, model=...) (CLI: --model NAME)"
         )
-    kw = dict(arch)
-    return create_model(kw.pop("name"), **kw)
+    if not isinstance(arch, Mapping):
+        raise SemisparseError(f"{where}: the recorded architecture is a {type(arch).__name__}; expected a mapping")
+    name = arch.get("name")
+    if not isinstance(name, str) or not name:
+        raise SemisparseError(f"{where}: the recorded architecture names no model (name {name!r})")
+    allowed = _allowed_options(name)
+    for key, value in arch.items():
+        if key == "name":
+            continue
+        if key == "num_classes":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SemisparseError(f"{where}: the recorded num_classes {value!r} is not a positive int")
+            continue
+        if key not in allowed:
+            raise SemisparseError(
+                f"{where}: the recorded architecture sets {key!r}, which a file may not set for {name!r} "
+                f"(allowed: {', '.join(sorted(allowed)) or 'none'}); build the model yourself and pass it: "
+                "ss.load(path, model=...) (CLI: --model NAME)"
+            )
+        if not _plain_option(value):
+            raise SemisparseError(
+                f"{where}: the recorded option {key}={value!r} is not a number, bool or list of them"
+            )
+    return dict(arch)
+
+
+def state_mismatch(own: Mapping[str, tuple], given: Mapping[str, tuple]) -> str | None:
+    """What differs between a model's tensor shapes ``own`` and a file's ``given`` (None when they fit)."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = sorted(k for k in set(own) & set(given) if tuple(own[k]) != tuple(given[k]))
+    parts = []
+    if wrong:
+        parts.append("shape mismatch: " + ", ".join(f"{k} {tuple(given[k])} vs {tuple(own[k])}" for k in wrong[:3]))
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+    return "; ".join(parts) or None
+
+
+def from_arch(arch: object, where: object, shapes: Mapping[str, tuple] | None = None) -> nn.Module:
+    """The model a file's recorded ``semisparse_arch`` describes (``where`` names the file in errors).
+
+    The architecture is checked by :func:`arch_from_file`. With ``shapes`` (the tensors the file holds, by
+    plain state_dict key) the model is first built on the meta device, which allocates nothing, and refused
+    unless its tensors are exactly those: a header cannot make a load allocate more than its file holds. (A
+    model that cannot be built on the meta device, RegNet, is built for real only with no option but a
+    ``num_classes`` no larger than a tensor of the file.)
+    """
+    kw = arch_from_file(arch, where)
+    name = kw.pop("name")
+    if shapes is None:
+        return create_model(name, **kw)
+    try:
+        with torch.device("meta"):
+            _fits(create_model(name, **kw), shapes, where, name)
+    except SemisparseError as exc:
+        raise SemisparseError(f"{where}: {exc}" if str(where) not in str(exc) else str(exc)) from None
+    except Exception as exc:  # a constructor that reads tensor values (RegNet), or refuses the options
+        longest = max((max(s, default=0) for s in shapes.values()), default=0)
+        if set(kw) - {"num_classes"} or kw.get("num_classes", 0) > longest:
+            raise SemisparseError(f"{where}: cannot build the recorded model {name!r}: {_first_line(exc)}") from None
+    return _fits(create_model(name, **kw), shapes, where, name)
+
+
+def _fits(model: nn.Module, shapes: Mapping[str, tuple], where: object, name: str) -> nn.Module:
+    wrong = state_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
+    if wrong:
+        raise SemisparseError(f"{where}: the recorded architecture ({name}) does not match the tensors in the file "
+                              f"({wrong})")  # fmt: skip
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _weights_enum(enum_name: str, model_name: str | None):
@@ -245,24 +357,21 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str |
     path = os.fspath(weights)
     if not os.path.exists(path):
         path = _hub_file(path, model_name)
+    if os.path.isfile(path) and is_safetensors(path):
+        raise SemisparseError(
+            f"weights {path} is a compressed semisparse (safetensors) file, not torch.save weights: load it in "
+            "Python with ss.load(path), or pass the training checkpoint it was exported from"
+        )
     obj = load_torch(path, "weights")
+    if isinstance(obj, dict):  # a corrupted semisparse checkpoint is refused; torchvision's files record no digest
+        verify_digest(obj, path, "weights")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SemisparseError(f"weights {path} hold no state_dict (expected a dict of tensors, or one under 'model')")
     sd = effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            shapes = (f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
-            parts.append("shape mismatch: " + ", ".join(shapes))
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        raise SemisparseError(f"weights {path} do not fit this model ({'; '.join(parts)})")
+    wrong = state_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                           {k: tuple(v.shape) for k, v in sd.items()})  # fmt: skip
+    if wrong:
+        raise SemisparseError(f"weights {path} do not fit this model ({wrong})")
     model.load_state_dict(sd)
     return model

@@ -7,11 +7,13 @@ Errors the user can fix (:class:`~semisparse.SemisparseError`, missing files) pr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import warnings
 
 from .. import __version__
-from ..errors import SemisparseError
+from ..errors import SemisparseError, UnverifiedFileWarning
 
 COMMANDS = {
     "demo": ("semisparse.cli.demo", "train a small CNN on the bundled digits, sparsify it every way, compare"),
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[cmd][0])
     try:
         entry = getattr(module, f"main_{cmd}", None) or module.main
-        return int(entry(rest) or 0)
+        with _notes_on_one_line():
+            return int(entry(rest) or 0)
     except KeyboardInterrupt:
         print("semisparse: interrupted", file=sys.stderr)
         return 130
@@ -60,3 +63,21 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"semisparse: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _notes_on_one_line():
+    """Show semisparse's notes (a file loaded without a digest) as one ``semisparse: note:`` line each."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnverifiedFileWarning):
+            print(f"semisparse: note: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from ..errors import SemisparseError
 from ..io import compressed as ckpt_io
+from ..io.files import check_file, is_safetensors
 from ..masking import LayerReport, Report, report
 from ..masking import masks as ss_masks
 from ..models import create_model
@@ -112,11 +113,8 @@ def _given_model(args: argparse.Namespace) -> torch.nn.Module | None:
 def is_compressed(path: str | Path) -> bool:
     """True for a safetensors file (8-byte header length, then JSON), False for a torch.save zip/pickle."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+    check_file(path, "file")
+    return is_safetensors(path)
 
 
 def _header_report(header: dict, path: Path) -> Report:
@@ -159,6 +157,7 @@ def main_report(argv: list[str] | None = None) -> int:
         out |= {"kind": "compressed"} | ckpt_io.sizes(path)
         model = _given_model(args)
         if model is None and not (header.get("arch") or {}).get("name"):
+            ckpt_io.verify(path)  # every tensor read and checked against the digest (ss.load does it below)
             rep = _header_report(header, path)
         else:
             model = ckpt_io.load(path, model=model)

@@ -25,9 +25,9 @@ from torch import nn
 from ..dst.api import DST_METHODS
 from ..errors import SemisparseError
 from ..masking import report as ss_report
-from ..models import create_model
+from ..models import create_model, state_mismatch
 from ..train import distributed as dist_utils
-from ..train.checkpoint import check_arch, load_checkpoint, set_rng_state
+from ..train.checkpoint import check_arch, check_masks, load_checkpoint, set_rng_state
 from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
 from ..train.engine import EMA, evaluate, fit, unwrap
@@ -475,6 +475,10 @@ def _resume(run: Run, path: str) -> None:
         if key in saved and saved[key] != getattr(run.args, key):
             raise SemisparseError(f"checkpoint {path} was trained with {_flag(key)} {saved[key]}; resume with the "
                                   f"same flag (this run has {getattr(run.args, key)})")  # fmt: skip
+    wrong = state_mismatch({k: tuple(v.shape) for k, v in run.model.state_dict().items()},
+                           {k: tuple(v.shape) for k, v in ckpt["model"].items()})  # fmt: skip
+    if wrong:
+        raise SemisparseError(f"checkpoint {path} does not fit this run's model ({wrong})")
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -491,6 +495,7 @@ def _resume(run: Run, path: str) -> None:
     state = (ckpt.get("sparsity") or {}).get("state")
     if state:
         run.sparsity.load_state_dict(state)
+    check_masks(run.model, path)  # a mask that breaks the declared pattern is refused before training
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1

@@ -369,3 +369,56 @@ def _place(values: torch.Tensor, view: torch.Tensor, dtype: torch.dtype) -> torc
 
 #: The tensors each encoding stores besides ``values`` (or ``dense`` with keep_dense).
 PARTS = {"nm": ("nm",), "fanin": ("alive", "cols"), "csr": ("counts", "cols"), "bitmap": ("bitmap",)}
+
+#: A layer larger than :data:`SMALL_LAYER` weights may declare at most this many weights per entry its file
+#: stores for it (values, indices, bitmap bits): a 99.9%-sparse layer stores about one in 500. Beyond, a
+#: header would make a load allocate far more than its file holds (fan-in and CSR widths are not fixed by
+#: the tensors).
+MAX_EXPANSION = 4096
+SMALL_LAYER = 1 << 24
+
+_LAYOUTS = ("rows", "conv", "taps")
+
+
+def _positive_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_entry(key: object, entry: object, where: object) -> None:
+    """One line naming what is wrong with a layer entry of the header (types and names only, no tensor)."""
+    def bad(what: str) -> SemisparseError:
+        return SemisparseError(f"{where}: layer {key!r}: {what} in the header")
+
+    if not isinstance(entry, Mapping):
+        raise bad(f"the entry is a {type(entry).__name__}; expected a mapping")
+    if entry.get("encoding") not in PARTS:
+        raise bad(f"unknown encoding {entry.get('encoding')!r}; expected one of {sorted(PARTS)}")
+    if entry.get("layout") not in _LAYOUTS:
+        raise bad(f"unknown layout {entry.get('layout')!r}; expected one of {list(_LAYOUTS)}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) < 2 or not all(_positive_int(s) for s in shape):
+        raise bad(f"shape {shape!r} is not a list of at least two positive ints")
+    if entry.get("dtype") not in DTYPES:
+        raise bad(f"unknown dtype {entry.get('dtype')!r}")
+    if not isinstance(entry.get("keep_dense"), bool):
+        raise bad("keep_dense is not a bool")
+    kept = entry.get("kept")
+    if not (isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0):
+        raise bad(f"kept count {kept!r} is not a non-negative int")
+    if not isinstance(entry.get("target", {}), Mapping):
+        raise bad("the sparsity target is not a mapping")
+
+
+def check_size(key: str, entry: Mapping, tensors: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse a layer whose declared shape is far larger than what the file stores (see :data:`MAX_EXPANSION`)."""
+    numel = math.prod(entry["shape"])
+    stored = 0
+    for name in (*PARTS[entry["encoding"]], "dense" if entry["keep_dense"] else "values"):
+        t = tensors.get(f"{key}{SEP}{name}")
+        if t is not None:
+            stored += t.numel() * (8 if t.dtype == torch.uint8 else 1)  # bytes of packed bits: up to 8 entries
+    if numel > max(MAX_EXPANSION * stored, SMALL_LAYER):
+        raise SemisparseError(
+            f"{where}: layer {key!r} declares shape {tuple(entry['shape'])} ({numel} weights), more than "
+            f"{MAX_EXPANSION} times the {stored} entries the file stores for it"
+        )

@@ -5,8 +5,14 @@ A sparsified weight is stored as its kept values plus the smallest index form it
 (``bn1.running_mean``, and ``conv1.weight`` for a layer that is not sparse); a sparse ``conv1.weight`` as
 ``conv1.weight::values``, ``::nm``, ``::alive``, ``::cols``, ``::counts``, ``::bitmap`` and, with
 ``keep_dense``, ``::dense``. The header metadata key ``"semisparse"`` holds JSON: format version, the model's
-``semisparse_arch`` (so ``load(path)`` rebuilds it), per-layer structure, and a BLAKE2b digest of every
-tensor so a tampered file is rejected.
+``semisparse_arch`` (so ``load(path)`` rebuilds it), per-layer structure, and a digest
+(:mod:`semisparse.io.digest`) of the rest of the header and of every tensor, so a corrupted file is refused.
+(Version 1 files, written before the digest covered the header, load after a one-line note.)
+
+Nothing in a file drives a load further than its tensors: the architecture's options are allow-listed
+(never a path: :func:`semisparse.models.arch_from_file`), the model is built on the meta device and compared
+with the file's tensors before anything is allocated, and no layer may declare far more weights than it
+stores (:data:`semisparse.io.codec.MAX_EXPANSION`). A failed ``load(path, model=m)`` leaves ``m`` as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,21 +30,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import SemisparseError
-from ..masking.parametrization import attach, detach_all, sparse_weights
-from ..models import from_arch
-from .codec import DTYPES, PARTS, SEP, decode, encode
-from .files import atomic_write
+from ..errors import SemisparseError, UnverifiedFileWarning
+from ..masking.parametrization import attach, detach_all, sparse_weights, split_state_dict
+from ..models import from_arch, state_mismatch
+from .codec import DTYPES, PARTS, SEP, check_entry, check_size, decode, encode
+from .digest import corrupted, digest
+from .files import atomic_write, check_file
 
 FORMAT = "semisparse.compressed"
-VERSION = 1
+VERSION = 2
+#: Versions this semisparse reads (1: the digest covers the tensors only).
+READS = (1, 2)
 META_KEY = "semisparse"
 
 # ------------------------------------------------------------------------------------------ save/load
 
 
+def _file_digest(header: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The digest of a version-2 file: the header (its digest left out) and every tensor."""
+    return digest({"header": {k: v for k, v in header.items() if k != "digest"}, "tensors": dict(tensors)})
+
+
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """BLAKE2b over every tensor's name, dtype, shape and bytes, in name order."""
+    """Version 1's digest: BLAKE2b over every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.blake2b(digest_size=32)
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous()
@@ -92,12 +107,13 @@ def save(
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "layers": layers,
         "dense": dense_keys,
-        "digest": _digest(tensors),
     }
     try:
-        meta = {META_KEY: json.dumps(header)}
+        header = json.loads(json.dumps(header))  # the digest is of the header as a reader will parse it
     except TypeError as exc:
         raise SemisparseError(f"model.semisparse_arch must be JSON-serialisable: {exc}") from None
+    header["digest"] = _file_digest(header, tensors)
+    meta = {META_KEY: json.dumps(header)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
@@ -105,8 +121,7 @@ def save(
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a compressed file, validated for format and version (no tensors are read)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    check_file(path, "compressed file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -129,12 +144,20 @@ def _parse_header(meta: Mapping[str, str], path: Path) -> dict:
         raise SemisparseError(f"{path}: corrupted semisparse header ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SemisparseError(f"{path}: header does not describe a {FORMAT} file")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READS:
         raise SemisparseError(
-            f"{path}: format version {header.get('version')!r}; this semisparse reads version {VERSION}"
+            f"{path}: format version {header.get('version')!r}; this semisparse reads versions "
+            f"{', '.join(map(str, READS))}"
         )
     if not isinstance(header.get("layers"), dict) or not isinstance(header.get("dense"), list):
         raise SemisparseError(f"{path}: header lacks the layer table")
+    if not all(isinstance(k, str) for k in header["dense"]):
+        raise SemisparseError(f"{path}: the header's list of dense tensors holds a non-name")
+    arch = header.get("arch")
+    if arch is not None and not isinstance(arch, dict):
+        raise SemisparseError(f"{path}: the header's arch is a {type(arch).__name__}; expected a mapping or null")
+    for key, entry in header["layers"].items():
+        check_entry(key, entry, path)
     return header
 
 
@@ -147,16 +170,20 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 tensors[name] = f.get_tensor(name)
     except Exception as exc:
         raise SemisparseError(f"{path}: cannot read tensors (truncated or corrupted?): {exc}") from None
-    if _digest(tensors) != header.get("digest"):
-        raise SemisparseError(
-            f"{path}: contents do not match the recorded digest (file tampered or corrupted)"
+    if header["version"] == 1:
+        if _digest(tensors) != header.get("digest"):
+            raise corrupted(path, "compressed file")
+        warnings.warn(
+            f"compressed file {path} was written by an older semisparse (format 1): its digest covers the "
+            "tensors but not the header; save it again to cover both",
+            UnverifiedFileWarning,
+            stacklevel=3,
         )
+    elif _file_digest(header, tensors) != header.get("digest"):
+        raise corrupted(path, "compressed file")
     expected = set(header["dense"])
     for key, entry in header["layers"].items():
-        if not isinstance(entry, dict) or entry.get("encoding") not in PARTS:
-            enc = entry.get("encoding") if isinstance(entry, dict) else entry
-            raise SemisparseError(f"{path}: {key}: unknown encoding {enc!r}; expected {sorted(PARTS)}")
-        parts, keep_dense = PARTS[entry["encoding"]], entry.get("keep_dense")
+        parts, keep_dense = PARTS[entry["encoding"]], entry["keep_dense"]
         expected |= {f"{key}{SEP}{part}" for part in (*parts, "dense" if keep_dense else "values")}
     if set(tensors) != expected or set(header["dense"]) & set(header["layers"]):
         extra = sorted(set(tensors) ^ expected)[:3]
@@ -170,37 +197,39 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     Returns the model sparsified with :class:`~semisparse.masking.Mask` parametrizations: the same masks
     and structure targets (``ss.check`` passes), values equal to the saved model's effective weights (the
     dense weights underneath when saved with ``keep_dense``), ready for ``ss.deploy``. A truncated,
-    tampered or foreign file raises :class:`~semisparse.SemisparseError`.
+    corrupted or foreign file, or one that does not fit ``model``, raises :class:`~semisparse.SemisparseError`
+    and leaves ``model`` (its state_dict and its masks) as it was.
     """
     path = Path(path)
     header, tensors = _read(path)
+    for key, entry in header["layers"].items():
+        check_size(key, entry, tensors, path)  # before decoding allocates the layer's mask
+    shapes = {name: tuple(tensors[name].shape) for name in header["dense"]}
+    shapes |= {key: tuple(entry["shape"]) for key, entry in header["layers"].items()}
+    if model is None:
+        model = from_arch(header.get("arch"), path, shapes)  # built on the meta device first, compared
+    else:
+        own = {k: tuple(v.shape) for k, v in split_state_dict(model.state_dict())[0].items()}
+        wrong = state_mismatch(own, shapes)
+        if wrong:
+            raise SemisparseError(f"{path}: the model does not match the file ({wrong})")
+    params = {f"{name}.{p}" if name else p for name, mod in model.named_modules() for p in _param_names(mod)}
+    for key in header["layers"]:
+        if key not in params:
+            raise SemisparseError(f"{path}: {key} is stored as a sparse weight, but it is not a parameter of the model")
     decoded = {}
     for key, entry in header["layers"].items():
         try:
             decoded[key] = decode(key, entry, tensors)
-        except SemisparseError:
-            raise
+        except SemisparseError as exc:
+            raise SemisparseError(f"{path}: {exc}") from None
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed header value
             raise SemisparseError(f"{path}: {key}: malformed layer entry ({exc})") from None
-    if model is None:
-        model = from_arch(header.get("arch"), path)
+    # Everything is checked: only now is the model changed.
     detach_all(model)  # a given model that is sparsified already: start from its dense weights
     state = {name: tensors[name] for name in header["dense"]}
     for key, (_, weight) in decoded.items():
         state[key] = weight
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise SemisparseError(
-            f"{path}: the model does not match the file (missing from the file: {missing[:3]}, not in the "
-            f"model: {unexpected[:3]})"
-        )
-    for name, t in state.items():
-        if tuple(own[name].shape) != tuple(t.shape):
-            raise SemisparseError(
-                f"{path}: {name} has shape {tuple(t.shape)} in the file; the model's is "
-                f"{tuple(own[name].shape)}"
-            )
     model.load_state_dict(state, strict=True)
     modules = dict(model.named_modules())
     for key, (p, _) in decoded.items():
@@ -209,6 +238,18 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         p.mask = p.mask.to(getattr(module, param).device)
         attach(module, param, p)
     return model
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    """A module's own parameter names, the ones under a parametrization included."""
+    names = list(module._parameters)
+    plist = getattr(module, "parametrizations", None)
+    return names + (list(plist.keys()) if plist is not None else [])
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Read every tensor of a compressed file and check its digest and table; returns the header."""
+    return _read(Path(path))[0]
 
 
 def sizes(path: str | os.PathLike) -> dict[str, int | float]:

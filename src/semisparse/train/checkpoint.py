@@ -11,11 +11,14 @@ A checkpoint is a plain dict (``torch.save``) of tensors, numbers, strings, list
     sparsity      {"masks": ss.masks(model), "pattern": str | None, "method": str, "state": ... | None}
     rng           {"torch": uint8 tensor, "cuda": [uint8 tensors], "numpy": {...}, "python": [...]}
     step          optimizer steps taken so far
+    digest        ``semisparse.io.digest.digest`` of everything above, recorded when written
 
 Files are written to a temporary name in the same folder and renamed over the target
 (:func:`semisparse.io.files.atomic_write`), so a crash or a failing run never leaves a half-written or
-overwritten ``checkpoint.pth``. :func:`load_training_checkpoint` rebuilds the model of such a file with its
-masks (``semisparse report`` / ``export``).
+overwritten ``checkpoint.pth``. Every reader (:func:`load_checkpoint` for ``--resume``,
+:func:`load_training_checkpoint` for ``semisparse report`` / ``export``, ``--weights``) verifies the digest:
+a corrupted file is refused in one line, a file without one (older semisparse) loads after a one-line note.
+The digest detects accidental corruption, not deliberate tampering (whoever edits a file can recompute it).
 """
 
 from __future__ import annotations
@@ -30,17 +33,26 @@ import torch
 from torch import nn
 
 from ..errors import PatternError, SemisparseError
+from ..io.digest import KEY as DIGEST_KEY
+from ..io.digest import seal
+from ..io.digest import verify as verify_digest
 from ..io.files import atomic_write, load_torch
 from ..masking import sparsify
-from ..masking.parametrization import detach_all, split_state_dict
-from ..models import from_arch
+from ..masking.parametrization import detach_all, sparse_weights, split_state_dict
+from ..models import from_arch, state_mismatch
 from ..patterns import NM, FanIn, parse_pattern
 
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "args")
 
 
 def atomic_save(obj: object, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file + ``os.replace`` (atomic on POSIX)."""
+    """``torch.save`` to ``path`` through a temporary file + ``os.replace`` (atomic on POSIX).
+
+    A dict is written with its digest (:func:`semisparse.io.digest.seal`) unless it carries one already
+    (sealed once, written as ``model_N.pth`` and ``checkpoint.pth``).
+    """
+    if isinstance(obj, Mapping) and DIGEST_KEY not in obj:
+        obj = seal(obj)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -78,15 +90,60 @@ def set_rng_state(state: Mapping) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear error if it is not one."""
-    if not os.path.isfile(path):
+    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear error if it is not one.
+
+    The digest is verified and the fields a resume reads are checked (one line naming the field).
+    """
+    if not os.path.exists(path):
         raise SemisparseError(f"checkpoint {path} does not exist")
     ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise SemisparseError(
             f"{path} is not a training checkpoint (expected a dict with keys {', '.join(REQUIRED_KEYS)})"
         )
+    verify_digest(ckpt, path)
+    check_fields(ckpt, path)
     return ckpt
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_dict(x: object) -> bool:
+    return isinstance(x, Mapping) and all(isinstance(v, torch.Tensor) for v in x.values())
+
+
+def check_fields(ckpt: Mapping, path: object) -> None:
+    """Refuse, in one line, a checkpoint field of the wrong kind (``epoch: "x"``, a ``model`` of non-tensors)."""
+
+    def bad(field: str, expected: str) -> SemisparseError:
+        value = repr(ckpt[field]) if not isinstance(ckpt[field], (Mapping, list)) else type(ckpt[field]).__name__
+        return SemisparseError(f"checkpoint {path}: '{field}' is {value[:60]}; expected {expected}")
+
+    if "epoch" in ckpt and not (_is_int(ckpt["epoch"]) and ckpt["epoch"] >= -1):
+        raise bad("epoch", "the last finished epoch as an int")
+    if "step" in ckpt and not (_is_int(ckpt["step"]) and ckpt["step"] >= 0):
+        raise bad("step", "the optimizer steps taken as an int")
+    if "model" in ckpt and not _tensor_dict(ckpt["model"]):
+        raise bad("model", "a state_dict (a dict of tensors)")
+    for field in ("args", "arch", "sparsity", "optimizer"):
+        if ckpt.get(field) is not None and not isinstance(ckpt[field], Mapping):
+            raise bad(field, "a dict")
+    masks = (ckpt.get("sparsity") or {}).get("masks")
+    if masks is not None and not _tensor_dict(masks):
+        raise SemisparseError(f"checkpoint {path}: 'sparsity.masks' is not a dict of tensors")
+
+
+def check_masks(model: nn.Module, path: object) -> None:
+    """Every mask of ``model`` honours the pattern its layer declares (``ss.check``), or one line naming it."""
+    for sw in sparse_weights(model):
+        try:
+            sw.parametrization.check(sw.key)
+        except PatternError as exc:
+            raise SemisparseError(
+                f"checkpoint {path}: {exc} (its masks break the pattern the checkpoint declares)"
+            ) from None
 
 
 def check_arch(ckpt: Mapping, arch: Mapping, path: str) -> None:
@@ -121,33 +178,55 @@ def load_training_checkpoint(
     Dense weights are loaded, then the masks applied with ``ss.sparsify(masks=...)``: with the declared
     pattern when every mask honours it, else as constant fan-in when that holds, else unstructured.
     Returns ``(model, info)``; ``info`` has the checkpoint's ``sparsity`` entries other than the masks.
+
+    Everything is checked before ``model`` is touched (digest, fields, tensor shapes against the model, the
+    masks): a failed load leaves it as it was. Without ``model`` the recorded architecture is built on the
+    meta device first and compared with the tensors the file holds, so nothing larger is ever allocated.
     """
     path = Path(path)
     ckpt = load_torch(path)
     if not isinstance(ckpt, dict):
         raise SemisparseError(f"{path}: expected a dict checkpoint with a 'model' state_dict")
+    verify_digest(ckpt, path)
     state = ckpt.get("model", ckpt)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not _tensor_dict(state):
         raise SemisparseError(f"{path}: 'model' is not a state_dict of tensors")
-    if model is None:
-        model = from_arch(ckpt.get("arch"), path)
+    if "model" in ckpt:
+        check_fields(ckpt, path)
     dense, found = split_state_dict(_strip_wrappers(state))
-    detach_all(model)
-    try:
-        model.load_state_dict(dense, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:2]
-        raise SemisparseError(f"{path}: the checkpoint does not fit the model ({' '.join(first)})") from None
     sparsity = ckpt.get("sparsity")
-    sparsity = sparsity if isinstance(sparsity, dict) else {}
+    sparsity = sparsity if isinstance(sparsity, Mapping) else {}
     masks = sparsity.get("masks") or found
+    shapes = {k: tuple(v.shape) for k, v in dense.items()}
+    for key, m in masks.items():
+        if key not in shapes or tuple(m.shape) != shapes[key]:
+            got = tuple(m.shape)
+            raise SemisparseError(f"{path}: the mask of {key} {got} matches no weight of the checkpoint's model")
+    if model is None:
+        model = from_arch(ckpt.get("arch"), path, shapes)
+    else:
+        wrong = state_mismatch({k: tuple(v.shape) for k, v in split_state_dict(model.state_dict())[0].items()},
+                               shapes)  # fmt: skip
+        if wrong:
+            raise SemisparseError(f"{path}: the checkpoint does not fit the model ({wrong})")
     info = {k: v for k, v in sparsity.items() if k not in ("masks", "state")}  # state: DST's, not needed
-    if masks:
-        masks = {k: v.to(torch.bool) for k, v in masks.items()}
-        _apply_masks(model, masks, sparsity.get("pattern"))
+    if masks:  # validated by ss.sparsify before it changes anything
+        _apply_masks(model, {k: v.to(torch.bool) for k, v in masks.items()}, sparsity.get("pattern"))
+    else:
+        detach_all(model)
+    _load_dense(model, dense)
     if isinstance(ckpt.get("arch"), dict) and not hasattr(model, "semisparse_arch"):
         model.semisparse_arch = dict(ckpt["arch"])
     return model, info
+
+
+def _load_dense(model: nn.Module, dense: Mapping[str, torch.Tensor]) -> None:
+    """Load plain-keyed ``dense`` weights into ``model``, under its masks where it has them."""
+    under = {sw.key: sw.state_prefix + "original" for sw in sparse_weights(model)}
+    result = model.load_state_dict({under.get(k, k): v for k, v in dense.items()}, strict=False)
+    missing = [k for k in result.missing_keys if ".parametrizations." not in f".{k}"]
+    if missing or result.unexpected_keys:  # pragma: no cover - shapes and keys were checked above
+        raise SemisparseError(f"the checkpoint does not fit the model ({missing[:3]}, {result.unexpected_keys[:3]})")
 
 
 def _apply_masks(model: nn.Module, masks: dict, declared: object) -> None:

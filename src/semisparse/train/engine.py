@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.digest import seal
 from .checkpoint import atomic_save, rng_state
 from .distributed import all_reduce_sum, is_main
 from .metrics import Logger, progress
@@ -321,6 +322,7 @@ def fit(
             if save_checkpoint is not None:
                 save_checkpoint(ckpt, epoch)
             else:
+                ckpt = seal(ckpt)  # one digest for both files
                 atomic_save(ckpt, os.path.join(output_dir, f"model_{epoch}.pth"))
                 atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
         if is_main():

@@ -8,8 +8,9 @@ commit: :meth:`RunFolder.save` writes the new run's first ``checkpoint.pth``, an
 old run's ``model_<N>.pth``, ``metrics.jsonl`` and TensorBoard events (``MetricsLog`` then starts a new
 history). A run that fails or is killed before that leaves the old files byte for byte as they were.
 
-Temporary files of a save killed before its rename (``.checkpoint.pth.tmp<pid>``,
-``metrics.jsonl.tmp<pid>``) are removed when a run claims the folder, unless their process still lives.
+Temporary files of a save killed before its rename (``.checkpoint.pth.<pid>.<random>.tmp`` from
+:func:`semisparse.io.files.atomic_write`, ``metrics.jsonl.tmp<pid>``) are removed when a run claims the
+folder, unless their process still lives.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import SemisparseError
+from ..io.digest import seal
+from ..io.files import TEMP_NAME
 from .checkpoint import atomic_save
 
 RUN_FILE = re.compile(r"(checkpoint\.pth|metrics\.jsonl|model_\d+\.pth)")
-# atomic_save's ".<name>.tmp<pid>" and MetricsLog's "metrics.jsonl.tmp<pid>"
-TEMP_FILE = re.compile(r"(\.checkpoint\.pth|\.model_\d+\.pth|metrics\.jsonl)\.tmp(\d+)")
+# MetricsLog's "metrics.jsonl.tmp<pid>" (and the ".<name>.tmp<pid>" of earlier versions' saves)
+OLD_TEMP_FILE = re.compile(r"(\.checkpoint\.pth|\.model_\d+\.pth|metrics\.jsonl)\.tmp(\d+)")
 TENSORBOARD_EVENTS = re.compile(r"events\.out\.tfevents\..*")
 
 
@@ -54,7 +57,10 @@ def remove_temp_files(output_dir: str) -> list[str]:
         return []
     removed = []
     for name in sorted(os.listdir(output_dir)):
-        m = TEMP_FILE.fullmatch(name)
+        m = TEMP_NAME.fullmatch(name)  # atomic_write's ".<name>.<pid>.<random>.tmp"
+        if m and not RUN_FILE.fullmatch(m.group(1)):
+            m = None
+        m = m or OLD_TEMP_FILE.fullmatch(name)
         if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
             os.remove(os.path.join(output_dir, name))
             removed.append(name)
@@ -87,6 +93,7 @@ class RunFolder:
         writes ``checkpoint.pth`` first: that rename is the commit before which no old file is touched.
         """
         model_path = os.path.join(self.path, f"model_{epoch}.pth")
+        ckpt = seal(ckpt)  # one digest for both files
         if self.committed or not self.stale:
             atomic_save(ckpt, model_path)
             atomic_save(ckpt, os.path.join(self.path, "checkpoint.pth"))
