@@ -324,3 +324,42 @@ def test_a_training_forward_draws_exactly_one_uniform_per_logit(backend, monkeyp
     torch.manual_seed(4)
     p(w)
     assert torch.equal(torch.random.get_rng_state(), expected)
+
+
+# --- regularisers in closed form ------------------------------------------------------------------------------
+
+
+def _ref_regularizer(kind, lam, logits, allowed, sq):
+    """The original regularisers as losses of the logits (their autograd gradient is the reference)."""
+    z = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+    if kind == "entropy":
+        logp = torch.log_softmax(z, 0)
+        return lam * -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(0).mean()
+    table = ss.patterns.pattern_table(2, 4).float()
+    return -lam * (torch.einsum("prg,pm->mrg", torch.softmax(z, 0), table) * sq).sum() / sq.sum().clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("kind", ["entropy", "magnitude"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_closed_form_regularizer_gradients_equal_autograd_of_the_regularizer(kind, padded):
+    from semisparse.masking.sampling import to_slots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4) if padded else nn.Conv2d(8, 4, 3))
+    ss.sparsify(model, "2:4", method="gumbel", total_steps=5, trainable="all", pad=padded, prior=0.5)
+    p = model[0].parametrizations.weight[0]
+    w = model[0].parametrizations.weight.original
+    x = torch.randn(2, w.shape[1] * (4 if padded else 1), 5, 5)
+    grads = {}
+    for reg in (None, (kind, 0.3)):
+        p.regularizer = reg
+        p.logits.grad = None
+        set_step(model, 0)
+        torch.manual_seed(1)
+        model.train()(x).square().sum().backward()
+        grads[reg is not None] = p.logits.grad.clone()
+    leaf = p.logits.detach().clone().requires_grad_(True)
+    sq = to_slots(p.layout, w.detach(), 4).square()
+    (ref,) = torch.autograd.grad(_ref_regularizer(kind, 0.3, leaf, p.allowed, sq), leaf)
+    torch.testing.assert_close(grads[True] - grads[False], ref, rtol=1e-4, atol=1e-6)
+    assert ref.abs().sum() > 0

@@ -58,6 +58,8 @@ from .sampling import (
     LeanHardSample,
     NumbaHardSample,
     PlaneSample,
+    RegularizerGrad,
+    first_argmax0,
     from_slots,
     gather_mask,
     kept_slots,
@@ -121,10 +123,9 @@ def _compiled_lean():
     fn = _COMPILED.get("fn")
     if fn is None:
 
-        def lean(weight, logits, step, table_batched, table_t, slot_offsets, out, cg, taps, tau, scale, total_steps):
+        def lean(weight, logits, step, table_batched, table, out, cg, taps, tau, scale, total_steps):
             sched = schedule_tensors(step, tau, scale, total_steps, logits.dtype)
-            return LeanHardSample.apply(weight, logits, step, table_batched, table_t, slot_offsets, out, cg, taps,
-                                        *sched, None, None)  # fmt: skip
+            return LeanHardSample.apply(weight, logits, step, table_batched, table, out, cg, taps, *sched, None)
 
         fn = _COMPILED["fn"] = torch.compile(lean, dynamic=True)
     return fn
@@ -216,7 +217,7 @@ class GumbelMask(SparseParametrization):
 
     def pattern_index(self) -> torch.Tensor:
         """The argmax pattern of every group, ``(rows, G)`` int64 (ties: the lower index)."""
-        return self._masked_logits(self.logits.detach()).argmax(0)
+        return first_argmax0(self._masked_logits(self.logits.detach()))
 
     def hard_mask(self) -> torch.Tensor:
         idx = self.pattern_index()
@@ -265,60 +266,49 @@ class GumbelMask(SparseParametrization):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return weight * self.hard_mask().to(weight.dtype)
-        path = self.sampler(weight)
-        reg = None if self.regularizer is None else self._regularizer_fn(weight.detach())
+        out = self._sample(weight, self.sampler(weight))
+        if self.regularizer is not None:
+            kind, lam = self.regularizer
+            kept, total = None, 1.0
+            if kind == "magnitude":
+                sq = to_slots(self.layout, weight.detach().to(self.logits.dtype), self.target.m).square()
+                kept, total = slot_weighted(sq, self.kept_slots), sq.sum().clamp_min(1e-12)
+            out = RegularizerGrad.apply(out, self.logits, self.allowed, kind, lam, kept, total)
+        return out
+
+    def _sample(self, weight: torch.Tensor, path: str) -> torch.Tensor:
+        """``weight * sampled mask`` by ``path`` (:meth:`sampler`), advancing the position in backward."""
         g = self.geometry
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            self._host_step = None  # the graph advances the buffer only; eager reads it again once
         if path in ("torch", "compiled"):
-            args = (weight, self.logits, self.step, self._table_batched(), self.table_t, self.slot_offsets,
-                    g.out, g.cg, g.taps)  # fmt: skip
-            if path == "compiled" and reg is None:
-                self._host_step = None  # the compiled graph advances the buffer only
-                return _compiled_lean()(*args, self.tau, self.scale, self.total_steps)
-            if torch.compiler.is_compiling():
+            args = (weight, self.logits, self.step, self._table_batched(), self.table, g.out, g.cg, g.taps)
+            if path == "compiled":
                 self._host_step = None
+                return _compiled_lean()(*args, self.tau, self.scale, self.total_steps)
+            if compiling:
                 sched = schedule_tensors(self.step, self.tau, self.scale, self.total_steps, self.logits.dtype)
-                return LeanHardSample.apply(*args, *sched, reg, None)
-            return LeanHardSample.apply(*args, *self._host_schedule(), reg, self)
-        tau, scale = self.schedule()
+                return LeanHardSample.apply(*args, *sched, None)
+            return LeanHardSample.apply(*args, *self._host_schedule(), self)
+        if compiling:
+            scale, inv_tau, _ = schedule_tensors(self.step, self.tau, self.scale, self.total_steps, self.logits.dtype)
+            tau, owner = 1.0 / inv_tau, None
+        else:
+            (tau, scale), owner = self.schedule(), self
         if path == "triton":
             return sampling_triton.TritonHardSample.apply(
-                weight, self.logits, self.step, self.table, g.out, g.cg, g.taps, scale, tau, reg, self
+                weight, self.logits, self.step, self.table, g.out, g.cg, g.taps, scale, tau, owner
             )
         if path == "numba":
-            mask = NumbaHardSample.apply(
-                self.logits, self.step, self.table, self.kept, tuple(weight.shape), scale, tau, reg, self
-            )
+            mask = NumbaHardSample.apply(self.logits, self.step, self.table, self.kept, tuple(weight.shape), scale, tau,
+                                         owner)  # fmt: skip
             return weight * mask.to(weight.dtype)
-        if torch.compiler.is_compiling():
-            self._host_step = None
-            scale_t, inv_tau_t, _ = schedule_tensors(self.step, self.tau, self.scale, self.total_steps,
-                                                     self.logits.dtype)  # fmt: skip
-            scale, tau, owner = scale_t, 1.0 / inv_tau_t, None
-        else:
-            owner = self
         planes = PlaneSample.apply(
-            self.logits, self.step, self.table, self.kept_slots, self.allowed, scale, tau, self.hard, reg, owner
+            self.logits, self.step, self.table, self.kept_slots, self.allowed, scale, tau, self.hard, owner
         )
         # (M, rows, G); with hard=True exactly the sampled 0/1 patterns, straight-through gradient
         return weight * from_slots(self.layout, planes.to(weight.dtype))
-
-    def _regularizer_fn(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        kind, lam = self.regularizer
-        if kind == "entropy":
-
-            def entropy(logits: torch.Tensor) -> torch.Tensor:
-                logp = torch.log_softmax(self._masked_logits(logits), 0)
-                return lam * -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(0).mean()
-
-            return entropy
-        sq = to_slots(self.layout, weight.to(self.logits.dtype), self.target.m).square()  # (M, rows, G)
-        total = sq.sum().clamp_min(1e-12)
-
-        def kept_magnitude(logits: torch.Tensor) -> torch.Tensor:
-            probs = torch.softmax(self._masked_logits(logits), 0)
-            return -lam * (torch.einsum("prg,pm->mrg", probs, self.table) * sq).sum() / total
-
-        return kept_magnitude
 
 
 def _pair(value: object, name: str) -> tuple[float, float]:

@@ -24,7 +24,6 @@ The fused Triton kernels for CUDA live in :mod:`semisparse.masking.sampling_trit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +83,17 @@ def from_slots(layout: Layout, planes: torch.Tensor) -> torch.Tensor:
     return planes.reshape(m, out, cin // m, -1).permute(1, 2, 0, 3).reshape(layout.shape)
 
 
+def first_argmax0(y: torch.Tensor) -> torch.Tensor:
+    """The index of the largest of the pattern planes ``(P, ...)``, ties to the lower index, as int64.
+
+    On CPU ``max(0)`` (same ties) runs several times faster than ``argmax(0)``, whose reduction over the
+    outer dimension is not vectorised; elsewhere ``argmax``.
+    """
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        return y.max(0).indices
+    return y.argmax(0)
+
+
 def gather_mask(idx: torch.Tensor, table_t: torch.Tensor, slot_offsets: torch.Tensor, g: Geometry) -> torch.Tensor:
     """Pattern index ``(rows, G)`` -> the mask ``(out, cg * M * taps)`` in the weight's own element order.
 
@@ -106,18 +116,41 @@ def pattern_grad(
     ``prob * gp - prob * sum(prob * gp)`` softmax's backward, left in the logits' layout.
     """
     p = table_batched.shape[1]
-    gp = torch.bmm(table_batched, torch.mul(grad, weight).view(g.out * g.cg, g.m, g.taps))  # (out*cg, P, taps)
+    gp = torch.bmm(table_batched, torch.mul(grad, weight).reshape(g.out * g.cg, g.m, g.taps))  # (out*cg, P, taps)
     prob = torch.softmax(y * inv_tau, 0).view(p, g.out * g.cg, g.taps)
     tmp = torch.mul(prob, gp.transpose(0, 1))
     return torch.addcmul(tmp, prob, tmp.sum(0), value=-1).mul_(coef).view(y.shape)
 
 
-def regularizer_grad(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """Gradient of an optional regulariser ``fn(logits)``, added to the logits' gradient in backward."""
-    with torch.enable_grad():
-        leaf = logits.detach().requires_grad_(True)
-        (extra,) = torch.autograd.grad(fn(leaf), leaf)
-    return extra
+class RegularizerGrad(torch.autograd.Function):
+    """Identity on the masked weight; its backward adds a regulariser's gradient to the logits'.
+
+    The regulariser acts through the logits' gradient only (no loss term), in closed form - no nested
+    autograd, so it traces into ``torch.compile``. ``z`` are the logits with ruled-out patterns at ``-inf``:
+    ``"entropy"``: ``lam * mean over groups of H(softmax z)``, gradient ``-lam / groups * p (log p + H)``;
+    ``"magnitude"``: ``-lam * sum(softmax(z) @ table * w^2) / sum(w^2)``, with ``kept`` the ``(P, rows, G)``
+    squared magnitude each pattern keeps, gradient ``-lam / total * p (kept - sum p kept)``.
+    """
+
+    @staticmethod
+    def forward(ctx, masked_weight, logits, allowed, kind, lam, kept, total):
+        ctx.save_for_backward(logits, allowed, kept)
+        ctx.kind, ctx.lam, ctx.total = kind, lam, total
+        return masked_weight.view_as(masked_weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, allowed, kept = ctx.saved_tensors
+        z = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(z, 0)
+        if ctx.kind == "entropy":
+            logp = torch.log_softmax(z, 0)
+            plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+            h = -plogp.sum(0)
+            g = torch.where(p > 0, p * (logp + h), torch.zeros_like(p)) * (-ctx.lam / h.numel())
+        else:
+            g = (p * (kept - (p * kept).sum(0))) * (-ctx.lam / ctx.total)
+        return grad, g, None, None, None, None, None
 
 
 class StepCounter:
@@ -137,33 +170,43 @@ class StepCounter:
 class LeanHardSample(torch.autograd.Function):
     """``weight * mask`` with a hard Gumbel sample of every group's pattern, for "rows"/"conv" layouts.
 
-    Forward: noise, ``y``, ``argmax`` over the pattern planes, one ``take`` of the sampled pattern rows
-    into the weight's layout, the product. Backward: the weight's gradient ``grad * mask`` (when it trains)
-    and :func:`pattern_grad` for the logits; advances the schedule position. ``scale``, ``1 / tau`` and
-    ``scale / tau`` are 0-d tensors: CPU scalars written by the host in eager mode (no conversion op, no
-    device read), device tensors computed from the ``step`` buffer under ``torch.compile``.
+    Forward: noise, ``y``, the argmax over the pattern planes, one row lookup of the sampled patterns
+    ``(out, G, M)`` and the product with the weight seen as ``(out, cg, M, taps)`` (the lookup's slots
+    transposed in place: no copy, no index arithmetic). Backward: the weight's gradient ``grad * mask``
+    (only when it trains: otherwise no mask is kept) and :func:`pattern_grad` for the logits; advances the
+    schedule position. ``scale``, ``1 / tau`` and ``scale / tau`` are 0-d tensors: CPU scalars written by
+    the host in eager mode (no conversion op, no device read), device tensors computed from the ``step``
+    buffer under ``torch.compile``.
     """
 
     @staticmethod
-    def forward(ctx, weight, logits, step, table_batched, table_t, slot_offsets, out, cg, taps, scale, inv_tau, coef,
-                fn, owner):  # fmt: skip
-        geom = Geometry(out, cg, table_batched.shape[2], taps)
+    def forward(ctx, weight, logits, step, table_batched, table, out, cg, taps, scale, inv_tau, coef, owner):
+        geom = Geometry(out, cg, table.shape[1], taps)
         y = torch.mul(logits, scale)
         y.sub_(torch.rand_like(y).log_().neg_().log_())  # + Gumbel(0, 1) = -log(-log u)
-        mask = gather_mask(y.argmax(0), table_t, slot_offsets, geom).view(weight.shape)
-        ctx.save_for_backward(y, weight, mask, step, table_batched, inv_tau, coef, logits if fn is not None else None)
-        ctx.geom, ctx.fn, ctx.owner = geom, fn, owner
-        return weight * mask
+        rows = table[first_argmax0(y)]  # (out, G, M)
+        if rows.dtype != weight.dtype:
+            rows = rows.to(weight.dtype)
+        if taps == 1:
+            mask = rows.view(weight.shape)
+            res = weight * mask
+        else:
+            mask = rows.view(out, cg, taps, geom.m).transpose(2, 3)
+            res = (weight.reshape(out, cg, geom.m, taps) * mask).reshape(weight.shape)
+        ctx.save_for_backward(y, weight, mask if ctx.needs_input_grad[0] else None, step, table_batched, inv_tau, coef)
+        ctx.geom, ctx.owner = geom, owner
+        return res
 
     @staticmethod
     def backward(ctx, grad):
-        y, weight, mask, step, table_batched, inv_tau, coef, logits = ctx.saved_tensors
+        y, weight, mask, step, table_batched, inv_tau, coef = ctx.saved_tensors
         StepCounter.advance(step, ctx.owner)
-        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
-        g = pattern_grad(y, grad, weight, table_batched, inv_tau, coef, ctx.geom)
-        if ctx.fn is not None:
-            g = g + regularizer_grad(ctx.fn, logits)
-        return grad_weight, g, *([None] * 12)
+        g = ctx.geom
+        grad_weight = None
+        if mask is not None:
+            grad_weight = grad * mask if g.taps == 1 else (grad.reshape(g.out, g.cg, g.m, g.taps) * mask).reshape(
+                grad.shape)  # fmt: skip
+        return grad_weight, pattern_grad(y, grad, weight, table_batched, inv_tau, coef, g), *([None] * 10)
 
 
 # --- pattern planes: soft masks and padded kernel-tap layouts -------------------------------------------
@@ -222,7 +265,7 @@ class PlaneSample(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, step, table, kept, allowed, scale, tau, hard, fn, owner):
+    def forward(ctx, logits, step, table, kept, allowed, scale, tau, hard, owner):
         y = logits.detach() * scale
         if allowed is not None:
             y.masked_fill_(~allowed, float("-inf"))
@@ -232,21 +275,19 @@ class PlaneSample(torch.autograd.Function):
             out = patterns_to_slots(idx, kept, table.shape[1], logits.dtype)
         else:
             out = torch.einsum("prg,pm->mrg", softmax0(y, best, tau), table)
-        ctx.save_for_backward(y, best, step, logits if fn is not None else None)
-        ctx.kept, ctx.scale, ctx.tau, ctx.fn, ctx.owner = kept, scale, tau, fn, owner
+        ctx.save_for_backward(y, best, step)
+        ctx.kept, ctx.scale, ctx.tau, ctx.owner = kept, scale, tau, owner
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        y, best, step, logits = ctx.saved_tensors
+        y, best, step = ctx.saved_tensors
         StepCounter.advance(step, ctx.owner)
         prob = softmax0(y, best, ctx.tau)  # (P, rows, G)
         gp = slot_weighted(grad.contiguous(), ctx.kept)  # d/dprob of (prob @ table)
         dot = (prob * gp).sum(0)
         g = prob.mul_(gp.sub_(dot)).mul_(ctx.scale / ctx.tau)
-        if ctx.fn is not None:
-            g = g + regularizer_grad(ctx.fn, logits)
-        return g, None, None, None, None, None, None, None, None, None
+        return g, *([None] * 8)
 
 
 # --- numba: fused CPU kernels (optional) ----------------------------------------------------------------
@@ -319,7 +360,7 @@ class NumbaHardSample(torch.autograd.Function):
     logits each way, the mask written straight in the weight's layout. Returns the mask."""
 
     @staticmethod
-    def forward(ctx, logits, step, table, kept, shape, scale, tau, fn, owner):
+    def forward(ctx, logits, step, table, kept, shape, scale, tau, owner):
         npat, rows, groups = logits.shape
         cin, taps, m = shape[1], math.prod(shape[2:]), table.shape[1]
         lg = logits.detach().contiguous().reshape(npat, -1)
@@ -328,14 +369,14 @@ class NumbaHardSample(torch.autograd.Function):
         mask = torch.empty(math.prod(shape), dtype=lg.dtype)
         _numba_threads()
         _nb_forward(lg.numpy(), u.numpy(), float(scale), table.numpy(), y.numpy(), mask.numpy(), groups, cin, taps, m)
-        ctx.save_for_backward(y, kept, step, logits if fn is not None else None)
-        ctx.scale, ctx.tau, ctx.fn, ctx.owner = scale, tau, fn, owner
+        ctx.save_for_backward(y, kept, step)
+        ctx.scale, ctx.tau, ctx.owner = scale, tau, owner
         ctx.geom = (logits.shape, groups, cin, taps, m)
         return mask.reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
-        y, kept, step, logits = ctx.saved_tensors
+        y, kept, step = ctx.saved_tensors
         StepCounter.advance(step, ctx.owner)
         lshape, groups, cin, taps, m = ctx.geom
         out = torch.empty_like(y)
@@ -343,7 +384,4 @@ class NumbaHardSample(torch.autograd.Function):
         _numba_threads()
         _nb_backward(y.numpy(), g.numpy(), kept.numpy(), 1.0 / ctx.tau, ctx.scale / ctx.tau, out.numpy(),
                      groups, cin, taps, m)  # fmt: skip
-        out = out.reshape(lshape)
-        if ctx.fn is not None:
-            out = out + regularizer_grad(ctx.fn, logits)
-        return out, None, None, None, None, None, None, None, None
+        return out.reshape(lshape), *([None] * 7)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .sampling import StepCounter, regularizer_grad
+from .sampling import StepCounter
 
 try:
     import triton
@@ -148,7 +148,7 @@ class TritonHardSample(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, logits, step, table, out, cg, taps, scale, tau, fn, owner):
+    def forward(ctx, weight, logits, step, table, out, cg, taps, scale, tau, owner):
         fwd, _ = _kernels()
         npat, m = table.shape
         if _strides(weight) is None:
@@ -166,16 +166,16 @@ class TritonHardSample(torch.autograd.Function):
             lg, u, y, weight, res, tab, n, cg * taps, taps, s_o, s_c, s_t, float(scale),
             P=npat, M=m, P_PAD=p_pad, M_PAD=m_pad, BLOCK=block,
         )  # fmt: skip
-        ctx.save_for_backward(y, weight, tab, step, logits if fn is not None else None)
+        ctx.save_for_backward(y, weight, tab, step)
         ctx.geom = (n, cg * taps, taps, p_pad, m_pad, block)
-        ctx.scale, ctx.tau, ctx.fn, ctx.owner = scale, tau, fn, owner
+        ctx.scale, ctx.tau, ctx.owner = scale, tau, owner
         ctx.logits_dtype = logits.dtype
         return res
 
     @staticmethod
     def backward(ctx, grad):
         _, bwd = _kernels()
-        y, weight, tab, step, logits = ctx.saved_tensors
+        y, weight, tab, step = ctx.saved_tensors
         StepCounter.advance(step, ctx.owner)
         n, groups, taps, p_pad, m_pad, block = ctx.geom
         npat, m = tab.shape
@@ -192,10 +192,7 @@ class TritonHardSample(torch.autograd.Function):
             float(ctx.scale) / float(ctx.tau), P=npat, M=m, P_PAD=p_pad, M_PAD=m_pad, BLOCK=block,
             WEIGHT_GRAD=wants_w,
         )  # fmt: skip
-        gl = gl.to(ctx.logits_dtype)
-        if ctx.fn is not None:
-            gl = gl + regularizer_grad(ctx.fn, logits)
-        return (gw if wants_w else None), gl, *([None] * 9)
+        return (gw if wants_w else None), gl.to(ctx.logits_dtype), *([None] * 8)
 
 
 def _format(t: torch.Tensor) -> torch.memory_format:
