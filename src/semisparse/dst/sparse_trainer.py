@@ -318,14 +318,21 @@ class DynamicSparsity:
         """Optimizer steps seen so far."""
         return self._step
 
-    def step(self) -> bool:
-        """Call after every ``optimizer.step()``. Returns True when the topology was updated."""
+    def step(self, stepped: bool = True) -> bool:
+        """Call after every ``optimizer.step()``. Returns True when the topology was updated.
+
+        ``stepped=False``: the optimizer skipped this step (a GradScaler found inf/NaN gradients under fp16):
+        it is not counted, and the gradients captured in it are dropped.
+        """
+        if not stepped:
+            for buf in self._dense_grads.values():
+                buf.zero_()
+            return False
         self._step += 1
-        updated = self.schedule.is_update(self._step)
-        if updated:
-            self.update(self.schedule.drop_fraction(self._step))
+        due = self.schedule.is_update(self._step)
+        updated = due and self.update(self.schedule.drop_fraction(self._step))
         self._accumulate = self._capturing(self._step)
-        if updated or not self._accumulate:
+        if due or not self._accumulate:
             self._dense_grads.clear()
         self._grad_buffers()
         return updated
@@ -336,9 +343,13 @@ class DynamicSparsity:
         return any(self.schedule.is_update(step + i) for i in range(1, self.grad_steps + 1))
 
     @torch.no_grad()
-    def update(self, drop_fraction: float) -> None:
-        """One topology update of every layer with the captured dense gradients."""
-        for layer, g in zip(self.layers, self._gathered_grads()):
+    def update(self, drop_fraction: float) -> bool:
+        """One topology update of every layer with the captured dense gradients; returns False, changing
+        nothing, when any of them is not finite (an overflowed fp16 backward: growth would rank infs)."""
+        grads = self._gathered_grads()
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
+        for layer, g in zip(self.layers, grads):
             lay, old = layer.layout, layer.mask.mask
             if self.rule == "nm":  # groups of M run along input channels: the layout's view
                 view, back = lay.to_view, lay.from_view
@@ -357,6 +368,7 @@ class DynamicSparsity:
                     mview, wview, gview, drop_fraction, layer.budget, threshold, layer.ablate
                 )
             self._apply(layer, back(new), target)
+        return True
 
     def _apply(self, layer: SparseLayer, new: torch.Tensor, target: object) -> None:
         keep = new & layer.mask.mask  # survivors keep their value; pruned and newly grown start at 0
