@@ -525,8 +525,8 @@ def setup(args: argparse.Namespace) -> Run:
     if args.resume:
         _resume(run, args.resume)
     train_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
+    if args.compile:  # one graph or an error (see main): never a silently slower partial compile
+        train_model = torch.compile(train_model, fullgraph=True)
     if info.distributed:
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
@@ -587,6 +587,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
         )  # fmt: skip
+    except Exception as exc:
+        if args.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SemisparseError(f"--compile: torch.compile cannot compile this model and sparsity mode as one graph "
+                                  f"({first}); drop --compile") from exc  # fmt: skip
+        raise
     finally:
         dist_utils.cleanup()
     return 0
