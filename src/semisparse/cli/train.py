@@ -33,6 +33,7 @@ from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
 from ..train.sparsity import SparsityConfig, TrainingSparsity
+from ..train.synthetic import synthetic_size
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
 
@@ -42,8 +43,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semisparse train", description=desc, add_help=add_help)
     a = p.add_argument
     a("--config", default=None, help="YAML recipe: a mapping of flag names to values; the command line wins")
-    a("--data-path", default="digits", help="'digits' (bundled), an ImageFolder tree (train/, val/) or a folder "
-      "holding cifar-10-batches-py/ (default: digits)")
+    a("--data-path", default="digits", help="'digits' (bundled), an ImageFolder tree (train/, val/), a folder "
+      "holding cifar-10-batches-py/, or 'synthetic[:N]' (random in-memory ImageNet-shaped images already on the "
+      "device, to measure throughput) (default: digits)")
     a("--model", default=None, help="model name: torchvision, timm/<name>, resnet18_cifar, wrn22_2, digits_cnn "
       "(default: digits_cnn / resnet18_cifar / resnet18 for digits / CIFAR-10 / ImageFolder)")
     a("--device", default=None, help="device: cuda, cuda:N or cpu (default: cuda when available)")
@@ -249,9 +251,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                               "im2col); for fast sparse inference use `semisparse export` / ss.deploy")  # fmt: skip
     n(args, ("dali_cpu",), args.enable_dali, "needs --enable-dali")
     if args.enable_dali:
-        if args.data_path == "digits":
+        if args.data_path == "digits" or synthetic_size(args.data_path) is not None:
             raise SemisparseError("--enable-dali reads ImageFolder trees (train/, val/ class folders of images) "
-                                  "only, not the digits tensors; drop it to use the PyTorch DataLoader")  # fmt: skip
+                                  f"only, not --data-path {args.data_path}; drop it to use the built-in loaders")
         n(args, ("auto_augment", "random_erase", "backend", "use_v2"), False, "is not available with --enable-dali "
           "(its pipeline is random-resized-crop + flip); drop one of them")
         require_dali()
@@ -357,7 +359,10 @@ def _data(args) -> DataSets:
     image_flags = ("train_crop_size", "interpolation", "auto_augment", "ra_magnitude", "augmix_severity",
                    "random_erase", "backend", "use_v2", "val_resize_size", "val_crop_size", "cache_dataset")
     _needs(args, image_flags, not is_digits, "applies to image data (ImageFolder, CIFAR-10), not to the digits tensors")
-    is_cifar = not is_digits and (
+    synthetic = synthetic_size(args.data_path) is not None
+    _needs(args, tuple(f for f in (*image_flags, "ra_sampler", "ra_reps") if not f.endswith("crop_size")),
+           not synthetic, "has no effect on --data-path synthetic (random tensors; only the crop sizes apply)")
+    is_cifar = not is_digits and not synthetic and (
         os.path.basename(os.path.normpath(args.data_path)) == "cifar-10-batches-py"
         or os.path.isdir(os.path.join(args.data_path, "cifar-10-batches-py"))
     )
@@ -485,7 +490,7 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         train_loader, val_loader = make_loaders(
             data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
-            ra_reps=args.ra_reps if args.ra_sampler else 1,
+            ra_reps=args.ra_reps if args.ra_sampler else 1, device=device,
         )  # fmt: skip
     model = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
