@@ -211,6 +211,10 @@ def test_backend_choice_is_validated_and_auto_never_picks_triton_on_cpu(monkeypa
     soft = GumbelMask(layout_of((6, 16)), NM(2, 4), p.logits.detach().clone(), total_steps=3, tau=(1.0, 1.0),
                       scale=(1.0, 1.0), hard=False)  # fmt: skip
     assert soft.sampler(w) == "planes"
+    monkeypatch.setattr(gumbel, "_BACKEND", {"name": "triton"})
+    monkeypatch.setattr(sampling_triton, "interpreting", lambda: False)
+    with pytest.raises(ss.SemisparseError, match="runs on CUDA tensors"):
+        p.sampler(w)
 
 
 # --- host work of a learned-mask step ----------------------------------------------------------------------

@@ -95,7 +95,8 @@ USE_NUMBA = HAVE_NUMBA
 #: "auto" - Triton's fused kernels on CUDA when Triton is installed, numba's on CPU fp32 when installed
 #: (``USE_NUMBA``), the lean torch ops otherwise; "torch" - :class:`~semisparse.masking.sampling.LeanHardSample`
 #: everywhere; "triton" - the fused kernels (an error where they cannot run); "compiled" - the lean torch ops
-#: through ``torch.compile`` (one dynamic-shape graph for all layers); "numba" - numba's kernels (CPU fp32).
+#: through ``torch.compile`` (one dynamic-shape graph for all layers); "numba" - numba's kernels on CPU fp32
+#: (the lean torch ops elsewhere).
 #: Inside a ``torch.compile``d model the lean torch ops are always traced.
 BACKENDS = ("auto", "torch", "triton", "compiled", "numba")
 _BACKEND = {"name": os.environ.get("SEMISPARSE_MASK_BACKEND", "auto")}
@@ -127,11 +128,13 @@ def _compiled_lean():
             sched = schedule_tensors(step, tau, scale, total_steps, logits.dtype)
             return LeanHardSample.apply(weight, logits, step, table_batched, table, out, cg, taps, *sched, None)
 
-        fn = _COMPILED["fn"] = torch.compile(lean, dynamic=True)
+        fn = _COMPILED["fn"] = torch.compile(lean, dynamic=True, backend=_COMPILED["backend"])
     return fn
 
 
-_COMPILED: dict[str, object] = {}
+#: The compiled function, built on first use; "backend" is torch.compile's (benchmarks' CPU smoke runs use
+#: "aot_eager": the same traced graphs without inductor's C++ build).
+_COMPILED: dict[str, object] = {"backend": "inductor"}
 
 
 class GumbelMask(SparseParametrization):
@@ -237,6 +240,12 @@ class GumbelMask(SparseParametrization):
             if weight.is_cuda and sampling_triton.available():
                 return "triton"
             return "numba" if numba_ok else "torch"
+        if name not in BACKENDS:
+            raise SemisparseError(f"unknown mask sampling backend {name!r} (SEMISPARSE_MASK_BACKEND?); expected one "
+                                  f"of {', '.join(BACKENDS)}")  # fmt: skip
+        if name == "triton" and not (weight.is_cuda or sampling_triton.interpreting()):
+            raise SemisparseError(f"mask sampling backend 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1);"
+                                  f" this weight is on {weight.device.type}: use set_backend('auto')")  # fmt: skip
         if name == "numba" and not numba_ok:
             return "torch"
         return name
