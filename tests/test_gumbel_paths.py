@@ -367,3 +367,20 @@ def test_closed_form_regularizer_gradients_equal_autograd_of_the_regularizer(kin
     (ref,) = torch.autograd.grad(_ref_regularizer(kind, 0.3, leaf, p.allowed, sq), leaf)
     torch.testing.assert_close(grads[True] - grads[False], ref, rtol=1e-4, atol=1e-6)
     assert ref.abs().sum() > 0
+
+
+def test_a_deep_copy_trains_with_its_own_schedule(monkeypatch):
+    """The host-side schedule scalars are caches: a copy (EMA, deepcopy, pickle) must not share or lose them."""
+    import copy
+
+    monkeypatch.setattr(gumbel, "_BACKEND", {"name": "torch"})
+    p, w = make_mask((6, 16), (2, 4))
+    up = torch.randn(6, 16)
+    run(p, w, up, seed=0)  # builds the caches at position 0
+    twin = copy.deepcopy(p)
+    set_step_single(twin, 4)
+    ref = run(twin, w, up, seed=3, fn=reference_forward, step=4)
+    set_step_single(twin, 4)
+    got = run(twin, w, up, seed=3)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)

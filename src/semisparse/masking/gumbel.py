@@ -209,6 +209,10 @@ class GumbelMask(SparseParametrization):
             self._host_step = int(self.step)
         return self._host_step
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_sched": None, "_batched": None}  # caches: a copy (deepcopy, pickle) builds its own
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_step = None  # the loaded position is read once, at the next training forward
