@@ -36,6 +36,7 @@ from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
 from ..train.run_folder import claim_output_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
+from ..train.synthetic import synthetic_size
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
 
@@ -45,8 +46,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semisparse train", description=desc, add_help=add_help)
     a = p.add_argument
     a("--config", default=None, help="YAML recipe: a mapping of flag names to values; the command line wins")
-    a("--data-path", default="digits", help="'digits' (bundled), an ImageFolder tree (train/, val/) or a folder "
-      "holding cifar-10-batches-py/ (default: digits)")
+    a("--data-path", default="digits", help="'digits' (bundled), an ImageFolder tree (train/, val/), a folder "
+      "holding cifar-10-batches-py/, or 'synthetic[:N]' (random in-memory ImageNet-shaped images already on the "
+      "device, to measure throughput) (default: digits)")
     a("--model", default=None, help="model name: torchvision, timm/<name>, resnet18_cifar, wrn22_2, digits_cnn "
       "(default: digits_cnn / resnet18_cifar / resnet18 for digits / CIFAR-10 / ImageFolder)")
     a("--device", default=None, help="device: cuda, cuda:N or cpu (default: cuda when available)")
@@ -279,9 +281,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                               "im2col); for fast sparse inference use `semisparse export` / ss.deploy")  # fmt: skip
     n(args, ("dali_cpu",), args.enable_dali, "needs --enable-dali")
     if args.enable_dali:
-        if args.data_path == "digits":
+        if args.data_path == "digits" or synthetic_size(args.data_path) is not None:
             raise SemisparseError("--enable-dali reads ImageFolder trees (train/, val/ class folders of images) "
-                                  "only, not the digits tensors; drop it to use the PyTorch DataLoader")  # fmt: skip
+                                  f"only, not --data-path {args.data_path}; drop it to use the built-in loaders")
         n(args, ("auto_augment", "random_erase", "backend", "use_v2"), False, "is not available with --enable-dali "
           "(its pipeline is random-resized-crop + flip); drop one of them")
         n(args, ("skip_bad_images",), False, "is not available with --enable-dali (DALI decodes the files itself); "
@@ -397,7 +399,10 @@ def _data(args) -> DataSets:
     image_flags = ("train_crop_size", "interpolation", "auto_augment", "ra_magnitude", "augmix_severity",
                    "random_erase", "backend", "use_v2", "val_resize_size", "val_crop_size", "cache_dataset")
     _needs(args, image_flags, not is_digits, "applies to image data (ImageFolder, CIFAR-10), not to the digits tensors")
-    is_cifar = not is_digits and (
+    synthetic = synthetic_size(args.data_path) is not None
+    _needs(args, tuple(f for f in (*image_flags, "ra_sampler", "ra_reps") if not f.endswith("crop_size")),
+           not synthetic, "has no effect on --data-path synthetic (random tensors; only the crop sizes apply)")
+    is_cifar = not is_digits and not synthetic and (
         os.path.basename(os.path.normpath(args.data_path)) == "cifar-10-batches-py"
         or os.path.isdir(os.path.join(args.data_path, "cifar-10-batches-py"))
     )
@@ -533,7 +538,7 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         train_loader, val_loader = make_loaders(
             data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
-            ra_reps=args.ra_reps if args.ra_sampler else 1, skip_bad_images=args.skip_bad_images,
+            ra_reps=args.ra_reps if args.ra_sampler else 1, skip_bad_images=args.skip_bad_images, device=device,
         )  # fmt: skip
     model = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
@@ -571,8 +576,8 @@ def setup(args: argparse.Namespace) -> Run:
     if args.resume:
         _resume(run, args.resume)
     train_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
+    if args.compile:  # one graph or an error (see main): never a silently slower partial compile
+        train_model = torch.compile(train_model, fullgraph=True)
     if info.distributed:
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
@@ -639,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint=folder.save if folder is not None else None,
         )  # fmt: skip
         _report_skipped(run)
+    except Exception as exc:
+        if args.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SemisparseError(f"--compile: torch.compile cannot compile this model and sparsity mode as one graph "
+                                  f"({first}); drop --compile") from exc  # fmt: skip
+        raise
     finally:
         dist_utils.cleanup()
     return 0

@@ -12,8 +12,9 @@ current ``k`` in the parametrization's ``target``, so ``ss.check`` verifies cons
 
 **Where the dense gradient comes from.** Growth needs the gradient of the loss with respect to the
 *effective* weight ``original * mask`` - non-zero at inactive positions, unlike ``original.grad``. A
-forward hook on each ``Mask`` parametrization module (registered here, in ``_capture``) puts a tensor hook
-on the effective weight it returns; that hook adds the incoming gradient to a per-layer buffer. It only
+forward hook on each ``Mask`` parametrization module (registered here, in ``_capture``) passes the effective
+weight it returns through :class:`GradTap`, whose backward adds the incoming gradient to a per-layer buffer
+(zeros allocated between steps, so a ``torch.compile``d forward only adds to them: no graph break). It only
 does so while the coming optimizer step is an update step, so other steps cost nothing. The buffer sums
 the micro-batches of gradient accumulation; at the update it is averaged over the ranks of
 ``torch.distributed`` when that is initialised, so every rank computes the same new masks.
@@ -97,6 +98,21 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.mul_(keep.to(value.device))
+
+
+class GradTap(torch.autograd.Function):
+    """Identity on the effective weight; backward adds the gradient to ``buffer`` (the dense-gradient capture)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(buffer)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (buffer,) = ctx.saved_tensors
+        buffer.add_(grad)
+        return grad, None
 
 
 class DynamicSparsity:
@@ -198,6 +214,7 @@ class DynamicSparsity:
         self._dense_params = sum(math.prod(c.weight_shape) for c in budgeted if id(c) in dense_reason)
         self._budget_params = sum(math.prod(s) for s in shapes)
         self._accumulate = self._capturing(0)
+        self._grad_buffers()
 
     @property
     def rule(self) -> str:
@@ -206,18 +223,19 @@ class DynamicSparsity:
 
     # -- dense gradient capture ---------------------------------------------------------------------
     def _capture(self, key: str):
-        def forward_hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        def forward_hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor | None:
             if self._accumulate and torch.is_tensor(output) and output.requires_grad:
-                output.register_hook(lambda grad: self._add_grad(key, grad))
+                return GradTap.apply(output, self._dense_grads[key])
+            return None
 
         return forward_hook
 
-    def _add_grad(self, key: str, grad: torch.Tensor) -> None:
-        buf = self._dense_grads.get(key)
-        if buf is None:
-            self._dense_grads[key] = grad.detach().clone()
-        else:
-            buf.add_(grad.detach())
+    def _grad_buffers(self) -> None:
+        """Zero dense-gradient buffers for the layers while capturing (allocated here, outside the forward)."""
+        if self._accumulate:
+            for layer in self.layers:
+                if layer.key not in self._dense_grads:
+                    self._dense_grads[layer.key] = torch.zeros_like(layer.original, memory_format=torch.preserve_format)
 
     def _gathered_grads(self) -> list[torch.Tensor]:
         """Per layer, the dense gradient summed over micro-batches and averaged over DDP ranks."""
@@ -239,15 +257,23 @@ class DynamicSparsity:
         """Optimizer steps seen so far."""
         return self._step
 
-    def step(self) -> bool:
-        """Call after every ``optimizer.step()``. Returns True when the topology was updated."""
+    def step(self, stepped: bool = True) -> bool:
+        """Call after every ``optimizer.step()``. Returns True when the topology was updated.
+
+        ``stepped=False``: the optimizer skipped this step (a GradScaler found inf/NaN gradients under fp16):
+        it is not counted, and the gradients captured in it are dropped.
+        """
+        if not stepped:
+            for buf in self._dense_grads.values():
+                buf.zero_()
+            return False
         self._step += 1
-        updated = self.schedule.is_update(self._step)
-        if updated:
-            self.update(self.schedule.drop_fraction(self._step))
+        due = self.schedule.is_update(self._step)
+        updated = due and self.update(self.schedule.drop_fraction(self._step))
         self._accumulate = self._capturing(self._step)
-        if updated or not self._accumulate:
+        if due or not self._accumulate:
             self._dense_grads.clear()
+        self._grad_buffers()
         return updated
 
     def _capturing(self, step: int) -> bool:
@@ -256,13 +282,18 @@ class DynamicSparsity:
         return any(self.schedule.is_update(step + i) for i in range(1, self.grad_steps + 1))
 
     @torch.no_grad()
-    def update(self, drop_fraction: float) -> None:
-        """One topology update of every layer with the captured dense gradients."""
-        for layer, g in zip(self.layers, self._gathered_grads()):
+    def update(self, drop_fraction: float) -> bool:
+        """One topology update of every layer with the captured dense gradients; returns False, changing
+        nothing, when any of them is not finite (an overflowed fp16 backward: growth would rank infs)."""
+        grads = self._gathered_grads()
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
+        for layer, g in zip(self.layers, grads):
             view, back = self.topology.view(layer)
             new, target = self.topology.update(layer, view(layer.mask.mask), view(layer.original), view(g),
                                                drop_fraction)
             self._apply(layer, back(new), target)
+        return True
 
     def _apply(self, layer: SparseLayer, new: torch.Tensor, target: object) -> None:
         keep = new & layer.mask.mask  # survivors keep their value; pruned and newly grown start at 0
@@ -312,6 +343,7 @@ class DynamicSparsity:
         self._step = int(state["step"])
         self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
         self._accumulate = self._capturing(self._step)
+        self._grad_buffers()
 
     # -- inspection ----------------------------------------------------------------------------------
     @property

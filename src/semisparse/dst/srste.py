@@ -90,8 +90,11 @@ class SRSTE:
             self.masks.append((p, c.module, c.param))
 
     @torch.no_grad()
-    def step(self) -> bool:
-        """Recompute every mask from the magnitudes of the dense weights. Returns True (always updates)."""
+    def step(self, stepped: bool = True) -> bool:
+        """Recompute every mask from the magnitudes of the dense weights. Returns True (always updates);
+        ``stepped=False`` (the optimizer skipped the step: fp16 overflow): nothing changes, nothing counts."""
+        if not stepped:
+            return False
         self._step += 1
         for p, module, param in self.masks:
             w = module.parametrizations[param].original

@@ -31,13 +31,17 @@ masks; ``regularizer`` None | "entropy" | "magnitude" | (name, weight), applied 
 gradient (no extra loss term to add); ``train_bias`` (False); ``bn`` "recalibrate" | "freeze" | "train"
 (see :func:`apply_trainable`).
 
-Speed: sampling and its gradient are one pass over the logits each way (fused numba kernels when numba is
-installed, CPU fp32; elementwise torch ops over pattern planes otherwise, also on GPU).
+Speed: a training step samples and differentiates each hard mask in a fixed handful of whole-tensor ops
+(:mod:`semisparse.masking.sampling`), one fused Triton kernel each way on CUDA
+(:mod:`semisparse.masking.sampling_triton`) or numba's fused kernels on CPU when installed; the schedule
+position is never read back from the device in a step (see :class:`GumbelMask`), and the forward traces
+into ``torch.compile`` without graph breaks. :func:`set_backend` picks the implementation.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -47,7 +51,24 @@ from torch import nn
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout
 from ..patterns import MAX_PATTERNS, NM, FanIn, pattern_table
+from . import sampling_triton
 from .parametrization import SparseParametrization, sparse_weights
+from .sampling import (
+    HAVE_NUMBA,
+    Geometry,
+    LeanHardSample,
+    NumbaHardSample,
+    PlaneSample,
+    RegularizerGrad,
+    first_argmax0,
+    from_slots,
+    gather_mask,
+    kept_slots,
+    patterns_to_slots,
+    schedule_tensors,
+    slot_weighted,
+    to_slots,
+)
 
 TRAINABLE = ("mask", "all")
 BN_MODES = ("recalibrate", "freeze", "train")
@@ -66,216 +87,68 @@ DEFAULTS: dict[str, object] = {
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def to_slots(layout: Layout, x: torch.Tensor, m: int) -> torch.Tensor:
-    """Weight-shaped ``x`` -> ``(M, rows, G)``: plane ``j`` holds slot ``j`` of every group of M.
-
-    Groups are M consecutive input channels at one kernel tap (the layout's N:M groups); for a conv
-    ``(out, cin, *k)`` group ``(o, c // M, tap)``, for a Linear ``(o, i // M)``. Padded kernel-tap layouts
-    go through the layout's ``(rows, K)`` view. Planes make every per-group operation an elementwise op
-    over ``rows * G`` contiguous values (reductions over a trailing axis of 4-8 are slow on CPU).
-    """
-    if layout.mode == "taps":
-        v = layout.to_view(x, m, fill=0)
-        return v.reshape(v.shape[0], -1, m).permute(2, 0, 1).contiguous()
-    out, cin = x.shape[0], x.shape[1]
-    return x.reshape(out, cin // m, m, -1).permute(2, 0, 1, 3).reshape(m, out, -1)
-
-
-def from_slots(layout: Layout, planes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_slots`: ``(M, rows, G)`` -> weight-shaped (padding dropped)."""
-    m = planes.shape[0]
-    if layout.mode == "taps":
-        return layout.from_view(planes.permute(1, 2, 0).reshape(planes.shape[1], -1))
-    out, cin = layout.shape[0], layout.shape[1]
-    return planes.reshape(m, out, cin // m, -1).permute(1, 2, 0, 3).reshape(layout.shape)
-
-
-def _argmax0(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and argmax over the pattern planes ``(P, ...)`` (ties: the lower index), as elementwise ops."""
-    best = y[0].clone()
-    idx = torch.zeros(y.shape[1:], dtype=torch.uint8, device=y.device)
-    for p in range(1, y.shape[0]):
-        idx.masked_fill_(y[p] > best, p)
-        torch.maximum(best, y[p], out=best)
-    return best, idx
-
-
-def _patterns_to_slots(idx: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Pattern index ``(rows, G)`` -> 0/1 slot planes ``(M, rows, G)``."""
-    planes = torch.zeros(table.shape[1], *idx.shape, dtype=dtype, device=idx.device)
-    for p, row in enumerate(table.bool().tolist()):
-        hit = idx == p
-        for j, keep in enumerate(row):
-            if keep:
-                planes[j].add_(hit)
-    return planes
-
-
-def _slot_weighted(planes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``(M, rows, G)`` -> ``(P, rows, G)``: for each pattern, the sum over the slots it keeps."""
-    out = torch.empty(table.shape[0], *planes.shape[1:], dtype=planes.dtype, device=planes.device)
-    for p, row in enumerate(table.bool().tolist()):
-        kept = [j for j, k in enumerate(row) if k]
-        torch.add(planes[kept[0]], planes[kept[1]], out=out[p]) if len(kept) > 1 else out[p].copy_(planes[kept[0]])
-        for j in kept[2:]:
-            out[p].add_(planes[j])
-    return out
-
-
-class _SampledPatterns(torch.autograd.Function):
-    """One Gumbel sample of every group's pattern: logits ``(P, rows, G)`` -> slot planes ``(M, rows, G)``.
-
-    Forward keeps only ``y = scale * logits + gumbel`` (saved for backward) and returns the sampled 0/1
-    pattern (``hard``) or ``softmax(y / tau) @ table``. Backward is the straight-through gradient through
-    ``softmax(y / tau) @ table``, written out over pattern planes. It also advances the schedule position
-    (once per backward pass: reading ``module.weight`` never moves it) and adds the gradient of an
-    optional regulariser ``fn(logits)``.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, step, table, allowed, scale, tau, hard, fn):
-        y = logits.detach() * scale
-        if allowed is not None:
-            y.masked_fill_(~allowed, float("-inf"))
-        y.sub_(torch.rand_like(y).log_().neg_().log_())  # + Gumbel(0, 1) = -log(-log(u))
-        best, idx = _argmax0(y)
-        if hard:
-            out = _patterns_to_slots(idx, table, logits.dtype)
-        else:
-            out = torch.einsum("prg,pm->mrg", _softmax0(y, best, tau), table)
-        ctx.save_for_backward(y, best, table, logits if fn is not None else None)
-        ctx.step, ctx.scale, ctx.tau, ctx.fn = step, scale, tau, fn
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, best, table, logits = ctx.saved_tensors
-        ctx.step.add_(1)
-        prob = _softmax0(y, best, ctx.tau)  # (P, rows, G)
-        gp = _slot_weighted(grad.contiguous(), table)  # d/dprob of (prob @ table)
-        dot = (prob * gp).sum(0)
-        g = prob.mul_(gp.sub_(dot)).mul_(ctx.scale / ctx.tau)
-        if ctx.fn is not None:
-            with torch.enable_grad():
-                leaf = logits.detach().requires_grad_(True)
-                (extra,) = torch.autograd.grad(ctx.fn(leaf), leaf)
-            g = g + extra
-        return g, None, None, None, None, None, None, None
-
-
-try:  # optional: fused CPU kernels (the "fast" extra); the torch code above is the reference
-    import numba
-    import numpy as np
-
-    @numba.njit(parallel=True, cache=True)
-    def _nb_forward(logits, u, scale, table, y, mask, groups, cin, taps, m):  # pragma: no cover - jitted
-        npat, total = logits.shape
-        for gg in numba.prange(total):
-            best = -np.inf
-            bi = 0
-            for p in range(npat):
-                v = logits[p, gg] * scale - np.log(-np.log(u[p, gg]))
-                y[p, gg] = v
-                if v > best:
-                    best = v
-                    bi = p
-            r = gg // groups
-            rem = gg - r * groups
-            gi = rem // taps
-            base = (r * cin + gi * m) * taps + (rem - gi * taps)
-            for j in range(m):
-                mask[base + j * taps] = table[bi, j]
-
-    @numba.njit(parallel=True, cache=True)
-    def _nb_backward(y, grad, kept, inv_tau, coef, out, groups, cin, taps, m):  # pragma: no cover - jitted
-        npat, total = y.shape
-        nkeep = kept.shape[1]
-        for gg in numba.prange(total):
-            r = gg // groups
-            rem = gg - r * groups
-            gi = rem // taps
-            base = (r * cin + gi * m) * taps + (rem - gi * taps)
-            mx = -np.inf
-            for p in range(npat):
-                mx = max(mx, y[p, gg])
-            s = 0.0
-            for p in range(npat):
-                e = np.exp((y[p, gg] - mx) * inv_tau)
-                out[p, gg] = e
-                s += e
-            dot = 0.0
-            for p in range(npat):
-                gp = 0.0
-                for k in range(nkeep):
-                    gp += grad[base + kept[p, k] * taps]
-                prob = out[p, gg] / s
-                out[p, gg] = prob
-                dot += prob * gp
-            for p in range(npat):
-                gp = 0.0
-                for k in range(nkeep):
-                    gp += grad[base + kept[p, k] * taps]
-                out[p, gg] = out[p, gg] * (gp - dot) * coef
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - numba is optional
-    HAVE_NUMBA = False
-
-
-class _FusedHardSample(torch.autograd.Function):
-    """:class:`_SampledPatterns` with ``hard=True`` for "rows"/"conv" layouts on CPU fp32, as two fused numba
-    kernels: one pass over the logits each way, the mask written straight in the weight's layout."""
-
-    @staticmethod
-    def forward(ctx, logits, step, table, kept, shape, scale, tau, fn):
-        npat, rows, groups = logits.shape
-        cin, taps, m = shape[1], math.prod(shape[2:]), table.shape[1]
-        lg = logits.detach().contiguous().reshape(npat, -1)
-        u = torch.rand_like(lg)
-        y = torch.empty_like(lg)
-        mask = torch.empty(math.prod(shape), dtype=lg.dtype)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _nb_forward(lg.numpy(), u.numpy(), float(scale), table.numpy(), y.numpy(), mask.numpy(), groups, cin, taps, m)
-        ctx.save_for_backward(y, kept, logits if fn is not None else None)
-        ctx.step, ctx.scale, ctx.tau, ctx.fn, ctx.geom = step, scale, tau, fn, (logits.shape, groups, cin, taps, m)
-        return mask.reshape(shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, kept, logits = ctx.saved_tensors
-        ctx.step.add_(1)
-        lshape, groups, cin, taps, m = ctx.geom
-        out = torch.empty_like(y)
-        g = grad.detach().to(y.dtype).contiguous().reshape(-1)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _nb_backward(y.numpy(), g.numpy(), kept.numpy(), 1.0 / ctx.tau, ctx.scale / ctx.tau, out.numpy(),
-                     groups, cin, taps, m)  # fmt: skip
-        out = out.reshape(lshape)
-        if ctx.fn is not None:
-            with torch.enable_grad():
-                leaf = logits.detach().requires_grad_(True)
-                (extra,) = torch.autograd.grad(ctx.fn(leaf), leaf)
-            out = out + extra
-        return out, None, None, None, None, None, None, None
-
-
-#: Use the fused numba kernels where they apply (tests switch this off to check the torch path).
+#: Where numba is installed, hard samples on CPU fp32 use its fused kernels (tests switch this off to check
+#: the torch path; ``set_backend("torch")`` does the same for every device).
 USE_NUMBA = HAVE_NUMBA
 
+#: How a training forward samples a hard mask on a "rows"/"conv" layout (soft masks and padded layouts
+#: always use the pattern planes of :class:`~semisparse.masking.sampling.PlaneSample`):
+#: "auto" - Triton's fused kernels on CUDA when Triton is installed, numba's on CPU fp32 when installed
+#: (``USE_NUMBA``), the lean torch ops otherwise; "torch" - :class:`~semisparse.masking.sampling.LeanHardSample`
+#: everywhere; "triton" - the fused kernels (an error where they cannot run); "compiled" - the lean torch ops
+#: through ``torch.compile`` (one dynamic-shape graph for all layers); "numba" - numba's kernels on CPU fp32
+#: (the lean torch ops elsewhere).
+#: Inside a ``torch.compile``d model the lean torch ops are always traced.
+BACKENDS = ("auto", "torch", "triton", "compiled", "numba")
+_BACKEND = {"name": os.environ.get("SEMISPARSE_MASK_BACKEND", "auto")}
 
-def _softmax0(y: torch.Tensor, best: torch.Tensor, tau: float) -> torch.Tensor:
-    """``softmax(y / tau)`` over the pattern planes, given ``best = y.max(0)``."""
-    e = (y - best).div_(tau).exp_()
-    return e.div_(e.sum(0))
+
+def set_backend(name: str) -> None:
+    """Choose how learned masks are sampled in training (see ``BACKENDS``); for benchmarks and tests."""
+    if name not in BACKENDS:
+        raise SemisparseError(f"unknown mask sampling backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "triton" and not sampling_triton.available():
+        raise SemisparseError(f"backend 'triton' needs the triton package ({sampling_triton.why_unavailable()})")
+    if name == "numba" and not HAVE_NUMBA:
+        raise SemisparseError("backend 'numba' needs numba (pip install semisparse[fast])")
+    _BACKEND["name"] = name
+
+
+def get_backend() -> str:
+    """The sampling backend set by :func:`set_backend` (or ``SEMISPARSE_MASK_BACKEND``), default "auto"."""
+    return _BACKEND["name"]
+
+
+def _compiled_lean():
+    """The lean torch sample through ``torch.compile``, built once with dynamic shapes (one graph for every
+    layer); the schedule is computed on the device from the ``step`` buffer inside the graph."""
+    fn = _COMPILED.get("fn")
+    if fn is None:
+
+        def lean(weight, logits, step, table_batched, table, out, cg, taps, tau, scale, total_steps):
+            sched = schedule_tensors(step, tau, scale, total_steps, logits.dtype)
+            return LeanHardSample.apply(weight, logits, step, table_batched, table, out, cg, taps, *sched, None)
+
+        fn = _COMPILED["fn"] = torch.compile(lean, dynamic=True, backend=_COMPILED["backend"])
+    return fn
+
+
+#: The compiled function, built on first use; "backend" is torch.compile's (benchmarks' CPU smoke runs use
+#: "aot_eager": the same traced graphs without inductor's C++ build).
+_COMPILED: dict[str, object] = {"backend": "inductor"}
 
 
 class GumbelMask(SparseParametrization):
     """``weight = original * mask(logits)``; logits ``(C(M, N), rows, G)`` over the pattern table.
 
     Logits are stored as pattern planes (``logits[p]`` scores pattern ``p`` for every group; ``rows`` and
-    ``G`` as in :func:`to_slots`) so that sampling runs as elementwise ops. ``allowed`` (padded kernel-tap
-    layouts only) is a ``(P, 1, G)`` bool table of the patterns that never keep a padding slot in preference
-    to a real weight; the same for every row.
+    ``G`` as in :func:`~semisparse.masking.sampling.to_slots`). ``allowed`` (padded kernel-tap layouts only)
+    is a ``(P, 1, G)`` bool table of the patterns that never keep a padding slot in preference to a real
+    weight; the same for every row.
+
+    The schedule position lives in the ``step`` buffer (saved) and, for the eager forward, in a host-side
+    copy ``_host_step`` kept equal to it by every writer here (backward, :func:`set_step`, loading a
+    state_dict; None = read the buffer once): reading the buffer itself would synchronise a GPU per layer.
     """
 
     def __init__(
@@ -293,18 +166,29 @@ class GumbelMask(SparseParametrization):
         original_requires_grad: bool | None = None,
     ) -> None:
         super().__init__(layout, nm)
-        self.register_buffer("table", pattern_table(nm.n, nm.m).to(logits.dtype), persistent=False)
+        table = pattern_table(nm.n, nm.m)
+        npat = table.shape[0]
+        self.register_buffer("table", table.to(logits.device, logits.dtype), persistent=False)
         self.logits = nn.Parameter(logits)
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=logits.device))
         self.register_buffer("allowed", allowed, persistent=False)
-        kept = self.table.bool().nonzero()[:, 1].reshape(len(self.table), nm.n)  # (P, N) kept slots
-        self.register_buffer("kept", kept, persistent=False)
+        kept = table.nonzero()[:, 1].reshape(npat, nm.n)  # (P, N) kept slots
+        self.register_buffer("kept", kept.to(logits.device), persistent=False)
+        # table_t[j * P + p] = table[p, j]: one take() gathers sampled patterns in the weight's layout
+        self.register_buffer("table_t", self.table.t().reshape(-1).clone(), persistent=False)
+        offsets = (torch.arange(nm.m, device=logits.device) * npat).reshape(nm.m, 1)
+        self.register_buffer("slot_offsets", offsets, persistent=False)
+        self.kept_slots = kept_slots(table)
+        self.geometry = Geometry.of(layout, nm.m) if layout.mode != "taps" else None
         self.total_steps = int(total_steps)
         self.tau = (float(tau[0]), float(tau[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.hard = bool(hard)
         self.regularizer = regularizer
         self.original_requires_grad = original_requires_grad
+        self._host_step: int | None = 0
+        self._sched: tuple | None = None  # see _host_schedule
+        self._batched: tuple | None = None  # see _table_batched
 
     def extra_repr(self) -> str:
         return (
@@ -314,12 +198,25 @@ class GumbelMask(SparseParametrization):
 
     def schedule(self, step: int | None = None) -> tuple[float, float]:
         """``(tau, scale)`` at ``step`` (default: the current position), linear, constant after the end."""
-        s = int(self.step) if step is None else step
+        s = self._position() if step is None else step
         f = min(max(s, 0), self.total_steps) / self.total_steps
         return (
             self.tau[0] + f * (self.tau[1] - self.tau[0]),
             self.scale[0] + f * (self.scale[1] - self.scale[0]),
         )
+
+    def _position(self) -> int:
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        return self._host_step
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_sched": None, "_batched": None}  # caches: a copy (deepcopy, pickle) builds its own
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_step = None  # the loaded position is read once, at the next training forward
 
     def _masked_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.allowed is None:
@@ -328,46 +225,104 @@ class GumbelMask(SparseParametrization):
 
     def pattern_index(self) -> torch.Tensor:
         """The argmax pattern of every group, ``(rows, G)`` int64 (ties: the lower index)."""
-        return _argmax0(self._masked_logits(self.logits.detach()))[1].long()
+        return first_argmax0(self._masked_logits(self.logits.detach()))
 
     def hard_mask(self) -> torch.Tensor:
-        idx = _argmax0(self._masked_logits(self.logits.detach()))[1]
-        return from_slots(self.layout, _patterns_to_slots(idx, self.table, torch.bool))
+        idx = self.pattern_index()
+        if self.geometry is not None:
+            return gather_mask(idx, self.table_t, self.slot_offsets, self.geometry).view(self.layout.shape).bool()
+        return from_slots(self.layout, patterns_to_slots(idx, self.kept_slots, self.target.m, torch.bool))
+
+    def sampler(self, weight: torch.Tensor) -> str:
+        """Which implementation a training forward uses for ``weight`` (see ``BACKENDS``)."""
+        if not self.hard or self.geometry is None:
+            return "planes"
+        if torch.compiler.is_compiling():
+            return "torch"
+        name = _BACKEND["name"]
+        numba_ok = USE_NUMBA and weight.device.type == "cpu" and self.logits.dtype == torch.float32
+        if name == "auto":
+            if weight.is_cuda and sampling_triton.available():
+                return "triton"
+            return "numba" if numba_ok else "torch"
+        if name not in BACKENDS:
+            raise SemisparseError(f"unknown mask sampling backend {name!r} (SEMISPARSE_MASK_BACKEND?); expected one "
+                                  f"of {', '.join(BACKENDS)}")  # fmt: skip
+        if name == "triton" and not (weight.is_cuda or sampling_triton.interpreting()):
+            raise SemisparseError(f"mask sampling backend 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1);"
+                                  f" this weight is on {weight.device.type}: use set_backend('auto')")  # fmt: skip
+        if name == "numba" and not numba_ok:
+            return "torch"
+        return name
+
+    def _table_batched(self) -> torch.Tensor:
+        """The table as ``(out * cg, P, M)`` (an expanded view, no copy) for the backward's batched matmul."""
+        cached = self._batched
+        if cached is None or cached[0] is not self.table:
+            g = self.geometry
+            cached = self._batched = (self.table, self.table.expand(g.out * g.cg, *self.table.shape))
+        return cached[1]
+
+    def _host_schedule(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``scale, 1 / tau, scale / tau`` as 0-d CPU float32 tensors, rewritten through numpy when the position
+        moved: operands of the lean path that cost no conversion op and no device transfer."""
+        if self._sched is None:
+            values = torch.zeros(3, dtype=torch.float32)
+            self._sched = (values.numpy(), values[0], values[1], values[2], [None])
+        arr, scale_t, inv_tau_t, coef_t, at = self._sched
+        pos = self._position()
+        if at[0] != pos:
+            tau, scale = self.schedule(pos)
+            arr[:] = (scale, 1.0 / tau, scale / tau)
+            at[0] = pos
+        return scale_t, inv_tau_t, coef_t
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return weight * self.hard_mask()
-        tau, scale = self.schedule()
-        reg = None if self.regularizer is None else self._regularizer_fn(weight.detach())
-        if (
-            USE_NUMBA and self.hard and self.layout.mode != "taps" and self.logits.device.type == "cpu"
-            and self.logits.dtype == torch.float32
-        ):
-            mask = _FusedHardSample.apply(
-                self.logits, self.step, self.table, self.kept, tuple(weight.shape), scale, tau, reg
+            return weight * self.hard_mask().to(weight.dtype)
+        out = self._sample(weight, self.sampler(weight))
+        if self.regularizer is not None:
+            kind, lam = self.regularizer
+            kept, total = None, 1.0
+            if kind == "magnitude":
+                sq = to_slots(self.layout, weight.detach().to(self.logits.dtype), self.target.m).square()
+                kept, total = slot_weighted(sq, self.kept_slots), sq.sum().clamp_min(1e-12)
+            out = RegularizerGrad.apply(out, self.logits, self.allowed, kind, lam, kept, total)
+        return out
+
+    def _sample(self, weight: torch.Tensor, path: str) -> torch.Tensor:
+        """``weight * sampled mask`` by ``path`` (:meth:`sampler`), advancing the position in backward."""
+        g = self.geometry
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            self._host_step = None  # the graph advances the buffer only; eager reads it again once
+        if path in ("torch", "compiled"):
+            args = (weight, self.logits, self.step, self._table_batched(), self.table, g.out, g.cg, g.taps)
+            if path == "compiled":
+                self._host_step = None
+                return _compiled_lean()(*args, self.tau, self.scale, self.total_steps)
+            if compiling:
+                sched = schedule_tensors(self.step, self.tau, self.scale, self.total_steps, self.logits.dtype)
+                return LeanHardSample.apply(*args, *sched, None)
+            return LeanHardSample.apply(*args, *self._host_schedule(), self)
+        if compiling:
+            scale, inv_tau, _ = schedule_tensors(self.step, self.tau, self.scale, self.total_steps, self.logits.dtype)
+            tau, owner = 1.0 / inv_tau, None
+        else:
+            (tau, scale), owner = self.schedule(), self
+        if path == "triton":
+            return sampling_triton.TritonHardSample.apply(
+                weight, self.logits, self.step, self.table, g.out, g.cg, g.taps, scale, tau, owner
             )
+        if path == "numba":
+            mask = NumbaHardSample.apply(self.logits, self.step, self.table, self.kept, tuple(weight.shape), scale, tau,
+                                         owner)  # fmt: skip
             return weight * mask.to(weight.dtype)
-        planes = _SampledPatterns.apply(self.logits, self.step, self.table, self.allowed, scale, tau, self.hard, reg)
+        planes = PlaneSample.apply(
+            self.logits, self.step, self.table, self.kept_slots, self.allowed, scale, tau, self.hard, owner
+        )
         # (M, rows, G); with hard=True exactly the sampled 0/1 patterns, straight-through gradient
         return weight * from_slots(self.layout, planes.to(weight.dtype))
-
-    def _regularizer_fn(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        kind, lam = self.regularizer
-        if kind == "entropy":
-
-            def entropy(logits: torch.Tensor) -> torch.Tensor:
-                logp = torch.log_softmax(self._masked_logits(logits), 0)
-                return lam * -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(0).mean()
-
-            return entropy
-        sq = to_slots(self.layout, weight.to(self.logits.dtype), self.target.m).square()  # (M, rows, G)
-        total = sq.sum().clamp_min(1e-12)
-
-        def kept_magnitude(logits: torch.Tensor) -> torch.Tensor:
-            probs = torch.softmax(self._masked_logits(logits), 0)
-            return -lam * (torch.einsum("prg,pm->mrg", probs, self.table) * sq).sum() / total
-
-        return kept_magnitude
 
 
 def _pair(value: object, name: str) -> tuple[float, float]:
@@ -451,7 +406,7 @@ def prior_logits(w: torch.Tensor, layout: Layout, nm: NM, strength: float) -> to
     planes = to_slots(layout, w.detach().float().abs(), nm.m)  # (M, rows, G)
     if strength == 0:
         return torch.zeros(table.shape[0], *planes.shape[1:], device=w.device)
-    kept = _slot_weighted(planes, table)  # (P, rows, G)
+    kept = slot_weighted(planes, kept_slots(table))  # (P, rows, G)
     kept = kept / (nm.n * w.detach().float().abs().mean().clamp_min(1e-12))
     return strength * (kept - kept.mean(0, keepdim=True))
 
@@ -575,7 +530,9 @@ def set_step(model: nn.Module, step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise SemisparseError(f"step must be an int >= 0, got {step!r}")
     for p in learned_masks(model):
-        p.step.fill_(step)
+        if p._host_step != step:  # in step already (each backward advances it): no write, no device op
+            p.step.fill_(step)
+            p._host_step = step
 
 
 def temperature(model: nn.Module) -> float | None:

@@ -8,6 +8,7 @@
   (``data_batch_1..5``, ``test_batch``, ``batches.meta``); read with a restricted unpickler that only
   rebuilds plain containers and numpy arrays.
 * a folder holding ``train/`` and ``val/`` class sub-folders - ImageNet / any ``ImageFolder`` tree.
+* ``"synthetic"`` / ``"synthetic:N"`` - random in-memory images of ImageNet shape (:mod:`.synthetic`).
 
 Augmentation (``AugmentOptions``) follows torchvision's reference presets. An ImageFolder file that cannot
 be decoded becomes an :class:`UnreadableImage` sample instead of an exception inside a DataLoader worker;
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import SemisparseError
+from .synthetic import NUM_CLASSES, SyntheticImages, synthetic_size
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -60,7 +62,7 @@ class DataSets:
     train: Dataset
     val: Dataset
     num_classes: int
-    kind: str  # "digits" | "cifar10" | "imagefolder"
+    kind: str  # "digits" | "cifar10" | "imagefolder" | "synthetic"
     classes: list[str] = field(default_factory=list)
     train_transform: object = None
     val_transform: object = None
@@ -75,6 +77,11 @@ def load_data(path: str, augment: AugmentOptions | None = None, cache: bool = Fa
     augment = augment or AugmentOptions()
     if path == "digits":
         return load_digits_data()
+    n = synthetic_size(path)
+    if n is not None:  # in-memory random images of ImageNet shape (throughput runs): see .synthetic
+        size, val_size = augment.train_crop_size or 224, augment.val_crop_size or 224
+        train, val = SyntheticImages(n, size), SyntheticImages(max(1, n // 10), val_size, seed=1)
+        return DataSets(train, val, NUM_CLASSES, "synthetic", [str(i) for i in range(NUM_CLASSES)])
     if not path or not os.path.isdir(path):
         raise SemisparseError(
             f"data path {path!r} is not a directory; expected 'digits', an ImageFolder tree "

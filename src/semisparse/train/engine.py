@@ -134,45 +134,57 @@ def train_one_epoch(
 
     optimizer.zero_grad(set_to_none=True)
     it = progress(loader, n, f"Epoch [{epoch}]", print_freq, show_progress and is_main(), status)
-    for i, (x, y) in enumerate(it):
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
-        hard = y
-        if batch_transform is not None:
-            x, y = batch_transform(x, y)
-        group_start = (i // acc) * acc
-        group = min(acc, n - group_start)
-        stepping = i - group_start == group - 1
-        sync = contextlib.nullcontext() if (stepping or not ddp) else model.no_sync()
-        with sync:
-            with _autocast(device, amp_dtype):
-                out = model(x)
-                loss = criterion(out, y)
-            scaled = loss / group
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if stepping:
-            if clip_grad_norm is not None:
+    # under fp16 the GradScaler skips optimizer.step() when gradients overflowed: a post-step hook tells
+    # (no device read); a skipped step is not counted, and the sparsity schedule does not see it either
+    stepped = [False]
+    handle = optimizer.register_step_post_hook(lambda *_: stepped.__setitem__(0, True))
+    try:
+        for i, (x, y) in enumerate(it):
+            x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+            hard = y
+            if batch_transform is not None:
+                x, y = batch_transform(x, y)
+            group_start = (i // acc) * acc
+            group = min(acc, n - group_start)
+            stepping = i - group_start == group - 1
+            sync = contextlib.nullcontext() if (stepping or not ddp) else model.no_sync()
+            with sync:
+                with _autocast(device, amp_dtype):
+                    out = model(x)
+                    loss = criterion(out, y)
+                scaled = loss / group
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if stepping:
+                if clip_grad_norm is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                stepped[0] = False
                 if scaler is not None:
-                    scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if sparsity is not None:
-                sparsity.after_optimizer_step(step)
-            if ema is not None and step % max(1, ema_steps) == 0:
-                ema.update(model)
-                if ema_warmup:
-                    ema.n_averaged.fill_(0)  # during lr warm-up the average restarts (torchvision)
-        bs = x.shape[0]
-        last["loss"] = loss.detach()
-        sums[0] += loss.detach().double() * bs
-        sums[2] += bs
-        if hard.dim() == 1:
-            sums[1] += (out.detach().argmax(1) == hard).sum()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not stepped[0]:  # skipped by the GradScaler (inf/NaN gradients): not a step of the schedule
+                    if sparsity is not None:
+                        sparsity.after_skipped_step()
+                else:
+                    step += 1
+                    if sparsity is not None:
+                        sparsity.after_optimizer_step(step)
+                    if ema is not None and step % max(1, ema_steps) == 0:
+                        ema.update(model)
+                        if ema_warmup:
+                            ema.n_averaged.fill_(0)  # during lr warm-up the average restarts (torchvision)
+            bs = x.shape[0]
+            last["loss"] = loss.detach()
+            sums[0] += loss.detach().double() * bs
+            sums[2] += bs
+            if hard.dim() == 1:
+                sums[1] += (out.detach().argmax(1) == hard).sum()
+    finally:
+        handle.remove()
     totals = all_reduce_sum(sums).cpu()
     return {
         "train_loss": float(totals[0] / totals[2].clamp(min=1)),

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, default_collate
 from ..errors import SemisparseError
 from .data import DataSets, UnreadableImage
 from .distributed import ShardSampler
+from .synthetic import SyntheticBatches
 
 
 @dataclass
@@ -84,15 +85,20 @@ def make_loaders(
     ra_reps: int = 1,
     val_batch_size: int | None = None,
     skip_bad_images: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders. ``batch_size`` is per process; the train order comes from ``seed + epoch``
     (call ``loader.sampler.set_epoch``, which :func:`~semisparse.train.fit` does); ``ra_reps > 1`` is
     repeated augmentation. Validation is split over ranks without padding, in order. ImageFolder data
     gets :class:`ImageLoader` s sharing one :class:`SkippedImages` (``loader.skipped``) when
-    ``skip_bad_images``."""
+    ``skip_bad_images``. Synthetic data gets :class:`~semisparse.train.synthetic.SyntheticBatches`, already
+    on ``device``."""
     if skip_bad_images and data.kind != "imagefolder":
         raise SemisparseError(f"skip_bad_images applies to ImageFolder data (files decoded one by one), not to "
                               f"{data.kind}, which is checked whole when loaded")  # fmt: skip
+    if data.kind == "synthetic":
+        return (SyntheticBatches(data.train, batch_size, device, rank, world),
+                SyntheticBatches(data.val, val_batch_size or batch_size, device, rank, world))  # fmt: skip
     train_sampler = ShardSampler(len(data.train), rank, world, shuffle=True, seed=seed, repeats=ra_reps)
     val_sampler = ShardSampler(len(data.val), rank, world, shuffle=False, pad=False)
     pin = torch.cuda.is_available()

@@ -9,7 +9,8 @@
    (``ss.RigL``, ``ss.SRigL``, ``ss.SRSTE``, built by :func:`semisparse.dst.api.from_flags`, the one
    mapping of the ``--dst`` flags), which needs the optimizer to mask its state.
 3. ``after_optimizer_step(step)`` - after every ``optimizer.step()``: the Gumbel temperature schedule
-   (``semisparse.masking.gumbel.set_step``) or the DST update (``.step()``).
+   (``semisparse.masking.gumbel.set_step``) or the DST update (``.step()``); ``after_skipped_step()`` when
+   the GradScaler skipped the optimizer step (fp16 overflow), which the schedules do not count.
 
 ``state_dict()``/``load_state_dict()`` carry what is not in the model's own state_dict (the step, the
 DST schedule). Masks themselves live in the model's state_dict as parametrization buffers.
@@ -132,6 +133,17 @@ class TrainingSparsity:
             set_step(self._model, self.step)
         if self.dst is not None:
             self.dst.step()
+
+    def after_skipped_step(self) -> None:
+        """Call when the optimizer skipped its step (fp16: the GradScaler found inf/NaN gradients): it is no
+        step of the schedule. Learned masks go back to the last optimizer step's position (their backward
+        advanced it); DST drops the gradients it captured in that backward and does not count the step."""
+        if self.config.method == "gumbel" and self._model is not None:
+            from ..masking.gumbel import set_step
+
+            set_step(self._model, self.step)
+        if self.dst is not None:
+            self.dst.step(stepped=False)
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
