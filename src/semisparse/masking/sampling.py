@@ -119,7 +119,7 @@ def pattern_grad(
     gp = torch.bmm(table_batched, torch.mul(grad, weight).reshape(g.out * g.cg, g.m, g.taps))  # (out*cg, P, taps)
     prob = torch.softmax(y * inv_tau, 0).view(p, g.out * g.cg, g.taps)
     tmp = torch.mul(prob, gp.transpose(0, 1))
-    return torch.addcmul(tmp, prob, tmp.sum(0), value=-1).mul_(coef).view(y.shape)
+    return torch.addcmul(tmp, prob, tmp.sum(0), value=-1).mul_(coef).reshape(y.shape)  # a view: prob's layout
 
 
 class RegularizerGrad(torch.autograd.Function):
