@@ -155,7 +155,7 @@ def test_cli_compile_trains_in_every_sparsity_mode(flags, tmp_path):
 
     argv = ["train", "--device", "cpu", "--data-path", "digits", "-b", "256", "--epochs", "1", "--compile",
             "--print-freq", "0", "--output-dir", str(tmp_path), *flags]  # fmt: skip
-    if flags[0] == "--dst":
+    if flags[-1] in ("rigl", "srigl"):
         argv += ["--delta", "2"]
     torch._dynamo.reset()
     assert main(argv) == 0
