@@ -58,5 +58,6 @@ def _rank_main(rank: int, fn: Callable[..., None], world: int, init_file: str, a
     finally:
         distributed.cleanup()
     gc.collect()  # what fn built (a DDP wrapper) is gone now, cycles included
-    assert group() is None, "the process group outlived cleanup(): something still holds it"
+    assert group() is None, ("the process group outlived cleanup(): something still holds it, so its gloo "
+                             "threads would still run when the interpreter exits")
     assert not gloo_threads(), f"gloo threads outlived cleanup(): {gloo_threads()}"
