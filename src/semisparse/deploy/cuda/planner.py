@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import planner as cpu_planner
+from ..planner import run
 from .layer import PlannedLayer, is_sparse_form
 
 Timer = Callable[[Callable[[], object], tuple], float]
@@ -31,26 +33,8 @@ def planned_layers(model: nn.Module) -> list[tuple[str, PlannedLayer]]:
 
 
 def capture_inputs(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
-    """The input each planned layer sees in one forward of ``example_input`` (hooks removed after)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in planned_layers(model):
-        def hook(mod, args, name=name):
-            seen.setdefault(name, args[0].detach())
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def run(model: nn.Module, example_input):
-    if isinstance(example_input, (list, tuple)):
-        return model(*example_input)
-    return model(example_input)
+    """The input each planned layer sees in one forward of ``example_input``."""
+    return cpu_planner.capture_inputs(model, example_input, planned_layers(model))
 
 
 def layer_macs(layer: PlannedLayer, x: torch.Tensor) -> int:
