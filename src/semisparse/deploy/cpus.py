@@ -7,13 +7,16 @@ batch-1 layer took ~8 ms pinned to one of two CPUs, a dense ResNet-18 650 ms ins
 CPUs shared with a dozen busy processes. :func:`threads_now` is the kernels' thread count (torch's intra-op
 count, at most :func:`usable`; they share torch's libgomp), and a deployed model's hooks (:func:`attach`)
 hold torch's own count there for the length of each call, so its torch ops do not spin either. All of it is
-cheap enough for every call: the affinity is re-read at most every 10 ms (a system call, ~2 us), the CPU
+cheap enough for every call (where OpenMP binds threads, its places stand for the affinity: it pins the
+initial thread to one CPU): the affinity is re-read at most every 10 ms (a system call, ~2 us), the CPU
 time others took on those CPUs every 100 ms (``/proc/stat``), the cgroup quota every second (a few files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
 import threading
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["usable", "refresh", "threads_now", "fitted_threads", "attach"]
+__all__ = ["usable", "refresh", "threads_now", "fitted_threads", "attach", "affinity_set", "openmp_places"]
 
 AFFINITY_EVERY_S = 0.01
 LOAD_EVERY_S = 0.1
@@ -41,11 +44,95 @@ _local = threading.local()
 
 
 def affinity_set() -> frozenset[int] | None:
-    """The CPUs the calling thread may run on (``sched_getaffinity``), None where the system does not say."""
+    """The CPUs this process's threads may run on: OpenMP's places where OpenMP binds its threads
+    (:func:`openmp_places`), else the calling thread's affinity (``sched_getaffinity``); None where the system
+    does not say."""
+    places = openmp_places()
+    if places:
+        return places
     try:
         return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return None
+
+
+#: Shared-library names of the OpenMP runtimes torch is built with (GNU, Intel, LLVM).
+_OPENMP_LIBS = ("libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.so.5")
+
+
+@functools.lru_cache(maxsize=1)
+def openmp_places() -> frozenset[int] | None:
+    """The CPUs of OpenMP's places when the process's OpenMP runtime binds threads to them (``OMP_PROC_BIND``,
+    ``OMP_PLACES``, ``GOMP_CPU_AFFINITY``); None when it does not, or no loaded runtime answers.
+
+    A binding runtime pins the initial thread to the first place as it loads (with torch), so from then on that
+    thread's own affinity says one CPU: sized by it, every call would run one thread. The places, computed from
+    the affinity the process started with, are the CPUs its threads will use. Read once: binding is fixed when
+    the runtime starts."""
+    if not hasattr(os, "RTLD_NOLOAD"):
+        return None
+    for name in _OPENMP_LIBS:
+        try:
+            omp = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # only a runtime already loaded (torch's)
+            if omp.omp_get_proc_bind() == 0:  # omp_proc_bind_false: threads float, the affinity is the truth
+                return None
+            cpus: set[int] = set()
+            for place in range(omp.omp_get_num_places()):
+                ids = (ctypes.c_int * omp.omp_get_place_num_procs(place))()
+                omp.omp_get_place_proc_ids(place, ids)
+                cpus.update(ids)
+        except (OSError, AttributeError):
+            continue
+        # Places are what the user listed (GOMP_CPU_AFFINITY=0-1023 names CPUs that do not exist): keep those
+        # online and in the cgroup's CPU set.
+        for allowed in (cpu_list(_read("/sys/devices/system/cpu/online")), cgroup_cpuset()):
+            if allowed:
+                cpus &= allowed
+        return frozenset(cpus) or None
+    return None
+
+
+def cpu_list(text: str | None) -> set[int] | None:
+    """The CPUs of a kernel CPU list such as ``0-3,8,10-11``; None for no text or text that is not one."""
+    if not text or not text.strip():
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in text.strip().split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        return None
+    return cpus
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def cgroup_cpuset(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> set[int] | None:
+    """The CPUs this process's cgroup allows (v2 ``cpuset.cpus.effective``, v1 ``cpuset.effective_cpus``);
+    None where no cpuset controller says."""
+    text = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
+    for line in (text or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        rel = path.lstrip("/")
+        if hierarchy == "0" and not controllers:
+            got = cpu_list(_read(root / rel / "cpuset.cpus.effective"))
+        elif "cpuset" in controllers.split(","):
+            got = cpu_list(_read(root / "cpuset" / rel / "cpuset.effective_cpus")) or \
+                cpu_list(_read(root / "cpuset" / rel / "cpuset.cpus"))
+        else:
+            continue
+        if got:
+            return got
+    return None
 
 
 def busy_seconds(stat: str, cpus: frozenset[int]) -> float:
