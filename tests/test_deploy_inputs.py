@@ -340,3 +340,36 @@ def test_deploy_reps_zero_and_an_example_input_that_does_not_fit_are_one_line_er
         assert "\n" not in str(info.value)
     dep = deploy(lin, plan="condensed", example_input=torch.randn(2, 16))
     assert not dep.training
+
+
+@pytest.mark.parametrize("with_kernels", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_under_cpu_autocast_condensed_layers_return_the_autocast_dtype_as_the_masked_model(with_kernels, batch,
+                                                                                          in_dtype):
+    """``nn.Linear``/``nn.Conv2d`` under CPU autocast return bf16; the condensed layers returned fp32 from an fp32
+    input (and a bf16 input left the kernels for torch's op). They now compute in fp32 and return bf16: the masked
+    model's dtypes, values within bf16 rounding of the masked model's (which computes in bf16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 64),
+                          nn.ReLU(), nn.Linear(64, 10)).eval()
+    ss.sparsify(model, 0.75)
+    dep = deploy(model, batch_size=batch, example_input=torch.randn(batch, 3, 8, 8), reps=1)
+    for _, layer in deployed_layers(dep):
+        layer.set_mode("condensed")
+    x = torch.randn(batch, 3, 8, 8)
+    ctx = contextlib.nullcontext() if with_kernels else kernels_off()
+    with ctx, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x.to(in_dtype))
+        got = dep(x.to(in_dtype))
+        inner = [dep[i](torch.randn(batch, dep[i].in_features, dtype=in_dtype)) for i in (3, 5)]
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert all(y.dtype == torch.bfloat16 for y in inner)
+    with torch.no_grad():
+        exact = model(x.to(in_dtype).float())
+    err = float((got.float() - exact).abs().max() / exact.abs().max())
+    ref_err = float((want.float() - exact).abs().max() / exact.abs().max())
+    assert err <= max(2 * ref_err, 2 ** -7), (err, ref_err)  # no worse than the masked model's own bf16 rounding
+    with torch.no_grad():  # and outside autocast nothing changed: fp32, equal to the masked model
+        assert dep(x).dtype == torch.float32
+        assert float((dep(x) - model(x)).abs().max() / model(x).abs().max()) <= 1e-5

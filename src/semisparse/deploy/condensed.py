@@ -90,6 +90,15 @@ class _Condensed(nn.Module):
         self.path = ""  # which kernel (and setting) the planner chose, e.g. "gemv/gather", "spmm/64"
         self._macs = None
 
+    def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under CPU autocast, ``nn.Linear``/``ConvNd`` return the autocast dtype: the layer runs in fp32 (its
+        values' dtype; as exact as the masked model's low-precision product, or more) with autocast off, and
+        returns that dtype, so the deployed model's dtypes are the masked model's and the next layer still
+        takes the kernels."""
+        with torch.autocast("cpu", enabled=False):
+            y = self(x.float() if x.is_floating_point() else x)
+        return y.to(torch.get_autocast_dtype("cpu"))
+
     def set_mode(self, mode: str) -> None:
         """``"condensed"`` or ``"dense"``; the representation not chosen is dropped to save memory."""
         if mode not in ("condensed", "dense"):
@@ -235,6 +244,8 @@ class SparseLinear(_Condensed):
                 for t in (False, True) for w, p in ((64, False), (32, False), (32, True))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and x.is_cpu:
+            return self._autocast_forward(x)
         bound = self.__dict__.get("_bound_gemv")
         if bound is not None and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == self.in_features and (
                 x.dtype == torch.float32 and x.is_cpu and not x.requires_grad and x.is_contiguous()):  # fmt: skip
@@ -420,6 +431,8 @@ class SparseConv(_Condensed):
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and x.is_cpu:
+            return self._autocast_forward(x)
         fast = self.__dict__.get("_fast_conv")
         if fast is not None and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
                 not x.requires_grad and x.is_contiguous()):  # fmt: skip
