@@ -592,3 +592,21 @@ def test_interleaved_timing_varies_who_runs_after_whom_and_keeps_results_in_plac
     calls.clear()
     planner.interleaved_medians(fns, reps=3, warmup=0, budget_s=1e9, shuffle=False)
     assert calls == [0, 1, 2, 3] * 3
+
+
+def test_deployed_copy_requires_no_grad_and_leaves_the_model_as_it_was():
+    """The layers deploy keeps as torch modules (a dense conv, the classifier) kept ``requires_grad=True``, so a
+    call outside ``no_grad`` built an autograd graph behind the output. The copy is for inference, as on CUDA."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 4))
+    ss.sparsify(model, 0.5, include=["4"])
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    dep = ss.deploy(model, batch_size=2, example_input=torch.randn(2, 3, 6, 6), reps=1)
+    assert [n for n, p in dep.named_parameters() if p.requires_grad] == []
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before and all(before.values())
+    y = dep(torch.randn(2, 3, 6, 6))
+    assert y.grad_fn is None and not y.requires_grad
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)  # an input that wants its gradient still gets it
+    dep(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -64,7 +64,8 @@ def deploy(
     holds the whole-model timing and the pooling choices.
 
     The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
-    dropout off, BatchNorm on its running statistics. Each call of it runs its kernels and its torch ops on no
+    dropout off, BatchNorm on its running statistics; none of its parameters requires grad (``model``'s are
+    untouched), so its outputs carry no autograd graph unless the input does. Each call of it runs its kernels and its torch ops on no
     more threads than the CPUs the process may use at that moment (its CPU affinity, cgroup quota, and what
     other processes leave free: :mod:`.cpus`), since OpenMP threads beyond them spin-wait for each other;
     torch's thread count is as it was after the call. An ``example_input`` the model refuses, with any
@@ -95,13 +96,14 @@ def deploy(
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
     m = copy.deepcopy(model).cpu().eval()
+    for p in m.parameters():  # an inference copy, as on CUDA: no autograd graph behind its outputs
+        p.requires_grad_(False)
     found = {}
     for sw in list(sparse_weights(m)):
         mask = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
         found[sw.key] = (sw.name, sw.param, mask, sw.parametrization.pattern_name)
     for sw in list(sparse_weights(m)):  # the dense originals, as plain inference weights
         detach(sw.module, sw.param)
-        getattr(sw.module, sw.param).requires_grad_(False)
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
     folded_bn = fold_batchnorm(m, masks) if fold_bn else []
