@@ -521,3 +521,19 @@ def test_a_registered_form_joins_the_planner_and_a_refusing_one_is_left_out():
         assert "cusparselt" not in lays["0.weight"].timings and "broken unavailable" in lays["0.weight"].notes[0]
     finally:
         FORMS[:] = saved
+
+
+def test_report_of_a_graphed_model_names_layers_as_the_users_model_and_counts_their_macs():
+    """Rows of layers the CUDA path leaves as torch modules carried the graph wrapper's ``module.`` prefix, and a
+    replayed graph runs no forward hooks: the report describes the model inside, run eagerly for MACs."""
+    cnn = tiny_cnn()
+    ss.sparsify(cnn, "2:4")  # the RGB stem (3 channels) stays dense: a torch module in the deployed model
+    x = torch.randn(2, 3, 16, 16)
+    dep = emulated(cnn, x=x, plan="sparse", graph=True)
+    assert isinstance(dep, GraphedModule)
+    got = ss.report(dep, x)
+    want = ss.report(cnn, x)
+    assert {r.name for r in got.layers} == {r.name for r in want.layers}
+    assert not any(r.name.startswith("module.") for r in got.layers)
+    assert {r.name: r.macs for r in got.layers} == {r.name: r.macs for r in want.layers}
+    assert all(r.macs > 0 for r in got.layers)

@@ -65,12 +65,12 @@ def deploy(
 
     The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
     dropout off, BatchNorm on its running statistics; none of its parameters requires grad (``model``'s are
-    untouched), so its outputs carry no autograd graph unless the input does. Each call of it runs its kernels and its torch ops on no
-    more threads than the CPUs the process may use at that moment (its CPU affinity, cgroup quota, and what
-    other processes leave free: :mod:`.cpus`), since OpenMP threads beyond them spin-wait for each other;
-    torch's thread count is as it was after the call. An ``example_input`` the model refuses, with any
-    ``plan``, is a ``SemisparseError``; deployed layers refuse what the original layers refuse, with the same
-    errors (inputs the kernels do not take run torch's own op).
+    untouched), so its outputs carry no autograd graph unless the input does. Each call of it runs its
+    kernels and its torch ops on no more threads than the CPUs the process may use at that moment (its CPU
+    affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since OpenMP threads beyond
+    them spin-wait for each other; torch's thread count is as it was after the call. An ``example_input``
+    the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers refuse what the original
+    layers refuse, with the same errors (inputs the kernels do not take run torch's own op).
 
     ``device="cuda"``: 2:4 layers through cuSPARSELt in CUDA graphs (``graph=False``: eager), planned on the
     GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``

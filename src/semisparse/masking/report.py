@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -113,11 +113,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, int]:
+def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor],
+               run: Callable | None = None) -> dict[str, int]:
     """MACs of every Linear/Conv/MHA-projection weight for one forward of ``example_input``.
 
     Uses forward hooks for this measurement only (removed before returning); the model runs in eval mode
-    under ``no_grad`` so BatchNorm statistics are untouched.
+    under ``no_grad`` so BatchNorm statistics are untouched. ``run``: what to call instead of ``model`` (a
+    wrapper that runs it, e.g. one casting the inputs).
     """
     macs: dict[str, int] = {}
     handles = []
@@ -158,11 +160,12 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
     was_training = [m.training for m in model.modules()]
     try:
         model.eval()
+        call = model if run is None else run
         with torch.no_grad():
             if isinstance(example_input, (list, tuple)):
-                model(*example_input)
+                call(*example_input)
             else:
-                model(example_input)
+                call(example_input)
     finally:
         for h in handles:
             h.remove()
@@ -177,12 +180,17 @@ def build_report(
     """The report of ``model`` as it is now (``candidates`` carry the skip reasons of the last sparsify).
 
     A module with a ``semisparse_layer_report(name) -> LayerReport`` method (deploy's fast layers) reports
-    itself and everything below it.
+    itself and everything below it; a wrapper with ``semisparse_unwrap() -> (inner, run)`` (deploy's CUDA
+    graphs) is described by its inner model, under the inner model's names.
     """
+    unwrap = getattr(model, "semisparse_unwrap", None)
+    run = None
+    if callable(unwrap):
+        model, run = unwrap()
     if candidates is None:
         candidates = plan(model, None)
     sparse = {sw.key: sw for sw in sparse_weights(model)}
-    macs = count_macs(model, example_input) if example_input is not None else None
+    macs = count_macs(model, example_input, run) if example_input is not None else None
     rows = []
     # Modules that describe themselves (deploy's fast layers) answer for their whole subtree.
     own = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "semisparse_layer_report", None))]

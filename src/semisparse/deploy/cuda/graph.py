@@ -161,6 +161,11 @@ class GraphedModule(nn.Module):
         replay()
         return _clone_tree(out) if self.clone_outputs else out
 
+    def semisparse_unwrap(self) -> tuple[nn.Module, Callable]:
+        """What ``ss.report`` describes (the model inside, named as the user's model) and how to run it
+        eagerly on the caller's inputs (a replayed graph runs no forward hooks, so MACs need an eager call)."""
+        return self.module, lambda *args: self.module(*(self._cast(a) for a in args))
+
     def _cast(self, a):
         if not isinstance(a, torch.Tensor):
             return a
