@@ -5,9 +5,11 @@ for the cubin) on the CPU. The interpreter tests check what the kernels compute;
 accepts them, in the specialisations the launchers use. Run as a script in its own process
 (``TRITON_INTERPRET`` must be off when Triton is imported, and the test suite turns it on):
 
-    TRITON_INTERPRET=0 PYTHONPATH=src python tests/triton_aot.py --arch 90 [--full]
+    TRITON_INTERPRET=0 PYTHONPATH=src python tests/triton_aot.py --arch 90 [--full] [--resources]
 
-It prints one line per kernel compiled and exits 1 after the first that fails, with the compiler's message.
+It prints one line per kernel compiled (``--resources``: with its registers and spill bytes) and exits 1 after
+the first that fails, with the compiler's message. Checked with Triton 3.8.0 (this machine's) and 3.6.0 (the GPU
+machine's, installed beside it with numpy 2.2): all 666 ``--full`` specialisations compile for sm_90 and sm_80.
 """
 
 from __future__ import annotations
@@ -88,10 +90,34 @@ def compile_for(arch: int, fn, types: dict[str, str], consts: dict, num_warps: i
     return kernel
 
 
+def resources(kernel, arch: int) -> str:
+    """Registers per thread and spill bytes of a compiled kernel, from the bundled ``ptxas -v`` (the
+    ``CompiledKernel`` only learns them when it is loaded on a GPU)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    target = re.search(r"^\.target\s+(\S+)", kernel.asm["ptx"], re.M)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(kernel.asm["ptx"])
+        arch_name = target.group(1) if target else f"sm_{arch}"
+        out = subprocess.run([ptxas, f"-arch={arch_name}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     p.add_argument("--full", action="store_true", help="every combination, not every axis once")
+    p.add_argument("--resources", action="store_true", help="also registers and spills per kernel (ptxas -v)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET must be off for the compiler", file=sys.stderr)
@@ -105,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                    f"{consts} warps={warps}"
             t0 = time.perf_counter()
             try:
-                compile_for(arch, fn, types, consts, warps)
+                kernel = compile_for(arch, fn, types, consts, warps)
             except Exception as exc:  # the compiler's own message is the point
                 print(f"FAILED {what}\n{type(exc).__name__}: {exc}", file=sys.stderr)
                 return 1
-            print(f"ok {time.perf_counter() - t0:5.2f}s {what}")
+            extra = f" {resources(kernel, arch)}" if args.resources else ""
+            print(f"ok {time.perf_counter() - t0:5.2f}s {what}{extra}")
     return 0
 
 
