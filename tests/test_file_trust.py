@@ -476,3 +476,17 @@ def test_report_of_a_compressed_file_without_arch_checks_its_digest(tmp_path, ca
     path = ck.save(model, tmp_path / "m.safetensors")
     bad = _resave(path, tmp_path / "bad.safetensors", lambda t: t["3.weight::values"].view(-1)[0].fill_(1e30))
     assert "is corrupted" in one_line_error(["report", str(bad)], capsys)
+
+
+def test_json_files_are_written_atomically_and_a_failed_write_keeps_the_old_one(tmp_path):
+    """bench --json and the demo's report.json were written in place (a failure mid-way truncated a good file);
+    every JSON file now goes through one atomic writer."""
+    from semisparse.io.files import write_json
+
+    path = tmp_path / "results.json"
+    write_json(path, {"rows": [1, 2]}, indent=2)
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    with pytest.raises(TypeError):
+        write_json(path, {"rows": [object()]})  # JSON cannot hold it
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind

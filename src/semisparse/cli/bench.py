@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
@@ -28,6 +27,7 @@ from ..deploy.fold import fold_batchnorm
 from ..deploy.planner import blocked_medians, interleaved_medians
 from ..dst.budgets import erk_densities, fanin_budgets
 from ..errors import SemisparseError
+from ..io.files import write_json
 from ..layout import plan
 from ..masking import masks as model_masks
 from ..masking import report, sparsify
@@ -319,8 +319,7 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "results": rows}, fh, indent=2)
+        write_json(args.json, {"machine": info, "results": rows}, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SemisparseError
+from ..io.files import write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: ViT-B/16 token counts: batch 1 (197), 16, 64 and 256 images.
@@ -330,8 +330,7 @@ def main_cuda(args: argparse.Namespace) -> int:
     print()
     print(format_rows(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "results": rows}, fh, indent=2)
+        write_json(args.json, {"machine": info, "results": rows}, indent=2)
         print(f"wrote {args.json}")
     return 0
 

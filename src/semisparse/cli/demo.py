@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from torch import nn
 
 from .. import masking
 from ..deploy import deploy, deployed_layers
+from ..io.files import write_json
 from ..models import create_model
 from ..train import (
     SparsityConfig,
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed": speed,
         "seconds": time.perf_counter() - start,
     }
-    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(args.output_dir, "report.json"), report, indent=2)
     paths = plot(demo.rows, args.output_dir)
     print(f"\nwrote {os.path.join(args.output_dir, 'report.json')}, {', '.join(paths)} "
           f"in {report['seconds']:.0f} s")  # fmt: skip

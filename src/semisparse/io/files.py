@@ -8,6 +8,7 @@ containers, never arbitrary pickled code).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -40,6 +41,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> Path:
+    """``obj`` as JSON at ``path``, atomically (:func:`atomic_write`): a reader never sees half a file, and a
+    failed write (an object JSON cannot hold) leaves the old file as it was."""
+    text = json.dumps(obj, indent=indent)  # before any file is touched
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)
 
 
 #: The temporary names :func:`atomic_write` gives (groups: the target's name, the writer's pid).

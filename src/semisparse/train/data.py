@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import SemisparseError
+from ..io.files import write_json
 from .synthetic import NUM_CLASSES, SyntheticImages, synthetic_size
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -392,11 +393,7 @@ def _image_folder(split_dir: str, transform, cache: bool):
     except FileNotFoundError as exc:  # no class folders, or no images in them
         raise SemisparseError(f"{split_dir} holds no images ({exc}); expected {IMAGEFOLDER_LAYOUT}") from exc
     if cached:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        tmp = f"{cached}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"classes": ds.classes, "class_to_idx": ds.class_to_idx, "samples": ds.samples}, f)
-        os.replace(tmp, cached)
+        write_json(cached, {"classes": ds.classes, "class_to_idx": ds.class_to_idx, "samples": ds.samples})
     return ds
 
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import SemisparseError
+from ..io.files import atomic_write
 
 Logger = Callable[[dict], None]
 
@@ -42,11 +43,13 @@ class MetricsLog:
         keep = []
         if os.path.exists(self.path):
             keep = [r for r in read_metrics(self.path) if r.get("epoch", -1) < self._keep_before]
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-            f.write(line)
-        os.replace(tmp, self.path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.write(line)
+
+        atomic_write(self.path, write)
         self._keep_before = None
 
 
