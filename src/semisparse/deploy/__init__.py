@@ -19,18 +19,15 @@ from ..masking.parametrization import detach, sparse_weights
 from . import cpus, kernels
 from .attention import SparseMultiheadAttention, supports
 from .condensed import SparseConv, SparseLinear, deployed_layers
-from .fold import fold_batchnorm
+from .cuda import deploy_cuda
+from .example import cast_example, default_example_input, describe_example
+from .fold import bake, fold_ablated, fold_batchnorm, registered_names
 from .planner import plan_layers, plan_model, plan_pools, run
 from .pool import MaxPool2d
 from .pool import supports as supports_pool
 from .transformer import deploy_transformers
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
-
-#: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
-#: through them unchanged in kind, so it can be folded into the next Linear's bias.
-_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
-                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
 
 
 def deploy(
@@ -77,8 +74,6 @@ def deploy(
     (see :func:`semisparse.deploy.cuda.deploy_cuda`).
     """
     if torch.device(device).type == "cuda":
-        from .cuda import deploy_cuda  # deploy.cuda imports this package's default_example_input
-
         return deploy_cuda(model, dtype, batch_size, example_input, plan=plan, graph=graph, fold_bn=fold_bn,
                            reps=reps, device=device)
     if plan not in ("measure", "condensed", "dense"):
@@ -110,7 +105,7 @@ def deploy(
     if dtype is not None and dtype != torch.float32:
         warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
                       RuntimeWarning, stacklevel=2)
-    dropped = _fold_sequentials(m, masks) if fold else {}
+    dropped = fold_ablated(m, masks) if fold else {}
 
     m = _condense(m, masks, patterns)
     cpus.attach(m)  # before planning: the planner times the model as it will run
@@ -127,7 +122,7 @@ def deploy(
         m.to(dtype)
         plan = "dense"
     if example_input is not None and plan != "measure":
-        _check_example(m, _cast(example_input, dtype))
+        _check_example(m, cast_example(example_input, dtype))
     if plan == "dense":
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
@@ -161,29 +156,6 @@ def deploy(
     return m
 
 
-def _cast(x, dtype: torch.dtype | None):
-    """``x`` (a tensor, or a tuple / dict of them) with its floating tensors in ``dtype``."""
-    if dtype is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_cast(t, dtype) for t in x)
-    if isinstance(x, dict):
-        return {k: _cast(v, dtype) for k, v in x.items()}
-    return x
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
-    if isinstance(x, (list, tuple)):
-        return "(" + ", ".join(_describe(t) for t in x) + ")"
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
-    return type(x).__name__
-
-
 def _check_example(m: nn.Module, x) -> None:
     """Run ``x`` through the deployed ``m`` once: an input the model refuses is a one-line SemisparseError."""
     try:
@@ -191,7 +163,7 @@ def _check_example(m: nn.Module, x) -> None:
             run(m, x)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SemisparseError(f"example_input {_describe(x)} does not fit the model ({type(exc).__name__}: "
+        raise SemisparseError(f"example_input {describe_example(x)} does not fit the model ({type(exc).__name__}: "
                               f"{first}); pass an input of the model's real shape and dtype") from exc
 
 
@@ -199,7 +171,7 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
     """Replace every masked Linear, Conv and MHA (and plain max pooling) of ``m`` by its deployed form,
     under every name it is registered at (a module reached by two names stays one module); returns the root."""
     handled = set()
-    names = _registered_names(m)
+    names = registered_names(m)
     for name, mod in list(m.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
             prefix = f"{name}." if name else ""
@@ -211,11 +183,11 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
             if supports(mod):  # F.multi_head_attention_forward reads the weights directly: bake the masks
                 for k in keys:
                     owner, _, param = k[len(prefix):].rpartition(".")
-                    _bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
+                    bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
                 continue
             new = SparseMultiheadAttention.from_module(mod, prefix, masks, patterns)
             m = _replace_everywhere(m, names[id(mod)], new)
-    names = _registered_names(m)
+    names = registered_names(m)
     for name, mod in list(m.named_modules()):
         key = f"{name}.weight" if name else "weight"
         if key not in masks or key in handled:
@@ -225,38 +197,14 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
             new = SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key])
         else:
-            _bake(mod, "weight", masks[key])
+            bake(mod, "weight", masks[key])
             continue
         m = _replace_everywhere(m, names[id(mod)], new)
-    names = _registered_names(m)
+    names = registered_names(m)
     for mod in list(m.modules()):
         if supports_pool(mod):
             m = _replace_everywhere(m, names[id(mod)], MaxPool2d.from_module(mod))
     return deploy_transformers(m)
-
-
-def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``,
-    which semisparse's models and torchvision's ViTs carry, or its arch's, else 224), or
-    ``(batch, in_features)`` when the first layer is a Linear."""
-    arch = getattr(model, "semisparse_arch", None) or {}
-    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
-    for mod in model.modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nd = mod.weight.dim() - 2
-            s = int(size) if size else 224
-            return torch.randn(batch_size, mod.in_channels, *([s] * nd))
-        if isinstance(mod, nn.Linear):
-            return torch.randn(batch_size, mod.in_features)
-    raise SemisparseError("cannot guess the model's input shape; pass example_input=torch.randn(...)")
-
-
-def _registered_names(root: nn.Module) -> dict[int, list[str]]:
-    """``{id(module): every name it is registered under}`` (a module shared by two parents has two)."""
-    names: dict[int, list[str]] = {}
-    for name, mod in root.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), []).append(name)
-    return names
 
 
 def _replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
@@ -268,63 +216,3 @@ def _replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn
         parent_name, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
     return root
-
-
-def _bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
-    if mask is not None:
-        with torch.no_grad():
-            getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
-
-
-def _fold_sequentials(model: nn.Module, masks: dict) -> dict[str, int]:
-    """Remove ablated neurons of ``Linear -> elementwise* -> Linear`` chains inside ``nn.Sequential``s.
-
-    The first Linear loses its all-zero mask rows, the second the matching input columns; the constant
-    the removed neurons fed forward (``act(bias)``) is added to the second Linear's bias. Returns
-    ``{second layer's key: columns dropped}``. Works on plain Linears with masks (before condensing).
-    """
-    dropped: dict[str, int] = {}
-    shared = {i for i, names in _registered_names(model).items() if len(names) > 1}
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = [n for n, _ in seq.named_children()]
-        for i, a_name in enumerate(names):
-            a = seq._modules[a_name]  # as the fold of the pair before left it (it may be that pair's second)
-            akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
-            if not isinstance(a, nn.Linear) or akey not in masks or id(a) in shared:
-                continue
-            j = i + 1
-            while j < len(names) and isinstance(seq._modules[names[j]], _ELEMENTWISE):
-                j += 1
-            if j >= len(names) or not isinstance(seq._modules[names[j]], nn.Linear):
-                continue
-            b_name, b = names[j], seq._modules[names[j]]
-            if id(b) in shared or any(id(seq._modules[n]) in shared for n in names[i + 1:j]):
-                continue
-            bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
-            amask = masks[akey]
-            keep = amask.any(1)
-            if bool(keep.all()) or not bool(keep.any()):
-                continue
-            gone = ~keep
-            with torch.no_grad():
-                const = a.bias[gone].clone() if a.bias is not None else torch.zeros(int(gone.sum()))
-                for n in names[i + 1:j]:
-                    const = seq._modules[n](const)
-                wb = b.weight * masks[bkey] if bkey in masks else b.weight
-                shift = wb[:, gone] @ const.to(wb.dtype)
-                new_a = nn.Linear(a.in_features, int(keep.sum()), bias=a.bias is not None)
-                new_a.weight.copy_(a.weight[keep])
-                if a.bias is not None:
-                    new_a.bias.copy_(a.bias[keep])
-                new_b = nn.Linear(int(keep.sum()), b.out_features, bias=True)
-                new_b.weight.copy_(b.weight[:, keep])
-                new_b.bias.copy_((b.bias if b.bias is not None else torch.zeros(b.out_features)) + shift)
-            setattr(seq, a_name, new_a)
-            setattr(seq, b_name, new_b)
-            masks[akey] = amask[keep]
-            if bkey in masks:
-                masks[bkey] = masks[bkey][:, keep]
-            dropped[bkey] = int(gone.sum())
-    return dropped

@@ -1,4 +1,5 @@
-"""Fold eval-mode BatchNorm into the convolution before it (deploy-time, on the deployed copy).
+"""Deploy-time folds, on the deployed copy: eval BatchNorm into the convolution before it, and ablated
+neurons of a Linear into the Linear after it (:func:`fold_ablated`, shared by the CPU and CUDA deploys).
 
 An eval BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals a conv with rescaled output
 channels and a shifted bias: the condensed kernel then does the BN for free, and the BN pass over the
@@ -12,7 +13,7 @@ import logging
 import torch
 from torch import fx, nn
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "fold_ablated", "registered_names", "bake", "ELEMENTWISE"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,78 @@ def _fold(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) ->
 def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+#: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
+#: through them unchanged in kind, so it can be folded into the next Linear's bias.
+ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
+                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
+
+
+def registered_names(root: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it is registered under}`` (a module shared by two parents has two)."""
+    names: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
+    """Multiply ``mask`` into ``mod.<param>`` in place (a weight that stays a torch module's)."""
+    if mask is not None:
+        with torch.no_grad():
+            getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
+
+
+def fold_ablated(model: nn.Module, masks: dict) -> dict[str, int]:
+    """Remove ablated neurons of ``Linear -> elementwise* -> Linear`` chains inside ``nn.Sequential``s.
+
+    The first Linear loses its all-zero mask rows, the second the matching input columns; the constant
+    the removed neurons fed forward (``act(bias)``) is added to the second Linear's bias. Returns
+    ``{second layer's key: columns dropped}``. Works on plain Linears with masks (before condensing).
+    """
+    dropped: dict[str, int] = {}
+    shared = {i for i, names in registered_names(model).items() if len(names) > 1}
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = [n for n, _ in seq.named_children()]
+        for i, a_name in enumerate(names):
+            a = seq._modules[a_name]  # as the fold of the pair before left it (it may be that pair's second)
+            akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
+            if not isinstance(a, nn.Linear) or akey not in masks or id(a) in shared:
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(seq._modules[names[j]], ELEMENTWISE):
+                j += 1
+            if j >= len(names) or not isinstance(seq._modules[names[j]], nn.Linear):
+                continue
+            b_name, b = names[j], seq._modules[names[j]]
+            if id(b) in shared or any(id(seq._modules[n]) in shared for n in names[i + 1:j]):
+                continue
+            bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
+            amask = masks[akey]
+            keep = amask.any(1)
+            if bool(keep.all()) or not bool(keep.any()):
+                continue
+            gone = ~keep
+            with torch.no_grad():
+                const = a.bias[gone].clone() if a.bias is not None else torch.zeros(int(gone.sum()))
+                for n in names[i + 1:j]:
+                    const = seq._modules[n](const)
+                wb = b.weight * masks[bkey] if bkey in masks else b.weight
+                shift = wb[:, gone] @ const.to(wb.dtype)
+                new_a = nn.Linear(a.in_features, int(keep.sum()), bias=a.bias is not None)
+                new_a.weight.copy_(a.weight[keep])
+                if a.bias is not None:
+                    new_a.bias.copy_(a.bias[keep])
+                new_b = nn.Linear(int(keep.sum()), b.out_features, bias=True)
+                new_b.weight.copy_(b.weight[:, keep])
+                new_b.bias.copy_((b.bias if b.bias is not None else torch.zeros(b.out_features)) + shift)
+            setattr(seq, a_name, new_a)
+            setattr(seq, b_name, new_b)
+            masks[akey] = amask[keep]
+            if bkey in masks:
+                masks[bkey] = masks[bkey][:, keep]
+            dropped[bkey] = int(gone.sum())
+    return dropped

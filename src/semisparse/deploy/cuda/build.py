@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...errors import SemisparseError
+from ..example import default_example_input
+from ..fold import fold_ablated, fold_batchnorm
 from .backend import EmulatedBackend, require_cusparselt
 from .eligibility import LayerSpec
 from .graph import MAX_SHAPES, CudaGraphs, EmulatedGraphs, GraphedModule
@@ -106,13 +108,9 @@ def deploy_cuda(
     original = _baked(m, masks)  # the original dense model: masks multiplied in, nothing else changed
     dropped = {}
     if fold:
-        from .. import _fold_sequentials  # the CPU deploy's ablated-neuron folding, shared
-
-        dropped = _fold_sequentials(m, masks)
+        dropped = fold_ablated(m, masks)
     folded = []
     if fold_bn:
-        from ..fold import fold_batchnorm
-
         folded = fold_batchnorm(m, masks)
     specs, baked = _collect(m, masks, patterns)
     channels_last = any(isinstance(mod, nn.Conv2d) for mod in m.modules())
@@ -130,8 +128,6 @@ def deploy_cuda(
         only = None if saved is None else saved.forms_for(spec.key)
         layer = PlannedLayer(spec, saved.backend_for(backend, spec.key) if saved else backend, only=only, skip=skip)
         m = layer if not name else _set(m, name, layer)
-
-    from .. import default_example_input
 
     x = example_input if example_input is not None else default_example_input(model, batch_size)
     x = _to_device(x, device, dtype, fmt)
