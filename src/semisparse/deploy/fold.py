@@ -84,7 +84,7 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
 #: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
 #: through them unchanged in kind, so it can be folded into the next Linear's bias.
 ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
-                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
+               nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
 
 
 def registered_names(root: nn.Module) -> dict[int, list[str]]:
