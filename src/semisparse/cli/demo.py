@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import masking
 from ..deploy import deploy, deployed_layers
+from ..deploy.planner import interleaved_medians
 from ..io.files import write_json
 from ..models import create_model
 from ..train import (
@@ -157,22 +158,18 @@ class Demo:
         deployed = deploy(copy.deepcopy(model).eval(), batch_size=1)
         layers = deployed_layers(deployed)
         self.condensed = (sum(layer.mode == "condensed" for _, layer in layers), len(layers))
-        dense_ms = latency_ms(self.dense.eval(), self.example)
-        ratio = dense_ms / latency_ms(deployed, self.example)
+        dense_ms, deployed_ms = latency_ms([self.dense.eval(), deployed], self.example, reps=100)
+        ratio = dense_ms / deployed_ms
         self.add(f"{label}, deployed", deployed, t0, latency_ratio=ratio)
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, reps: int = 30, warmup: int = 5) -> float:
-    """Median wall time of ``model(x)`` in milliseconds (no_grad, after warm-up)."""
+def latency_ms(models: list[nn.Module], x: torch.Tensor, reps: int = 30, warmup: int = 5) -> list[float]:
+    """Median wall time of each ``model(x)`` in milliseconds (inference mode), the models timed in turn within
+    every repetition (:func:`~semisparse.deploy.planner.interleaved_medians`), so a slow spell of the machine
+    hits them alike."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+        times = interleaved_medians([functools.partial(m, x) for m in models], reps, warmup=warmup, budget_s=1e9)
+    return [1000 * t for t in times]
 
 
 def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
@@ -188,7 +185,7 @@ def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
     with torch.inference_mode():
         ref, out = sparse(x), deployed(x)
     err = float((out - ref).abs().max() / ref.abs().max())
-    dense_ms, fast_ms = latency_ms(dense, x, reps=20), latency_ms(deployed, x, reps=20)
+    dense_ms, fast_ms = latency_ms([dense, deployed], x, reps=20)
     result = {"model": name, "sparsity": sparsity, "dense_ms": dense_ms, "deployed_ms": fast_ms,
               "speedup": dense_ms / fast_ms, "mac_share": rep.mac_share, "plan_seconds": plan_s,
               "max_rel_err": err}  # fmt: skip
@@ -275,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if demo.condensed is not None:
         print(f"(the 8x8 digits CNN is too small for sparse kernels to matter much: the planner ran "
-              f"{demo.condensed[0]} of its {demo.condensed[1]} sparse layers condensed; the speed line below is a "
-              "standard model)")
+              f"{demo.condensed[0]} of its {demo.condensed[1]} sparse layers condensed, and each call of a deployed "
+              "model costs a few microseconds more, to size its threads; the speed line below is a standard model)")
     if speed:
         print(f"\n{speed['model']} at {speed['sparsity']:.0%} constant fan-in, batch 1, {torch.get_num_threads()} "
               f"threads: dense {speed['dense_ms']:.1f} ms, deployed {speed['deployed_ms']:.1f} ms "
