@@ -610,3 +610,57 @@ def test_deployed_copy_requires_no_grad_and_leaves_the_model_as_it_was():
     x = torch.randn(2, 3, 6, 6, requires_grad=True)  # an input that wants its gradient still gets it
     dep(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _first_is_fastest(fns, reps=20, warmup=2, budget_s=1.0):
+    """A planner timer by which the first candidate always wins: torch's dense layer and torch's pooling."""
+    for fn in fns:
+        fn()
+    return [1.0 + i for i in range(len(fns))]
+
+
+def test_layers_the_planner_keeps_dense_are_torchs_own_modules_and_cost_what_they_cost(monkeypatch):
+    """A deployed layer in dense mode ran its wrapper's Python and the model's thread hooks on every call: the
+    digits CNN deployed all-dense was 7% slower than the dense model. Now a layer kept dense is torch's module
+    (a subclass that only carries the report row), pooling left to torch is nn.MaxPool2d, and a model that runs
+    no semisparse code has no hooks: what the original costs, with the planner's figures still in the report."""
+    from semisparse.deploy.kept import KeptDenseConv2d, KeptDenseLinear
+    from semisparse.deploy.pool import MaxPool2d
+
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    ss.sparsify(model, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    monkeypatch.setattr(planner, "interleaved_medians", _first_is_fastest)
+    dep = deploy(model, batch_size=2, example_input=x, reps=2)
+    assert type(dep[0]) is KeptDenseConv2d and type(dep[4]) is KeptDenseLinear and type(dep[6]) is KeptDenseLinear
+    assert type(dep[2]) is nn.MaxPool2d and not isinstance(dep[2], MaxPool2d)
+    assert deployed_layers(dep) == [] and not dep._forward_pre_hooks and not dep._forward_hooks
+    assert dep.semisparse_plan["torch_layers"] == 3 and dep.semisparse_plan["thread_hooks"] is False
+    assert not any(p.requires_grad for p in dep.parameters())
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), model(x))
+    rows = {r.name: r for r in ss.report(dep, x).layers}
+    assert set(rows) == {"0.weight", "4.weight", "6.weight"}
+    for r in rows.values():
+        assert r.extra["kernel"] == "dense" and r.extra["ratio"] > 0 and r.macs > 0
+        assert r.sparse and r.density == pytest.approx(0.5, abs=0.05)
+
+
+def test_kept_dense_swap_leaves_condensed_layers_and_the_hooks(monkeypatch):
+    from semisparse.deploy import _kept_dense_to_torch, _runs_semisparse
+    from semisparse.deploy.kept import KeptDenseLinear
+
+    torch.manual_seed(32)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    ss.sparsify(model, 0.75)
+    dep = deploy(model, plan="condensed")
+    dep[0].set_mode("dense")
+    shared = nn.Sequential(dep, dep)  # one layer under two names is replaced under both
+    out, n = _kept_dense_to_torch(shared)
+    assert n == 1 and type(out[0][0]) is KeptDenseLinear and out[0][0] is out[1][0]
+    assert isinstance(out[0][2], SparseLinear) and out[0][2].mode == "condensed" and _runs_semisparse(out)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert_equal_outputs(out[0](x), model(x))

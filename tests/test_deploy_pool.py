@@ -112,5 +112,7 @@ def test_deploy_plan_records_pooling_choice():
     pools = dep.semisparse_plan["pools"]
     assert set(pools) == {"2", "5"}
     for name, v in pools.items():
-        assert v["kernel"] == ("semisparse" if dep.get_submodule(name).use_kernel else "torch")
+        pool = dep.get_submodule(name)  # pooling left to torch is torch's own nn.MaxPool2d
+        assert v["kernel"] == ("semisparse" if getattr(pool, "use_kernel", False) else "torch")
+        assert isinstance(pool, MaxPool2d) == (v["kernel"] == "semisparse")
         assert v["torch_us"] > 0 and v["kernel_us"] > 0 and math.isfinite(v["torch_us"])

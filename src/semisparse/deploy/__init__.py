@@ -22,6 +22,7 @@ from .condensed import SparseConv, SparseLinear, deployed_layers
 from .cuda import deploy_cuda
 from .example import cast_example, default_example_input, describe_example
 from .fold import bake, fold_ablated, fold_batchnorm, registered_names
+from .kept import as_torch_layer
 from .planner import plan_layers, plan_model, plan_pools, run
 from .pool import MaxPool2d
 from .pool import supports as supports_pool
@@ -56,18 +57,23 @@ def deploy(
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
     product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` becomes :class:`.pool.MaxPool2d`, which runs
-    semisparse's pooling kernel where the planner measured it faster than torch's.
+    semisparse's pooling kernel where the planner measured it faster than torch's. After ``"measure"``, a
+    layer kept plain dense is torch's own module again (``nn.Linear``/``ConvNd`` subclasses that carry the
+    planner's report row, :mod:`.kept`), pooling left to torch is ``nn.MaxPool2d``, and a model left with
+    no semisparse code has no hooks: what it keeps dense costs what the original costs.
+    ``deployed_layers`` lists the layers that run semisparse code.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.
 
     The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
     dropout off, BatchNorm on its running statistics; none of its parameters requires grad (``model``'s are
-    untouched), so its outputs carry no autograd graph unless the input does. Each call of it runs its
-    kernels and its torch ops on no more threads than the CPUs the process may use at that moment (its CPU
-    affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since OpenMP threads beyond
-    them spin-wait for each other; torch's thread count is as it was after the call. An ``example_input``
-    the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers refuse what the original
-    layers refuse, with the same errors (inputs the kernels do not take run torch's own op).
+    untouched), so its outputs carry no autograd graph unless the input does. Each call of it (when it runs
+    semisparse code) runs its kernels and its torch ops on no more threads than the CPUs the process may use
+    at that moment (its CPU affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since
+    OpenMP threads beyond them spin-wait for each other; torch's thread count is as it was after the call.
+    An ``example_input`` the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers
+    refuse what the original layers refuse, with the same errors (inputs the kernels do not take run torch's
+    own op).
 
     ``device="cuda"``: 2:4 layers through cuSPARSELt in CUDA graphs (``graph=False``: eager), planned on the
     GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
@@ -108,7 +114,7 @@ def deploy(
     dropped = fold_ablated(m, masks) if fold else {}
 
     m = _condense(m, masks, patterns)
-    cpus.attach(m)  # before planning: the planner times the model as it will run
+    hooks = cpus.attach(m)  # before planning: the planner times the model as it will run
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
             layer.figures["dropped_inputs"] = dropped[layer.key]
@@ -150,10 +156,41 @@ def deploy(
                 pools[name]["kernel"] = "semisparse" if pool.use_kernel else "torch"
         if pools:
             summary["pools"] = pools
+        m, summary["torch_layers"] = _kept_dense_to_torch(m)
+        if not _runs_semisparse(m):  # torch's modules only: they cost what the original's cost, hooks included
+            for h in hooks:
+                h.remove()
+            summary["thread_hooks"] = False
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary
     return m
+
+
+def _kept_dense_to_torch(m: nn.Module) -> tuple[nn.Module, int]:
+    """Every layer the planner kept plain dense becomes torch's own module (:mod:`.kept`), and pooling it left
+    to torch ``nn.MaxPool2d``, under every name; returns the root and how many layers were replaced. An
+    attention module's projections stay as they are (it calls them as its own parts)."""
+    inside_mha = {id(c) for mod in m.modules() if isinstance(mod, SparseMultiheadAttention)
+                  for c in mod.modules() if c is not mod}
+    names = registered_names(m)
+    replaced = 0
+    for _, layer in deployed_layers(m):
+        if layer.mode == "dense" and not layer.dense_gemm and id(layer) not in inside_mha:
+            m = _replace_everywhere(m, names[id(layer)], as_torch_layer(layer))
+            replaced += 1
+    for pool in [p for p in m.modules() if isinstance(p, MaxPool2d) and not p.use_kernel]:
+        plain = nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
+                             pool.ceil_mode)
+        plain.train(pool.training)
+        m = _replace_everywhere(m, names[id(pool)], plain)
+    return m, replaced
+
+
+def _runs_semisparse(m: nn.Module) -> bool:
+    """Whether any of ``m``'s modules runs semisparse code (a deployed layer, attention, the pooling kernel)."""
+    return any(isinstance(mod, (SparseLinear, SparseConv, SparseMultiheadAttention))
+               or (isinstance(mod, MaxPool2d) and mod.use_kernel) for mod in m.modules())
 
 
 def _check_example(m: nn.Module, x) -> None:

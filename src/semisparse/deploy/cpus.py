@@ -303,10 +303,10 @@ def _leave(module: nn.Module, args: tuple, output: object) -> None:
             torch.set_num_threads(base)
 
 
-def attach(model: nn.Module) -> None:
+def attach(model: nn.Module) -> list:
     """Make every call of ``model`` run its torch ops, not only its kernels, on the CPUs the process has then
     (and leave torch's thread count as it was after the call): a forward pre-hook and a forward hook, PyTorch's
     own way to run code around a module's call without touching its class."""
-    model.register_forward_pre_hook(_enter)
-    model.register_forward_hook(_leave, always_call=True)
+    handles = [model.register_forward_pre_hook(_enter), model.register_forward_hook(_leave, always_call=True)]
     usable()  # the first sample of other processes' CPU time: the first calls then have a window to compare
+    return handles

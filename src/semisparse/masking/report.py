@@ -199,7 +199,9 @@ def build_report(
         if macs is not None and rows[-1].macs is None:
             rows[-1].macs = macs.get(rows[-1].name, 0)
     inside = tuple(n + "." for n, _ in own if n)
-    candidates = [c for c in candidates if not (inside and c.name.startswith(inside)) and not (own and own[0][0] == "")]
+    reported = {n for n, _ in own}  # a self-reporting torch layer (deploy's kept-dense ones) is a candidate too
+    candidates = [c for c in candidates if c.name not in reported and not (inside and c.name.startswith(inside))
+                  and not (own and own[0][0] == "")]
     for c in candidates:
         sw = sparse.get(c.key)
         shape = c.weight_shape
