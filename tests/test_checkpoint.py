@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import semisparse as ss
+from resave import resave
 from semisparse import models
 from semisparse.io import codec
 from semisparse.io import compressed as ck
@@ -371,16 +371,7 @@ def test_plain_safetensors_and_garbage_are_rejected(tmp_path):
 
 def _rewrite(path, out, edit_tensors=None, edit_header=None):
     """Re-save with edited tensors / header and a *recomputed* digest: only the semantic checks remain."""
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        header = json.loads(f.metadata()["semisparse"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_header:
-        edit_header(header)
-    header["digest"] = ck._file_digest(header, tensors)
-    save_file(tensors, str(out), metadata={"semisparse": json.dumps(header)})
-    return out
+    return resave(path, out, edit_tensors, edit_header, digest_of=ck._file_digest)
 
 
 def _fanin_file(tmp_path):

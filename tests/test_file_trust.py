@@ -11,11 +11,10 @@ import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import semisparse as ss
+from resave import resave
 from semisparse import models
 from semisparse.cli import main as cli
 from semisparse.io import compressed as ck
@@ -199,21 +198,6 @@ def test_a_flipped_byte_anywhere_in_a_compressed_file_is_refused_or_changes_noth
     assert refused > 150
 
 
-def _resave(path, out, edit_tensors=None, edit_header=None, digest_of=None):
-    """Write ``path`` again with edits; the digest is kept unless ``digest_of`` recomputes it."""
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        header = json.loads(f.metadata()["semisparse"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_header:
-        edit_header(header)
-    if digest_of:
-        header["digest"] = digest_of(header, tensors)
-    save_file(tensors, str(out), metadata={"semisparse": json.dumps(header)})
-    return out
-
-
 @pytest.mark.parametrize("edit_tensors, edit_header", [
     (lambda t: t["3.weight::values"].view(-1)[0].fill_(1e30), None),
     (None, lambda h: h["arch"].update(num_classes=11)),  # the header is covered too
@@ -222,7 +206,7 @@ def _resave(path, out, edit_tensors=None, edit_header=None, digest_of=None):
 ])  # fmt: skip
 def test_a_changed_value_or_header_field_in_a_compressed_file_is_refused(tmp_path, capsys, edit_tensors, edit_header):
     path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
-    bad = _resave(path, tmp_path / "bad.safetensors", edit_tensors, edit_header)
+    bad = resave(path, tmp_path / "bad.safetensors", edit_tensors, edit_header)
     with pytest.raises(ss.SemisparseError, match="corrupted: its contents do not match the digest"):
         ss.load(bad)
     assert "is corrupted" in one_line_error(["report", str(bad)], capsys)
@@ -245,7 +229,7 @@ def test_files_without_a_digest_load_with_one_note(tmp_path, capsys):
     with pytest.warns(ss.UnverifiedFileWarning):
         models.load_weights(tiny(), plain)
     # a compressed file of format 1 (its digest covers the tensors, not the header)
-    v1 = _resave(ck.save(model, tmp_path / "m.safetensors"), tmp_path / "v1.safetensors",
+    v1 = resave(ck.save(model, tmp_path / "m.safetensors"), tmp_path / "v1.safetensors",
                  edit_header=lambda h: h.update(version=1), digest_of=lambda h, t: ck._digest(t))  # fmt: skip
     with pytest.warns(ss.UnverifiedFileWarning, match="older semisparse"):
         assert ss.masks(ss.load(v1)).keys() == ss.masks(model).keys()
@@ -297,7 +281,7 @@ def test_a_header_naming_weights_is_refused_without_opening_them(tmp_path, monke
     path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
     for arch_key, value in (("weights", str(secret)), ("pretrained", True)):
         extra = {arch_key: value}
-        bad = _resave(path, tmp_path / "bad.safetensors", edit_header=lambda h, e=extra: h["arch"].update(e),
+        bad = resave(path, tmp_path / "bad.safetensors", edit_header=lambda h, e=extra: h["arch"].update(e),
                       digest_of=ck._file_digest)  # fmt: skip
         with pytest.raises(ss.SemisparseError, match=f"sets '{arch_key}', which a file may not set"):
             ss.load(bad)
@@ -316,7 +300,7 @@ def test_a_huge_architecture_in_a_header_is_refused_before_anything_is_allocated
     err = one_line_error(["report", str(tmp_path / "c.pth")], capsys)
     assert "does not match the tensors in the file" in err and "0.weight" in err
     path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
-    bad = _resave(path, tmp_path / "bad.safetensors", edit_header=lambda h: h["arch"].update(num_classes=10**9),
+    bad = resave(path, tmp_path / "bad.safetensors", edit_header=lambda h: h["arch"].update(num_classes=10**9),
                   digest_of=ck._file_digest)  # fmt: skip
     with pytest.raises(ss.SemisparseError, match="does not match the tensors in the file"):
         ss.load(bad)
@@ -331,7 +315,7 @@ def test_a_layer_declared_far_larger_than_its_stored_entries_is_refused_before_d
     def widen(h):  # 7.weight is Linear(128, 64) at fan-in: claim 2**22 inputs per row (1 GB of mask)
         h["layers"]["7.weight"].update(shape=[rows, 1 << 22], width=1 << 22)
 
-    bad = _resave(path, tmp_path / "bad.safetensors", edit_header=widen, digest_of=ck._file_digest)
+    bad = resave(path, tmp_path / "bad.safetensors", edit_header=widen, digest_of=ck._file_digest)
     with pytest.raises(ss.SemisparseError, match="more than 4096 times the"):
         ss.load(bad, model=sparse_tiny(0.9))
 
@@ -374,7 +358,7 @@ def test_loading_a_folder_says_it_is_a_folder(tmp_path, capsys):
 ])  # fmt: skip
 def test_a_header_of_the_wrong_shape_is_one_line_in_report(tmp_path, capsys, edit, match):
     path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
-    bad = _resave(path, tmp_path / "bad.safetensors", edit_header=edit, digest_of=ck._file_digest)
+    bad = resave(path, tmp_path / "bad.safetensors", edit_header=edit, digest_of=ck._file_digest)
     assert match in one_line_error(["report", str(bad)], capsys)
     assert match in one_line_error(["report", str(bad), "--model", "tiny", "--num-classes", "10"], capsys)
 
@@ -474,7 +458,7 @@ def test_report_of_a_compressed_file_without_arch_checks_its_digest(tmp_path, ca
     model = sparse_tiny()
     del model.semisparse_arch
     path = ck.save(model, tmp_path / "m.safetensors")
-    bad = _resave(path, tmp_path / "bad.safetensors", lambda t: t["3.weight::values"].view(-1)[0].fill_(1e30))
+    bad = resave(path, tmp_path / "bad.safetensors", lambda t: t["3.weight::values"].view(-1)[0].fill_(1e30))
     assert "is corrupted" in one_line_error(["report", str(bad)], capsys)
 
 

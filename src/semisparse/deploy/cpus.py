@@ -113,19 +113,26 @@ def _read(path: str | Path) -> str | None:
         return None
 
 
+def cgroups(proc_cgroup: str | None = None) -> list[tuple[str, list[str], str]]:
+    """``(hierarchy id, controllers, path)`` of each line of ``/proc/self/cgroup`` (or of the text given); v2's
+    unified line is ``("0", [], path)``. Empty where the file cannot be read."""
+    text = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
+    out = []
+    for line in (text or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[0], [c for c in parts[1].split(",") if c], parts[2]))
+    return out
+
+
 def cgroup_cpuset(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> set[int] | None:
     """The CPUs this process's cgroup allows (v2 ``cpuset.cpus.effective``, v1 ``cpuset.effective_cpus``);
     None where no cpuset controller says."""
-    text = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
-    for line in (text or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
+    for hierarchy, controllers, path in cgroups(proc_cgroup):
         rel = path.lstrip("/")
         if hierarchy == "0" and not controllers:
             got = cpu_list(_read(root / rel / "cpuset.cpus.effective"))
-        elif "cpuset" in controllers.split(","):
+        elif "cpuset" in controllers:
             got = cpu_list(_read(root / "cpuset" / rel / "cpuset.effective_cpus")) or \
                 cpu_list(_read(root / "cpuset" / rel / "cpuset.cpus"))
         else:
@@ -179,19 +186,11 @@ def quota_cpus(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = No
     v1 ``cpu.cfs_quota_us``), at least 1; None without a quota. A fraction is rounded down: a thread more
     than the quota pays for is stopped until the next period (100 ms by default), far worse than one less.
     ``proc_cgroup``: the text of ``/proc/self/cgroup`` (read when None)."""
-    try:
-        lines = (Path("/proc/self/cgroup").read_text() if proc_cgroup is None else proc_cgroup).splitlines()
-    except OSError:
-        return None
     limits = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
+    for hierarchy, controllers, path in cgroups(proc_cgroup):
         if hierarchy == "0" and not controllers:
             dirs, read = [root], _v2_quota
-        elif "cpu" in controllers.split(","):
+        elif "cpu" in controllers:
             dirs, read = [root / "cpu,cpuacct", root / "cpuacct,cpu", root / "cpu"], _v1_quota
         else:
             continue
