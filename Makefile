@@ -1,6 +1,8 @@
 # `make test` and `make demo` set up (or reuse) a virtual environment, then run.
 # The environment lives under the user's cache, keyed by a hash of the dependency spec, so clones share
 # one copy of torch (about 5.5 GB) instead of one each. Override with `make test VENV=/path/to/venv`.
+# The shared environment holds the dependencies only: every target runs this clone's own source through
+# PYTHONPATH (inherited by subprocesses and DDP workers), never whichever clone installed last.
 
 PYTHON ?= python3
 CACHE_DIR := $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/semisparse
@@ -9,6 +11,7 @@ VENV ?= $(CACHE_DIR)/venv-$(SPEC_HASH)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.semisparse-deps-ok
 PYTEST_ARGS ?=
+RUN := PYTHONPATH="$(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))" $(BIN)/python
 
 .PHONY: setup test test-slow lint demo bench clean-venv
 
@@ -21,22 +24,21 @@ $(STAMP): pyproject.toml
 	@touch "$(STAMP)"
 
 setup: $(STAMP)
-	@$(BIN)/python -m pip install -q --no-deps -e .
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 test: setup lint
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/semisparse demo
+	$(RUN) -m semisparse demo
 
 bench: setup
-	$(BIN)/semisparse bench
+	$(RUN) -m semisparse bench
 
 clean-venv:
 	rm -rf "$(VENV)"
