@@ -1,7 +1,7 @@
 """Short factories: each method is a combination of budget x schedule x rule (see :class:`DynamicSparsity`).
 
-RigL = ``LayerBudget`` x ``UpdateSchedule`` x :class:`~.topology.Unstructured`; SRigL the same with
-:class:`~.topology.ConstantFanIn` (or :class:`~.topology.NMGroups` for ``pattern="N:M"``).
+RigL = ``LayerBudget`` x ``UpdateSchedule`` x :class:`~.rules.Unstructured`; SRigL the same with
+:class:`~.rules.ConstantFanIn` (or :class:`~.rules.NMGroups` for ``pattern="N:M"``).
 
 ``ss.RigL`` / ``ss.SRigL`` / ``ss.SRSTE`` are the public names; :func:`from_flags` maps the ``semisparse
 train`` flags (``--dst --sparsity-level --delta --alpha --t-end FRACTION ...``) onto them.
@@ -20,9 +20,10 @@ from ..errors import SemisparseError
 from ..patterns import NM, parse_pattern
 from .budgets import LayerBudget
 from .dynamic import DynamicSparsity
+from .rules import ConstantFanIn, NMGroups, Unstructured
 from .schedule import UpdateSchedule
+from .selection import as_globs
 from .srste import SRSTE as _SRSTE
-from .topology import ConstantFanIn, NMGroups, Unstructured, as_globs
 
 DST_METHODS = ("rigl", "srigl", "sr-ste", "static")
 
