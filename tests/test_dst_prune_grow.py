@@ -64,7 +64,7 @@ def test_srigl_keeps_largest_magnitudes_not_lowest_indices():
     g[1:, 4:6] = 1.0
     new, k = prune_grow.srigl_update(mask, w, g, 0.0, budget=8, threshold=0, ablate=False)
     assert k == 2
-    assert new[0].nonzero().flatten().tolist() == [2, 3]  # the seed kept indices 0, 1
+    assert new[0].nonzero().flatten().tolist() == [2, 3]  # the research code kept indices 0, 1
     assert (new.sum(1) == 2).all()
 
 

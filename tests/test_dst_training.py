@@ -192,7 +192,7 @@ def test_sparse_init_uses_std_of_the_sparse_fan_in():
     k = lay.mask.target
     assert k == 200
     kept = lay.original.detach()[lay.mask.mask]
-    assert kept.std().item() == pytest.approx(math.sqrt(2 / k), rel=0.03)  # not 2 / fan_in (the seed's bug)
+    assert kept.std().item() == pytest.approx(math.sqrt(2 / k), rel=0.03)  # not 2 / fan_in (the research code's bug)
 
 
 def _dense_grad_step(model, sched, opt, grads):

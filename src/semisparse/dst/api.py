@@ -53,7 +53,7 @@ def RigL(  # noqa: N802 - public name of the method
     |dense gradient| (grown weights start at 0). ``t_end``: optimizer steps after which the topology is
     fixed (required unless ``static=True``, a static random sparse network). ``grad_steps``: the dense
     gradient for growth is summed over the last ``grad_steps`` optimizer steps before each update (the
-    seed's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
+    research code's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
     return DynamicSparsity(
         model, optimizer, Unstructured(), LayerBudget(sparsity, distribution, erk_power_scale),
         _schedule(t_end, delta, alpha, static), dense_layers=dense_layers, include=include, exclude=exclude,
