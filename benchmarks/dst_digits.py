@@ -1,7 +1,7 @@
 """Dynamic sparse training on the bundled digits (sklearn ``load_digits``, 8x8, 10 classes): dense vs SRigL,
 RigL and a static random sparse network of the same budget, same epochs, several seeds.
 
-Acceptance (DESIGN/issue 5): SRigL at 90% within 2 pp of dense; at 95-99% SRigL and RigL beat static.
+Acceptance (DESIGN.md): SRigL at 90% within 2 pp of dense; at 95-99% SRigL and RigL beat static.
 
 Usage: python benchmarks/dst_digits.py [--seeds 0 1 2] [--epochs 40] [--jobs 4] [--out benchmarks/results/dst.md]
 """

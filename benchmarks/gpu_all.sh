@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One device run for issues 13 (2:4 on cuSPARSELt) and 16 (constant fan-in on condensed Triton kernels), in
+# One device run for the GPU deploy targets (2:4 on cuSPARSELt; constant fan-in on condensed Triton kernels), in
 # priority order, each step with its own budget (seconds after which it starts nothing new; its JSON is
 # rewritten after every item, so a step cut short keeps what it measured) and a hard timeout a minute past
 # it (on a GPU); the steps' budgets sum to ~470 s of a ~10-minute device session (start-up and copies take the rest).
 #
-#   1. issue 13 core     probe cuSPARSELt, correctness (2:4 all-sparse and planned), ViT-B/16 b256/64/1
-#   2. issue 16          condensed deploy: correctness + saved plan, Linear 3072->768 rows (90% then 80%,
+#   1. 2:4 core          probe cuSPARSELt, correctness (2:4 all-sparse and planned), ViT-B/16 b256/64/1
+#   2. fan-in            condensed deploy: correctness + saved plan, Linear 3072->768 rows (90% then 80%,
 #                        fp32 / bf16, b256 / 1 / 32), ViT-B/16 and ResNet-50 at 90% SRigL-like, fp32, b256 / 1
-#   3. issue 13 rest     ViT-B/16 GEMM rows, ConvNeXt-T and ResNet-50 (b256 / 64 / 1)
+#   3. 2:4 rest          ViT-B/16 GEMM rows, ConvNeXt-T and ResNet-50 (b256 / 64 / 1)
 #   4. kernels           benchmarks/gpu_condensed.py: every config on device, shuffled round-robin timing
 #
 #   OUT=/some/dir bash benchmarks/gpu_all.sh            # on the GPU machine; results under $OUT/<step>/

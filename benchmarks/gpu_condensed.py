@@ -1,4 +1,4 @@
-"""Condensed constant fan-in Triton kernels against dense ``nn.Linear`` on a GPU (issue 16's targets).
+"""Condensed constant fan-in Triton kernels against dense ``nn.Linear`` on a GPU (DESIGN.md's condensed targets).
 
 One run, in this order, each part under its own time cap and all under ``--budget-s``:
 

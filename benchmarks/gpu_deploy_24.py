@@ -1,4 +1,4 @@
-"""One GPU run for issues 13 and 16: probe cuSPARSELt, check correctness, time 2:4 and condensed deploys.
+"""One GPU run for the deploy targets: probe cuSPARSELt, check correctness, time 2:4 and condensed deploys.
 
 Made for a short device session (H100/H200, torch 2.11 + CUDA 13, cuSPARSELt 0.8): parts run in priority
 order, each with a time cap (checked before every item; an item already running finishes), and the JSON is
@@ -16,7 +16,7 @@ rewritten after every item, so a run cut short still leaves what it measured.
     kxk          3x3 convs of ResNet-50 lowered per tap and by im2col vs torch's conv, channels-last
     compile      torch.compile(dense, mode="max-autotune") for ViT-B/16 at 256 and 64, if time is left
 
-  issue 16 (constant fan-in layers on the condensed Triton kernels, through ``ss.deploy(device="cuda")``):
+  constant fan-in layers on the condensed Triton kernels, through ``ss.deploy(device="cuda")``:
 
     condensed_correctness  a small model (1x1 convs on channels-last, MHA, MLP with ablated neurons) in fp32 and
                  bf16, planned (every kernel config timed): relative error vs the masked model; a saved plan
@@ -233,7 +233,7 @@ def kxk_row(cin: int, cout: int, size: int, batch: int, stride: int, dtype, time
     return row
 
 
-# --- issue 16: constant fan-in layers through the condensed form -------------------------------------------------
+# --- constant fan-in layers through the condensed form -------------------------------------------------
 
 class SmallNet(nn.Module):
     """1x1 convs (stride 1 and 2) on channels-last, an MHA, an MLP whose ablated neurons fold, a head."""

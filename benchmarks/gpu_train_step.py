@@ -1,4 +1,4 @@
-"""Training-step speed of every sparsity mode on a GPU (issue 14): one script, parts in priority order.
+"""Training-step speed of every sparsity mode on a GPU: one script, parts in priority order.
 
 Parts, each under its own time cap inside an overall budget (a part or measurement that does not fit is
 skipped and listed under "skipped"; the JSON is rewritten after every measurement, so a run cut short

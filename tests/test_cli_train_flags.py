@@ -283,7 +283,7 @@ def test_cli_dst_path_gives_the_api_masks_for_the_same_flags_and_seed(dst):
     assert cli_masks.keys() == api_masks.keys() and "features.0.weight" not in cli_masks
     for key in api_masks:
         assert torch.equal(cli_masks[key], api_masks[key]), key
-    assert r.sparsity.dst.schedule == api.schedule and r.sparsity.dst.rule == api.rule
+    assert r.sparsity.dst.schedule == api.schedule and r.sparsity.dst.method == api.method
     other = build([*argv, "--seed", "4"], "D", None)  # the seed is used
     assert any(not torch.equal(m, ss.masks(other.model)[k]) for k, m in cli_masks.items())
 

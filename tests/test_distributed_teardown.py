@@ -1,6 +1,6 @@
 """Leaving a process group: barrier then destroy, the group really freed, so a finished run exits with 0.
 
-The abort these pin down (issue 17): a gloo group that outlives ``cleanup`` keeps its worker threads; one
+The abort these pin down: a gloo group that outlives ``cleanup`` keeps its worker threads; one
 still releasing the last gradient all-reduce when the interpreter exits needs the GIL, Python ends that
 thread, and the unwind through a noexcept destructor calls std::terminate (SIGABRT, by chance, under load).
 """

@@ -192,7 +192,7 @@ def test_sparse_init_uses_std_of_the_sparse_fan_in():
     k = lay.mask.target
     assert k == 200
     kept = lay.original.detach()[lay.mask.mask]
-    assert kept.std().item() == pytest.approx(math.sqrt(2 / k), rel=0.03)  # not 2 / fan_in (the seed's bug)
+    assert kept.std().item() == pytest.approx(math.sqrt(2 / k), rel=0.03)  # not 2 / fan_in (the research code's bug)
 
 
 def _dense_grad_step(model, sched, opt, grads):
@@ -363,7 +363,7 @@ def test_from_flags_checks_cli_contradictions():
     with pytest.raises(SemisparseError, match="--dst"):
         from_flags(model, opt, "set", 100)
     sched = from_flags(model, opt, "rigl", 200, sparsity_level=0.8, t_end=0.5, delta=10, ignore_linear=True)
-    assert sched.schedule.t_end == 100 and sched.rule == "rigl"
+    assert sched.schedule.t_end == 100 and sched.method == "rigl"
     assert set(ss.masks(model)) == {"0.weight", "3.weight"}
 
 
@@ -402,4 +402,4 @@ def test_factories_are_a_rule_a_budget_and_a_schedule_composed():
                                seed=1)
     ma, mb = ss.masks(a), ss.masks(b)
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert made.state_dict()["layers"] == composed.state_dict()["layers"] and composed.rule == "srigl"
+    assert made.state_dict()["layers"] == composed.state_dict()["layers"] and composed.method == "srigl"

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SemisparseError
+from ..indices import columns, store
 
 try:  # optional: machines without Triton import this module and report available() == False
     import triton
@@ -59,11 +60,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 __all__ = ["KernelConfig", "TritonCondensedLinear", "TritonCondensedConv", "available", "interpreting",
-           "build", "candidates", "configs_for", "launch", "supports"]
-
-#: Largest input width the uint16 index form addresses.
-U16_LIMIT = 65_536
-
+           "build", "candidates", "configs_for", "launch", "unsupported_reason"]
 
 def available() -> bool:
     """Triton imports and a CUDA device is present: the GPU planner may build and time these layers."""
@@ -302,21 +299,10 @@ def _pack(values, cols, kept, ablated, in_f, bias):
     pad = -k % 16
     if pad:
         values, cols = F.pad(values, (0, pad)), F.pad(cols, (0, pad))
-    idx = _u16(cols) if in_f <= U16_LIMIT else cols.to(torch.int32)
+    idx = store(cols, in_f)
     perm = torch.cat([kept, ablated]).to(torch.int64)
     bias_p = None if bias is None else bias.detach()[perm].to(values.dtype).contiguous()
     return values.contiguous(), idx.contiguous(), perm.contiguous(), bias_p, int(kept.numel()), k
-
-
-def _u16(cols: torch.Tensor) -> torch.Tensor:
-    """Columns in [0, 65535] as int16 holding the uint16 bit pattern (the kernel masks with 0xFFFF)."""
-    cols = cols.to(torch.int32)
-    return torch.where(cols >= 32_768, cols - 65_536, cols).to(torch.int16)
-
-
-def _columns(idx: torch.Tensor) -> torch.Tensor:
-    out = idx.to(torch.int64)
-    return out & 0xFFFF if idx.dtype == torch.int16 else out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,7 +344,7 @@ class TritonCondensedLinear(nn.Module):
         ablated[orow] = False
         if values.shape[1] == 0:
             values, idx = values.new_zeros(values.shape[0], 1), idx.new_zeros(idx.shape[0], 1)
-        self._set(*_pack(values, _columns(idx), orow, torch.nonzero(ablated).flatten(), in_features, bias))
+        self._set(*_pack(values, columns(idx), orow, torch.nonzero(ablated).flatten(), in_features, bias))
         return self
 
     # -- what the planner uses
@@ -379,7 +365,7 @@ class TritonCondensedLinear(nn.Module):
         if self.n_kept:
             rows = self.perm[: self.n_kept]
             k = self.fan_in
-            w[rows] = w[rows].scatter_add(1, _columns(self.idx[:, :k]), self.values[:, :k])
+            w[rows] = w[rows].scatter_add(1, columns(self.idx[:, :k]), self.values[:, :k])
         return w
 
     def dense_bias(self) -> torch.Tensor | None:
@@ -490,7 +476,7 @@ class TritonCondensedConv(TritonCondensedLinear):
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, mask: torch.Tensor) -> TritonCondensedConv:
-        why = supports(conv)
+        why = unsupported_reason(conv)
         if why:
             raise SemisparseError(f"TritonCondensedConv cannot replace this {type(conv).__name__}: {why}")
         return cls(conv.weight.detach(), mask, conv.bias)
@@ -540,7 +526,7 @@ class TritonCondensedConv(TritonCondensedLinear):
         return f"{self.in_features}, {self.out_features}, kernel_size=1, k={self.fan_in}, kept={self.n_kept}"
 
 
-def supports(module: nn.Module) -> str:
+def unsupported_reason(module: nn.Module) -> str:
     """"" when :func:`build` can condense ``module``, else the reason it cannot."""
     if isinstance(module, nn.Linear):
         return ""
@@ -559,8 +545,8 @@ def supports(module: nn.Module) -> str:
 
 def build(module: nn.Module, mask: torch.Tensor) -> TritonCondensedLinear | None:
     """The Triton condensed layer for ``module`` (``nn.Linear`` or a 1x1 conv) under bool ``mask`` of its
-    weight's shape, on the module's device and dtype; ``None`` when :func:`supports` says it cannot."""
-    if supports(module):
+    weight's shape, on the module's device and dtype; ``None`` when :func:`unsupported_reason` gives a reason."""
+    if unsupported_reason(module):
         return None
     if isinstance(module, nn.Linear):
         return TritonCondensedLinear.from_linear(module, mask)

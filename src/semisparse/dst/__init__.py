@@ -2,8 +2,8 @@
 
 * :mod:`.budgets` - uniform and ERK layer densities;
 * :mod:`.schedule` - an update every ``delta`` steps until ``t_end``, cosine-decayed drop fraction;
-* :mod:`.rules` - RigL, SRigL (constant fan-in + neuron ablation) and N:M prune/grow, vectorised per layer;
-* :mod:`.topology` - each method's rule as an object (initial mask, update, target): ``Unstructured``,
+* :mod:`.prune_grow` - RigL, SRigL (constant fan-in + neuron ablation) and N:M prune/grow, vectorised per layer;
+* :mod:`.rules` - each method's rule as an object (initial mask, update, target): ``Unstructured``,
   ``ConstantFanIn``, ``NMGroups``;
 * :mod:`.dynamic` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
 * :mod:`.srste` - SR-STE, N:M from scratch with a straight-through gradient;
@@ -13,9 +13,9 @@
 from .api import DST_METHODS, SRSTE, RigL, SRigL, from_flags
 from .budgets import LayerBudget, erk_densities, layer_densities, uniform_densities
 from .dynamic import DynamicSparsity
+from .rules import ConstantFanIn, NMGroups, Rule, Unstructured
 from .schedule import UpdateSchedule
 from .srste import STEMask
-from .topology import ConstantFanIn, NMGroups, Rule, Unstructured
 
 __all__ = [
     "DST_METHODS",

@@ -1,7 +1,7 @@
 """Short factories: each method is a combination of budget x schedule x rule (see :class:`DynamicSparsity`).
 
-RigL = ``LayerBudget`` x ``UpdateSchedule`` x :class:`~.topology.Unstructured`; SRigL the same with
-:class:`~.topology.ConstantFanIn` (or :class:`~.topology.NMGroups` for ``pattern="N:M"``).
+RigL = ``LayerBudget`` x ``UpdateSchedule`` x :class:`~.rules.Unstructured`; SRigL the same with
+:class:`~.rules.ConstantFanIn` (or :class:`~.rules.NMGroups` for ``pattern="N:M"``).
 
 ``ss.RigL`` / ``ss.SRigL`` / ``ss.SRSTE`` are the public names; :func:`from_flags` maps the ``semisparse
 train`` flags (``--dst --sparsity-level --delta --alpha --t-end FRACTION ...``) onto them.
@@ -20,9 +20,10 @@ from ..errors import SemisparseError
 from ..patterns import NM, parse_pattern
 from .budgets import LayerBudget
 from .dynamic import DynamicSparsity
+from .rules import ConstantFanIn, NMGroups, Unstructured
 from .schedule import UpdateSchedule
+from .selection import as_globs
 from .srste import SRSTE as _SRSTE
-from .topology import ConstantFanIn, NMGroups, Unstructured, as_globs
 
 DST_METHODS = ("rigl", "srigl", "sr-ste", "static")
 
@@ -52,7 +53,7 @@ def RigL(  # noqa: N802 - public name of the method
     |dense gradient| (grown weights start at 0). ``t_end``: optimizer steps after which the topology is
     fixed (required unless ``static=True``, a static random sparse network). ``grad_steps``: the dense
     gradient for growth is summed over the last ``grad_steps`` optimizer steps before each update (the
-    seed's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
+    research code's ``grad_accumulation_n``; 1 = only the update's own step, with all its micro-batches)."""
     return DynamicSparsity(
         model, optimizer, Unstructured(), LayerBudget(sparsity, distribution, erk_power_scale),
         _schedule(t_end, delta, alpha, static), dense_layers=dense_layers, include=include, exclude=exclude,

@@ -1,8 +1,8 @@
 """The stateful piece of dynamic sparse training: masks on the model, changed every ``delta`` steps.
 
 :class:`DynamicSparsity` composes a layer budget (:class:`~.budgets.LayerBudget`), an update schedule
-(:class:`~.schedule.UpdateSchedule`) and a rule (:mod:`.topology`: :class:`~.topology.Unstructured` for
-RigL, :class:`~.topology.ConstantFanIn` for SRigL with neuron ablation, :class:`~.topology.NMGroups` for
+(:class:`~.schedule.UpdateSchedule`) and a rule (:mod:`.rules`: :class:`~.rules.Unstructured` for
+RigL, :class:`~.rules.ConstantFanIn` for SRigL with neuron ablation, :class:`~.rules.NMGroups` for
 prune and regrow inside each group of M), each chosen once and passed in. The short factories in
 :mod:`.api` (``ss.RigL``, ``ss.SRigL``) are what users call.
 
@@ -33,12 +33,13 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
-from ..layout import Candidate, Layout, plan
-from ..masking.parametrization import Mask, attach, sparse_weights
+from ..layout import Candidate, Layout
+from ..masking.parametrization import Mask, attach
 from ..masking.report import Report, build_report
 from .budgets import LayerBudget
+from .rules import Rule, Start
 from .schedule import UpdateSchedule
-from .topology import Rule, Start, as_globs, matches
+from .selection import refuse_ddp, select_layers
 
 
 @dataclass
@@ -57,37 +58,6 @@ class SparseLayer:
     @property
     def original(self) -> nn.Parameter:
         return self.module.parametrizations[self.param].original
-
-
-def refuse_ddp(model: nn.Module) -> nn.Module:
-    """The module inside ``DataParallel``, else ``model``; a ``DistributedDataParallel`` model is an error.
-
-    DDP hooks the gradient accumulators of the parameters when it is built, and registering a
-    parametrization afterwards replaces them, so DDP would never see the weights' gradients. Build the
-    scheduler on the plain model (after the optimizer, before ``DistributedDataParallel(model)``).
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise SemisparseError(
-            "build the sparsity scheduler on the plain model before wrapping it in DistributedDataParallel "
-            "(order: model, optimizer, scheduler, then DistributedDataParallel(model))"
-        )
-    while isinstance(model, nn.DataParallel):
-        model = model.module
-    return model
-
-
-def check_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], keys: Sequence[str]) -> None:
-    """Raise if ``optimizer`` does not hold every parameter in ``params`` (named by ``keys``)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise SemisparseError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [k for p, k in zip(params, keys) if id(p) not in held]
-    if missing:
-        raise SemisparseError(
-            f"the optimizer does not hold the model's weight(s) {', '.join(missing[:3])}"
-            f"{' ...' if len(missing) > 3 else ''}; build it from this model's parameters "
-            "(e.g. torch.optim.SGD(model.parameters(), ...)) before the sparsity scheduler"
-        )
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor) -> None:
@@ -144,30 +114,10 @@ class DynamicSparsity:
     ) -> None:
         if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
             raise SemisparseError(f"grad_steps must be a positive int (optimizer steps), got {grad_steps!r}")
-        dense_globs = as_globs(dense_layers, "dense_layers")
-        inner = refuse_ddp(model)
-        existing = list(sparse_weights(inner))
-        if existing:
-            raise SemisparseError(
-                f"model is already sparsified ({len(existing)} masked weights, e.g. {existing[0].key}); "
-                "dynamic sparse training sets its own masks: start from a dense model or call ss.finalize first"
-            )
-        candidates = plan(inner, rule.pattern, include, exclude, ignore_linear=ignore_linear,
-                          ignore_grouped=ignore_grouped)
-        eligible = [c for c in candidates if c.eligible]
-        if not eligible:
-            reasons = sorted({c.reason for c in candidates}) or ["it has no Linear, Conv or MultiheadAttention layer"]
-            raise SemisparseError(f"no layer of this model can be made sparse: {'; '.join(reasons)}")
-        check_optimizer(optimizer, [getattr(c.module, c.param) for c in eligible], [c.key for c in eligible])
-
-        first = eligible[0]
-        forced = [c for c in eligible if matches(c, dense_globs) or ("first" in dense_globs and c is first)]
-        unknown = [g for g in dense_globs if g != "first" and not any(matches(c, [g]) for c in candidates)]
-        if unknown:
-            raise SemisparseError(f"dense_layers {', '.join(unknown)} match no Linear/Conv layer of the model")
-        budgeted = [c for c in eligible if c not in forced]
-        if not budgeted:
-            raise SemisparseError("every eligible layer is in dense_layers: nothing left to make sparse")
+        sel = select_layers(model, optimizer, rule.pattern, "dynamic sparse training", dense_layers=dense_layers,
+                            include=include, exclude=exclude, ignore_linear=ignore_linear,
+                            ignore_grouped=ignore_grouped)
+        candidates, eligible, forced, budgeted = sel.candidates, sel.eligible, sel.dense, sel.budgeted
         shapes = [c.weight_shape for c in budgeted]
         densities = rule.densities(shapes, budget)
         classifier = eligible[-1]
@@ -185,7 +135,7 @@ class DynamicSparsity:
         # Everything is validated and computed: only now is the model modified.
         self.model = model
         self.optimizer = optimizer
-        self.topology = rule
+        self.rule = rule
         self.schedule = schedule
         self.sparsity = rule.sparsity(budget)
         self.layers: list[SparseLayer] = []
@@ -217,9 +167,9 @@ class DynamicSparsity:
         self._grad_buffers()
 
     @property
-    def rule(self) -> str:
-        """The rule's name (``"rigl"``, ``"srigl"``, ``"nm"``), as the state_dict records it."""
-        return self.topology.name
+    def method(self) -> str:
+        """The method's name (``"rigl"``, ``"srigl"``, ``"nm"``), as the state_dict records it."""
+        return self.rule.name
 
     # -- dense gradient capture ---------------------------------------------------------------------
     def _capture(self, key: str):
@@ -289,8 +239,8 @@ class DynamicSparsity:
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return False
         for layer, g in zip(self.layers, grads):
-            view, back = self.topology.view(layer)
-            new, target = self.topology.update(layer, view(layer.mask.mask), view(layer.original), view(g),
+            view, back = self.rule.view(layer)
+            new, target = self.rule.update(layer, view(layer.mask.mask), view(layer.original), view(g),
                                                drop_fraction)
             self._apply(layer, back(new), target)
         return True
@@ -315,7 +265,7 @@ class DynamicSparsity:
     def state_dict(self) -> dict:
         """Step count and per-layer targets (masks and weights are in the model's state_dict)."""
         return {
-            "rule": self.rule,
+            "rule": self.method,
             "step": self._step,
             "schedule": {"delta": self.schedule.delta, "t_end": self.schedule.t_end,
                          "alpha": self.schedule.alpha, "static": self.schedule.static},
@@ -329,8 +279,8 @@ class DynamicSparsity:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` of a scheduler built the same way."""
-        if state.get("rule") != self.rule:
-            raise SemisparseError(f"state_dict is for rule {state.get('rule')!r}, this scheduler is {self.rule!r}")
+        if state.get("rule") != self.method:
+            raise SemisparseError(f"state_dict is for rule {state.get('rule')!r}, this scheduler is {self.method!r}")
         saved = state.get("layers", {})
         mine = {layer.key: layer for layer in self.layers}
         if set(saved) != set(mine):
@@ -339,7 +289,7 @@ class DynamicSparsity:
         for key, info in saved.items():
             if info["budget"] != mine[key].budget:
                 raise SemisparseError(f"state_dict budget of {key} is {info['budget']}, expected {mine[key].budget}")
-            self.topology.restore(mine[key], info)
+            self.rule.restore(mine[key], info)
         self._step = int(state["step"])
         self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
         self._accumulate = self._capturing(self._step)
@@ -369,7 +319,7 @@ class DynamicSparsity:
         rep = build_report(refuse_ddp(self.model), self._candidates, example_input)
         target = f"{self.sparsity:.4g}"
         rep.notes.append(
-            f"{self.rule}: achieved sparsity {self.achieved_sparsity:.4f} over the budgeted layers "
+            f"{self.method}: achieved sparsity {self.achieved_sparsity:.4f} over the budgeted layers "
             f"(target {target}); step {self._step}"
         )
         ablated = [f"{s['key']} {s['neurons'] - s['alive']}/{s['neurons']}" for s in self.layer_stats()
@@ -387,5 +337,5 @@ class DynamicSparsity:
 
     def __repr__(self) -> str:
         s = self.schedule
-        return (f"DynamicSparsity(rule={self.rule!r}, sparsity={self.sparsity:.4g}, layers={len(self.layers)}, "
+        return (f"DynamicSparsity(rule={self.method!r}, sparsity={self.sparsity:.4g}, layers={len(self.layers)}, "
                 f"delta={s.delta}, t_end={s.t_end}, alpha={s.alpha}, step={self._step})")

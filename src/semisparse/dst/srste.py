@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
-from ..layout import Layout, plan
-from ..masking.parametrization import Mask, attach, sparse_weights
+from ..layout import Layout
+from ..masking.parametrization import Mask, attach
 from ..patterns import NM, nm_mask, parse_pattern
-from .dynamic import check_optimizer, refuse_ddp
-from .topology import as_globs, matches
+from .selection import select_layers
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -69,16 +68,9 @@ class SRSTE:
             raise SemisparseError(f'SR-STE needs an N:M pattern such as "2:4", got {pattern!r}')
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
             raise SemisparseError(f"decay must be a number >= 0 (e.g. 2e-4), got {decay!r}")
-        inner = refuse_ddp(model)
-        if next(sparse_weights(inner), None) is not None:
-            raise SemisparseError("model is already sparsified; SR-STE sets its own masks (start from a dense model)")
-        dense_globs = as_globs(dense_layers, "dense_layers")
-        candidates = plan(inner, nm, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
-        eligible = [c for c in candidates if c.eligible and not matches(c, dense_globs)]
-        if not eligible:
-            reasons = sorted({c.reason for c in candidates if c.reason}) or ["no eligible layer"]
-            raise SemisparseError(f"no layer of this model can be made {nm}: {'; '.join(reasons)}")
-        check_optimizer(optimizer, [getattr(c.module, c.param) for c in eligible], [c.key for c in eligible])
+        sel = select_layers(model, optimizer, nm, "SR-STE", dense_layers=dense_layers, include=include,
+                            exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+        eligible = sel.budgeted
         self.model, self.optimizer, self.pattern, self.decay = model, optimizer, nm, float(decay)
         self._step = 0
         self.masks: list[tuple[STEMask, nn.Module, str]] = []

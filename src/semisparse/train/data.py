@@ -40,7 +40,7 @@ CIFAR_LAYOUT = "<path>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.m
 
 @dataclass
 class AugmentOptions:
-    """The seed's augmentation flags (torchvision reference presets). ``None`` crop sizes mean the format's
+    """The reference script's augmentation flags (torchvision reference presets). ``None`` crop sizes mean the format's
     own default (224/256/224 for ImageFolder; CIFAR uses 32 with 4-pixel padding)."""
 
     train_crop_size: int | None = None

@@ -183,7 +183,7 @@ def plan_model(model: nn.Module, example_input, timer: Timer, original: nn.Modul
 
 def mac_shares(model: nn.Module, example_input) -> dict:
     """MACs of the masked layers (per forward of ``example_input``) and the share that ran in each form;
-    ``condensed``: the share of the sparse MACs that ran in a condensed kernel (issue 16's figure)."""
+    ``condensed``: the share of the sparse MACs that ran in a condensed kernel (the GPU targets' figure)."""
     lays = planned_layers(model)
     if any(m._macs is None for _, m in lays):
         inputs = capture_inputs(model, example_input)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semisparse.dst import rules
+from semisparse.dst import prune_grow
 from semisparse.patterns import fanin_mask, is_nm, nm_mask
 
 
@@ -20,7 +20,7 @@ def test_top_in_layer_is_exact_topk(total, n):
     g = torch.Generator().manual_seed(total + n)
     score = torch.randn(total, generator=g).abs().reshape(-1, 100)
     score[:, :10] = -1.0  # never chosen
-    got = rules.top_in_layer(score, n)
+    got = prune_grow.top_in_layer(score, n)
     expect = torch.zeros(total, dtype=torch.bool)
     expect[torch.topk(score.reshape(-1), n).indices] = True
     assert torch.equal(got.reshape(-1), expect)
@@ -30,16 +30,16 @@ def test_top_in_layer_with_massive_ties_falls_back_exactly():
     score = torch.zeros(200_000)
     score[123] = 5.0
     score[77_777] = 3.0
-    got = rules.top_in_layer(score, 2)
+    got = prune_grow.top_in_layer(score, 2)
     assert got.nonzero().flatten().tolist() == [123, 77_777]
-    assert int(rules.top_in_layer(score, 1_000).sum()) == 1_000
+    assert int(prune_grow.top_in_layer(score, 1_000).sum()) == 1_000
 
 
 def test_rigl_grows_topk_dense_grad_over_inactive():
     rows, k = 6, 20
     w, g = _distinct((rows, k), 1), _distinct((rows, k), 2)
     mask = fanin_mask(torch.rand(rows, k, generator=torch.Generator().manual_seed(3)), 5)
-    new = rules.rigl_update(mask, w, g, 0.4)
+    new = prune_grow.rigl_update(mask, w, g, 0.4)
     n_active = int(mask.sum())
     n_drop = int(0.4 * n_active)
     # Kept: the highest |w| among active weights of the whole layer.
@@ -62,9 +62,9 @@ def test_srigl_keeps_largest_magnitudes_not_lowest_indices():
     w[0, :4] = torch.tensor([0.1, 0.2, 0.9, 0.8])
     g = torch.zeros(4, 8)
     g[1:, 4:6] = 1.0
-    new, k = rules.srigl_update(mask, w, g, 0.0, budget=8, threshold=0, ablate=False)
+    new, k = prune_grow.srigl_update(mask, w, g, 0.0, budget=8, threshold=0, ablate=False)
     assert k == 2
-    assert new[0].nonzero().flatten().tolist() == [2, 3]  # the seed kept indices 0, 1
+    assert new[0].nonzero().flatten().tolist() == [2, 3]  # the research code kept indices 0, 1
     assert (new.sum(1) == 2).all()
 
 
@@ -72,9 +72,9 @@ def test_srigl_grows_topk_gradient_per_neuron():
     rows, K, k = 5, 16, 4
     w, g = _distinct((rows, K), 4), _distinct((rows, K), 5)
     mask = fanin_mask(torch.rand(rows, K, generator=torch.Generator().manual_seed(6)), k)
-    new, k_new = rules.srigl_update(mask, w, g, 0.5, budget=k * rows, threshold=0, ablate=False)
+    new, k_new = prune_grow.srigl_update(mask, w, g, 0.5, budget=k * rows, threshold=0, ablate=False)
     assert k_new == k
-    kept, _ = rules.drop_lowest(mask, w.abs(), 0.5)
+    kept, _ = prune_grow.drop_lowest(mask, w.abs(), 0.5)
     for r in range(rows):
         need = k - int(kept[r].sum())
         cand = torch.where(kept[r], torch.tensor(-1.0), g[r])
@@ -91,7 +91,7 @@ def test_srigl_ablates_unsalient_neurons_and_redistributes():
     w[3] = 1e-3  # neuron 3: tiny weights, dropped first
     g = torch.zeros(rows, K)
     g[:3, 5:] = 1.0  # and no gradient to regrow it
-    new, k_new = rules.srigl_update(mask, w * mask, g, 0.25, budget=k * rows, threshold=2)
+    new, k_new = prune_grow.srigl_update(mask, w * mask, g, 0.25, budget=k * rows, threshold=2)
     assert new[3].sum() == 0
     assert k_new == (k * rows) // 3 == 4
     assert (new[:3].sum(1) == 4).all()
@@ -104,7 +104,7 @@ def test_srigl_safety_rule_keeps_enough_neurons_for_the_budget():
     w = torch.rand(rows, K) * mask
     g = torch.zeros(rows, K)
     budget = 16  # needs at least 4 neurons at the dense fan-in of 4
-    new, k_new = rules.srigl_update(mask, w, g, 0.9, budget=budget, threshold=100)
+    new, k_new = prune_grow.srigl_update(mask, w, g, 0.9, budget=budget, threshold=100)
     alive = int((new.sum(1) > 0).sum())
     assert alive == 4 and k_new == 4 and int(new.sum()) == budget
 
@@ -113,9 +113,9 @@ def test_nm_update_refills_each_group_from_its_own_positions():
     rows, K = 4, 16
     w, g = _distinct((rows, K), 7), _distinct((rows, K), 8)
     mask = nm_mask(torch.rand(rows, K, generator=torch.Generator().manual_seed(9)), 2, 4)
-    new = rules.nm_update(mask, w * mask, g, 0.5, 2, 4)
+    new = prune_grow.nm_update(mask, w * mask, g, 0.5, 2, 4)
     assert is_nm(new, 2, 4)
-    kept, _ = rules.drop_lowest(mask, (w * mask).abs(), 0.5)
+    kept, _ = prune_grow.drop_lowest(mask, (w * mask).abs(), 0.5)
     assert (new & kept).sum() == kept.sum()  # survivors stay
     for gi in range(0, K, 4):  # refills are the best |g| in their group
         for r in range(rows):
@@ -139,7 +139,7 @@ def test_srigl_property_constant_fanin_and_budget(rows, K, frac, seed, density, 
     mask = fanin_mask(torch.rand(rows, K, generator=gen), k)
     w = torch.randn(rows, K, generator=gen) * mask
     g = torch.randn(rows, K, generator=gen)
-    new, k_new = rules.srigl_update(mask, w, g, frac, budget=k * rows, threshold=thr)
+    new, k_new = prune_grow.srigl_update(mask, w, g, frac, budget=k * rows, threshold=thr)
     counts = new.sum(1)
     assert ((counts == k_new) | (counts == 0)).all()
     assert 1 <= k_new <= K
@@ -154,8 +154,9 @@ def test_srigl_property_constant_fanin_and_budget(rows, K, frac, seed, density, 
 def test_rigl_property_count_preserved(rows, K, frac, seed):
     gen = torch.Generator().manual_seed(seed)
     n = max(1, rows * K // 3)
-    mask = rules.top_in_layer(torch.rand(rows, K, generator=gen), n)
-    new = rules.rigl_update(mask, torch.randn(rows, K, generator=gen) * mask, torch.randn(rows, K, generator=gen), frac)
+    mask = prune_grow.top_in_layer(torch.rand(rows, K, generator=gen), n)
+    w, g = torch.randn(rows, K, generator=gen) * mask, torch.randn(rows, K, generator=gen)
+    new = prune_grow.rigl_update(mask, w, g, frac)
     assert int(new.sum()) == n
 
 
@@ -166,7 +167,7 @@ def test_nm_property_always_valid(rows, groups, nm, frac, seed):
     n, m = nm
     gen = torch.Generator().manual_seed(seed)
     mask = nm_mask(torch.rand(rows, groups * m, generator=gen), n, m)
-    new = rules.nm_update(mask, torch.randn(rows, groups * m, generator=gen) * mask,
+    new = prune_grow.nm_update(mask, torch.randn(rows, groups * m, generator=gen) * mask,
                           torch.randn(rows, groups * m, generator=gen), frac, n, m)
     assert is_nm(new, n, m)
 
@@ -179,7 +180,7 @@ def test_top_in_rows_is_exact_per_row_topk(rows, width, k):
     score[1, : k // 2 + 1] = float("inf")
     score[2, ::7] = -1.0
     score[3, -(k + 3):] = 10.0  # the winners sit where the strided sample sees few of them
-    got = rules.top_in_rows(score, k)
+    got = prune_grow.top_in_rows(score, k)
     assert (got.sum(1) == k).all()
     expect = torch.zeros_like(got).scatter_(1, torch.topk(score, k, dim=1).indices, True)
     assert torch.equal(got[1:], expect[1:])
