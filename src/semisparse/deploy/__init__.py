@@ -157,10 +157,9 @@ def deploy(
         if pools:
             summary["pools"] = pools
         m, summary["torch_layers"] = _kept_dense_to_torch(m)
-        if not _runs_semisparse(m):  # torch's modules only: they cost what the original's cost, hooks included
-            for h in hooks:
-                h.remove()
-            summary["thread_hooks"] = False
+        # The thread hooks stay even where every layer is torch's own (a microsecond or two a call): without them
+        # a layer kept dense runs torch's full thread count on a busy machine and stalls (50x on 2 busy CPUs).
+        summary["thread_hooks"] = bool(hooks)
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary
