@@ -321,9 +321,9 @@ def test_planner_keeps_dense_where_kernel_loses(monkeypatch):
     dep = deploy(model, plan="condensed")
     calls = []
 
-    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # first layer: kernel loses; second: it wins
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # first layer (16 outputs): kernel loses; second: wins
         calls.append(len(fns))
-        return [1.0] + [2.0 if len(calls) == 1 else 0.5] * (len(fns) - 1)
+        return [1.0] + [2.0 if fns[0]().shape[-1] == 16 else 0.5] * (len(fns) - 1)
 
     monkeypatch.setattr(planner, "interleaved_medians", fake_times)
     planner.plan_layers(dep, torch.randn(1, 16))

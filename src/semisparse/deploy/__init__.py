@@ -138,7 +138,9 @@ def deploy(
     elif plan == "measure":
         if example_input is not None:
             _check_example(m, example_input)
-        x = example_input if example_input is not None else default_example_input(model, batch_size)
+        x = example_input if example_input is not None else default_example_input(model, batch_size, warn=True)
+        # what the timings and ratios are for (ss.report says so, and warns when counting at another shape)
+        summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
         try:
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
                 plan_layers(m, x, reps=reps)
