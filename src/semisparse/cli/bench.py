@@ -215,7 +215,7 @@ def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, r
     """The model of a compressed file (``ss.load``), deployed, against its dense self and the dense runtimes,
     at ``input_size`` (``[C, H, W]``, or ``[H, W]`` / ``[S]`` for the recorded channels), else the input size
     the file records, else the model's own guess (with a warning)."""
-    from ..io import load
+    from ..io.compressed import load
 
     model = load(path).eval()
     recorded = getattr(model, "semisparse_input_size", None)

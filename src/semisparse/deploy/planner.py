@@ -162,8 +162,11 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
                 [candidate(layer, "condensed", v, x) for v in sparse_vs]
             nd = len(dense_vs)
             per_round: list[list[float]] = []
-            while len(per_round) < rounds or (len(per_round) < max_rounds and not _agree(per_round, nd)):
-                per_round.append(interleaved_medians(fns, reps, budget_s=budget_s / rounds))
+            more = rounds
+            while more > 0:
+                for _ in range(min(more, max(rounds, max_rounds) - len(per_round))):
+                    per_round.append(interleaved_medians(fns, reps, budget_s=budget_s / rounds))
+                more = 2 if len(per_round) < max_rounds and not _agree(per_round, nd) else 0
             medians = [statistics.median(r[i] for r in per_round) for i in range(len(fns))]
             ratios = [min(r[:nd]) / max(min(r[nd:]), 1e-12) for r in per_round]
             t_torch = medians[0]  # torch's own layer: the reference every ratio is against
