@@ -133,3 +133,41 @@ def test_layers_kept_dense_run_on_the_cpus_the_process_has(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _cl_fastest(fns, reps=20, warmup=2, budget_s=1.0):
+    """A timer by which a channels-last output (torch's NHWC dense model) is the fastest, all else equal."""
+    out = []
+    for fn in fns:
+        y = fn()
+        nhwc = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        out.append(1.0 if nhwc else 2.0)
+    return out
+
+
+def _equal_time(fns, reps=20, warmup=2, budget_s=1.0):
+    for fn in fns:
+        fn()
+    return [1.0] * len(fns)
+
+
+@pytest.mark.parametrize("cl_wins", [True, False])
+def test_whole_model_check_compares_with_torchs_channels_last_dense(monkeypatch, cl_wins):
+    """The bar a deployed CNN must pass is torch's strongest dense form on CPU, channels-last too: where that is
+    faster, the deployed model becomes it (all dense, NHWC weights and input), computing the same."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    ss.sparsify(model, 0.5)
+    x = torch.randn(1, 3, 10, 10)
+    monkeypatch.setattr(planner, "interleaved_medians", _cl_fastest if cl_wins else _equal_time)
+    dep = deploy(model, example_input=x, reps=2)
+    plan = dep.semisparse_plan
+    assert plan["dense_channels_last_ms"] == 1e3  # the fake timer: 1 s
+    assert plan.get("channels_last", False) is cl_wins
+    if cl_wins:
+        assert deployed_layers(dep) == [] and dep[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert plan["deployed_ms"] == plan["dense_channels_last_ms"]
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), model(x), rtol=1e-5, atol=1e-5)
+        x2 = torch.randn(2, 3, 7, 7)
+        torch.testing.assert_close(dep(x2), model(x2), rtol=1e-5, atol=1e-5)

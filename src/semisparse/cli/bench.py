@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..deploy import cpus, default_example_input, deploy, deployed_layers, kernels
-from ..deploy.anchors import dense_anchors, torch_eager
+from ..deploy.anchors import dense_anchors, torch_channels_last, torch_eager
 from ..deploy.cuda.build import masked_copy
 from ..deploy.fold import fold_batchnorm
 from ..deploy.planner import blocked_medians, interleaved_medians
@@ -263,6 +263,9 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         layer.set_mode("dense")
     threads = torch.get_num_threads()
     runtimes = [torch_eager(dense, x)]
+    cl = torch_channels_last(dense, x)
+    if cl is not None:
+        runtimes.append(cl)
     notes: list[str] = []
     if anchors:
         more, notes = dense_anchors(model, x, threads)
@@ -363,7 +366,7 @@ def loaded(others: float | None, threads: int) -> bool:
     return others + threads > available_cpus() + 0.25
 
 
-def _marks(r: dict) -> str:
+def marks(r: dict) -> str:
     return ("!" if r.get("above_limit") else "") + ("~" if r.get("loaded") else "")
 
 
@@ -387,7 +390,7 @@ def format_table(rows: list[dict]) -> str:
         head = ["layer", "sparsity", "batch", "dense ms", "condensed ms", "ratio (cold)", "ratio (warm)", "CSR ms",
                 "CSR ratio", "byte limit", "FLOP limit"]
         body = [[r["shape"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.4f}",
-                 f"{r['condensed_ms']:.4f}", f"{r['ratio']:.2f}x{_marks(r)}", f"{r['ratio_warm']:.2f}x",
+                 f"{r['condensed_ms']:.4f}", f"{r['ratio']:.2f}x{marks(r)}", f"{r['ratio_warm']:.2f}x",
                  "-" if r["csr_ms"] is None else f"{r['csr_ms']:.4f}",
                  "-" if r["csr_ratio"] is None else f"{r['csr_ratio']:.2f}x",
                  f"{r['byte_limit']:.2f}x", f"{r['flop_limit']:.2f}x"] for r in layer_rows]
@@ -403,8 +406,8 @@ def format_table(rows: list[dict]) -> str:
                 "torch eager ms", "vs eager", *[f"{n} ms" for n in names], "deployed all-dense ms",
                 "vs all-dense", "limit", "condensed layers"]
         body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), "x".join(map(str, r["input"][1:])),
-                 f"{r['deployed_ms']:.2f}", f"{r['ratio_vs_fastest_dense']:.2f}x{_marks(r)}", r["fastest_dense"],
-                 f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x{_marks(r)}",
+                 f"{r['deployed_ms']:.2f}", f"{r['ratio_vs_fastest_dense']:.2f}x{marks(r)}", r["fastest_dense"],
+                 f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x{marks(r)}",
                  *[f"{r['dense_runtimes_ms'][n]:.2f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['dense_deployed_ms']:.2f}", f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['limit']:.2f}x",
                  f"{r['condensed_layers']}/{r['layers']}"] for r in model_rows]

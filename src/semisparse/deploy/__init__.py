@@ -159,6 +159,8 @@ def deploy(
         if pools:
             summary["pools"] = pools
         m, summary["torch_layers"] = _kept_dense_to_torch(m)
+        if summary.get("channels_last"):  # the planner measured torch's channels-last dense model fastest
+            m = m.to(memory_format=torch.channels_last)
         # The thread hooks stay even where every layer is torch's own (a microsecond or two a call): without them
         # a layer kept dense runs torch's full thread count on a busy machine and stalls (50x on 2 busy CPUs).
         summary["thread_hooks"] = bool(hooks)

@@ -9,6 +9,8 @@ model is not faster, layers are turned back to dense from the smallest measured 
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 import statistics
 import time
@@ -287,7 +289,62 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             for p in pools:
                 p.use_kernel = False
             t_dense, t_dep = timed_pair()
+        t_cl = _channels_last_check(model, example_input, lays, pools, reps, budget_s)
+    out = {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
+           "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}
+    if t_cl is not None:
+        out["dense_channels_last_ms"] = round(t_cl[0] * 1e3, 3)
+        out["ratio_vs_channels_last"] = round(t_cl[0] / max(t_cl[1], 1e-12), 3)
+        if t_cl[2]:
+            out["channels_last"] = True
+            out["deployed_ms"] = round(t_cl[0] * 1e3, 3)
+            out["ratio"] = round(t_dense / max(t_cl[0], 1e-12), 3)
+            out["reverted"] += [n for n, m in lays if m.figures.get("why") == _CL_WHY]
     for _, m in lays:
         m.drop_unused()
-    return {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
-            "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}
+    return out
+
+
+_CL_WHY = "reverted: torch's channels-last dense model was faster"
+
+
+def channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a model kept dense in channels-last form: a 4-D input goes in channels-last."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def _channels_last_check(model: nn.Module, example_input, lays: list, pools: list, reps: int,
+                         budget_s: float) -> tuple[float, float, bool] | None:
+    """The model all dense with weights and input channels-last (oneDNN's NHWC convolutions, often torch's fastest
+    dense CNN on CPU) timed against the model as planned; where it is faster, the model becomes it (every layer
+    dense, torch's pooling, channels-last weights and an input hook), so a deployed CNN is never slower than the
+    strongest dense form torch has. Returns ``(channels-last s, deployed s, adopted)``; None for a model without
+    2-D convolutions or a 4-D tensor input."""
+    if not (isinstance(example_input, torch.Tensor) and example_input.dim() == 4
+            and any(isinstance(m, (nn.Conv2d, SparseConv)) for m in model.modules())):
+        return None
+    cl = copy.deepcopy(model)
+    for _, m in deployed_layers(cl):
+        m.set_mode("dense")
+        m.dense_gemm = False
+    for p in cl.modules():
+        if isinstance(p, MaxPool2d):
+            p.use_kernel = False
+    cl = cl.to(memory_format=torch.channels_last)
+    xc = example_input.contiguous(memory_format=torch.channels_last)
+    t_cl, t_dep = interleaved_medians([functools.partial(cl, xc), lambda: run(model, example_input)], reps,
+                                      budget_s=budget_s)
+    if t_cl >= t_dep:
+        return t_cl, t_dep, False
+    for _, m in lays:
+        if m.mode == "condensed":
+            m.figures["why"] = _CL_WHY
+        m.set_mode("dense")
+        m.dense_gemm = False
+    for p in pools:
+        p.use_kernel = False
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(channels_last_input)
+    return t_cl, t_dep, True
