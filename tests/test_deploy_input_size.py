@@ -85,3 +85,24 @@ def test_report_shows_the_planned_shape_and_warns_at_another(monkeypatch):
     with pytest.warns(UserWarning, match="MACs counted at input 1x3x20x20 but the model was planned"):
         rep = ss.report(dep, torch.randn(1, 3, 20, 20))
     assert any(n.startswith("warning: MACs counted at input 1x3x20x20") for n in rep.notes)
+
+
+@pytest.mark.slow  # a training epoch on the digits (about 10 s on a quiet machine)
+def test_train_records_the_size_it_validates_at_through_export(tmp_path, monkeypatch):
+    """`semisparse train` -> checkpoint -> `semisparse export` -> ss.load: the file says 1x8x8 (digits), and
+    ss.deploy plans there without a guess."""
+    from semisparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data-path", "digits", "-b", "256", "--epochs", "1",
+                 "--sparsity", "sparse_2x4", "--output-dir", str(out)]) == 0
+    back, _ = load_training_checkpoint(out / "checkpoint.pth")
+    assert back.semisparse_input_size == [1, 8, 8]
+    assert main(["export", str(out / "checkpoint.pth"), "-o", str(tmp_path / "m.safetensors")]) == 0
+    loaded = ss.load(tmp_path / "m.safetensors")
+    assert loaded.semisparse_input_size == [1, 8, 8]
+    _quick(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dep = ss.deploy(loaded, reps=2)
+    assert dep.semisparse_plan["input_shape"] == [1, 1, 8, 8]
