@@ -156,7 +156,7 @@ def _openvino(path: Path, x: torch.Tensor, threads: int) -> list[Anchor]:
             req.infer({0: xn})
             return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
-        out.append(Anchor(name if extra is None or "f32" not in prec else "openvino f32 (its default here)",
+        out.append(Anchor(name if extra is None or "f32" not in prec else "openvino f32 (=default)",
                           precision, fn, {"version": ov.__version__.split("-")[0], "default_precision": prec}))
     return out
 
