@@ -48,11 +48,14 @@ def deploy(
     masked dense model's.
 
     ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
-    every layer at ``example_input``, default ``(batch_size, C, 224, 224)`` guessed from the first conv,
-    keep dense where the kernel is not faster, then check the whole model is not slower), ``"condensed"``
-    (every sparse layer condensed, no timing) or ``"dense"``. ``fold``: ablated neurons of a Linear that is
-    followed (in an ``nn.Sequential``) only by elementwise modules and another Linear are removed, and the
-    next Linear drops the matching input columns (their constant contribution goes into its bias).
+    every layer at ``example_input``, default ``batch_size`` inputs of the size the model records
+    (``ss.load`` / training checkpoints: the size it was trained at), else ``(batch_size, C, 224, 224)``
+    guessed from the first conv with a one-line warning; ``semisparse_plan["input_shape"]`` says which), keep
+    dense where the kernel is not faster, then check the whole model is not slower than torch's dense model,
+    NCHW or channels-last), ``"condensed"`` (every sparse layer condensed, no timing) or ``"dense"``.
+    ``fold``: ablated neurons of a Linear that is followed (in an ``nn.Sequential``) only by elementwise
+    modules and another Linear are removed, and the next Linear drops the matching input columns (their
+    constant contribution goes into its bias).
     ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
