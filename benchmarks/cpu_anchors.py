@@ -41,19 +41,29 @@ def lscpu_model() -> str:
     return f"{name} ({flags})"
 
 
+def _alone(r: dict) -> str:
+    """The ratio to the fastest fp32 dense runtime when each ran alone, back to back (no pool hand-over)."""
+    b = r.get("blocked_ms")
+    if not b:
+        return "-"
+    dense = [(t, n) for n, t in b.items() if n != "deployed" and not n.startswith("openvino default")]
+    t, name = min(dense)
+    return f"{t / b['deployed']:.2f}x ({name})"
+
+
 def markdown(rows: list[dict], info: dict) -> str:
     names: list[str] = []
     for r in rows:
         names += [n for n in r["dense_runtimes_ms"] if n not in names]
     head = ["model", "pattern", "batch", "ss.deploy ms", *[f"{n} ms" for n in names], "vs fastest dense (fp32)",
-            "vs torch eager", "others busy (CPUs)"]
+            "vs torch eager", "vs fastest dense, each alone", "others busy (CPUs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pattern = "2:4" if r["masks"] == "2:4" else f"fan-in {r['sparsity']:g} ({r['masks']})"
         cells = [r["model"], pattern, str(r["batch"]), f"{r['deployed_ms']:.1f}",
                  *[f"{r['dense_runtimes_ms'][n]:.1f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['ratio_vs_fastest_dense']:.2f}x{bench.marks(r)} ({r['fastest_dense']})",
-                 f"{r['ratio']:.2f}x{bench.marks(r)}", str(r.get("others_busy_cpus"))]
+                 f"{r['ratio']:.2f}x{bench.marks(r)}", _alone(r), str(r.get("others_busy_cpus"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"{info['cpu_model']}, {info['threads']} threads, fp32, torch {info['torch']}; load avg "
@@ -87,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         for pattern in ("fan-in", "2:4"):
             for b in args.batch:
                 reps = args.reps if b == 1 else args.reps_batched
-                row = bench.bench_model(name, args.sparsity, b, reps, "srigl", 0.1, args.image_size, pattern)
+                row = bench.bench_model(name, args.sparsity, b, reps, "srigl", 0.1, args.image_size, pattern,
+                                        blocked_too=True)
                 rows.append(row)
                 print(bench.format_table([row]), flush=True)
                 print(f"  planned in {row['plan_s']} s; max rel err deployed {row['max_rel_err']:.2e}, runtimes "
                       + ", ".join(f"{n} {e:.1e}" for n, e in row["dense_runtimes_rel_err"].items())
                       + f"; load avg now {os.getloadavg()[0]:.2f}", flush=True)
+                alone = ", ".join(f"{n} {t:.2f}" for n, t in row["blocked_ms"].items())
+                print(f"  each alone, back to back (ms): {alone}", flush=True)
     info["load_after"] = round(os.getloadavg()[0], 2)
     print()
     print(bench.format_table(rows))

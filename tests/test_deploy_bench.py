@@ -51,8 +51,9 @@ def test_bench_bad_arguments_are_one_line_errors(capsys):
 def test_bench_model_times_the_dense_runtimes_beside_torch():
     """The first ratio is against the fastest dense runtime (onnxruntime is in the test venv), which ran the
     same masked model and computed the same output."""
-    row = bench.bench_model("digits_cnn", 0.9, batch=1, reps=3, masks="uniform")
+    row = bench.bench_model("digits_cnn", 0.9, batch=1, reps=3, masks="uniform", blocked_too=True)
     times = row["dense_runtimes_ms"]
+    assert set(row["blocked_ms"]) == {"deployed", *times} and min(row["blocked_ms"].values()) > 0
     assert "torch eager" in times and "onnxruntime" in times
     assert row["dense_runtimes_rel_err"]["onnxruntime"] <= 1e-5
     assert row["fastest_dense_ms"] == min(t for n, t in times.items() if "bf16" not in n)

@@ -183,7 +183,7 @@ def srigl_like_masks(model: nn.Module, sparsity: float, ablation: float) -> dict
 
 def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20, masks: str = "uniform",
                 ablation: float = 0.0, image_size: int | None = None, pattern: str = "fan-in",
-                anchors: bool = True) -> dict:
+                anchors: bool = True, blocked_too: bool = False) -> dict:
     """A whole registry model made sparse here, deployed, against its dense self and the dense runtimes.
 
     ``pattern``: ``"fan-in"`` at ``sparsity`` with ``masks`` ``"uniform"`` (constant fan-in) or ``"srigl"``
@@ -205,7 +205,7 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
         sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
     else:
         sparsify(model, sparsity)
-    row = bench_sparse(model, x, reps, anchors=anchors)
+    row = bench_sparse(model, x, reps, anchors=anchors, blocked_too=blocked_too)
     row.update(model=name, masks=masks, sparsity=sparsity)
     return row
 
@@ -241,11 +241,14 @@ def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, r
     return row
 
 
-def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: bool = True) -> dict:
+def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: bool = True,
+                 blocked_too: bool = False) -> dict:
     """A sparsified ``model`` deployed at input ``x`` and timed, call by call interleaved in one process, against
     the same model dense: torch eager (with the deployed model's thread sizing), BatchNorm-folded, the deployed
     model with every layer dense, and (``anchors``) onnxruntime and OpenVINO on the masked model exported to
-    ONNX (:mod:`semisparse.deploy.anchors`). The first ratio is against the fastest fp32 dense runtime."""
+    ONNX (:mod:`semisparse.deploy.anchors`). The first ratio is against the fastest fp32 dense runtime.
+    ``blocked_too``: also time the deployed model and each runtime alone, back to back in blocks
+    (``blocked_ms``)."""
     batch = x.shape[0]
     t0 = time.perf_counter()
     dep = deploy(model, batch_size=batch, example_input=x)
@@ -281,6 +284,10 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
             [fitted(folded), fitted(dense_dep), lambda: dep(x), *(a.fn for a in runtimes)], reps, warmup=3,
             budget_s=1e9)]
         others = others_busy(before, load_sample())
+        # Each runtime alone, back to back in blocks (its thread pool never hands over to another's between
+        # calls): the interleaved figures include that hand-over; these show what it costs.
+        blocked = [1e3 * t for t in blocked_medians([lambda: dep(x), *(a.fn for a in runtimes)], max(5, reps // 2),
+                                                    rounds=5, warmup=1)] if blocked_too else None
     t_folded, t_dense_dep, t_dep = times[:3]
     anchor_ms = {a.name: times[3 + i] for i, a in enumerate(runtimes)}
     t_dense = anchor_ms["torch eager"]
@@ -305,6 +312,8 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         "dense_ms": round(t_dense, 3), "ratio": round(t_dense / t_dep, 2),
         "dense_runtimes_ms": {n: round(t, 3) for n, t in anchor_ms.items()},
         "dense_runtimes_rel_err": errs, "dense_runtime_notes": notes,
+        "blocked_ms": None if blocked is None else {"deployed": round(blocked[0], 3), **{
+            a.name: round(t, 3) for a, t in zip(runtimes, blocked[1:])}},
         "dense_runtime_versions": {a.name: a.info.get("version") for a in runtimes[1:]},
         "dense_bn_folded_ms": round(t_folded, 3), "ratio_vs_bn_folded": round(t_folded / t_dep, 2),
         "dense_deployed_ms": round(t_dense_dep, 3), "ratio_vs_dense_deployed": round(t_dense_dep / t_dep, 2),
