@@ -1,10 +1,12 @@
 """The measuring planner: keep a condensed kernel only where it beats dense on this machine, at this batch.
 
 Each condensed layer is timed on the very input it receives in one forward of the example input, in
-both modes (its condensed kernel, and the masked dense weight through torch), medians over repeated
-runs; the faster mode is kept. Then the whole model is timed against its all-dense self: if the deployed
-model is not faster, layers are turned back to dense from the smallest measured gain up until it is
-(at worst every layer is dense again, so a deployed model is never slower than dense).
+both modes (its condensed kernel, and the masked dense weight through torch), as the deployed model calls it
+(its kernel call bound once, not per timed call), medians over repeated rounds; the faster mode is kept, and
+the spread of the rounds says how sure that was. Then the whole model is timed against its all-dense self: if
+the deployed model is not faster, layers are turned back to dense from the smallest measured gain up until it
+is (at worst every layer is dense again, so a deployed model is never slower than dense), and a CNN is timed
+against torch's channels-last dense model too, which it becomes where that is faster.
 """
 
 from __future__ import annotations
