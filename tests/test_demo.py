@@ -25,4 +25,5 @@ def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
     # the deployed model computes what the SRigL model computes: same accuracy
     assert rows["SRigL 90%, deployed"]["acc1"] == srigl["acc1"]
     assert rows["SRigL 90%, deployed"]["latency_ratio"] > 0
+    assert "on the same thread sizing; load avg " in text and "CPUs available" in report["load"]  # conditions
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "density.png").stat().st_size > 1000

@@ -22,7 +22,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..deploy import default_example_input, deploy, deployed_layers, kernels
+from ..deploy import cpus, default_example_input, deploy, deployed_layers, kernels
+from ..deploy.anchors import dense_anchors, torch_channels_last, torch_eager
+from ..deploy.cuda.build import masked_copy
 from ..deploy.fold import fold_batchnorm
 from ..deploy.planner import blocked_medians, interleaved_medians
 from ..dst.budgets import erk_densities, fanin_budgets
@@ -31,7 +33,7 @@ from ..io.files import write_json
 from ..layout import plan
 from ..masking import masks as model_masks
 from ..masking import report, sparsify
-from ..masking.parametrization import effective_state_dict
+from ..masking.parametrization import sparse_weights
 from ..models import create_model
 from ..patterns import fanin_mask
 
@@ -42,6 +44,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Linear layer shapes to time (default 768x3072 when no --model is given)")
     p.add_argument("--model", nargs="*", default=None, metavar="NAME",
                    help="whole models to time, e.g. resnet50 vit_b_16 (registry names)")
+    p.add_argument("--file", nargs="*", default=None, metavar="PATH",
+                   help="compressed files (ss.save / semisparse export) to time, deployed, against their dense self")
+    p.add_argument("--input-size", type=int, nargs="*", default=None, metavar="N",
+                   help="with --file: input size C H W (or H W, or S); default the size the file records")
+    p.add_argument("--no-anchors", action="store_true",
+                   help="models and files: skip the dense runtimes (onnxruntime, OpenVINO; the 'bench' extra)")
     p.add_argument("--sparsity", type=float, nargs="*", default=None,
                    help="sparsities (default: 0.9 and 0.8 for layers, 0.9 for models)")
     p.add_argument("--batch", type=int, nargs="*", default=None,
@@ -60,8 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     # --device cuda: 2:4 through cuSPARSELt (semisparse.cli.bench_cuda)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: condensed kernels (constant fan-in); cuda: 2:4 layers through cuSPARSELt")
-    p.add_argument("--pattern", default="2:4",
-                   help="with --device cuda: 2:4 (cuSPARSELt) or fan-in (condensed Triton kernels; --sparsity --masks)")
+    p.add_argument("--pattern", default=None, choices=("2:4", "fan-in"),
+                   help="models: fan-in (constant fan-in at --sparsity with --masks; CPU default) or 2:4 (magnitude "
+                        "2:4; --device cuda default: cuSPARSELt)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --device cuda")
     p.add_argument("--tokens", type=int, nargs="*", default=None,
                    help="with --device cuda: token counts of the layer rows (default 197 3152 12608 50432)")
@@ -81,7 +90,8 @@ def machine() -> dict:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpus_available": available_cpus(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             "kernels": kernels.available(), "simd_bits": kernels.simd_width(), "load_avg_1min": load,
             "dtype": "float32"}
 
@@ -107,7 +117,7 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
     with torch.no_grad():
         ref = dense(x)
         err = max(float((d(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) for d in deployed)
-        fns = [lambda: dense(x)] + [lambda d=d: d(x) for d in deployed]
+        fns = [lambda: _fitted(dense, x)] + [lambda d=d: d(x) for d in deployed]
         if csr:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
@@ -116,8 +126,10 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
         # cold: the candidates take turns call by call (a new random order each round), so each call finds
         # caches the others just used;
         # warm: each runs back to back in blocks, its data stays in cache (how timeit measures a statement)
+        before = load_sample()
         cold = [1e3 * t for t in interleaved_medians(fns, reps, warmup=5, budget_s=1e9)]
         warm = [1e3 * t for t in blocked_medians(fns, reps)]
+        others = others_busy(before, load_sample())
     nv = len(variants)
     t_dense, t_dense_warm = cold[0], warm[0]
     t_cond, best = min(zip(cold[1:1 + nv], variants), key=lambda tv: tv[0])
@@ -139,6 +151,9 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
         "condensed_gbytes_s": round(cond_bytes / (t_cond * 1e6), 2) if batch == 1 else None,
         "dense_gbytes_s": round(dense_bytes / (t_dense * 1e6), 2) if batch == 1 else None,
         "variant": best, "variants_ms": [round(t, 4) for t in cold[1:1 + nv]], "max_rel_err": err,
+        # batch 1 moves bytes (the byte ratio bounds it), larger batches compute (the FLOP ratio does)
+        "above_limit": t_dense / t_cond > (dense_bytes / cond_bytes if batch == 1 else in_f / k) * 1.02,
+        "others_busy_cpus": others, "loaded": loaded(others, torch.get_num_threads()),
     }
 
 
@@ -167,11 +182,13 @@ def srigl_like_masks(model: nn.Module, sparsity: float, ablation: float) -> dict
 
 
 def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20, masks: str = "uniform",
-                ablation: float = 0.0, image_size: int | None = None) -> dict:
-    """A whole model at ``sparsity``: dense latency vs deployed, share of sparse MACs in condensed kernels.
+                ablation: float = 0.0, image_size: int | None = None, pattern: str = "fan-in",
+                anchors: bool = True, blocked_too: bool = False) -> dict:
+    """A whole registry model made sparse here, deployed, against its dense self and the dense runtimes.
 
-    ``masks``: ``"uniform"`` constant fan-in, or ``"srigl"`` (:func:`srigl_like_masks` with ``ablation``).
-    Returns one result row: ``{"dense_ms", "deployed_ms", "ratio", ...}`` and the planner's choices."""
+    ``pattern``: ``"fan-in"`` at ``sparsity`` with ``masks`` ``"uniform"`` (constant fan-in) or ``"srigl"``
+    (:func:`srigl_like_masks` with ``ablation``), or ``"2:4"`` (magnitude 2:4; ``sparsity`` ignored).
+    Returns one result row (:func:`bench_sparse`)."""
     torch.manual_seed(0)
     model = create_model(name).eval()
     with torch.no_grad():  # zero-initialised layers (torchvision ViT's head) would make every output 0
@@ -181,14 +198,62 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     x = default_example_input(model, batch)
     if image_size is not None:
         x = torch.randn(*x.shape[:2], *([image_size] * (x.dim() - 2)))
-    if masks == "srigl":
+    if pattern == "2:4":
+        sparsify(model, "2:4")
+        masks, sparsity = "2:4", 0.5
+    elif masks == "srigl":
         sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
     else:
         sparsify(model, sparsity)
+    row = bench_sparse(model, x, reps, anchors=anchors, blocked_too=blocked_too)
+    row.update(model=name, masks=masks, sparsity=sparsity)
+    return row
+
+
+def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, reps: int = 20,
+               anchors: bool = True) -> dict:
+    """The model of a compressed file (``ss.load``), deployed, against its dense self and the dense runtimes,
+    at ``input_size`` (``[C, H, W]``, or ``[H, W]`` / ``[S]`` for the recorded channels), else the input size
+    the file records, else the model's own guess (with a warning)."""
+    from ..io.compressed import load
+
+    model = load(path).eval()
+    recorded = getattr(model, "semisparse_input_size", None)
+    guess = default_example_input(model, batch)
+    if input_size:
+        size = list(input_size)
+        if len(size) == 1:
+            size = size * (guess.dim() - 2)
+        if len(size) == guess.dim() - 2:
+            size = [guess.shape[1], *size]
+        x = torch.randn(batch, *size)
+    elif recorded:
+        x = torch.randn(batch, *recorded)
+    else:
+        warnings.warn(f"semisparse: {path} records no input size; benchmarking at {tuple(guess.shape[1:])} "
+                      "(pass --input-size)", RuntimeWarning, stacklevel=2)
+        x = guess
+    pats = sorted({sw.parametrization.pattern_name for sw in sparse_weights(model)})
+    row = bench_sparse(model, x, reps, anchors=anchors)
+    arch = getattr(model, "semisparse_arch", None) or {}
+    row.update(model=f"{os.path.basename(str(path))} ({arch.get('name', '?')})", masks=",".join(pats),
+               sparsity=round(1.0 - row["kept_density"], 3), file=str(path))
+    return row
+
+
+def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: bool = True,
+                 blocked_too: bool = False) -> dict:
+    """A sparsified ``model`` deployed at input ``x`` and timed, call by call interleaved in one process, against
+    the same model dense: torch eager (with the deployed model's thread sizing), BatchNorm-folded, the deployed
+    model with every layer dense, and (``anchors``) onnxruntime and OpenVINO on the masked model exported to
+    ONNX (:mod:`semisparse.deploy.anchors`). The first ratio is against the fastest fp32 dense runtime.
+    ``blocked_too``: also time the deployed model and each runtime alone, back to back in blocks
+    (``blocked_ms``)."""
+    batch = x.shape[0]
     t0 = time.perf_counter()
     dep = deploy(model, batch_size=batch, example_input=x)
     plan_s = time.perf_counter() - t0
-    dense = _masked_dense(name, model)
+    dense = dense_copy(model)
     # The same dense model with BatchNorm folded into its convs, as deploy folds it: the ratio against it is
     # what sparsity alone buys.
     folded = copy.deepcopy(dense)
@@ -199,39 +264,132 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     dense_dep = copy.deepcopy(dep)
     for _, layer in deployed_layers(dense_dep):
         layer.set_mode("dense")
+    threads = torch.get_num_threads()
+    runtimes = [torch_eager(dense, x)]
+    cl = torch_channels_last(dense, x)
+    if cl is not None:
+        runtimes.append(cl)
+    notes: list[str] = []
+    if anchors:
+        more, notes = dense_anchors(model, x, threads)
+        runtimes += more
     with torch.no_grad():
         ref = dense(x)
         err = float((dep(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        t_dense, t_folded, t_dense_dep, t_dep = (1e3 * t for t in interleaved_medians(
-            [lambda: dense(x), lambda: folded(x), lambda: dense_dep(x), lambda: dep(x)], reps, warmup=3,
-            budget_s=1e9))
+        errs = {a.name: float((a.fn().reshape(ref.shape) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                for a in runtimes}
+        fitted = lambda m: lambda: _fitted(m, x)  # noqa: E731
+        before = load_sample()
+        times = [1e3 * t for t in interleaved_medians(
+            [fitted(folded), fitted(dense_dep), lambda: dep(x), *(a.fn for a in runtimes)], reps, warmup=3,
+            budget_s=1e9)]
+        others = others_busy(before, load_sample())
+        # Each runtime alone, back to back in blocks (its thread pool never hands over to another's between
+        # calls): the interleaved figures include that hand-over; these show what it costs.
+        blocked = [1e3 * t for t in blocked_medians([lambda: dep(x), *(a.fn for a in runtimes)], max(5, reps // 2),
+                                                    rounds=5, warmup=1)] if blocked_too else None
+    t_folded, t_dense_dep, t_dep = times[:3]
+    anchor_ms = {a.name: times[3 + i] for i, a in enumerate(runtimes)}
+    t_dense = anchor_ms["torch eager"]
+    best_name, best_ms = min(((n, t) for n, t in anchor_ms.items()
+                              if next(a for a in runtimes if a.name == n).precision == "fp32"), key=lambda nt: nt[1])
     rep = report(dep, x)
     sparse_rows = [r for r in rep.layers if r.sparse]
     sparse_macs = sum(r.macs or 0 for r in sparse_rows)
     cond_macs = sum(r.macs or 0 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed"))
     all_macs = sum(r.macs or 0 for r in rep.layers)
     kept = sum(r.density * r.params for r in sparse_rows) / max(1, sum(r.params for r in sparse_rows))
+    kept_macs = sum((r.macs or 0) * r.density for r in sparse_rows)
+    flop_limit = all_macs / max(1.0, all_macs - sparse_macs + kept_macs)
+    all_params = sum(r.params for r in rep.layers)
+    kept_params = sum(r.params * (r.density if r.sparse else 1.0) for r in rep.layers)
+    byte_limit = all_params / max(1.0, kept_params) * (4 / 6)  # fp32 values + 16-bit indices, at best
+    limit = max(flop_limit, byte_limit)
     return {
-        "kind": "model", "model": name, "masks": masks, "sparsity": sparsity, "batch": batch,
-        "input": list(x.shape), "dense_ms": round(t_dense, 3), "deployed_ms": round(t_dep, 3),
-        "ratio": round(t_dense / t_dep, 2), "dense_bn_folded_ms": round(t_folded, 3),
-        "ratio_vs_bn_folded": round(t_folded / t_dep, 2), "dense_deployed_ms": round(t_dense_dep, 3),
-        "ratio_vs_dense_deployed": round(t_dense_dep / t_dep, 2),
+        "kind": "model", "batch": batch, "input": list(x.shape), "deployed_ms": round(t_dep, 3),
+        "fastest_dense": best_name, "fastest_dense_ms": round(best_ms, 3),
+        "ratio_vs_fastest_dense": round(best_ms / t_dep, 2),
+        "dense_ms": round(t_dense, 3), "ratio": round(t_dense / t_dep, 2),
+        "dense_runtimes_ms": {n: round(t, 3) for n, t in anchor_ms.items()},
+        "dense_runtimes_rel_err": errs, "dense_runtime_notes": notes,
+        "blocked_ms": None if blocked is None else {"deployed": round(blocked[0], 3), **{
+            a.name: round(t, 3) for a, t in zip(runtimes, blocked[1:])}},
+        "dense_runtime_versions": {a.name: a.info.get("version") for a in runtimes[1:]},
+        "dense_bn_folded_ms": round(t_folded, 3), "ratio_vs_bn_folded": round(t_folded / t_dep, 2),
+        "dense_deployed_ms": round(t_dense_dep, 3), "ratio_vs_dense_deployed": round(t_dense_dep / t_dep, 2),
         "sparse_mac_share": round(sparse_macs / max(1, all_macs), 4),
         "condensed_share_of_sparse_macs": round(cond_macs / max(1, sparse_macs), 4),
         "kept_density": round(kept, 4), "layers": len(sparse_rows),
         "condensed_layers": sum(1 for r in sparse_rows if r.extra.get("kernel", "").startswith("condensed")),
+        "limit": round(limit, 2), "above_limit": t_dense / t_dep > limit * 1.02,
+        "others_busy_cpus": others, "loaded": loaded(others, threads),
         "plan_s": round(plan_s, 1), "max_rel_err": err, "planner": getattr(dep, "semisparse_plan", {}),
         "per_layer": [{"layer": r.name, "kernel": r.extra.get("kernel"), "ratio": r.extra.get("ratio"),
-                       "macs": r.macs} for r in sparse_rows],
+                       "spread": r.extra.get("spread"), "macs": r.macs} for r in sparse_rows],
     }
 
 
-def _masked_dense(name: str, model: nn.Module) -> nn.Module:
-    """A plain copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
-    dense = create_model(name).eval()
-    dense.load_state_dict(effective_state_dict(model.state_dict()))
+def _fitted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with cpus.fitted_threads():  # the deployed model's thread sizing, for the dense side too
+        return model(x)
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A plain eval copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
+    dense, found, _ = masked_copy(model)
+    with torch.no_grad():
+        for key, mask in found.items():
+            dense.get_parameter(key).mul_(mask.to(dense.get_parameter(key).dtype))
     return dense
+
+
+def load_sample() -> tuple[float, float, float] | None:
+    """``(time, busy CPU seconds of this process's CPUs, this process's CPU seconds)`` from ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as fh:
+            stat = fh.read(16384)
+        mine = frozenset(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return None
+    return time.monotonic(), cpus.busy_seconds(stat, mine), time.process_time()
+
+
+def others_busy(a: tuple | None, b: tuple | None) -> float | None:
+    """CPUs other processes kept busy on average between two :func:`load_sample` (None where unknown)."""
+    if a is None or b is None or b[0] - a[0] <= 0:
+        return None
+    return round(max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]), 2)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loaded(others: float | None, threads: int) -> bool:
+    """Whether the CPUs a measurement's threads needed were taken by other processes (more than a quarter CPU)."""
+    if others is None:
+        return False
+    return others + threads > available_cpus() + 0.25
+
+
+def marks(r: dict) -> str:
+    return ("!" if r.get("above_limit") else "") + ("~" if r.get("loaded") else "")
+
+
+def footnotes(rows: list[dict]) -> list[str]:
+    """One line per flag used in ``rows``: what a marker beside a ratio means."""
+    out = []
+    if any(r.get("above_limit") for r in rows):
+        out.append("! above the byte/FLOP limit: cannot be a true speed-up; the dense side ran below its own speed "
+                   "(stalled threads, caches) - not a result")
+    if any(r.get("loaded") for r in rows):
+        busy = max(r.get("others_busy_cpus") or 0.0 for r in rows if r.get("loaded"))
+        out.append(f"~ measured while other processes kept up to {busy:.2f} of the {available_cpus()} CPUs busy "
+                   "(more than the threads left free): timings unreliable, rerun on a quiet machine")
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
@@ -241,7 +399,7 @@ def format_table(rows: list[dict]) -> str:
         head = ["layer", "sparsity", "batch", "dense ms", "condensed ms", "ratio (cold)", "ratio (warm)", "CSR ms",
                 "CSR ratio", "byte limit", "FLOP limit"]
         body = [[r["shape"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.4f}",
-                 f"{r['condensed_ms']:.4f}", f"{r['ratio']:.2f}x", f"{r['ratio_warm']:.2f}x",
+                 f"{r['condensed_ms']:.4f}", f"{r['ratio']:.2f}x{marks(r)}", f"{r['ratio_warm']:.2f}x",
                  "-" if r["csr_ms"] is None else f"{r['csr_ms']:.4f}",
                  "-" if r["csr_ratio"] is None else f"{r['csr_ratio']:.2f}x",
                  f"{r['byte_limit']:.2f}x", f"{r['flop_limit']:.2f}x"] for r in layer_rows]
@@ -250,15 +408,22 @@ def format_table(rows: list[dict]) -> str:
     if model_rows:
         if lines:
             lines.append("")
-        head = ["model", "masks", "sparsity", "batch", "dense ms", "deployed ms", "ratio",
-                "dense BN-folded ms", "ratio vs folded", "deployed all-dense ms", "ratio vs all-dense",
-                "condensed share of sparse MACs", "condensed layers"]
-        body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), f"{r['dense_ms']:.2f}",
-                 f"{r['deployed_ms']:.2f}", f"{r['ratio']:.2f}x", f"{r['dense_bn_folded_ms']:.2f}",
-                 f"{r['ratio_vs_bn_folded']:.2f}x", f"{r['dense_deployed_ms']:.2f}",
-                 f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['condensed_share_of_sparse_macs']:.1%}",
+        names = []
+        for r in model_rows:
+            names += [n for n in r["dense_runtimes_ms"] if n not in names and n != "torch eager"]
+        head = ["model", "masks", "sparsity", "batch", "input", "deployed ms", "vs fastest dense", "fastest dense",
+                "torch eager ms", "vs eager", *[f"{n} ms" for n in names], "deployed all-dense ms",
+                "vs all-dense", "limit", "condensed layers"]
+        body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), "x".join(map(str, r["input"][1:])),
+                 f"{r['deployed_ms']:.2f}", f"{r['ratio_vs_fastest_dense']:.2f}x{marks(r)}", r["fastest_dense"],
+                 f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x{marks(r)}",
+                 *[f"{r['dense_runtimes_ms'][n]:.2f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
+                 f"{r['dense_deployed_ms']:.2f}", f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['limit']:.2f}x",
                  f"{r['condensed_layers']}/{r['layers']}"] for r in model_rows]
         lines += _table(head, body)
+        notes = sorted({n for r in model_rows for n in r.get("dense_runtime_notes", ())})
+        lines += [f"note: {n}" for n in notes]
+    lines += footnotes(rows)
     return "\n".join(lines)
 
 
@@ -270,6 +435,8 @@ def _table(head: list[str], body: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.pattern is None:
+        args.pattern = "2:4" if args.device == "cuda" else "fan-in"
     if args.device == "cuda":
         from .bench_cuda import main_cuda
 
@@ -278,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SemisparseError(f"--threads must be >= 1, got {args.threads}")
     if args.reps < 1:
         raise SemisparseError(f"--reps must be >= 1, got {args.reps}")
+    if args.input_size is not None and (not 1 <= len(args.input_size) <= 4 or min(args.input_size) < 1):
+        raise SemisparseError(f"--input-size takes 1 to 4 positive sizes (C H W, H W or S), got {args.input_size}")
     for s in args.sparsity or ():
         if not 0.0 < s < 1.0:
             raise SemisparseError(f"--sparsity values must be in (0, 1), got {s}")
@@ -289,14 +458,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(before)
 
 
+def _last_line(row: dict) -> str:
+    """The table line of one row (progress while the rest is measured)."""
+    return format_table([dict(row, above_limit=False, loaded=False, dense_runtime_notes=[])]).splitlines()[2]
+
+
 def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     info = machine()
     print(f"machine: {info['cpu']} ({info['cores']} cores), threads {info['threads']}, torch {info['torch']}, "
           f"fp32, kernels {'on' if info['kernels'] else 'OFF'} (SIMD {info['simd_bits']} bit), "
-          f"load avg {info['load_avg_1min']}", flush=True)
+          f"load avg {info['load_avg_1min']} on {info['cpus_available']} CPUs available", flush=True)
     rows = []
-    layers = args.layer if args.layer is not None else ([] if args.model else ["768x3072"])
+    layers = args.layer if args.layer is not None else ([] if args.model or args.file else ["768x3072"])
     for spec in layers:
         try:
             out_f, in_f = (int(v) for v in spec.lower().split("x"))
@@ -309,13 +483,19 @@ def _run(args: argparse.Namespace) -> int:
                 if s < 0.85 and b != 1 and args.sparsity is None and args.batch is None:
                     continue  # the default set: 90% at batch 1 and 256, 80% at batch 1 (the targets)
                 rows.append(bench_linear(out_f, in_f, s, b, args.reps, csr=not args.no_csr))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                print(_last_line(rows[-1]), flush=True)
     for name in args.model or ():
         for s in args.sparsity or [0.9]:
             for b in args.batch or [1]:
                 rows.append(bench_model(name, s, b, max(5, args.reps // 2), args.masks, args.ablation,
-                                        args.image_size))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                                        args.image_size, args.pattern, anchors=not args.no_anchors))
+                print(_last_line(rows[-1]), flush=True)
+            if args.pattern == "2:4":
+                break  # 2:4 has one sparsity
+    for path in args.file or ():
+        for b in args.batch or [1]:
+            rows.append(bench_file(path, args.input_size, b, max(5, args.reps // 2), anchors=not args.no_anchors))
+            print(_last_line(rows[-1]), flush=True)
     print()
     print(format_table(rows))
     if args.json:

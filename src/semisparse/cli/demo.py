@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..deploy import deploy
+from ..deploy import cpus, deploy
 from ..deploy.planner import interleaved_medians
 from ..io.files import write_json
 from ..models import create_model
@@ -37,6 +37,7 @@ from ..train import (
     load_data,
     make_loaders,
 )
+from .bench import available_cpus, footnotes, load_sample, loaded, marks, others_busy
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -168,8 +169,25 @@ def latency_ms(models: list[nn.Module], x: torch.Tensor, reps: int = 30, warmup:
     every repetition (:func:`~semisparse.deploy.planner.interleaved_medians`), so a slow spell of the machine
     hits them alike."""
     with torch.inference_mode():
-        times = interleaved_medians([functools.partial(m, x) for m in models], reps, warmup=warmup, budget_s=1e9)
+        times = interleaved_medians([functools.partial(_fitted, m, x) for m in models], reps, warmup=warmup,
+                                    budget_s=1e9)
     return [1000 * t for t in times]
+
+
+def _fitted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with cpus.fitted_threads():  # every side on the threads a deployed call gets: the CPUs free now
+        return model(x)
+
+
+def load_line() -> str:
+    """The machine's load beside the CPUs this process may use: a ratio measured with the load above them is
+    a busy machine's, not the kernels'."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "load unknown"
+    n = available_cpus()
+    return f"load avg {load:.2f} on {n} CPUs available" + (" (busy: timings unreliable)" if load > n else "")
 
 
 def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
@@ -180,18 +198,25 @@ def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
     sparse = copy.deepcopy(dense)
     rep = masking.sparsify(sparse, sparsity, example_input=x)
     t0 = time.perf_counter()
-    deployed = deploy(sparse.eval(), batch_size=1)
+    deployed = deploy(sparse.eval(), batch_size=1, example_input=x)
     plan_s = time.perf_counter() - t0
     with torch.inference_mode():
         ref, out = sparse(x), deployed(x)
     err = float((out - ref).abs().max() / ref.abs().max())
+    before = load_sample()
     dense_ms, fast_ms = latency_ms([dense, deployed], x, reps=20)
+    others = others_busy(before, load_sample())
+    # the FLOP bound: the MACs left after sparsity; a larger ratio is the dense side stalling, not a speed-up
+    limit = 1.0 / max(1e-6, 1.0 - (rep.mac_share or 0.0) * sparsity)
     result = {"model": name, "sparsity": sparsity, "dense_ms": dense_ms, "deployed_ms": fast_ms,
               "speedup": dense_ms / fast_ms, "mac_share": rep.mac_share, "plan_seconds": plan_s,
-              "max_rel_err": err}  # fmt: skip
+              "max_rel_err": err, "flop_limit": limit, "above_limit": dense_ms / fast_ms > limit * 1.02,
+              "others_busy_cpus": others, "loaded": loaded(others, torch.get_num_threads()),
+              "load": load_line()}  # fmt: skip
     if not quiet:
         print(f"  {name} at {sparsity:.0%} constant fan-in, batch 1: dense {dense_ms:.1f} ms, deployed "
-              f"{fast_ms:.1f} ms -> {dense_ms / fast_ms:.2f}x (planned in {plan_s:.1f} s)", flush=True)  # fmt: skip
+              f"{fast_ms:.1f} ms -> {dense_ms / fast_ms:.2f}x{marks(result)} (planned in {plan_s:.1f} s; "
+              f"{result['load']})", flush=True)  # fmt: skip
     return result
 
 
@@ -270,20 +295,26 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(demo.rows)
     print()
     print(table)
+    load = load_line()
+    print(f"(CPU speed: batch 1, dense and deployed timed interleaved on the same thread sizing; {load})")
     if demo.condensed is not None:
         print(f"(the 8x8 digits CNN is too small for sparse kernels to matter much: the planner ran "
               f"{demo.condensed[0]} of its {demo.condensed[1]} sparse layers condensed; the speed line below is a "
               "standard model)")
     if speed:
         print(f"\n{speed['model']} at {speed['sparsity']:.0%} constant fan-in, batch 1, {torch.get_num_threads()} "
-              f"threads: dense {speed['dense_ms']:.1f} ms, deployed {speed['deployed_ms']:.1f} ms "
-              f"({speed['speedup']:.2f}x)")  # fmt: skip
+              f"threads (dense given the same thread sizing): dense {speed['dense_ms']:.1f} ms, deployed "
+              f"{speed['deployed_ms']:.1f} ms ({speed['speedup']:.2f}x{marks(speed)}, FLOP limit "
+              f"{speed['flop_limit']:.2f}x; {speed['load']})")  # fmt: skip
+        for line in footnotes([dict(speed, kind="model")]):
+            print(line)
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},  # fmt: skip
         "args": vars(args),
         "rows": [r.__dict__ for r in demo.rows],
         "speed": speed,
+        "load": load,
         "seconds": time.perf_counter() - start,
     }
     write_json(os.path.join(args.output_dir, "report.json"), report, indent=2)

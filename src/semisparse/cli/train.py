@@ -428,6 +428,10 @@ def _model(args, data: DataSets) -> nn.Module:
     model = create_model(name, num_classes=data.num_classes, weights=args.weights, **kw)
     if data.kind == "digits" and name != "digits_cnn":
         raise SemisparseError(f"--data-path digits holds 8x8 one-channel images; use --model digits_cnn, not {name}")
+    try:  # the size it is validated at (one validation sample), recorded in checkpoints and files for ss.deploy
+        model.semisparse_input_size = [int(v) for v in data.val[0][0].shape]
+    except (IndexError, TypeError, AttributeError, OSError):
+        pass
     return model
 
 

@@ -48,11 +48,14 @@ def deploy(
     masked dense model's.
 
     ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
-    every layer at ``example_input``, default ``(batch_size, C, 224, 224)`` guessed from the first conv,
-    keep dense where the kernel is not faster, then check the whole model is not slower), ``"condensed"``
-    (every sparse layer condensed, no timing) or ``"dense"``. ``fold``: ablated neurons of a Linear that is
-    followed (in an ``nn.Sequential``) only by elementwise modules and another Linear are removed, and the
-    next Linear drops the matching input columns (their constant contribution goes into its bias).
+    every layer at ``example_input``, default ``batch_size`` inputs of the size the model records
+    (``ss.load`` / training checkpoints: the size it was trained at), else ``(batch_size, C, 224, 224)``
+    guessed from the first conv with a one-line warning; ``semisparse_plan["input_shape"]`` says which), keep
+    dense where the kernel is not faster, then check the whole model is not slower than torch's dense model,
+    NCHW or channels-last), ``"condensed"`` (every sparse layer condensed, no timing) or ``"dense"``.
+    ``fold``: ablated neurons of a Linear that is followed (in an ``nn.Sequential``) only by elementwise
+    modules and another Linear are removed, and the next Linear drops the matching input columns (their
+    constant contribution goes into its bias).
     ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
@@ -138,7 +141,9 @@ def deploy(
     elif plan == "measure":
         if example_input is not None:
             _check_example(m, example_input)
-        x = example_input if example_input is not None else default_example_input(model, batch_size)
+        x = example_input if example_input is not None else default_example_input(model, batch_size, warn=True)
+        # what the timings and ratios are for (ss.report says so, and warns when counting at another shape)
+        summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
         try:
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
                 plan_layers(m, x, reps=reps)
@@ -157,10 +162,11 @@ def deploy(
         if pools:
             summary["pools"] = pools
         m, summary["torch_layers"] = _kept_dense_to_torch(m)
-        if not _runs_semisparse(m):  # torch's modules only: they cost what the original's cost, hooks included
-            for h in hooks:
-                h.remove()
-            summary["thread_hooks"] = False
+        if summary.get("channels_last"):  # the planner measured torch's channels-last dense model fastest
+            m = m.to(memory_format=torch.channels_last)
+        # The thread hooks stay even where every layer is torch's own (a microsecond or two a call): without them
+        # a layer kept dense runs torch's full thread count on a busy machine and stalls (50x on 2 busy CPUs).
+        summary["thread_hooks"] = bool(hooks)
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     m.semisparse_plan = summary

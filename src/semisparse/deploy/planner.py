@@ -1,14 +1,18 @@
 """The measuring planner: keep a condensed kernel only where it beats dense on this machine, at this batch.
 
 Each condensed layer is timed on the very input it receives in one forward of the example input, in
-both modes (its condensed kernel, and the masked dense weight through torch), medians over repeated
-runs; the faster mode is kept. Then the whole model is timed against its all-dense self: if the deployed
-model is not faster, layers are turned back to dense from the smallest measured gain up until it is
-(at worst every layer is dense again, so a deployed model is never slower than dense).
+both modes (its condensed kernel, and the masked dense weight through torch), as the deployed model calls it
+(its kernel call bound once, not per timed call), medians over repeated rounds; the faster mode is kept, and
+the spread of the rounds says how sure that was. Then the whole model is timed against its all-dense self: if
+the deployed model is not faster, layers are turned back to dense from the smallest measured gain up until it
+is (at worst every layer is dense again, so a deployed model is never slower than dense), and a CNN is timed
+against torch's channels-last dense model too, which it becomes where that is faster.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 import statistics
 import time
@@ -111,8 +115,40 @@ def setting_name(v: dict) -> str:
     return ",".join(parts)
 
 
-def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> None:
-    """Time every condensed layer both ways on its real input and keep the faster mode."""
+#: Attributes where a condensed layer keeps its kernel call bound to its tensors (built on first call).
+_BINDINGS = ("_bound_gemv", "_fast_conv")
+
+
+def candidate(layer: nn.Module, mode: str, v: dict, x: torch.Tensor) -> Callable[[], object]:
+    """A call of ``layer`` on ``x`` in ``mode`` with setting ``v``, as the deployed model makes it: the kernel
+    call a condensed layer binds on its first call is kept for this candidate across the switches of mode and
+    setting between calls (binding checks the indices: ~0.7 ms on a 3072->768 layer, 20x the call it binds, which
+    a deployed model pays once, not per call)."""
+    bound: dict = {}
+
+    def fn():
+        layer.mode = mode
+        layer.use_variant(v)  # forgets the binding of the previous candidate
+        if bound:
+            layer.__dict__.update(bound)
+        y = layer(x)
+        if mode == "condensed":
+            bound.update({k: b for k in _BINDINGS if (b := layer.__dict__.get(k)) is not None})
+        return y
+
+    return fn
+
+
+def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5, rounds: int = 3,
+                max_rounds: int = 7) -> None:
+    """Time every condensed layer both ways on its real input and keep the faster mode.
+
+    The candidates are timed call by call interleaved (:func:`interleaved_medians`) in ``rounds`` rounds; each
+    candidate's time is its median over the rounds, and the faster of the best dense and the best condensed is
+    kept. Each round also gives a ratio (best dense over best condensed); where the rounds disagree (some say
+    dense, some condensed), two more rounds are run, up to ``max_rounds``: a choice a busy machine could flip
+    is measured longer. ``layer.figures`` records the ratio against torch's own layer, the spread of the
+    rounds' ratios (``[lowest, highest]``) and whether every round agreed (``sure``)."""
     inputs = capture_inputs(model, example_input)
     with torch.no_grad():
         for name, layer in deployed_layers(model):
@@ -125,20 +161,21 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
                 layer.figures = {"why": "fast kernels unavailable or dtype not fp32"}
                 continue
             dense_vs = layer.dense_variants(x)
-            candidates = [("dense", v) for v in dense_vs] + [("condensed", v) for v in layer.variants(x)]
-
-            def runner(mode, v, layer=layer, x=x):
-                def fn():
-                    layer.mode = mode
-                    layer.use_variant(v)
-                    return layer(x)
-                return fn
-
-            medians = interleaved_medians([runner(mode, v) for mode, v in candidates], reps, budget_s=budget_s)
+            sparse_vs = layer.variants(x)
+            fns = [candidate(layer, "dense", v, x) for v in dense_vs] + \
+                [candidate(layer, "condensed", v, x) for v in sparse_vs]
             nd = len(dense_vs)
+            per_round: list[list[float]] = []
+            more = rounds
+            while more > 0:
+                for _ in range(min(more, max(rounds, max_rounds) - len(per_round))):
+                    per_round.append(interleaved_medians(fns, reps, budget_s=budget_s / rounds))
+                more = 2 if len(per_round) < max_rounds and not _agree(per_round, nd) else 0
+            medians = [statistics.median(r[i] for r in per_round) for i in range(len(fns))]
+            ratios = [min(r[:nd]) / max(min(r[nd:]), 1e-12) for r in per_round]
             t_torch = medians[0]  # torch's own layer: the reference every ratio is against
             t_dense, dense_best = min(zip(medians[:nd], dense_vs), key=lambda tv: tv[0])
-            t_sparse, best = min(zip(medians[nd:], [v for _, v in candidates[nd:]]), key=lambda tv: tv[0])
+            t_sparse, best = min(zip(medians[nd:], sparse_vs), key=lambda tv: tv[0])
             layer.set_mode("condensed")
             layer.use_variant(best)
             path = ""
@@ -150,11 +187,19 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
                 path += "/" + setting_name(best)
             layer.path = path
             layer.figures = {"dense_us": round(t_torch * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
-                             "ratio": round(t_torch / max(t_sparse, 1e-12), 2)}
+                             "ratio": round(t_torch / max(t_sparse, 1e-12), 2),
+                             "spread": [round(min(ratios), 2), round(max(ratios), 2)],
+                             "sure": _agree(per_round, nd), "rounds": len(per_round)}
             if nd > 1:
                 layer.figures["dense_best_us"] = round(t_dense * 1e6, 1)
             layer.use_variant(dense_best)  # what dense mode runs, now or if the whole-model check reverts
             layer.set_mode("condensed" if t_sparse < t_dense else "dense")
+
+
+def _agree(per_round: list[list[float]], nd: int) -> bool:
+    """Whether every round picked the same side (dense or condensed)."""
+    sides = {min(r[:nd]) <= min(r[nd:]) for r in per_round}
+    return len(sides) <= 1
 
 
 def plan_pools(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> dict[str, dict]:
@@ -194,16 +239,23 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
     def timed_pair() -> tuple[float, float]:
         current = [(m, m.mode, m.dense_gemm) for _, m in lays]
         pooled = [(p, p.use_kernel) for p in pools]
+        bound: dict[int, dict] = {}  # each condensed layer's bound kernel call, kept across the switches
 
         def restore():
             for m, mode, gemm in current:
                 m.set_mode(mode)
                 m.dense_gemm = gemm
+                if mode == "condensed" and id(m) in bound:
+                    m.__dict__.update(bound[id(m)])
             for p, flag in pooled:
                 p.use_kernel = flag
 
         def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
             for _, m in lays:
+                if m.mode == "condensed":
+                    got = {k: b for k in _BINDINGS if (b := m.__dict__.get(k)) is not None}
+                    if got:
+                        bound[id(m)] = got
                 m.set_mode("dense")
                 m.dense_gemm = False
             for p in pools:
@@ -239,7 +291,62 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             for p in pools:
                 p.use_kernel = False
             t_dense, t_dep = timed_pair()
+        t_cl = _channels_last_check(model, example_input, lays, pools, reps, budget_s)
+    out = {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
+           "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}
+    if t_cl is not None:
+        out["dense_channels_last_ms"] = round(t_cl[0] * 1e3, 3)
+        out["ratio_vs_channels_last"] = round(t_cl[0] / max(t_cl[1], 1e-12), 3)
+        if t_cl[2]:
+            out["channels_last"] = True
+            out["deployed_ms"] = round(t_cl[0] * 1e3, 3)
+            out["ratio"] = round(t_dense / max(t_cl[0], 1e-12), 3)
+            out["reverted"] += [n for n, m in lays if m.figures.get("why") == _CL_WHY]
     for _, m in lays:
         m.drop_unused()
-    return {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
-            "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}
+    return out
+
+
+_CL_WHY = "reverted: torch's channels-last dense model was faster"
+
+
+def channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a model kept dense in channels-last form: a 4-D input goes in channels-last."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def _channels_last_check(model: nn.Module, example_input, lays: list, pools: list, reps: int,
+                         budget_s: float) -> tuple[float, float, bool] | None:
+    """The model all dense with weights and input channels-last (oneDNN's NHWC convolutions, often torch's fastest
+    dense CNN on CPU) timed against the model as planned; where it is faster, the model becomes it (every layer
+    dense, torch's pooling, channels-last weights and an input hook), so a deployed CNN is never slower than the
+    strongest dense form torch has. Returns ``(channels-last s, deployed s, adopted)``; None for a model without
+    2-D convolutions or a 4-D tensor input."""
+    if not (isinstance(example_input, torch.Tensor) and example_input.dim() == 4
+            and any(isinstance(m, (nn.Conv2d, SparseConv)) for m in model.modules())):
+        return None
+    cl = copy.deepcopy(model)
+    for _, m in deployed_layers(cl):
+        m.set_mode("dense")
+        m.dense_gemm = False
+    for p in cl.modules():
+        if isinstance(p, MaxPool2d):
+            p.use_kernel = False
+    cl = cl.to(memory_format=torch.channels_last)
+    xc = example_input.contiguous(memory_format=torch.channels_last)
+    t_cl, t_dep = interleaved_medians([functools.partial(cl, xc), lambda: run(model, example_input)], reps,
+                                      budget_s=budget_s)
+    if t_cl >= t_dep:
+        return t_cl, t_dep, False
+    for _, m in lays:
+        if m.mode == "condensed":
+            m.figures["why"] = _CL_WHY
+        m.set_mode("dense")
+        m.dense_gemm = False
+    for p in pools:
+        p.use_kernel = False
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(channels_last_input)
+    return t_cl, t_dep, True

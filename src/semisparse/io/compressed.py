@@ -104,6 +104,7 @@ def save(
         "format": FORMAT,
         "version": VERSION,
         "arch": arch if isinstance(arch, dict) else None,
+        "input_size": _input_size(getattr(model, "semisparse_input_size", None)),  # trained at (C, H, W)
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "layers": layers,
         "dense": dense_keys,
@@ -237,7 +238,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         module = modules[mod_name]
         p.mask = p.mask.to(getattr(module, param).device)
         attach(module, param, p)
+    size = _input_size(header.get("input_size"))
+    if size is not None:
+        model.semisparse_input_size = size
     return model
+
+
+def _input_size(size: object) -> list[int] | None:
+    """A recorded input size ``[C, H, W]`` (positive ints), or None for anything else."""
+    if isinstance(size, (list, tuple)) and 0 < len(size) <= 4 and all(type(v) is int and v > 0 for v in size):
+        return list(size)
+    return None
 
 
 def _param_names(module: nn.Module) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -223,5 +224,22 @@ def build_report(
 
 
 def report(model: nn.Module, example_input: torch.Tensor | None = None) -> Report:
-    """Per-layer table of ``model``: name, shape, pattern, density, reason skipped; totals of coverage."""
-    return build_report(model, None, example_input)
+    """Per-layer table of ``model``: name, shape, pattern, density, reason skipped; totals of coverage.
+
+    For a deployed model the notes say the input shape it was planned (timed) at; MACs counted at another shape
+    than that (``example_input``) are flagged with a one-line warning, since the measured ratios beside them are
+    for the planned shape."""
+    rep = build_report(model, None, example_input)
+    plan = getattr(model, "semisparse_plan", None)
+    planned = plan.get("input_shape") if isinstance(plan, dict) else None
+    if planned is not None:
+        shown = "x".join(map(str, planned)) if isinstance(planned, list) else str(planned)
+        rep.notes.append(f"planned (timed) at input {shown}: the measured times and ratios are for that shape")
+        other = isinstance(example_input, torch.Tensor) and list(example_input.shape) != planned
+        if other and isinstance(planned, list):
+            got = "x".join(map(str, example_input.shape))
+            msg = (f"MACs counted at input {got} but the model was planned (timed) at {shown}: the ratios are for "
+                   f"{shown}; deploy with example_input of shape {got} to time it there")
+            rep.notes.append("warning: " + msg)
+            warnings.warn("semisparse: " + msg, UserWarning, stacklevel=2)
+    return rep

@@ -217,6 +217,9 @@ def load_training_checkpoint(
     _load_dense(model, dense)
     if isinstance(ckpt.get("arch"), dict) and not hasattr(model, "semisparse_arch"):
         model.semisparse_arch = dict(ckpt["arch"])
+    size = ckpt.get("input_size")
+    if isinstance(size, (list, tuple)) and size and all(type(v) is int and v > 0 for v in size):
+        model.semisparse_input_size = list(size)
     return model, info
 
 

@@ -249,6 +249,7 @@ def checkpoint_dict(
         "step": int(step),
         "args": dict(args or {}),
         "arch": dict(getattr(base, "semisparse_arch", {}) or {}),
+        "input_size": getattr(base, "semisparse_input_size", None),  # (C, H, W) it is trained / validated at
         "sparsity": sp.checkpoint_entry(base),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
