@@ -26,7 +26,8 @@ outside the layer, or ``orow`` / ``ablated`` that do not split the output channe
 ``SemisparseError``. The kernels read private copies of the checked index tables (:class:`.kernels.Table`),
 so an in-place write that torch does not record (through ``.data`` or a NumPy view) is never read either.
 A layer called under ``torch.jit.trace`` or ``torch.export`` runs torch's dense ops on the masked weight
-(a traced or exported graph cannot hold the kernels' ctypes calls); ``torch.jit.script`` is refused.
+(a traced or exported graph cannot hold the kernels' ctypes calls), and ``torch.jit.script`` compiles
+torch's own layer on the masked weight in its place: such graphs compute the masked model.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class _Condensed(nn.Module):
         """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
         b = getattr(self, "_bias_rows", None)
         if b is None and self.bias is not None:
-            b = self.bias[self.orow].contiguous()
+            b = self.bias[self._tables()["orow"].tensor()].contiguous()
             self._bias_rows = b
         return b
 
@@ -258,28 +259,38 @@ class _Condensed(nn.Module):
                 with torch.inference_mode(False):
                     b[name] = t.clone()
         check_stored(self.key, self.view_shape, *(b[n] for n in ("values", "idx", "orow", "bias", "ablated")))
+        self._tables()  # the copies the kernels read: made now, from what was just checked
         self.__dict__["_held"] = tuple(None if b[n] is None else (b[n], b[n].data_ptr(), _version(b[n]))
                                        for n in _STORED)
 
     def _tables(self) -> dict:
-        """Private copies of the checked index tables the kernels read (:class:`.kernels.Table`), cached
-        until the stored tensors change (call :meth:`_fresh` first)."""
+        """Private copies of the checked index tables (:class:`.kernels.Table`): what the kernels read and
+        every derived table is built from, made when :meth:`_fresh` checked the stored tensors."""
         t = self.__dict__.get("_index_tables")
         if t is None:
-            t = {"orow": kernels.Table(self.orow), "ablated": kernels.Table(self.ablated)}
+            t = {"orow": kernels.Table(self.orow), "ablated": kernels.Table(self.ablated),
+                 "idx": kernels.Table(self.idx, unsigned16=True)}
             self.__dict__["_index_tables"] = t
         return t
 
     def _idx_table(self) -> kernels.Table:
-        tables = self._tables()
-        if "idx" not in tables:
-            tables["idx"] = kernels.Table(self.idx, unsigned16=True)
-        return tables["idx"]
+        return self._tables()["idx"]
 
-    def __prepare_scriptable__(self):
-        raise SemisparseError(
-            f"torch.jit.script cannot compile a deployed {type(self).__name__} (its kernels are ctypes calls); "
-            "use torch.jit.trace or torch.export, which record torch's dense ops for it")
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles torch's own layer on the masked weight (what dense mode runs) in place
+        of this one: the kernels are ctypes calls, which TorchScript cannot hold."""
+        weight = self.dense_weight if self.dense_weight is not None else self._dense_now()
+        with torch.device("meta"):
+            if isinstance(self, SparseLinear):
+                mod = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            else:
+                mod = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.nd - 1](
+                    self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                    self.groups, bias=self.bias is not None)
+        mod.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+        if self.bias is not None:
+            mod.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return mod.train(self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -424,7 +435,8 @@ class SparseLinear(_Condensed):
         X = kernels.pack_panels(x2, PB)
         off = self._offsets.get(PB)
         if off is None:
-            off = kernels.Table(kernels.offsets(self.idx, torch.arange(self.in_features, dtype=torch.int64) * PB,
+            off = kernels.Table(kernels.offsets(self._idx_table().tensor(),
+                                                torch.arange(self.in_features, dtype=torch.int64) * PB,
                                                 torch.zeros(len(self.orow), dtype=torch.int64)))
             self._offsets[PB] = off
         if self.transposed_out:  # rows of (out, B) stored as whole vectors, then one blocked transpose
@@ -533,10 +545,11 @@ class SparseConv(_Condensed):
             tap_off.append(phase * n * plane + shift)
         tap_off = torch.tensor(tap_off, dtype=torch.int64)
         coff = (tap_off[:, None] + torch.arange(self.cin_g, dtype=torch.int64)[None, :] * c_stride).reshape(-1)
-        base = ((self.orow // (self.out_channels // self.groups)) * self.cin_g * c_stride).contiguous()
+        tables = self._tables()
+        base = ((tables["orow"].tensor() // (self.out_channels // self.groups)) * self.cin_g * c_stride).contiguous()
         last = (n - 1) * plane + sum((o - 1) * rs for o, rs in zip(outs, row_strides)) + 1
         g = dict(sub=sub, strides=strides, pads=pads, padded=padded, outs=outs, planes=planes, plane=plane,
-                 nph=nph, off=kernels.Table(kernels.offsets(self.idx, coff, base)), P=last,
+                 nph=nph, off=kernels.Table(kernels.offsets(tables["idx"].tensor(), coff, base)), P=last,
                  total=self.in_channels * c_stride, tap_off=tap_off, used=used, c_stride=c_stride)
         self._geometry[key] = g
         return g
@@ -710,7 +723,7 @@ class SparseConv(_Condensed):
                 span += o + self.block - max(o, end)
                 end = o + self.block
             per_tile = max(1, (self.tile_kb * 1024) // (4 * span))
-            channel = columns(self.idx) % self.cin_g
+            channel = columns(self._idx_table().tensor()) % self.cin_g
             W, off, seg = kernels.tile(self.values, g["off"], channel, per_tile)
             g[key] = (W, kernels.Table(off), kernels.Table(seg))
         return g[key]
