@@ -244,14 +244,15 @@ class _Condensed(nn.Module):
         b = self._buffers
         held = self.__dict__.get("_held")
         if held is not None:
-            for name, h in zip(_STORED, held):
-                t = b[name]
-                if t is None and h is None:
-                    continue
-                if t is None or h is None or t is not h[0] or t.data_ptr() != h[1] or _version(t) != h[2]:
-                    break
-            else:
-                return
+            try:
+                for name, (h, ptr, ver) in zip(_STORED, held):
+                    t = b[name]
+                    if t is not h or (t is not None and (t.data_ptr() != ptr or t._version != ver)):
+                        break
+                else:
+                    return
+            except RuntimeError:  # replaced by an inference tensor (no version counter): check again
+                pass
         self._forget_derived()
         for name in _STORED:  # tensors torch keeps a version counter for, so later in-place writes are seen
             t = b[name]
@@ -260,7 +261,7 @@ class _Condensed(nn.Module):
                     b[name] = t.clone()
         check_stored(self.key, self.view_shape, *(b[n] for n in ("values", "idx", "orow", "bias", "ablated")))
         self._tables()  # the copies the kernels read: made now, from what was just checked
-        self.__dict__["_held"] = tuple(None if b[n] is None else (b[n], b[n].data_ptr(), _version(b[n]))
+        self.__dict__["_held"] = tuple((None, 0, 0) if b[n] is None else (b[n], b[n].data_ptr(), _version(b[n]))
                                        for n in _STORED)
 
     def _tables(self) -> dict:
