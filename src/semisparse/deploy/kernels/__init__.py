@@ -4,8 +4,11 @@ Why C through ctypes rather than a torch C++ extension or numba: it compiles in 
 system C compiler (no torch headers, no ninja, no build isolation pulling a second torch), its call costs
 a few microseconds, and with ``-fopenmp`` it binds at load time to the ``libgomp`` torch already loaded,
 so these kernels and torch's intra-op pool are one pool: the kernels run as many threads as torch's pool
-has, and no more than the CPUs the process may use at the call (:mod:`..cpus`). The library is cached per
-source/compiler/CPU under ``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
+has, and no more than the CPUs the process may use at the call (:mod:`..cpus`). On x86-64 the source is
+built once per instruction-set variant (:data:`VARIANTS`: generic, AVX2/FMA, AVX-512) and the fastest one
+the CPU runs is loaded, chosen once per process from the CPU's flags (``SEMISPARSE_KERNEL_ISA`` forces one;
+a variant the CPU cannot run is a one-line error). Libraries are cached per source/compiler/variant under
+``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
 
 Where no C compiler is found (or ``SEMISPARSE_NO_KERNELS=1``) the same functions run as pure torch
 reference code, one warning is issued, and the planner then keeps dense layers wherever that is slower.
@@ -36,15 +39,17 @@ from pathlib import Path
 
 import torch
 
+from ...errors import SemisparseError
 from ...indices import columns
 from ..cpus import threads_now
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 21
+_ABI = 22
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None  # the cached library file loaded
+_variant = ""  # its instruction-set variant
 _tried = False
 _why_not = ""
 
@@ -115,11 +120,54 @@ def _write_synced(path: Path, data: bytes | None = None, src: Path | None = None
         pass
 
 
-def _compile(cc: str, out: Path) -> Path:
+#: Instruction-set variants of the library on x86-64, slowest first: the CPU flags each needs (as
+#: /proc/cpuinfo names what CPUID reports) and its compiler flags. One library is built per variant used, and
+#: the fastest the CPU runs is loaded (``SEMISPARSE_KERNEL_ISA`` forces one, for tests and benchmarks).
+VARIANTS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "generic": ((), ["-march=x86-64"]),
+    "avx2": (("avx2", "fma"), ["-march=haswell"]),
+    "avx512": (("avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"), ["-march=skylake-avx512"]),
+}
+#: The vector width in bits each variant's kernels use (``ss_simd``).
+VARIANT_BITS = {"generic": 0, "avx2": 256, "avx512": 512, "native": -1}
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def runnable_variants(flags: str | None = None) -> list[str]:
+    """The variants this CPU runs, slowest first (``["native"]`` off x86-64: one build for the host)."""
+    if not _x86():
+        return ["native"]
+    have = set((flags if flags is not None else _cpu_flags()).split())
+    return [name for name, (needs, _) in VARIANTS.items() if all(f in have for f in needs)]
+
+
+def chosen_variant(flags: str | None = None) -> str:
+    """The variant to load: ``SEMISPARSE_KERNEL_ISA`` when set (a ``SemisparseError`` when it names no
+    variant, or one this CPU cannot run), else the fastest this CPU runs."""
+    runnable = runnable_variants(flags)
+    forced = os.environ.get("SEMISPARSE_KERNEL_ISA", "").strip().lower()
+    if not forced:
+        return runnable[-1]
+    names = list(VARIANTS) if _x86() else ["native"]
+    if forced not in names:
+        raise SemisparseError(f"SEMISPARSE_KERNEL_ISA must be one of {', '.join(names)}; got {forced!r}")
+    if forced not in runnable:
+        need = " ".join(VARIANTS[forced][0])
+        raise SemisparseError(f"SEMISPARSE_KERNEL_ISA={forced}: this CPU cannot run it (it needs {need}; "
+                              f"this CPU runs {', '.join(runnable)})")
+    return forced
+
+
+def _compile(cc: str, out: Path, variant: str = "native") -> Path:
     """Build the library into a fresh file next to ``out``; returns that file (fsynced, not yet renamed)."""
     base = [cc, "-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", str(_SRC), "-o"]
     errors = []
-    for arch in (["-march=native"], []):
+    archs = ([VARIANTS[variant][1] + ["-mtune=native"], VARIANTS[variant][1]] if variant in VARIANTS
+             else [["-march=native"], []])
+    for arch in archs:
         tmp = Path(tempfile.mkstemp(suffix=".so", dir=out.parent, prefix=".tmp-")[1])
         try:
             subprocess.run(base[:1] + arch + base[1:] + [str(tmp)], check=True, capture_output=True, timeout=120)
@@ -132,10 +180,10 @@ def _compile(cc: str, out: Path) -> Path:
     raise RuntimeError(errors[-1].decode(errors="replace").strip().splitlines()[-1:] or "compile failed")
 
 
-def _build(cc: str, out: Path) -> ctypes.CDLL:
+def _build(cc: str, out: Path, variant: str = "native") -> ctypes.CDLL:
     """Compile, load the new file (this process never maps a file another process may still replace),
     then publish it: the library renamed over ``out``, then its size and digest in the sidecar."""
-    tmp = _compile(cc, out)
+    tmp = _compile(cc, out, variant)
     try:
         record = _digest(tmp)
         lib = ctypes.CDLL(str(tmp))
@@ -183,35 +231,59 @@ def _threads(lib: ctypes.CDLL) -> int:
     return n
 
 
+def _load(variant: str) -> tuple[ctypes.CDLL, Path]:
+    """The library of ``variant``: the cached file when it verifies, else built now. Raises on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    flags = _cpu_flags() if variant == "native" else " ".join(VARIANTS[variant][1])
+    key = hashlib.sha256(
+        _SRC.read_bytes() + version.encode() + platform.machine().encode() + flags.encode()
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"condensed-{variant}-{key}.so"
+    if _verified(out):
+        lib = ctypes.CDLL(str(out))
+    else:  # missing, truncated, altered, or built before digests were recorded: build it again
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lib = _build(cc, out, variant)
+    _bind(lib)
+    if lib.ss_abi_version() != _ABI:
+        raise RuntimeError("stale kernel library")
+    return lib, out
+
+
+_variants: dict[str, ctypes.CDLL] = {}
+
+
+def variant_library(variant: str) -> ctypes.CDLL:
+    """The library of one variant, built if needed (tests and benchmarks compare them; each library is its own
+    ctypes handle, so several load side by side). A ``SemisparseError`` for a variant this CPU cannot run."""
+    if variant not in runnable_variants():
+        raise SemisparseError(f"kernel variant {variant!r} does not run on this CPU (it runs "
+                              f"{', '.join(runnable_variants())})")
+    with _lock:
+        if variant not in _variants:
+            _variants[variant] = _load(variant)[0]
+        return _variants[variant]
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; None (after one warning) where unavailable."""
-    global _lib, _path, _tried, _why_not
+    """The compiled kernel library of the chosen variant (:func:`chosen_variant`), building it on first use;
+    None (after one warning) where unavailable. A forced variant this CPU cannot run is a ``SemisparseError``."""
+    global _lib, _path, _tried, _why_not, _variant
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
+        if not os.environ.get("SEMISPARSE_NO_KERNELS"):
+            variant = chosen_variant()  # raises, rather than running something else than what was asked
         try:
             if os.environ.get("SEMISPARSE_NO_KERNELS"):
                 raise RuntimeError("disabled by SEMISPARSE_NO_KERNELS")
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-            key = hashlib.sha256(
-                _SRC.read_bytes() + version.encode() + platform.machine().encode() + _cpu_flags().encode()
-            ).hexdigest()[:16]
-            out = _cache_dir() / f"condensed-{key}.so"
-            if _verified(out):
-                lib = ctypes.CDLL(str(out))
-            else:  # missing, truncated, altered, or built before digests were recorded: build it again
-                out.parent.mkdir(parents=True, exist_ok=True)
-                lib = _build(cc, out)
-            _path = out
-            _bind(lib)
-            if lib.ss_abi_version() != _ABI:
-                raise RuntimeError("stale kernel library")
-            _lib = lib
+            _lib, _path = _load(variant)
+            _variant = variant
         except Exception as exc:  # any failure means: run the torch reference path
             _why_not = str(exc)
             warnings.warn(
@@ -222,6 +294,12 @@ def library() -> ctypes.CDLL | None:
             )
         _tried = True
         return _lib
+
+
+def loaded_variant() -> str:
+    """The instruction-set variant of the loaded library ("" without kernels)."""
+    library()
+    return _variant
 
 
 def _cpu_flags() -> str:
@@ -246,7 +324,7 @@ def unavailable_reason() -> str:
 
 
 def simd_width() -> int:
-    """Vector width in bits the library was compiled for (256 for AVX2+FMA, 0 for scalar/auto-vectorised)."""
+    """Vector width in bits of the loaded library's hot loops (512 AVX-512, 256 AVX2+FMA, 0 scalar)."""
     lib = library()
     return int(lib.ss_simd()) if lib is not None else 0
 
