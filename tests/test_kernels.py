@@ -302,10 +302,13 @@ def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant,
         x, bias, orow = torch.randn(300), torch.randn(21), torch.arange(21) * 2
         want = torch.zeros(42)
         kernels.gemv_reference(x, W, idx, bias, orow, want)
+        want16 = torch.zeros(42)
+        kernels.gemv_reference(x, W.bfloat16().float(), idx, bias, orow, want16)
         for gv in kernels.GEMV_VARIANTS:
-            got = torch.zeros(42)
-            kernels.gemv(x, W, idx, bias, orow, got, gv)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for w, ref in ((W, want), (W.bfloat16(), want16)):
+                got = torch.zeros(42)
+                kernels.gemv(x, w, idx, bias, orow, got, gv)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
@@ -341,3 +344,16 @@ def test_a_forced_variant_is_the_one_loaded(monkeypatch):
         monkeypatch.setattr(kernels, "_tried", False)
         with pytest.raises(SemisparseError, match="cannot run it"):
             kernels.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", kernels.GEMV_VARIANTS)
+@pytest.mark.parametrize("k,wide", [(3, False), (17, False), (37, True), (61, False), (100, True)])
+def test_bf16_gemv_reads_bf16_values_and_sums_in_fp32(variant, k, wide):
+    W, idx = _problem(21, 300, k, seed=k, wide=wide)
+    Wb = W.bfloat16()
+    x, bias, orow = torch.randn(300), torch.randn(21), torch.arange(21) * 2
+    got, want = torch.zeros(42), torch.zeros(42)
+    kernels.gemv(x, Wb, idx, bias, orow, got, variant)
+    kernels.gemv_reference(x, Wb.float(), idx, bias, orow, want)  # the bf16 weights, exactly, in fp32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

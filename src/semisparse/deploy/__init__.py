@@ -108,7 +108,9 @@ def deploy(
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
     folded_bn = fold_batchnorm(m, masks) if fold_bn else []
-    if dtype is not None and dtype != torch.float32:
+    # bf16: condensed values stored in bf16, accumulated in fp32 by the kernels; other dtypes run dense
+    dense_dtype = dtype not in (None, torch.float32) and not (dtype == torch.bfloat16 and kernels.available())
+    if dense_dtype:
         warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
                       RuntimeWarning, stacklevel=2)
     dropped = fold_ablated(m, masks) if fold else {}
@@ -122,11 +124,13 @@ def deploy(
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
                      "usable_cpus": cpus.usable(), "kernels": kernels.available(), "simd_bits": kernels.simd_width(),
                      "folded_bn": len(folded_bn)}
-    if dtype is not None and dtype != torch.float32:
+    if dense_dtype:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
         m.to(dtype)
         plan = "dense"
+    elif dtype == torch.bfloat16:
+        m.to(dtype)
     if example_input is not None and plan != "measure":
         _check_example(m, cast_example(example_input, dtype))
     if plan == "dense":
@@ -137,8 +141,9 @@ def deploy(
                 pool.use_kernel = False
     elif plan == "measure":
         if example_input is not None:
-            _check_example(m, example_input)
+            _check_example(m, cast_example(example_input, dtype))
         x = example_input if example_input is not None else default_example_input(model, batch_size)
+        x = cast_example(x, dtype)
         try:
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
                 plan_layers(m, x, reps=reps)

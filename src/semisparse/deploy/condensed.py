@@ -192,7 +192,7 @@ class _Condensed(nn.Module):
         """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
         b = getattr(self, "_bias_rows", None)
         if b is None and self.bias is not None:
-            b = self.bias[self._tables()["orow"].tensor()].contiguous()
+            b = self.bias[self._tables()["orow"].tensor()].float().contiguous()
             self._bias_rows = b
         return b
 
@@ -223,7 +223,7 @@ class _Condensed(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
-        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables"):
+        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32"):
             self.__dict__.pop(name, None)
         for name in ("_offsets", "_geometry"):  # hold sorted copies of the values (channel tiles)
             cache = self.__dict__.get(name)
@@ -277,6 +277,21 @@ class _Condensed(nn.Module):
     def _idx_table(self) -> kernels.Table:
         return self._tables()["idx"]
 
+    def _kvalues(self) -> torch.Tensor:
+        """The values as the kernels take them: fp32 (a bf16 layer's converted once, until they change)."""
+        v = self.values
+        if v.dtype == torch.float32:
+            return v
+        v32 = self.__dict__.get("_values32")
+        if v32 is None:
+            v32 = self.__dict__["_values32"] = v.float().contiguous()
+        return v32
+
+    def _dtype_takes(self, x: torch.Tensor) -> bool:
+        """fp32 inputs (fp32 or bf16 values), or bf16 inputs to bf16 values (run in fp32, returned in bf16)."""
+        return (x.dtype == torch.float32 and self.values.dtype in (torch.float32, torch.bfloat16)) or (
+            x.dtype == torch.bfloat16 and self.values.dtype == torch.bfloat16)
+
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` compiles torch's own layer on the masked weight (what dense mode runs) in place
         of this one: the kernels are ctypes calls, which TorchScript cannot hold."""
@@ -317,7 +332,8 @@ class _Condensed(nn.Module):
             self.dense_weight = _plain(self._layout().from_view(view).to(self.dense_weight.dtype))
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
-        stored = self.values.numel() * 4 + self.idx.numel() * self.idx.element_size() + self.orow.numel() * 8
+        stored = (self.values.numel() * self.values.element_size() + self.idx.numel() * self.idx.element_size()
+                  + self.orow.numel() * 8)
         extra = {"kernel": self.kernel_name(), "bytes": stored if self.mode == "condensed" else
                  math.prod(self.shape) * 4}
         extra.update(self.figures)
@@ -395,6 +411,8 @@ class SparseLinear(_Condensed):
         condensed = self.mode == "condensed" and not _outside_torch_refused()
         if condensed:
             self._fresh()
+            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
+                return self.forward(x.float()).to(torch.bfloat16)
         bound = self.__dict__.get("_bound_gemv")
         if bound is not None and condensed and x.dim() == 2 and x.shape[0] == 1 and (
                 x.shape[1] == self.in_features and x.dtype == torch.float32 and x.is_cpu and not x.requires_grad
@@ -430,7 +448,7 @@ class SparseLinear(_Condensed):
         orow = self._tables()["orow"]
         if B == 1:
             y = self._output_init((self.out_features,), 0)
-            kernels.gemv(x2[0], self.values, self._idx_table(), self.bias_rows(), orow, y, self.gemv_variant)
+            kernels.gemv(x2[0], self._kvalues(), self._idx_table(), self.bias_rows(), orow, y, self.gemv_variant)
             return y.view(*lead, self.out_features)
         PB = min(self.panel_width, -(-B // 8) * 8)
         X = kernels.pack_panels(x2, PB)
@@ -442,24 +460,25 @@ class SparseLinear(_Condensed):
             self._offsets[PB] = off
         if self.transposed_out:  # rows of (out, B) stored as whole vectors, then one blocked transpose
             yt = self._output_init((self.out_features, B), 0)
-            kernels.spmm(X, self.values, off, self.bias_rows(), orow, yt, B, B, PB, self.in_features * PB,
+            kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, yt, B, B, PB, self.in_features * PB,
                          pairs=self.pairs and PB == 32, prefer_blocks=True)
             return kernels.transpose(yt).view(*lead, self.out_features)
         y = self._output_init((B, self.out_features), 1)  # each output element stored on its own, strided
-        kernels.spmm(X, self.values, off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
+        kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32, prefer_blocks=True)
         return y.view(*lead, self.out_features)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
         """An input the condensed kernels compute exactly what ``nn.Linear`` would: fp32 on the CPU (as the
         stored values), ``(..., in_features)``, not empty, no autograd."""
-        return (x.dim() >= 1 and x.shape[-1] == self.in_features and x.dtype == torch.float32 and x.is_cpu
-                and self.values.dtype == torch.float32 and not x.requires_grad and x.numel() > 0)
+        return (x.dim() >= 1 and x.shape[-1] == self.in_features and self._dtype_takes(x) and x.is_cpu
+                and not x.requires_grad and x.numel() > 0)
 
     def _batch1(self):
         """Bind the batch-1 kernel to the stored tensors (None without kernels); forward then takes the
         bound call directly until the mode, the variant or the stored tensors change."""
-        run = kernels.gemv_binding(self.values, self._idx_table(), self.bias_rows(), self._tables()["orow"],
+        values = self.values if self.values.dtype == torch.bfloat16 else self._kvalues()  # bf16: read as bf16
+        run = kernels.gemv_binding(values, self._idx_table(), self.bias_rows(), self._tables()["orow"],
                                    self.gemv_variant)
         self.__dict__["_bound_gemv"] = run
         return run
@@ -594,6 +613,8 @@ class SparseConv(_Condensed):
         condensed = self.mode == "condensed" and not _outside_torch_refused()
         if condensed:
             self._fresh()
+            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
+                return self.forward(x.float()).to(torch.bfloat16)
         fast = self.__dict__.get("_fast_conv")
         if fast is not None and condensed and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
                 not x.requires_grad and x.is_contiguous()):  # fmt: skip
@@ -627,7 +648,7 @@ class SparseConv(_Condensed):
         """An input the condensed kernels compute exactly what the conv would: fp32 on the CPU (as the stored
         values), ``([N,] C, *spatial)`` with this conv's channels, not empty, no autograd."""
         return (x.dim() in (self.nd + 1, self.nd + 2) and x.shape[-self.nd - 1] == self.in_channels
-                and x.dtype == torch.float32 and x.is_cpu and self.values.dtype == torch.float32
+                and self._dtype_takes(x) and x.is_cpu
                 and not x.requires_grad and x.numel() > 0)
 
     def _dense_now(self) -> torch.Tensor:
@@ -679,7 +700,7 @@ class SparseConv(_Condensed):
             kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self._tables()["orow"], y, g["P"], full, self.block,
                                self.block)
         else:
-            kernels.spmm(X, self.values, g["off"], self.bias_rows(), self._tables()["orow"], y, g["P"], full,
+            kernels.spmm(X, self._kvalues(), g["off"], self.bias_rows(), self._tables()["orow"], y, g["P"], full,
                          self.block, self.block, pairs=self.pairs and self.block == 32)
         if uncropped:
             return y.view(1, self.out_channels, *g["outs"])
@@ -697,9 +718,9 @@ class SparseConv(_Condensed):
             W, off, seg = self._tiles(g)
             kind, PB = 2, self.block
         elif self.pairs and self.block == 32:
-            W, off, kind, PB = self.values, g["off"], 1, 32
+            W, off, kind, PB = self._kvalues(), g["off"], 1, 32
         else:
-            W, off, kind, PB = self.values, g["off"], 0, self.block
+            W, off, kind, PB = self._kvalues(), g["off"], 0, self.block
         (H0, W0), (sh, sw) = x.shape[2:], g["sub"]
         geo = dict(C=self.in_channels, H0=H0, W0=W0, sh=sh, sw=sw, H=-(-H0 // sh), W=-(-W0 // sw),
                    pt=g["pads"][0][0], pl=g["pads"][1][0], Hp=g["padded"][0], Wp=g["padded"][1], cs=g["c_stride"],
@@ -725,7 +746,7 @@ class SparseConv(_Condensed):
                 end = o + self.block
             per_tile = max(1, (self.tile_kb * 1024) // (4 * span))
             channel = columns(self._idx_table().tensor()) % self.cin_g
-            W, off, seg = kernels.tile(self.values, g["off"], channel, per_tile)
+            W, off, seg = kernels.tile(self._kvalues(), g["off"], channel, per_tile)
             g[key] = (W, kernels.Table(off), kernels.Table(seg))
         return g[key]
 

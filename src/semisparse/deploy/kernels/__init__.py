@@ -44,7 +44,7 @@ from ...indices import columns
 from ..cpus import threads_now
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 22
+_ABI = 23
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None
@@ -435,13 +435,13 @@ def extent(t: torch.Tensor | Table, unsigned16: bool = False) -> tuple[int, int]
 
 
 def _check_rows(W: torch.Tensor, off: Table, bias: torch.Tensor | None, orow: Table,  # noqa: N803
-                off_dtype: torch.dtype = torch.int32) -> tuple[int, int]:
+                off_dtype: torch.dtype = torch.int32, w_dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """The stored rows of a condensed layer: ``W (rows, k)`` fp32, ``off``/``idx`` ``(rows, k)``, ``bias (rows,)``
     or None, ``orow (rows,)`` int64. Returns ``(rows, k)``."""
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise _bad("W must be a (rows, k) tensor")
     rows, k = W.shape
-    _check(W, "W", torch.float32)
+    _check(W, "W", w_dtype)
     allowed = (torch.int16, torch.int32) if off_dtype == torch.int16 else (off_dtype,)
     _check_table(off, "index table", allowed, (rows, k))
     _check_table(orow, "orow", (torch.int64,), (rows,))
@@ -771,12 +771,13 @@ def _stamp(t: torch.Tensor) -> tuple[int, int]:
 class _GemvPlan(ctypes.Structure):
     _fields_ = [("W", ctypes.c_void_p), ("idx", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("orow", ctypes.c_void_p), ("rows", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("wide", ctypes.c_int32), ("hw", ctypes.c_int32)]
+                ("wide", ctypes.c_int32), ("hw", ctypes.c_int32), ("bf16", ctypes.c_int32), ("unused", ctypes.c_int32)]
 
 
 def gemv_binding(W: torch.Tensor, idx: torch.Tensor | Table, bias: torch.Tensor | None,  # noqa: N803
                  orow: torch.Tensor | Table, variant: str = "packed"):
     """:func:`gemv` with everything but ``x`` and ``y`` bound once: ``run(x, y)``; None without kernels.
+    ``W`` fp32, or bf16 (read as bf16: half the bytes; products and sums in fp32).
 
     A batch-1 layer call is a few tens of microseconds, so per-call argument handling is a visible share
     of it: the bound call passes one pointer to a prepared argument block plus ``x`` and ``y``, after checking
@@ -788,7 +789,8 @@ def gemv_binding(W: torch.Tensor, idx: torch.Tensor | Table, bias: torch.Tensor 
     sources = tuple(t for t in (idx, orow) if isinstance(t, torch.Tensor))
     stamps = tuple(_stamp(t) for t in sources)
     idx, orow = table(idx, True), table(orow)
-    _check_rows(W, idx, bias, orow, off_dtype=torch.int16)
+    bf16 = isinstance(W, torch.Tensor) and W.dtype == torch.bfloat16  # half the bytes, fp32 arithmetic
+    _check_rows(W, idx, bias, orow, off_dtype=torch.int16, w_dtype=torch.bfloat16 if bf16 else torch.float32)
     if variant not in GEMV_VARIANTS:
         raise _bad(f"variant must be one of {GEMV_VARIANTS}, got {variant!r}")
     nx, ny = idx.hi + 1, orow.hi + 1
@@ -800,7 +802,7 @@ def gemv_binding(W: torch.Tensor, idx: torch.Tensor | Table, bias: torch.Tensor 
     rows, k = W.shape
     held = tuple(_Held(t) for t in (W, bias) if t is not None)
     plan = _GemvPlan(W.data_ptr(), idx.data_ptr(), _ptr(bias), orow.data_ptr(), rows, k,
-                     int(idx.dtype != torch.int16), int(variant != "packed"))
+                     int(idx.dtype != torch.int16), int(variant != "packed"), int(bf16), 0)
     plan_ref, fn, threads = ctypes.byref(plan), lib.ss_gemv_run, _threads
     f32 = torch.float32
 
