@@ -279,6 +279,21 @@ def test_jit_script_of_a_condensed_layer_compiles_torchs_layer():
             torch.testing.assert_close(scripted(inp), layer(inp), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_traces_and_exports_with_torch_ops_and_refuses_script_in_one_line():
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    ss.sparsify(mha, 0.75)
+    dep = deploy(mha, plan="condensed")
+    x, x2 = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        want = mha.eval()(x2, x2, x2, need_weights=False)[0]
+        traced = torch.jit.trace(lambda q: dep(q, q, q, need_weights=False)[0], x, check_trace=False)
+        torch.testing.assert_close(traced(x2), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SemisparseError, match="torch.jit.script") as info:
+        torch.jit.script(dep)
+    assert "\n" not in str(info.value)
+
+
 def test_torch_export_records_torch_ops_and_computes_the_model():
     m, x = _small_model()
     dep = deploy(m, plan="condensed")
