@@ -398,3 +398,23 @@ def test_padding_of_short_rows_points_at_a_kept_column():
     for r in range(3):
         assert set(columns(idx)[r].tolist()) <= set(torch.nonzero(m[r]).flatten().tolist())
     assert values[1, 1:].abs().sum() == 0 and values[2, 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_loading_another_valid_layout_into_a_grouped_conv_runs_the_new_one(n):
+    """Everything derived from orow (the group of each stored row) follows a load."""
+    torch.manual_seed(7)
+    convs, deps = [], []
+    for ablated in (0, 3):  # output 0 (group 0) or output 3 (group 1) has no kept weight
+        conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        m = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+        m[:, :, 1] = True
+        m[ablated] = False
+        ss.sparsify(conv, None, masks={"weight": m})
+        convs.append(conv)
+        deps.append(deploy(conv, plan="condensed"))
+    x = torch.randn(n, 4, 6, 6)
+    with torch.no_grad():
+        deps[0](x)  # derive everything from the first layout
+        deps[0].load_state_dict(deps[1].state_dict())
+        torch.testing.assert_close(deps[0](x), convs[1].eval()(x), rtol=1e-5, atol=1e-5)

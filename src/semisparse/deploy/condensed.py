@@ -513,9 +513,7 @@ class SparseConv(_Condensed):
         self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         layout = Layout("conv", tuple(weight.shape))
         self._init_condensed(key, layout.to_view(weight), layout.to_view(mask), bias, weight, pattern)
-        cin_g, cout_g = self.in_channels // self.groups, self.out_channels // self.groups
-        self.cin_g = cin_g
-        self.register_buffer("_group", (self.orow // cout_g).contiguous(), persistent=False)
+        self.cin_g = self.in_channels // self.groups
         self._geometry: dict = {}
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
