@@ -90,7 +90,7 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _outside_torch_refused() -> bool:
+def _recording_a_graph() -> bool:
     """Being recorded by ``torch.jit.trace`` or ``torch.export``: a ctypes call would not be in the graph
     (the trace would replay uninitialised output buffers), so the layers run torch's own ops instead."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
@@ -408,7 +408,7 @@ class SparseLinear(_Condensed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") and x.is_cpu:
             return self._autocast_forward(x)
-        condensed = self.mode == "condensed" and not _outside_torch_refused()
+        condensed = self.mode == "condensed" and not _recording_a_graph()
         if condensed:
             self._fresh()
             if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
@@ -608,7 +608,7 @@ class SparseConv(_Condensed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") and x.is_cpu:
             return self._autocast_forward(x)
-        condensed = self.mode == "condensed" and not _outside_torch_refused()
+        condensed = self.mode == "condensed" and not _recording_a_graph()
         if condensed:
             self._fresh()
             if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
