@@ -45,7 +45,9 @@ def deploy(
     graph: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
-    masked dense model's.
+    masked dense model's (for finite inputs: condensed layers compute the pruned layer, so NaN/Inf that only
+    pruned weights would read do not propagate, :mod:`.condensed`). ``dtype=torch.bfloat16`` keeps condensed
+    values in bf16 with fp32 accumulation; other dtypes, or bf16 without the kernels, run dense.
 
     ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
     every layer at ``example_input``, default ``(batch_size, C, 224, 224)`` guessed from the first conv,
