@@ -351,7 +351,18 @@ def test_bad_input_is_a_one_line_error():
     deploy(cnn, example_input=torch.randn(1, 3, 8, 8), reps=2)
 
 
-def test_bf16_request_runs_dense_with_warning():
+def test_fp16_request_runs_dense_with_warning():
+    lin = nn.Linear(8, 4)
+    ss.sparsify(lin, 0.5)
+    with pytest.warns(RuntimeWarning, match="float16"):
+        dep = deploy(lin, dtype=torch.float16)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x.half()).float(), lin(x), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_request_without_kernels_runs_dense_with_warning(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
     lin = nn.Linear(8, 4)
     ss.sparsify(lin, 0.5)
     with pytest.warns(RuntimeWarning, match="bfloat16"):

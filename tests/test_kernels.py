@@ -7,6 +7,7 @@ import torch
 
 from semisparse.deploy import kernels
 from semisparse.deploy.condensed import columns, condense, expand
+from semisparse.errors import SemisparseError
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
 
@@ -251,3 +252,108 @@ def test_transpose_and_panel_packing_are_exact(shape):
         want[:B] = x
         got = kernels.pack_panels(x, PB)
         assert torch.equal(got[: npan * K * PB].view(npan, K, PB), want.view(npan, PB, K).transpose(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# instruction-set variants
+
+
+def _variant_params():
+    names = list(kernels.VARIANTS) if kernels._x86() else ["native"]
+    runnable = kernels.runnable_variants()
+    # a variant this CPU cannot run is only compiled (slow: a compiler run)
+    return [pytest.param(v, marks=() if v in runnable else pytest.mark.slow) for v in names]
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", _variant_params())
+def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant, monkeypatch, tmp_path):
+    if variant not in kernels.runnable_variants():  # compiles here, runs elsewhere
+        built = kernels._compile(kernels._compiler(), tmp_path / "variant.so", variant)
+        assert built.stat().st_size > 0
+        pytest.skip(f"{variant} compiled; this CPU cannot run it")
+    lib = kernels.variant_library(variant)
+    if variant != "native":
+        assert lib.ss_simd() == kernels.VARIANT_BITS[variant]
+    monkeypatch.setattr(kernels, "library", lambda: lib)
+    rows, K, k = 13, 40, 7
+    for P, PB in ((1, 8), (9, 16), (33, 32), (63, 64), (64, 64), (65, 64), (130, 64), (45, 32)):
+        W, idx = _problem(rows, K, k, seed=P)
+        X = torch.randn(-(-P // PB) * K * PB + kernels.BLOCK)
+        off = kernels.offsets(idx, torch.arange(K, dtype=torch.int64) * PB, torch.zeros(rows, dtype=torch.int64))
+        bias, orow = torch.randn(rows), torch.randperm(20)[:rows].sort().values
+        want = torch.full((20, P), 7.0)
+        kernels.spmm_reference(X, W, off, bias, orow, want, P, P, PB, K * PB)
+        for ldp in (1, 20):  # contiguous rows, and strided (transposed) output
+            got = torch.full((20, P), 7.0) if ldp == 1 else torch.full((P, 20), 7.0)
+            kernels.spmm(X, W, off, bias, orow, got, P, P if ldp == 1 else 1, PB, K * PB, ldp=ldp)
+            torch.testing.assert_close(got if ldp == 1 else got.t(), want, rtol=1e-5, atol=1e-5)
+        if PB == 32:
+            got = torch.full((20, P), 7.0)
+            kernels.spmm(X, W, off, bias, orow, got, P, P, PB, K * PB, pairs=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if PB in (32, 64):
+            Ws, offs, seg = kernels.tile(W, off, columns(idx), 3)
+            got = torch.full((20, P), 7.0)
+            kernels.spmm_tiled(X, Ws, offs, seg, bias, orow, got, P, P, PB, K * PB)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for kk, wide in ((3, False), (17, False), (37, True), (61, False), (100, True)):
+        W, idx = _problem(21, 300, kk, seed=kk, wide=wide)
+        x, bias, orow = torch.randn(300), torch.randn(21), torch.arange(21) * 2
+        want = torch.zeros(42)
+        kernels.gemv_reference(x, W, idx, bias, orow, want)
+        want16 = torch.zeros(42)
+        kernels.gemv_reference(x, W.bfloat16().float(), idx, bias, orow, want16)
+        for gv in kernels.GEMV_VARIANTS:
+            for w, ref in ((W, want), (W.bfloat16(), want16)):
+                got = torch.zeros(42)
+                kernels.gemv(x, w, idx, bias, orow, got, gv)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
+    if not kernels._x86():
+        pytest.skip("variants are x86-64 builds")
+    zen3 = "flags : fpu sse2 avx avx2 fma bmi2"
+    xeon = zen3 + " avx512f avx512dq avx512vl avx512bw avx512_bf16 amx_tile"
+    old = "flags : fpu sse2 sse4_2"
+    monkeypatch.delenv("SEMISPARSE_KERNEL_ISA", raising=False)
+    assert [kernels.chosen_variant(f) for f in (old, zen3, xeon)] == ["generic", "avx2", "avx512"]
+    assert kernels.runnable_variants(xeon) == ["generic", "avx2", "avx512"]
+    monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "AVX2")
+    assert kernels.chosen_variant(xeon) == "avx2"
+    monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "avx512")
+    with pytest.raises(SemisparseError, match="cannot run it") as info:
+        kernels.chosen_variant(zen3)
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "sse9")
+    with pytest.raises(SemisparseError, match="must be one of generic, avx2, avx512"):
+        kernels.chosen_variant(zen3)
+
+
+@needs_kernels
+def test_a_forced_variant_is_the_one_loaded(monkeypatch):
+    for name in ("_lib", "_path", "_variant", "_tried", "_why_not"):  # a fresh load, undone after the test
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    for want in kernels.runnable_variants():
+        monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", want)
+        monkeypatch.setattr(kernels, "_tried", False)
+        assert kernels.loaded_variant() == want and kernels.library().ss_simd() == kernels.VARIANT_BITS[want]
+    if kernels._x86() and "avx512" not in kernels.runnable_variants():
+        monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "avx512")
+        monkeypatch.setattr(kernels, "_tried", False)
+        with pytest.raises(SemisparseError, match="cannot run it"):
+            kernels.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", kernels.GEMV_VARIANTS)
+@pytest.mark.parametrize("k,wide", [(3, False), (17, False), (37, True), (61, False), (100, True)])
+def test_bf16_gemv_reads_bf16_values_and_sums_in_fp32(variant, k, wide):
+    W, idx = _problem(21, 300, k, seed=k, wide=wide)
+    Wb = W.bfloat16()
+    x, bias, orow = torch.randn(300), torch.randn(21), torch.arange(21) * 2
+    got, want = torch.zeros(42), torch.zeros(42)
+    kernels.gemv(x, Wb, idx, bias, orow, got, variant)
+    kernels.gemv_reference(x, Wb.float(), idx, bias, orow, want)  # the bf16 weights, exactly, in fp32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -45,7 +45,9 @@ def deploy(
     graph: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
-    masked dense model's.
+    masked dense model's (for finite inputs: condensed layers compute the pruned layer, so NaN/Inf that only
+    pruned weights would read do not propagate, :mod:`.condensed`). ``dtype=torch.bfloat16`` keeps condensed
+    values in bf16 with fp32 accumulation; other dtypes, or bf16 without the kernels, run dense.
 
     ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
     every layer at ``example_input``, default ``batch_size`` inputs of the size the model records
@@ -111,7 +113,9 @@ def deploy(
     masks = {k: v[2] for k, v in found.items()}
     patterns = {k: v[3] for k, v in found.items()}
     folded_bn = fold_batchnorm(m, masks) if fold_bn else []
-    if dtype is not None and dtype != torch.float32:
+    # bf16: condensed values stored in bf16, accumulated in fp32 by the kernels; other dtypes run dense
+    dense_dtype = dtype not in (None, torch.float32) and not (dtype == torch.bfloat16 and kernels.available())
+    if dense_dtype:
         warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
                       RuntimeWarning, stacklevel=2)
     dropped = fold_ablated(m, masks) if fold else {}
@@ -125,11 +129,13 @@ def deploy(
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
                      "usable_cpus": cpus.usable(), "kernels": kernels.available(), "simd_bits": kernels.simd_width(),
                      "folded_bn": len(folded_bn)}
-    if dtype is not None and dtype != torch.float32:
+    if dense_dtype:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
         m.to(dtype)
         plan = "dense"
+    elif dtype == torch.bfloat16:
+        m.to(dtype)
     if example_input is not None and plan != "measure":
         _check_example(m, cast_example(example_input, dtype))
     if plan == "dense":
@@ -140,8 +146,9 @@ def deploy(
                 pool.use_kernel = False
     elif plan == "measure":
         if example_input is not None:
-            _check_example(m, example_input)
+            _check_example(m, cast_example(example_input, dtype))
         x = example_input if example_input is not None else default_example_input(model, batch_size, warn=True)
+        x = cast_example(x, dtype)
         # what the timings and ratios are for (ss.report says so, and warns when counting at another shape)
         summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
         try:

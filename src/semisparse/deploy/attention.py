@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SemisparseError
+
 
 def supports(mha: nn.MultiheadAttention) -> str:
     """"" when :class:`SparseMultiheadAttention` can replace ``mha``, else the reason it cannot."""
@@ -61,6 +63,10 @@ class SparseMultiheadAttention(nn.Module):
         self.bias_k = None if mha.bias_k is None else nn.Parameter(mha.bias_k.detach().clone(), requires_grad=False)
         self.bias_v = None if mha.bias_v is None else nn.Parameter(mha.bias_v.detach().clone(), requires_grad=False)
         self.train(mha.training)
+
+    def __prepare_scriptable__(self):
+        raise SemisparseError("torch.jit.script cannot compile a deployed multi-head attention (its projections "
+                              "run ctypes kernels); torch.jit.trace and torch.export record torch's ops for it")
 
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention, prefix: str, masks: dict, patterns: dict

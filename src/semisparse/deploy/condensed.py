@@ -8,9 +8,26 @@ A layer's ``(rows, K)`` weight view (:mod:`semisparse.layout`) becomes
   int32 only beyond (the byte budget of the batch-1 kernel is values + indices);
 * ``orow`` ``(R,)``: the output channel of each stored row.
 
-Rows with fewer than ``k`` kept weights (masks that are not constant fan-in) are padded with zero weights.
+Rows with fewer than ``k`` kept weights (masks that are not constant fan-in) are padded with zero weights
+on one of the row's own kept columns.
 Every layer also keeps a ``mode``: ``"condensed"`` runs the kernel, ``"dense"`` runs the masked dense
 weight through torch (what the planner picks where the kernel does not win on this machine).
+
+What a condensed layer computes is the *pruned* layer: ``y[o] = bias[o] + sum over kept j of w[o, j] * x[j]``.
+An input that only pruned weights read is never read, so a NaN or Inf there does not reach the output (the
+masked dense product computes ``0 * NaN = NaN``, and so does a layer in dense mode); a kept weight follows
+IEEE arithmetic as in the masked model (a kept 0.0 times Inf is NaN). One difference remains where a row
+keeps fewer weights than the widest row: its zero padding multiplies one of the row's kept inputs, so an
+Inf in that input gives NaN where the pruned sum is +-Inf.
+
+The stored tensors are checked whenever they change (``load_state_dict`` checks what it loads before
+copying it; a tensor replaced, resized or changed in place is checked again at the next call): indices
+outside the layer, or ``orow`` / ``ablated`` that do not split the output channels, are a one-line
+``SemisparseError``. The kernels read private copies of the checked index tables (:class:`.kernels.Table`),
+so an in-place write that torch does not record (through ``.data`` or a NumPy view) is never read either.
+A layer called under ``torch.jit.trace`` or ``torch.export`` runs torch's dense ops on the masked weight
+(a traced or exported graph cannot hold the kernels' ctypes calls), and ``torch.jit.script`` compiles
+torch's own layer on the masked weight in its place: such graphs compute the masked model.
 """
 
 from __future__ import annotations
@@ -21,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..indices import columns, store
+from ..errors import SemisparseError
+from ..indices import U16_LIMIT, columns, store
 from ..layout import Layout
 from ..masking.report import LayerReport
 from . import kernels
@@ -40,7 +58,8 @@ def condense(w_view: torch.Tensor, m_view: torch.Tensor) -> tuple[torch.Tensor, 
     rows_m = m_view[orow]
     order = torch.sort((~rows_m).to(torch.int8), dim=1, stable=True).indices[:, :k]  # kept columns first
     valid = torch.arange(k)[None, :] < counts[orow][:, None]
-    idx = torch.where(valid, order, torch.zeros_like(order))
+    # padding points at the row's first kept column, never at an input the row pruned (see the module notes)
+    idx = torch.where(valid, order, order[:, :1])
     values = torch.gather(w_view[orow].detach().float(), 1, idx) * valid
     idx = store(idx, w_view.shape[1])
     return values.contiguous(), idx.contiguous(), orow.to(torch.int64).contiguous()
@@ -61,6 +80,60 @@ def expand(values: torch.Tensor, idx: torch.Tensor, orow: torch.Tensor, shape: t
     return out
 
 
+_STORED = ("values", "idx", "orow", "bias", "ablated")
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return -1
+
+
+def _recording_a_graph() -> bool:
+    """Being recorded by ``torch.jit.trace`` or ``torch.export``: a ctypes call would not be in the graph
+    (the trace would replay uninitialised output buffers), so the layers run torch's own ops instead."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def check_stored(key: str, view_shape: tuple[int, int], values: torch.Tensor, idx: torch.Tensor,
+                 orow: torch.Tensor, bias: torch.Tensor | None, ablated: torch.Tensor) -> None:
+    """The stored form of a condensed layer is self-consistent: ``values``/``idx`` ``(R, k)``, ``idx`` columns
+    in ``[0, K)``, ``orow`` ``(R,)`` ascending in ``[0, rows)``, ``ablated`` the other output rows, ``bias``
+    ``(rows,)`` or None. Raises a one-line ``SemisparseError`` naming the layer and what is wrong."""
+    rows, K = view_shape
+
+    def bad(what: str) -> SemisparseError:
+        return SemisparseError(f"condensed layer {key!r}: {what}")
+
+    for name, t in (("values", values), ("idx", idx), ("orow", orow), ("ablated", ablated), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise bad(f"{name} must be a tensor, got {type(t).__name__}")
+    if not values.is_floating_point() or values.dim() != 2:
+        raise bad(f"values must be a (rows, k) float tensor, got {values.dtype} {tuple(values.shape)}")
+    R, k = values.shape
+    if idx.dtype not in (torch.int16, torch.int32) or tuple(idx.shape) != (R, k):
+        raise bad(f"idx must be int16 or int32 of shape {(R, k)}, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.dtype == torch.int16 and K > U16_LIMIT:
+        raise bad(f"idx must be int32 for {K} input columns, got int16")
+    if orow.dtype != torch.int64 or tuple(orow.shape) != (R,):
+        raise bad(f"orow must be int64 of shape {(R,)}, got {orow.dtype} {tuple(orow.shape)}")
+    if ablated.dtype != torch.int64 or tuple(ablated.shape) != (rows - R,):
+        raise bad(f"ablated must be int64 of shape {(rows - R,)}, got {ablated.dtype} {tuple(ablated.shape)}")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (rows,)):
+        raise bad(f"bias must be a float tensor of shape {(rows,)}, got {bias.dtype} {tuple(bias.shape)}")
+    if idx.numel():
+        lo, hi = torch.aminmax(columns(idx))
+        if int(lo) < 0 or int(hi) >= K:
+            raise bad(f"idx holds columns {int(lo)}..{int(hi)}, outside the layer's {K} input columns")
+    if R and (int(orow[0]) < 0 or int(orow[-1]) >= rows or (R > 1 and not bool((orow[1:] > orow[:-1]).all()))):
+        raise bad(f"orow must ascend strictly within [0, {rows}), got {orow.min().item()}..{orow.max().item()}")
+    keep = torch.zeros(rows, dtype=torch.bool)
+    keep[orow.cpu()] = True
+    if not torch.equal(ablated.cpu(), torch.nonzero(~keep).flatten()):
+        raise bad("ablated must list exactly the output rows orow does not")
+
+
 class _Condensed(nn.Module):
     """State shared by the condensed layers: buffers, mode, planner figures, the layer report."""
 
@@ -74,13 +147,14 @@ class _Condensed(nn.Module):
         self.shape = tuple(weight.shape)
         self.view_shape = tuple(w_view.shape)
         values, idx, orow = condense(w_view, m_view)
-        self.register_buffer("values", values)
-        self.register_buffer("idx", idx)
-        self.register_buffer("orow", orow)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().contiguous())
         ablated = torch.ones(w_view.shape[0], dtype=torch.bool)
         ablated[orow] = False
-        self.register_buffer("ablated", torch.nonzero(ablated).flatten())
+        with torch.inference_mode(False):  # tensors with a version counter: in-place writes are seen
+            self.register_buffer("values", values.clone())
+            self.register_buffer("idx", idx.clone())
+            self.register_buffer("orow", orow.clone())
+            self.register_buffer("bias", None if bias is None else bias.detach().float().clone().contiguous())
+            self.register_buffer("ablated", torch.nonzero(ablated).flatten().clone())
         self.n_ablated = int(self.ablated.numel())
         self.density = float(m_view.float().mean())
         mask = self._layout().from_view(m_view).to(torch.float32)
@@ -118,7 +192,7 @@ class _Condensed(nn.Module):
         """Bias of the stored rows (cached: the kernel adds it while accumulating)."""
         b = getattr(self, "_bias_rows", None)
         if b is None and self.bias is not None:
-            b = self.bias[self.orow].contiguous()
+            b = self.bias[self._tables()["orow"].tensor()].float().contiguous()
             self._bias_rows = b
         return b
 
@@ -131,11 +205,12 @@ class _Condensed(nn.Module):
         out = torch.empty(shape) if out is None else out
         if self.n_ablated:
             fill = self.ablated_fill()
+            rows = self._tables()["ablated"]
             if channel_dim == 0:
                 positions = math.prod(shape[1:])
-                kernels.fill_rows(out, self.ablated, fill, positions, positions, 1)
+                kernels.fill_rows(out, rows, fill, positions, positions, 1)
             else:
-                kernels.fill_rows(out, self.ablated, fill, 1, shape[0], shape[1])
+                kernels.fill_rows(out, rows, fill, 1, shape[0], shape[1])
         return out
 
     def ablated_fill(self) -> torch.Tensor:
@@ -148,7 +223,7 @@ class _Condensed(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
-        for name in ("_bias_rows", "_ablated_fill"):
+        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32"):
             self.__dict__.pop(name, None)
         for name in ("_offsets", "_geometry"):  # hold sorted copies of the values (channel tiles)
             cache = self.__dict__.get(name)
@@ -163,15 +238,102 @@ class _Condensed(nn.Module):
             self.dense_weight = fn(self.dense_weight)
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _fresh(self) -> None:
+        """At each call: when a stored tensor was replaced, resized or changed in place since the last call
+        (as far as torch records it), check them all again and drop everything derived from them."""
+        b = self._buffers
+        held = self.__dict__.get("_held")
+        if held is not None:
+            try:
+                for name, (h, ptr, ver) in zip(_STORED, held):
+                    t = b[name]
+                    if t is not h or (t is not None and (t.data_ptr() != ptr or t._version != ver)):
+                        break
+                else:
+                    return
+            except RuntimeError:  # replaced by an inference tensor (no version counter): check again
+                pass
         self._forget_derived()
-        super()._load_from_state_dict(*args, **kwargs)
+        for name in _STORED:  # tensors torch keeps a version counter for, so later in-place writes are seen
+            t = b[name]
+            if t is not None and t.is_inference():
+                with torch.inference_mode(False):
+                    b[name] = t.clone()
+        check_stored(self.key, self.view_shape, *(b[n] for n in ("values", "idx", "orow", "bias", "ablated")))
+        self._tables()  # the copies the kernels read: made now, from what was just checked
+        self.__dict__["_held"] = tuple((None, 0, 0) if b[n] is None else (b[n], b[n].data_ptr(), _version(b[n]))
+                                       for n in _STORED)
+
+    def _tables(self) -> dict:
+        """Private copies of the checked index tables (:class:`.kernels.Table`): what the kernels read and
+        every derived table is built from, made when :meth:`_fresh` checked the stored tensors."""
+        t = self.__dict__.get("_index_tables")
+        if t is None:
+            t = {"orow": kernels.Table(self.orow), "ablated": kernels.Table(self.ablated),
+                 "idx": kernels.Table(self.idx, unsigned16=True)}
+            self.__dict__["_index_tables"] = t
+        return t
+
+    def _idx_table(self) -> kernels.Table:
+        return self._tables()["idx"]
+
+    def _kvalues(self) -> torch.Tensor:
+        """The values as the kernels take them: fp32 (a bf16 layer's converted once, until they change)."""
+        v = self.values
+        if v.dtype == torch.float32:
+            return v
+        v32 = self.__dict__.get("_values32")
+        if v32 is None:
+            v32 = self.__dict__["_values32"] = v.float().contiguous()
+        return v32
+
+    def _dtype_takes(self, x: torch.Tensor) -> bool:
+        """fp32 inputs (fp32 or bf16 values), or bf16 inputs to bf16 values (run in fp32, returned in bf16)."""
+        return (x.dtype == torch.float32 and self.values.dtype in (torch.float32, torch.bfloat16)) or (
+            x.dtype == torch.bfloat16 and self.values.dtype == torch.bfloat16)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles torch's own layer on the masked weight (what dense mode runs) in place
+        of this one: the kernels are ctypes calls, which TorchScript cannot hold."""
+        weight = self.dense_weight if self.dense_weight is not None else self._dense_now()
+        with torch.device("meta"):
+            if isinstance(self, SparseLinear):
+                mod = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            else:
+                mod = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.nd - 1](
+                    self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                    self.groups, bias=self.bias is not None)
+        mod.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+        if self.bias is not None:
+            mod.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return mod.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # what would be stored is checked before anything is copied: a bad entry leaves this layer as it was
+        after = {}
+        for n in _STORED:
+            cur, inc = getattr(self, n), state_dict.get(prefix + n)
+            if not (isinstance(inc, torch.Tensor) and cur is not None and inc.shape == cur.shape):
+                after[n] = cur  # not loaded (torch reports entries of another shape and copies none of them)
+                continue
+            index = n in ("idx", "orow", "ablated")
+            if index and (inc.is_floating_point() or inc.is_complex() or inc.dtype == torch.bool):
+                raise SemisparseError(f"condensed layer {self.key!r}: {prefix + n} must hold integers, got {inc.dtype}")
+            after[n] = inc.to(cur.dtype)
+            if index and not torch.equal(columns(after[n]), columns(inc)):
+                raise SemisparseError(f"condensed layer {self.key!r}: {prefix + n} holds values outside {cur.dtype}")
+        check_stored(self.key, self.view_shape, *(after[n] for n in _STORED))
+        self._forget_derived()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if self.dense_weight is not None:  # a dense-mode layer runs this copy: rebuild it from what was loaded
             view = expand(self.values, self.idx, self.orow, self.view_shape)
             self.dense_weight = _plain(self._layout().from_view(view).to(self.dense_weight.dtype))
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
-        stored = self.values.numel() * 4 + self.idx.numel() * self.idx.element_size() + self.orow.numel() * 8
+        stored = (self.values.numel() * self.values.element_size() + self.idx.numel() * self.idx.element_size()
+                  + self.orow.numel() * 8)
         extra = {"kernel": self.kernel_name(), "bytes": stored if self.mode == "condensed" else
                  math.prod(self.shape) * 4}
         extra.update(self.figures)
@@ -203,7 +365,7 @@ class _Condensed(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # a bound kernel call holds raw pointers: never copied or pickled
-        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill"):
+        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill", "_held", "_index_tables"):
             state.pop(name, None)
         return state
 
@@ -246,15 +408,25 @@ class SparseLinear(_Condensed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") and x.is_cpu:
             return self._autocast_forward(x)
+        condensed = self.mode == "condensed" and not _recording_a_graph()
+        if condensed:
+            self._fresh()
+            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
+                return self.forward(x.float()).to(torch.bfloat16)
         bound = self.__dict__.get("_bound_gemv")
-        if bound is not None and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == self.in_features and (
-                x.dtype == torch.float32 and x.is_cpu and not x.requires_grad and x.is_contiguous()):  # fmt: skip
+        if bound is not None and condensed and x.dim() == 2 and x.shape[0] == 1 and (
+                x.shape[1] == self.in_features and x.dtype == torch.float32 and x.is_cpu and not x.requires_grad
+                and x.is_contiguous()):  # fmt: skip
             # batch-1 latency in condensed mode: as little Python as possible around the bound kernel
             y = torch.empty(1, self.out_features)
-            bound(x, y)
-            self.__dict__["_macs"] = self._batch1_macs
-            return y
-        if self.mode == "dense" or not self._kernel_takes(x):
+            try:
+                bound(x, y)
+                self.__dict__["_macs"] = self._batch1_macs
+                return y
+            except kernels.Stale:  # a stored tensor resized under it: check everything again, bind again
+                self._forget_derived()
+                self._fresh()
+        if not condensed or not self._kernel_takes(x):
             # Kept dense by the planner, or an input the kernel does not take: torch's own op on the masked
             # weight, which computes what nn.Linear computes and raises what it raises (its __setattr__ skipped
             # on purpose: no more work than nn.Linear).
@@ -273,37 +445,41 @@ class SparseLinear(_Condensed):
         x2 = x.reshape(-1, self.in_features).contiguous()
         self.__dict__["_macs"] = x2.shape[0] * self.out_features * self.in_features
         B = x2.shape[0]
+        orow = self._tables()["orow"]
         if B == 1:
             y = self._output_init((self.out_features,), 0)
-            kernels.gemv(x2[0], self.values, self.idx, self.bias_rows(), self.orow, y, self.gemv_variant)
+            kernels.gemv(x2[0], self._kvalues(), self._idx_table(), self.bias_rows(), orow, y, self.gemv_variant)
             return y.view(*lead, self.out_features)
         PB = min(self.panel_width, -(-B // 8) * 8)
         X = kernels.pack_panels(x2, PB)
         off = self._offsets.get(PB)
         if off is None:
-            off = kernels.offsets(self.idx, torch.arange(self.in_features, dtype=torch.int64) * PB,
-                                  torch.zeros(len(self.orow), dtype=torch.int64))
+            off = kernels.Table(kernels.offsets(self._idx_table().tensor(),
+                                                torch.arange(self.in_features, dtype=torch.int64) * PB,
+                                                torch.zeros(len(self.orow), dtype=torch.int64)))
             self._offsets[PB] = off
         if self.transposed_out:  # rows of (out, B) stored as whole vectors, then one blocked transpose
             yt = self._output_init((self.out_features, B), 0)
-            kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, yt, B, B, PB, self.in_features * PB,
+            kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, yt, B, B, PB, self.in_features * PB,
                          pairs=self.pairs and PB == 32, prefer_blocks=True)
             return kernels.transpose(yt).view(*lead, self.out_features)
         y = self._output_init((B, self.out_features), 1)  # each output element stored on its own, strided
-        kernels.spmm(X, self.values, off, self.bias_rows(), self.orow, y, B, 1, PB, self.in_features * PB,
+        kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32, prefer_blocks=True)
         return y.view(*lead, self.out_features)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
         """An input the condensed kernels compute exactly what ``nn.Linear`` would: fp32 on the CPU (as the
         stored values), ``(..., in_features)``, not empty, no autograd."""
-        return (x.dim() >= 1 and x.shape[-1] == self.in_features and x.dtype == torch.float32 and x.is_cpu
-                and self.values.dtype == torch.float32 and not x.requires_grad and x.numel() > 0)
+        return (x.dim() >= 1 and x.shape[-1] == self.in_features and self._dtype_takes(x) and x.is_cpu
+                and not x.requires_grad and x.numel() > 0)
 
     def _batch1(self):
         """Bind the batch-1 kernel to the stored tensors (None without kernels); forward then takes the
         bound call directly until the mode, the variant or the stored tensors change."""
-        run = kernels.gemv_binding(self.values, self.idx, self.bias_rows(), self.orow, self.gemv_variant)
+        values = self.values if self.values.dtype == torch.bfloat16 else self._kvalues()  # bf16: read as bf16
+        run = kernels.gemv_binding(values, self._idx_table(), self.bias_rows(), self._tables()["orow"],
+                                   self.gemv_variant)
         self.__dict__["_bound_gemv"] = run
         return run
 
@@ -337,9 +513,7 @@ class SparseConv(_Condensed):
         self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         layout = Layout("conv", tuple(weight.shape))
         self._init_condensed(key, layout.to_view(weight), layout.to_view(mask), bias, weight, pattern)
-        cin_g, cout_g = self.in_channels // self.groups, self.out_channels // self.groups
-        self.cin_g = cin_g
-        self.register_buffer("_group", (self.orow // cout_g).contiguous(), persistent=False)
+        self.cin_g = self.in_channels // self.groups
         self._geometry: dict = {}
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
@@ -389,11 +563,12 @@ class SparseConv(_Condensed):
             tap_off.append(phase * n * plane + shift)
         tap_off = torch.tensor(tap_off, dtype=torch.int64)
         coff = (tap_off[:, None] + torch.arange(self.cin_g, dtype=torch.int64)[None, :] * c_stride).reshape(-1)
-        base = (self._group * self.cin_g * c_stride).contiguous()
+        tables = self._tables()
+        base = ((tables["orow"].tensor() // (self.out_channels // self.groups)) * self.cin_g * c_stride).contiguous()
         last = (n - 1) * plane + sum((o - 1) * rs for o, rs in zip(outs, row_strides)) + 1
         g = dict(sub=sub, strides=strides, pads=pads, padded=padded, outs=outs, planes=planes, plane=plane,
-                 nph=nph, off=kernels.offsets(self.idx, coff, base), P=last, total=self.in_channels * c_stride,
-                 tap_off=tap_off, used=used, c_stride=c_stride)
+                 nph=nph, off=kernels.Table(kernels.offsets(tables["idx"].tensor(), coff, base)), P=last,
+                 total=self.in_channels * c_stride, tap_off=tap_off, used=used, c_stride=c_stride)
         self._geometry[key] = g
         return g
 
@@ -433,14 +608,23 @@ class SparseConv(_Condensed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") and x.is_cpu:
             return self._autocast_forward(x)
+        condensed = self.mode == "condensed" and not _recording_a_graph()
+        if condensed:
+            self._fresh()
+            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
+                return self.forward(x.float()).to(torch.bfloat16)
         fast = self.__dict__.get("_fast_conv")
-        if fast is not None and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
+        if fast is not None and condensed and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
                 not x.requires_grad and x.is_contiguous()):  # fmt: skip
             out = torch.empty(fast[2])  # batch-1 2-D conv in condensed mode: one bound C call
-            fast[1](x, out)
-            self.__dict__["_macs"] = fast[3]
-            return out
-        if self.mode == "condensed" and self._kernel_takes(x):
+            try:
+                fast[1](x, out)
+                self.__dict__["_macs"] = fast[3]
+                return out
+            except kernels.Stale:  # a stored tensor resized under it: check everything again, bind again
+                self._forget_derived()
+                self._fresh()
+        if condensed and self._kernel_takes(x):
             batched = x.dim() == self.nd + 2
             y = self._condensed_forward(x.contiguous() if batched else x.unsqueeze(0).contiguous())
             if y is not None:
@@ -462,7 +646,7 @@ class SparseConv(_Condensed):
         """An input the condensed kernels compute exactly what the conv would: fp32 on the CPU (as the stored
         values), ``([N,] C, *spatial)`` with this conv's channels, not empty, no autograd."""
         return (x.dim() in (self.nd + 1, self.nd + 2) and x.shape[-self.nd - 1] == self.in_channels
-                and x.dtype == torch.float32 and x.is_cpu and self.values.dtype == torch.float32
+                and self._dtype_takes(x) and x.is_cpu
                 and not x.requires_grad and x.numel() > 0)
 
     def _dense_now(self) -> torch.Tensor:
@@ -511,10 +695,11 @@ class SparseConv(_Condensed):
                               None if uncropped else kernels.scratch("conv-output", self.out_channels * full))
         if self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
-            kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self.orow, y, g["P"], full, self.block, self.block)
+            kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self._tables()["orow"], y, g["P"], full, self.block,
+                               self.block)
         else:
-            kernels.spmm(X, self.values, g["off"], self.bias_rows(), self.orow, y, g["P"], full, self.block,
-                         self.block, pairs=self.pairs and self.block == 32)
+            kernels.spmm(X, self._kvalues(), g["off"], self.bias_rows(), self._tables()["orow"], y, g["P"], full,
+                         self.block, self.block, pairs=self.pairs and self.block == 32)
         if uncropped:
             return y.view(1, self.out_channels, *g["outs"])
         y = y.view(self.out_channels, n, *g["planes"])
@@ -531,16 +716,17 @@ class SparseConv(_Condensed):
             W, off, seg = self._tiles(g)
             kind, PB = 2, self.block
         elif self.pairs and self.block == 32:
-            W, off, kind, PB = self.values, g["off"], 1, 32
+            W, off, kind, PB = self._kvalues(), g["off"], 1, 32
         else:
-            W, off, kind, PB = self.values, g["off"], 0, self.block
+            W, off, kind, PB = self._kvalues(), g["off"], 0, self.block
         (H0, W0), (sh, sw) = x.shape[2:], g["sub"]
         geo = dict(C=self.in_channels, H0=H0, W0=W0, sh=sh, sw=sw, H=-(-H0 // sh), W=-(-W0 // sw),
                    pt=g["pads"][0][0], pl=g["pads"][1][0], Hp=g["padded"][0], Wp=g["padded"][1], cs=g["c_stride"],
                    stH=g["strides"][0], stW=g["strides"][1], Hq=g["planes"][0], Wq=g["planes"][1], P=g["P"],
                    Ho=g["outs"][0], Wo=g["outs"][1])
         bias, fill = self.bias_rows(), self.ablated_fill() if self.n_ablated else torch.zeros(0)
-        run = kernels.conv2d_binding(geo, W, off, seg, bias, self.orow, self.ablated, fill, PB, kind,
+        tables = self._tables()
+        run = kernels.conv2d_binding(geo, W, off, seg, bias, tables["orow"], tables["ablated"], fill, PB, kind,
                                      self.out_channels)
         out_shape = (1, self.out_channels, *g["outs"])
         fast = (x.shape, run, out_shape, math.prod(out_shape) * math.prod(self.shape[1:]), (W, off, seg, bias, fill))
@@ -557,8 +743,9 @@ class SparseConv(_Condensed):
                 span += o + self.block - max(o, end)
                 end = o + self.block
             per_tile = max(1, (self.tile_kb * 1024) // (4 * span))
-            channel = columns(self.idx) % self.cin_g
-            g[key] = kernels.tile(self.values, g["off"], channel, per_tile)
+            channel = columns(self._idx_table().tensor()) % self.cin_g
+            W, off, seg = kernels.tile(self._kvalues(), g["off"], channel, per_tile)
+            g[key] = (W, kernels.Table(off), kernels.Table(seg))
         return g[key]
 
     def variants(self, x: torch.Tensor) -> list[dict]:

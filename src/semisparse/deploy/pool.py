@@ -41,8 +41,10 @@ class MaxPool2d(nn.MaxPool2d):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        # (under torch.jit.trace / torch.export: torch's pooling, which a graph can hold; a ctypes call cannot)
         if self.use_kernel and x.dim() in (3, 4) and x.dtype == torch.float32 and x.is_contiguous() and (
-                not x.requires_grad and x.device.type == "cpu"):  # fmt: skip
+                not x.requires_grad and x.device.type == "cpu" and not torch.jit.is_tracing()
+                and not torch.compiler.is_exporting()):  # fmt: skip
             k, s, p = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
             H, W = x.shape[-2:]
             if min(s) > 0 and 2 * p[0] <= k[0] and 2 * p[1] <= k[1] and H + 2 * p[0] >= k[0] and W + 2 * p[1] >= k[1]:
@@ -51,3 +53,9 @@ class MaxPool2d(nn.MaxPool2d):
                 if y is not None:
                     return y
         return super().forward(x)  # torch's pooling, and its errors for arguments it rejects
+
+    def __prepare_scriptable__(self) -> nn.MaxPool2d:
+        """``torch.jit.script`` compiles torch's own pooling (the kernel is a ctypes call)."""
+        plain = nn.MaxPool2d(self.kernel_size, self.stride, self.padding, self.dilation, self.return_indices,
+                             self.ceil_mode)
+        return plain.train(self.training)

@@ -36,6 +36,14 @@
 #include <immintrin.h>
 #define SS_AVX2 1
 #endif
+/* The AVX-512 build (Python compiles one library per instruction set and loads the one the CPU runs, see
+ * kernels/__init__.py) swaps in 16-wide versions of the two hottest loops: the 64-position SpMM row and the
+ * batch-1 gather. Everything else runs its AVX2 code (AVX-512 processors run it at full speed). Each 16-wide
+ * routine reads exactly the elements its 8-wide twin reads, so the Python bounds checks hold for both. */
+#if defined(SS_AVX2) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512BW__)
+#define SS_AVX512 1
+#endif
 
 #ifndef SS_PF
 #define SS_PF 8 /* prefetch distance in kept weights: the next inputs come from L2 */
@@ -53,10 +61,12 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 21; }
+int ss_abi_version(void) { return 23; }
 
 int ss_simd(void) {
-#ifdef SS_AVX2
+#if defined(SS_AVX512)
+    return 512;
+#elif defined(SS_AVX2)
     return 256;
 #else
     return 0;
@@ -94,6 +104,54 @@ int ss_max_threads(void) { return SS_THREADS; }
 
 #ifdef SS_AVX2
 #define SS_FMA8(V, A) A = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s + 8 * (V)), A)
+#ifdef SS_AVX512
+/* 64 positions as four 16-wide vectors; even and odd weights in separate accumulators (8 FMA chains). */
+static void row64(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
+                  int64_t ldp, int n) {
+    __m512 a0 = _mm512_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    int64_t j = 0;
+    for (; j + 2 <= k; j += 2) {
+        SS_PREFETCH(j, k, 256);
+        SS_PREFETCH(j + 1, k, 256);
+        const float *s = xb + off[j], *t = xb + off[j + 1];
+        const __m512 wv = _mm512_set1_ps(w[j]), wu = _mm512_set1_ps(w[j + 1]);
+        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 16), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 32), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 48), a3);
+        c0 = _mm512_fmadd_ps(wu, _mm512_loadu_ps(t), c0);
+        c1 = _mm512_fmadd_ps(wu, _mm512_loadu_ps(t + 16), c1);
+        c2 = _mm512_fmadd_ps(wu, _mm512_loadu_ps(t + 32), c2);
+        c3 = _mm512_fmadd_ps(wu, _mm512_loadu_ps(t + 48), c3);
+    }
+    if (j < k) {
+        const float *s = xb + off[j];
+        const __m512 wv = _mm512_set1_ps(w[j]);
+        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 16), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 32), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s + 48), a3);
+    }
+    a0 = _mm512_add_ps(a0, c0);
+    a1 = _mm512_add_ps(a1, c1);
+    a2 = _mm512_add_ps(a2, c2);
+    a3 = _mm512_add_ps(a3, c3);
+    if (ldp == 1 && n == 64) {
+        _mm512_storeu_ps(yb, a0);
+        _mm512_storeu_ps(yb + 16, a1);
+        _mm512_storeu_ps(yb + 32, a2);
+        _mm512_storeu_ps(yb + 48, a3);
+    } else { /* a short block or a strided output: the first n positions, one by one */
+        float t_[64];
+        _mm512_storeu_ps(t_, a0);
+        _mm512_storeu_ps(t_ + 16, a1);
+        _mm512_storeu_ps(t_ + 32, a2);
+        _mm512_storeu_ps(t_ + 48, a3);
+        for (int i = 0; i < n; ++i) yb[i * ldp] = t_[i];
+    }
+}
+#else
 static void row64(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
                   int64_t ldp, int n) {
     __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -107,6 +165,7 @@ static void row64(const float *xb, const float *w, const int32_t *off, int64_t k
     SS_STORE(a0, 0); SS_STORE(a1, 8); SS_STORE(a2, 16); SS_STORE(a3, 24);
     SS_STORE(a4, 32); SS_STORE(a5, 40); SS_STORE(a6, 48); SS_STORE(a7, 56);
 }
+#endif
 static void row32(const float *xb, const float *w, const int32_t *off, int64_t k, float b, float *yb,
                   int64_t ldp, int n) {
     __m256 a0 = _mm256_set1_ps(b), a1 = a0, a2 = a0, a3 = a0;
@@ -543,27 +602,69 @@ static inline float hsum256(__m256 v) {
     _mm256_storeu_ps(t, v);
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
-#define SS_GEMV(NAME, IDX_T, GATHER)                                                                    \
-static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
+#ifdef SS_AVX512
+/* 16 inputs at a time: two 8-wide gathers joined (loads), or one 16-wide hardware gather. */
+static inline __m512 gather16_u16(const float *x, const uint16_t *id) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(gather8_u16(x, id)), gather8_u16(x, id + 8), 1);
+}
+static inline __m512 gather16_i32(const float *x, const int32_t *id) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(gather8_i32(x, id)), gather8_i32(x, id + 8), 1);
+}
+static inline __m512 hwgather16_u16(const float *x, const uint16_t *id) {
+    return _mm512_i32gather_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)id)), x, 4);
+}
+static inline __m512 hwgather16_i32(const float *x, const int32_t *id) {
+    return _mm512_i32gather_ps(_mm512_loadu_si512((const void *)id), x, 4);
+}
+/* The 32-at-a-time head of a row (two 16-wide accumulators); the 8-wide loop and the scalar tail follow. */
+#define SS_GEMV_HEAD(GATHER16, LDW16)                                                                   \
+        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();                                      \
+        for (; j + 32 <= k; j += 32) {                                                                  \
+            z0 = _mm512_fmadd_ps(LDW16(w + j), GATHER16(x, id + j), z0);                                \
+            z1 = _mm512_fmadd_ps(LDW16(w + j + 16), GATHER16(x, id + j + 16), z1);                      \
+        }                                                                                               \
+        const float head = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#define SS_LDF16(p) _mm512_loadu_ps(p)
+#define SS_LDB16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                              \
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#else
+#define SS_GEMV_HEAD(GATHER16, LDW16) const float head = 0.f;
+#endif
+/* Weights as fp32, or as bf16 (the upper half of an fp32: half the bytes, widened exactly on load). */
+#define SS_LDF8(p) _mm256_loadu_ps(p)
+#define SS_LDB8(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                               \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+SS_INLINE float ss_f32(float v) { return v; }
+SS_INLINE float ss_bf16(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#define SS_GEMV(NAME, W_T, IDX_T, GATHER, GATHER16, LDW8, LDW16, LDW1)                                 \
+static void NAME(const float *x, const W_T *W, const IDX_T *idx, const float *bias, const int64_t *orow,  \
           float *y, int64_t rows, int64_t k) {                                                          \
     _Pragma("omp parallel for schedule(static) num_threads(SS_THREADS)")                                    \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
-        const float *w = W + r * k;                                                                     \
+        const W_T *w = W + r * k;                                                                       \
         const IDX_T *id = idx + r * k;                                                                  \
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                      \
         int64_t j = 0;                                                                                  \
+        SS_GEMV_HEAD(GATHER16, LDW16)                                                                   \
         for (; j + 16 <= k; j += 16) {                                                                  \
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), GATHER(x, id + j), a0);                        \
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), GATHER(x, id + j + 8), a1);                \
+            a0 = _mm256_fmadd_ps(LDW8(w + j), GATHER(x, id + j), a0);                                   \
+            a1 = _mm256_fmadd_ps(LDW8(w + j + 8), GATHER(x, id + j + 8), a1);                           \
         }                                                                                               \
-        for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), GATHER(x, id + j), a0); \
-        float s = hsum256(_mm256_add_ps(a0, a1));                                                       \
-        for (; j < k; ++j) s += w[j] * x[id[j]];                                                        \
+        for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(LDW8(w + j), GATHER(x, id + j), a0);          \
+        float s = hsum256(_mm256_add_ps(a0, a1)) + head;                                                \
+        for (; j < k; ++j) s += LDW1(w[j]) * x[id[j]];                                                  \
         y[orow[r]] = s + (bias ? bias[r] : 0.f);                                                        \
     }                                                                                                   \
 }
-SS_GEMV(ss_gemv_i16, uint16_t, gather8_u16)
-SS_GEMV(ss_gemv_i32, int32_t, gather8_i32)
+SS_GEMV(ss_gemv_i16, float, uint16_t, gather8_u16, gather16_u16, SS_LDF8, SS_LDF16, ss_f32)
+SS_GEMV(ss_gemv_i32, float, int32_t, gather8_i32, gather16_i32, SS_LDF8, SS_LDF16, ss_f32)
+SS_GEMV(ss_gemv_bf16_i16, uint16_t, uint16_t, gather8_u16, gather16_u16, SS_LDB8, SS_LDB16, ss_bf16)
+SS_GEMV(ss_gemv_bf16_i32, uint16_t, int32_t, gather8_i32, gather16_i32, SS_LDB8, SS_LDB16, ss_bf16)
 
 /* The same with hardware gathers (vgatherdps): faster on some cores, slower on others (and on Intel
  * parts with the GDS microcode mitigation); the planner times both. */
@@ -573,50 +674,79 @@ static inline __m256 hwgather8_u16(const float *x, const uint16_t *id) {
 static inline __m256 hwgather8_i32(const float *x, const int32_t *id) {
     return _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)id), 4);
 }
-SS_GEMV(ss_gemv_gather_i16, uint16_t, hwgather8_u16)
-SS_GEMV(ss_gemv_gather_i32, int32_t, hwgather8_i32)
+SS_GEMV(ss_gemv_gather_i16, float, uint16_t, hwgather8_u16, hwgather16_u16, SS_LDF8, SS_LDF16, ss_f32)
+SS_GEMV(ss_gemv_gather_i32, float, int32_t, hwgather8_i32, hwgather16_i32, SS_LDF8, SS_LDF16, ss_f32)
+SS_GEMV(ss_gemv_bf16_gather_i16, uint16_t, uint16_t, hwgather8_u16, hwgather16_u16, SS_LDB8, SS_LDB16, ss_bf16)
+SS_GEMV(ss_gemv_bf16_gather_i32, uint16_t, int32_t, hwgather8_i32, hwgather16_i32, SS_LDB8, SS_LDB16, ss_bf16)
 #else
-#define SS_GEMV(NAME, IDX_T)                                                                            \
-static void NAME(const float *x, const float *W, const IDX_T *idx, const float *bias, const int64_t *orow, \
+SS_INLINE float ss_f32(float v) { return v; }
+SS_INLINE float ss_bf16(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#define SS_GEMV(NAME, W_T, IDX_T, LDW1)                                                                 \
+static void NAME(const float *x, const W_T *W, const IDX_T *idx, const float *bias, const int64_t *orow,  \
           float *y, int64_t rows, int64_t k) {                                                          \
     _Pragma("omp parallel for schedule(static) num_threads(SS_THREADS)")                                    \
     for (int64_t r = 0; r < rows; ++r) {                                                                \
-        const float *w = W + r * k;                                                                     \
+        const W_T *w = W + r * k;                                                                       \
         const IDX_T *id = idx + r * k;                                                                  \
         float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                   \
         int64_t j = 0;                                                                                  \
         for (; j + 4 <= k; j += 4) {                                                                    \
-            s0 += w[j] * x[id[j]]; s1 += w[j + 1] * x[id[j + 1]];                                       \
-            s2 += w[j + 2] * x[id[j + 2]]; s3 += w[j + 3] * x[id[j + 3]];                               \
+            s0 += LDW1(w[j]) * x[id[j]]; s1 += LDW1(w[j + 1]) * x[id[j + 1]];                           \
+            s2 += LDW1(w[j + 2]) * x[id[j + 2]]; s3 += LDW1(w[j + 3]) * x[id[j + 3]];                   \
         }                                                                                               \
-        for (; j < k; ++j) s0 += w[j] * x[id[j]];                                                       \
+        for (; j < k; ++j) s0 += LDW1(w[j]) * x[id[j]];                                                 \
         y[orow[r]] = (s0 + s1) + (s2 + s3) + (bias ? bias[r] : 0.f);                                    \
     }                                                                                                   \
 }
-SS_GEMV(ss_gemv_i16, uint16_t)
-SS_GEMV(ss_gemv_i32, int32_t)
-SS_GEMV(ss_gemv_gather_i16, uint16_t)
-SS_GEMV(ss_gemv_gather_i32, int32_t)
+SS_GEMV(ss_gemv_i16, float, uint16_t, ss_f32)
+SS_GEMV(ss_gemv_i32, float, int32_t, ss_f32)
+SS_GEMV(ss_gemv_gather_i16, float, uint16_t, ss_f32)
+SS_GEMV(ss_gemv_gather_i32, float, int32_t, ss_f32)
+SS_GEMV(ss_gemv_bf16_i16, uint16_t, uint16_t, ss_bf16)
+SS_GEMV(ss_gemv_bf16_i32, uint16_t, int32_t, ss_bf16)
+SS_GEMV(ss_gemv_bf16_gather_i16, uint16_t, uint16_t, ss_bf16)
+SS_GEMV(ss_gemv_bf16_gather_i32, uint16_t, int32_t, ss_bf16)
 #endif
 
 /* The batch-1 call with everything but x and y bound once (ctypes converts 3 arguments instead of 8: at a
- * few tens of microseconds per layer call, argument conversion is a visible share). */
+ * few tens of microseconds per layer call, argument conversion is a visible share). W holds fp32 values, or
+ * bf16 ones (bf16 != 0): the batch-1 Linear reads half the bytes, and accumulates in fp32 all the same. */
 typedef struct {
-    const float *W;
+    const void *W;
     const void *idx;
     const float *bias;
     const int64_t *orow;
     int64_t rows, k;
-    int32_t wide, hw;
+    int32_t wide, hw, bf16, unused;
 } ss_gemv_plan;
 
 void ss_gemv_run(const ss_gemv_plan *p, const float *x, float *y) {
+    const int64_t R = p->rows, K = p->k;
+    const int32_t *i32 = (const int32_t *)p->idx;
+    const uint16_t *i16 = (const uint16_t *)p->idx;
+    if (p->bf16) {
+        const uint16_t *W = (const uint16_t *)p->W;
+        if (p->wide) {
+            if (p->hw) ss_gemv_bf16_gather_i32(x, W, i32, p->bias, p->orow, y, R, K);
+            else ss_gemv_bf16_i32(x, W, i32, p->bias, p->orow, y, R, K);
+        } else {
+            if (p->hw) ss_gemv_bf16_gather_i16(x, W, i16, p->bias, p->orow, y, R, K);
+            else ss_gemv_bf16_i16(x, W, i16, p->bias, p->orow, y, R, K);
+        }
+        return;
+    }
+    const float *W = (const float *)p->W;
     if (p->wide) {
-        if (p->hw) ss_gemv_gather_i32(x, p->W, (const int32_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
-        else ss_gemv_i32(x, p->W, (const int32_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+        if (p->hw) ss_gemv_gather_i32(x, W, i32, p->bias, p->orow, y, R, K);
+        else ss_gemv_i32(x, W, i32, p->bias, p->orow, y, R, K);
     } else {
-        if (p->hw) ss_gemv_gather_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
-        else ss_gemv_i16(x, p->W, (const uint16_t *)p->idx, p->bias, p->orow, y, p->rows, p->k);
+        if (p->hw) ss_gemv_gather_i16(x, W, i16, p->bias, p->orow, y, R, K);
+        else ss_gemv_i16(x, W, i16, p->bias, p->orow, y, R, K);
     }
 }
 
