@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": ("semisparse.cli.demo", "train a small CNN on the bundled digits, sparsify it every way, compare"),
     "train": ("semisparse.cli.train", "train / fine-tune a model with masks or sparse training (torchvision flags)"),
     "bench": ("semisparse.cli.bench", "speed of dense vs sparse layers or whole models on this machine"),
+    "eval": ("semisparse.cli.eval", "top-1/top-5 and loss of a training checkpoint or compressed file"),
     "report": ("semisparse.cli.inspect", "per-layer sparsity report of a checkpoint or compressed file"),
     "export": ("semisparse.cli.inspect", "write the compressed form of a training checkpoint"),
 }

@@ -28,13 +28,15 @@ from ..errors import SemisparseError
 from ..masking import masks as model_masks
 from ..masking import sparse_weights, sparsify
 from ..masking.report import Report
+from ..masking.report import report as ss_report
 
-METHODS = ("none", "magnitude", "gumbel")
+METHODS = ("none", "magnitude", "gumbel", "given")
 
 
 @dataclass
 class SparsityConfig:
-    """How a run is made sparse. ``method``: none | magnitude | gumbel; ``dst``: None | rigl | srigl | sr-ste |
+    """How a run is made sparse. ``method``: none | magnitude | gumbel | given (the masks the model already
+    carries, from ``--weights``, kept fixed); ``dst``: None | rigl | srigl | sr-ste |
     static. ``seed`` seeds DST's initial random masks."""
 
     method: str = "none"
@@ -96,6 +98,10 @@ class TrainingSparsity:
         self._model = model
         if c.method == "none":
             return None
+        if c.method == "given":
+            if not any(True for _ in sparse_weights(model)):
+                raise SemisparseError("sparsity method 'given' keeps the model's masks, but it carries none")
+            return ss_report(model, example_input=example_input)
         common = dict(exclude=c.exclude or None, example_input=example_input, pad=c.pad,
                       ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped)  # fmt: skip
         if c.permute:
