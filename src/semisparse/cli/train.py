@@ -506,8 +506,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             raise SemisparseError("--enable-apex (one-shot magnitude 2:4) contradicts --sparsity gumbel_2x4; "
                                   "drop one of them")  # fmt: skip
         args.sparsity = "sparse_2x4"
-    n(args, ("apex_verbosity",), args.sparsity != "none" or args.dst is not None, "needs --sparsity, --enable-apex "
-      "or --dst (it sets how much of the sparsity report is printed)")
+    n(args, ("apex_verbosity",), args.sparsity != "none" or args.dst is not None or bool(args.weights or args.resume),
+      "needs --sparsity, --enable-apex, --dst or --weights of a masked file (it sets how much of the sparsity "
+      "report is printed)")
     if args.ignore_linear and args.override_ignore_linear:
         raise SemisparseError("--ignore-linear and --override-ignore-linear contradict each other; drop one")
     masked = args.sparsity != "none" or args.dst is not None
@@ -743,6 +744,31 @@ def _resume(run: Run, path: str) -> None:
     run.step = int(ckpt.get("step", 0))
 
 
+def warn(message: str) -> None:
+    """One ``semisparse: warning:`` line on stderr (main process only)."""
+    if dist_utils.is_main():
+        print(f"semisparse: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _schedule_notes(args, sparsity: TrainingSparsity, total_steps: int) -> None:
+    """Say what a sparsity schedule will do, and warn when it does nothing (a silent no-op otherwise)."""
+    if args.test_only:
+        return
+    if args.sparsity == "gumbel_2x4" and not (args.weights or args.resume):
+        frozen = args.trainable == "gumbel_2x4"
+        warn("--sparsity gumbel_2x4 without --weights learns masks over randomly initialised weights"
+             + (" that stay frozen (--trainable gumbel_2x4): the model cannot learn; pass --weights FILE of a "
+                "trained dense model" if frozen else " (trained jointly with them); the masking paper starts "
+                "from trained dense weights: --weights FILE"))  # fmt: skip
+    line = sparsity.schedule_line()
+    if line and dist_utils.is_main():
+        print(line, flush=True)
+    if sparsity.scheduled_updates() == 0 and args.dst in ("rigl", "srigl"):
+        warn(f"--dst {args.dst} never updates the topology: the first update is after --delta {args.delta} "
+             f"optimizer steps, but updates stop at step {int(args.t_end * total_steps)} (--t-end {args.t_end:g} "
+             f"of {total_steps} steps); lower --delta or train longer")
+
+
 def setup(args: argparse.Namespace) -> Run:
     """Build the run from validated ``args``; raises :class:`SemisparseError` before anything is written."""
     device = _device(args)
@@ -790,6 +816,7 @@ def setup(args: argparse.Namespace) -> Run:
     optimizer = build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay, args.norm_weight_decay,
                                 args.bias_weight_decay, args.transformer_embedding_decay)  # fmt: skip
     sparsity.attach(model, optimizer, total_steps)
+    _schedule_notes(args, sparsity, total_steps)
     if report is None and sparsity.dst is not None:
         report = ss_report(model, example_input=example)
     lr_scheduler = build_lr_scheduler(

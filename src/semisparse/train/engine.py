@@ -324,6 +324,8 @@ def fit(
             "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
             "sparsity": zero_share(base), "step": step,
         }  # fmt: skip
+        if sparsity is not None:
+            record.update(sparsity.epoch_stats())  # DST: topology updates and ablated neurons of the epoch
         if ema is not None:
             ev = evaluate(ema.module, criterion, val_loader, device, amp_dtype=amp_dtype, channels_last=channels_last)
             record.update(ema_val_loss=ev["loss"], ema_val_acc1=ev["acc1"], ema_val_acc5=ev["acc5"])
