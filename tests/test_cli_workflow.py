@@ -14,10 +14,10 @@ import torch
 import semisparse as ss
 from semisparse.cli import main
 from semisparse.models import create_model, load_weights
+from semisparse.train.checkpoint import atomic_save
 from semisparse.train.data import load_data
 from semisparse.train.engine import checkpoint_dict, evaluate
 from semisparse.train.loaders import make_loaders
-from semisparse.train.checkpoint import atomic_save
 from semisparse.train.sparsity import SparsityConfig, TrainingSparsity
 
 FAST = ["train", "--device", "cpu", "--data-path", "digits", "--lr", "0.05", "--print-freq", "0"]
