@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"semisparse: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[cmd][0])
     try:
+        module = importlib.import_module(COMMANDS[cmd][0])  # Ctrl-C while torch imports: one line too
         entry = getattr(module, f"main_{cmd}", None) or module.main
         with _notes_on_one_line():
             return int(entry(rest) or 0)

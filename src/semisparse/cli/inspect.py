@@ -199,6 +199,9 @@ def main_export(argv: list[str] | None = None) -> int:
             f"{src} is already a compressed file; `semisparse export` reads training checkpoints"
         )
     dst = Path(args.output) if args.output else src.with_suffix(".safetensors")
+    if dst.is_dir():  # refused before the work, not after it
+        raise SemisparseError(f"-o {dst} is a folder; expected the path of the file to write (e.g. {dst}/model"
+                              ".safetensors)")  # fmt: skip
     if dst.resolve() == src.resolve():
         raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
     model, _ = load_training_checkpoint(src, model=_given_model(args))

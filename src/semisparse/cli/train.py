@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -704,7 +705,7 @@ def _print_report(args, sparsity: TrainingSparsity, report) -> None:
         print(f"sparsity: {len(report.sparse_layers)} layers masked, {report.param_share:.1%} of prunable "
               f"weights{mac}, kept density {report.density:.3f}")  # fmt: skip
     if v >= 2:
-        print(report)
+        print(cli_words(str(report)))
     if v >= 3:
         print(f"sparsity settings: {sparsity.config}")
 
@@ -742,6 +743,9 @@ def _resume(run: Run, path: str) -> None:
         set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1
     run.step = int(ckpt.get("step", 0))
+    if dist_utils.is_main() and not run.args.test_only:
+        print(f"resumed from {path}: epoch {ckpt['epoch']} done ({run.step} optimizer steps); continuing at "
+              f"epoch {run.start_epoch} of {run.args.epochs}", flush=True)  # fmt: skip
 
 
 def warn(message: str) -> None:
@@ -855,10 +859,87 @@ def _loggers(args) -> list:
         tb = tensorboard_logger(args.output_dir)
         if tb is not None:
             loggers.append(tb)
+        else:
+            print("semisparse: note: TensorBoard is not installed, so no event files are written (pip install "
+                  "tensorboard); metrics.jsonl holds every number", file=sys.stderr, flush=True)  # fmt: skip
     if args.use_wandb and dist_utils.is_main():
         cfg = {k: v for k, v in vars(args).items() if k != "explicit"}
         loggers.append(wandb_logger(args.wandb_project, args.wandb_log_dir, cfg))
     return loggers
+
+
+def _keeping_last(save, output_dir: str, keep: int):
+    """``save`` that then removes the ``model_N.pth`` files older than the newest ``keep`` (``--keep-last``)."""
+
+    def save_and_prune(ckpt, epoch: int) -> None:
+        save(ckpt, epoch)
+        for old in range(epoch - keep, -1, -1):
+            path = os.path.join(output_dir, f"model_{old}.pth")
+            if not os.path.exists(path):
+                break  # removed by an earlier epoch (or a resumed run's earlier part)
+            os.remove(path)
+
+    return save_and_prune
+
+
+def _banner(run: Run) -> None:
+    """What the run is, before its first iteration (as torchvision's and timm's logs start)."""
+    if not dist_utils.is_main():
+        return
+    args = run.args
+    given = " ".join(f"{_flag(k)} {_show(getattr(args, k))}" for k in sorted(args.explicit) if hasattr(args, k))
+    params = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    data = run.data
+    steps = len(run.train_loader)
+    world = run.dist.world_size
+    print(f"semisparse train: {args.model} ({params:,} parameters, {trainable:,} trainable) on {run.device}"
+          f"{f' x {world} processes' if world > 1 else ''}; data {args.data_path} ({data.kind}): "
+          f"{len(data.train):,} train / {len(data.val):,} val images, {data.num_classes} classes; batch "
+          f"{args.batch_size}{f' x {world}' if world > 1 else ''}, {steps} iterations per epoch, epochs "
+          f"{run.start_epoch}..{args.epochs - 1}", flush=True)  # fmt: skip
+    print(f"options: {given or '(all defaults)'}", flush=True)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _summary(args, history: list[dict], seconds: float) -> None:
+    """The end of a run: best top-1 and its epoch, total time, where the files are."""
+    if not dist_utils.is_main() or not history:
+        return
+    best = max(history, key=lambda r: r["val_acc1"])
+    last = history[-1]
+    line = (f"done: {len(history)} epoch{'s' if len(history) != 1 else ''} in {_duration(seconds)}; best val_acc1 "
+            f"{best['val_acc1']:.2f} (epoch {best['epoch']}), last {last['val_acc1']:.2f}")  # fmt: skip
+    if args.output_dir:
+        line += (f"; checkpoint {os.path.join(args.output_dir, 'checkpoint.pth')}, metrics "
+                 f"{os.path.join(args.output_dir, 'metrics.jsonl')}")  # fmt: skip
+    print(line, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def writable_dir(path: str) -> None:
+    """An existing ``--output-dir`` that cannot take a file is refused at start-up, not at the first save."""
+    if not os.path.isdir(path):
+        return
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SemisparseError(f"--output-dir {path} is not writable ({exc.strerror or exc}); choose another folder "
+                              "or fix its permissions") from None
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -880,13 +961,17 @@ def main(argv: list[str] | None = None) -> int:
             wandb_logger(None, None, {})
     validate(args)
     folder = None
-    if args.output_dir and not args.test_only:  # before any work: another run's folder is refused at once
+    if args.output_dir and not args.test_only:
+        writable_dir(args.output_dir)  # before any work: another run's folder is refused at once
         folder = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                   clean=os.environ.get("RANK", "0") == "0")  # fmt: skip
+    started = time.perf_counter()
+    history: list[dict] = []
     try:
         run = setup(args)
         if args.test_only:
             return _test_only(run)
+        _banner(run)
         loggers = _loggers(args)
         if args.output_dir and dist_utils.is_main():
             log = MetricsLog(args.output_dir)
@@ -896,7 +981,10 @@ def main(argv: list[str] | None = None) -> int:
             print("no --output-dir: no checkpoint or metrics file is written", flush=True)
         if run.start_epoch >= args.epochs and dist_utils.is_main():
             print(f"nothing to train: start epoch {run.start_epoch} >= --epochs {args.epochs}")
-        fit(
+        save = folder.save if folder is not None else None
+        if save is not None and args.keep_last:
+            save = _keeping_last(folder.save, args.output_dir, args.keep_last)
+        history = fit(
             run.train_model, run.train_loader, run.val_loader, run.optimizer, run.lr_scheduler, args.epochs,
             sparsity=run.sparsity, criterion=run.criterion, device=run.device, start_epoch=run.start_epoch,
             step=run.step, amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
@@ -904,9 +992,21 @@ def main(argv: list[str] | None = None) -> int:
             ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
             batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
-            save_checkpoint=folder.save if folder is not None else None,
+            save_checkpoint=save,
         )  # fmt: skip
         _report_skipped(run)
+        _summary(args, history, time.perf_counter() - started)
+    except KeyboardInterrupt:
+        ckpt = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else None
+        if ckpt and os.path.isfile(ckpt) and not args.test_only and dist_utils.is_main():
+            print(f"semisparse: interrupted; continue with: semisparse train --resume {ckpt} --output-dir "
+                  f"{args.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
+        raise
+    except SemisparseError as exc:
+        said = cli_words(str(exc))
+        if said != str(exc):
+            raise SemisparseError(said) from exc
+        raise
     except Exception as exc:
         if args.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -916,6 +1016,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist_utils.cleanup()
     return 0
+
+
+#: The library's keyword spellings in messages and reports -> the flags a CLI user types.
+_CLI_WORDS = (("pad=True", "--aug-for-2x4"), ("trainable='mask'", "--trainable gumbel_2x4"),
+              ("trainable=mask", "--trainable gumbel_2x4"), ("trainable='all'", "--trainable all"),
+              ("trainable=all", "--trainable all"), ("ignore_linear=True", "--ignore-linear"),
+              ("ignore_grouped=True", "--ignore-grouped"), ("permute=True", "--apex-permutation"))  # fmt: skip
+
+
+def cli_words(text: str) -> str:
+    """``text`` with the library's keyword arguments named as ``semisparse train`` flags."""
+    for word, flag in _CLI_WORDS:
+        text = text.replace(word, flag)
+    return text
 
 
 def _report_skipped(run: Run) -> None:
