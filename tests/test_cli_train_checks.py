@@ -96,6 +96,11 @@ def test_argparse_type_error_is_one_line(capsys):
     assert "usage:" not in err
 
 
+@pytest.mark.parametrize("argv", [["export"], ["report", "x", "--input-size", "3xq"], ["eval"]])
+def test_other_commands_argparse_errors_are_one_line(argv, capsys):
+    assert "usage:" not in one_line_error(capsys, argv, f"semisparse {argv[0]} --help")
+
+
 def test_sparsity_spelled_as_a_pattern_gets_a_hint(capsys):
     one_line_error(capsys, [*FAST, "--sparsity", "2:4"], "invalid choice", "sparse_2x4", "--pattern")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import SemisparseError
 from ..io.compressed import read_header
 from ..io.files import check_file, is_safetensors, load_torch
-from .train import HelpFormatter, OneLineParser
+from .args import OneLineParser
+from .train import HelpFormatter
 from .train import main as train_main
 
 #: Flags passed on to ``semisparse train`` (eval's dest -> train's flag), and those a checkpoint may fill.

@@ -23,6 +23,7 @@ from ..masking import LayerReport, Report, report
 from ..masking import masks as ss_masks
 from ..models import create_model
 from ..train.checkpoint import load_training_checkpoint
+from .args import OneLineParser
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def _input_size(text: str) -> tuple[int, ...]:
 
 
 def get_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="semisparse report",
         description="Per-layer sparsity report of a training "
         "checkpoint or of a compressed file written by `semisparse export` / ss.save.",
@@ -58,7 +59,7 @@ def get_report_parser() -> argparse.ArgumentParser:
 
 
 def get_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="semisparse export",
         description="Write the compressed safetensors form "
         "(kept values + indices, no pickle) of a training checkpoint.",

@@ -39,6 +39,8 @@ from ..train.run_folder import claim_output_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 from ..train.synthetic import synthetic_size
 from ..train.weights import WeightsInfo, carries_masks, load_run_weights
+from . import args as args_mod
+from .args import short as _short
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
 
@@ -202,6 +204,14 @@ def help_group(dest: str) -> str:
     return "other"
 
 
+def _help_defaults() -> dict:
+    """Defaults set below the CLI (the library's), shown in --help."""
+    from ..masking.gumbel import DEFAULTS as GUMBEL
+
+    return {"mask_tau": " ".join(f"{t:g}" for t in GUMBEL["tau"]), "mask_prior": GUMBEL["prior"], "pattern": "2:4",
+            "ablation": 0.3, "world_size": "torchrun's", "config": "none", "dst": "none (dense or --sparsity)"}
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Every flag's default in its help line: the real default when the flag's value is None until
     :func:`validate` fills it, nothing more when the help already says it."""
@@ -213,28 +223,21 @@ class HelpFormatter(argparse.HelpFormatter):
         if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
             return text
         default = action.default if action.default is not None else _DEFAULTS.get(action.dest)
+        if default is None:
+            default = _help_defaults().get(action.dest)
         if isinstance(default, (list, tuple)):
             default = " ".join(str(d) for d in default)
         return f"{text} (default: {'none' if default is None else default})".replace("%", "%%")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one :class:`SemisparseError` line (printed by ``semisparse`` and exit 2)."""
+class OneLineParser(args_mod.OneLineParser):
+    """``semisparse train``'s parser: one-line errors, with a hint for ``--sparsity 2:4``."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        raise SemisparseError(_hint(_short(message)) + f" (see `{self.prog} --help`)")
-
-
-def _short(message: str, limit: int = 200) -> str:
-    """argparse quotes the offending value: never let a huge one into the message."""
-    return message if len(message) <= limit else message[:limit] + "... (truncated)"
-
-
-def _hint(message: str) -> str:
-    if "argument --sparsity" in message and "invalid choice" in message:
-        return (message + "; an N:M pattern is spelled --sparsity sparse_2x4 (magnitude, fixed) or gumbel_2x4 "
-                "(learned), with --pattern N:M for another N:M")  # fmt: skip
-    return message
+    def hint(self, message: str) -> str:
+        if "argument --sparsity" in message and "invalid choice" in message:
+            return (message + "; an N:M pattern is spelled --sparsity sparse_2x4 (magnitude, fixed) or gumbel_2x4 "
+                    "(learned), with --pattern N:M for another N:M")  # fmt: skip
+        return message
 
 
 # --- parsing ----------------------------------------------------------------------------------------------
@@ -369,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #: Options a resumed or evaluated run never takes from the checkpoint: where and how this process runs.
 _NOT_FROM_CHECKPOINT = frozenset({"resume", "test_only", "output_dir", "overwrite", "weights", "keep_masks",
                                   "start_epoch", "config", "debug", "device", "world_size", "dist_url",
-                                  "use_wandb", "wandb_project", "wandb_log_dir", "explicit", "trainable"})  # fmt: skip
+                                  "use_wandb", "wandb_project", "wandb_log_dir", "explicit"})  # fmt: skip
 
 
 def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
