@@ -383,6 +383,7 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
         return  # the resume itself says what is wrong
     ckpt = load_checkpoint(args.resume)
     saved = ckpt.get("args") or {}
+    args.from_checkpoint = set()
     for key, value in saved.items():
         if key in _NOT_FROM_CHECKPOINT or key in args.explicit or not hasattr(args, key):
             continue
@@ -390,6 +391,7 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
                 or isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)):
             continue  # a plain value or nothing: a file never injects an object
         setattr(args, key, value)
+        args.from_checkpoint.add(key)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -618,6 +620,9 @@ def _model(args, data: DataSets) -> tuple[nn.Module, WeightsInfo]:
     args.model = name
     kw = {"in_channels": 3} if name == "digits_cnn" and data.kind != "digits" else {}
     model = create_model(name, num_classes=data.num_classes, **kw)
+    if data.kind == "digits" and name != "digits_cnn" and "model" in getattr(args, "from_checkpoint", ()):
+        raise SemisparseError(f"checkpoint {args.resume} is of model {name!r}, but --data-path digits holds 8x8 "
+                              "one-channel images (model digits_cnn)")  # fmt: skip
     if data.kind == "digits" and name != "digits_cnn":
         raise SemisparseError(f"--data-path digits holds 8x8 one-channel images; use --model digits_cnn, not {name}")
     info = WeightsInfo()
@@ -863,10 +868,10 @@ def _loggers(args) -> list:
         if tb is not None:
             loggers.append(tb)
         else:
-            print("semisparse: note: TensorBoard is not installed, so no event files are written (pip install "
-                  "tensorboard); metrics.jsonl holds every number", file=sys.stderr, flush=True)  # fmt: skip
+            print("note: TensorBoard is not installed, so no event files are written (pip install tensorboard); "
+                  "metrics.jsonl holds every number", flush=True)  # fmt: skip
     if args.use_wandb and dist_utils.is_main():
-        cfg = {k: v for k, v in vars(args).items() if k != "explicit"}
+        cfg = {k: v for k, v in vars(args).items() if k not in ("explicit", "from_checkpoint")}
         loggers.append(wandb_logger(args.wandb_project, args.wandb_log_dir, cfg))
     return loggers
 
@@ -949,7 +954,7 @@ def plain_args(args: argparse.Namespace) -> dict:
     """The options as a plain dict (what a checkpoint stores)."""
     out = {}
     for k, v in vars(args).items():
-        if k == "explicit":
+        if k in ("explicit", "from_checkpoint"):
             continue
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
