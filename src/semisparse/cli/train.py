@@ -375,13 +375,25 @@ _NOT_FROM_CHECKPOINT = frozenset({"resume", "test_only", "output_dir", "overwrit
                                   "use_wandb", "wandb_project", "wandb_log_dir", "explicit"})  # fmt: skip
 
 
+def _read_checkpoint(path: str) -> dict:
+    """:func:`load_checkpoint`, read once for the option defaults, the model's masks and the resume."""
+    if not os.path.isfile(path):
+        return load_checkpoint(path)  # its one-line error
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    cached = getattr(_read_checkpoint, "cache", None)
+    if cached is None or cached[0] != key:
+        cached = _read_checkpoint.cache = (key, load_checkpoint(path))
+    return cached[1]
+
+
 def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
     """``--resume CKPT``: every option not given takes the checkpoint's value (model, data, sparsity,
     optimizer...), so ``--resume CKPT`` or ``--test-only --resume CKPT`` needs no other flag. What is given
     on the command line or in ``--config`` wins (and is checked against the checkpoint by the resume)."""
     if not os.path.isfile(args.resume):
         return  # the resume itself says what is wrong
-    ckpt = load_checkpoint(args.resume)
+    ckpt = _read_checkpoint(args.resume)
     saved = ckpt.get("args") or {}
     args.from_checkpoint = set()
     for key, value in saved.items():
@@ -629,7 +641,7 @@ def _model(args, data: DataSets) -> tuple[nn.Module, WeightsInfo]:
     if args.weights:
         info = _load_weights(args, model)
     elif args.resume and os.path.isfile(args.resume):
-        ckpt_sparsity = load_checkpoint(args.resume).get("sparsity") or {}
+        ckpt_sparsity = _read_checkpoint(args.resume).get("sparsity") or {}
         if ckpt_sparsity.get("method") == "given":  # a fine-tune with given masks: put them back first
             info = load_run_weights(model, args.resume)
     return model, info
@@ -719,7 +731,8 @@ def _print_report(args, sparsity: TrainingSparsity, report) -> None:
 
 
 def _resume(run: Run, path: str) -> None:
-    ckpt = load_checkpoint(path)
+    ckpt = _read_checkpoint(path)
+    _read_checkpoint.cache = None  # read three times while setting up, not held during training
     check_arch(ckpt, run.model.semisparse_arch, path)
     saved = (ckpt.get("args") or {})
     for key in ("sparsity", "dst", "pattern", "opt", "lr_scheduler"):
