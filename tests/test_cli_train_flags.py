@@ -297,6 +297,7 @@ def test_override_ignore_linear_is_the_default_behaviour(img):
 OTHER_TESTS = {
     "-h", "--config", "--debug", "--resume", "--test-only", "--use-wandb", "--apex-verbosity",
     "--override-ignore-linear", "--weight-decay", "--batch-size", "--workers", "--permute",
+    "--keep-masks", "--keep-last",  # test_cli_workflow.py, test_cli_train_checks.py
 }
 
 

@@ -346,13 +346,24 @@ def _hub_file(enum_name: str, model_name: str | None = None) -> str:
     return path
 
 
+def file_masks(obj: object) -> dict[str, torch.Tensor] | None:
+    """The ``sparsity.masks`` a semisparse training checkpoint records (``{"layer.weight": bool}``), or None."""
+    sparsity = obj.get("sparsity") if isinstance(obj, Mapping) else None
+    masks = sparsity.get("masks") if isinstance(sparsity, Mapping) else None
+    if not isinstance(masks, Mapping) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
+        return None
+    return {str(k).removeprefix("module."): v.to(torch.bool) for k, v in masks.items()}
+
+
 def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str | None = None) -> nn.Module:
     """Load a local file or a cached torchvision enum into ``model`` (strict; shapes must match).
 
     ``model_name`` (a torchvision name) lets ``weights`` be the enum member alone (``IMAGENET1K_V1``).
 
     Files are read with ``torch.load(weights_only=True)``: no arbitrary pickle. A semisparse checkpoint's
-    masked weights load as their effective (masked) values.
+    masked weights load as their effective (masked) values: bool masks, and learned masks as the
+    deterministic (argmax) masks the checkpoint records under ``sparsity.masks``. The masks themselves are
+    not put on ``model`` (``semisparse train --weights`` does that, see ``semisparse.train.weights``).
     """
     path = os.fspath(weights)
     if not os.path.exists(path):
@@ -368,7 +379,11 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, model_name: str |
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SemisparseError(f"weights {path} hold no state_dict (expected a dict of tensors, or one under 'model')")
-    sd = effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    masks = file_masks(obj) if "model" in obj else None
+    try:
+        sd = effective_state_dict({k.removeprefix("module."): v for k, v in sd.items()}, masks)
+    except SemisparseError as exc:
+        raise SemisparseError(f"weights {path}: {exc}") from None
     wrong = state_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
                            {k: tuple(v.shape) for k, v in sd.items()})  # fmt: skip
     if wrong:

@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": ("semisparse.cli.demo", "train a small CNN on the bundled digits, sparsify it every way, compare"),
     "train": ("semisparse.cli.train", "train / fine-tune a model with masks or sparse training (torchvision flags)"),
     "bench": ("semisparse.cli.bench", "speed of dense vs sparse layers or whole models on this machine"),
+    "eval": ("semisparse.cli.eval", "top-1/top-5 and loss of a training checkpoint or compressed file"),
     "report": ("semisparse.cli.inspect", "per-layer sparsity report of a checkpoint or compressed file"),
     "export": ("semisparse.cli.inspect", "write the compressed form of a training checkpoint"),
 }
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"semisparse: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[cmd][0])
     try:
+        module = importlib.import_module(COMMANDS[cmd][0])  # Ctrl-C while torch imports: one line too
         entry = getattr(module, f"main_{cmd}", None) or module.main
         with _notes_on_one_line():
             return int(entry(rest) or 0)

@@ -23,6 +23,7 @@ from ..masking import LayerReport, Report, report
 from ..masking import masks as ss_masks
 from ..models import create_model
 from ..train.checkpoint import load_training_checkpoint
+from .args import OneLineParser
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def _input_size(text: str) -> tuple[int, ...]:
 
 
 def get_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="semisparse report",
         description="Per-layer sparsity report of a training "
         "checkpoint or of a compressed file written by `semisparse export` / ss.save.",
@@ -58,7 +59,7 @@ def get_report_parser() -> argparse.ArgumentParser:
 
 
 def get_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="semisparse export",
         description="Write the compressed safetensors form "
         "(kept values + indices, no pickle) of a training checkpoint.",
@@ -199,6 +200,9 @@ def main_export(argv: list[str] | None = None) -> int:
             f"{src} is already a compressed file; `semisparse export` reads training checkpoints"
         )
     dst = Path(args.output) if args.output else src.with_suffix(".safetensors")
+    if dst.is_dir():  # refused before the work, not after it
+        raise SemisparseError(f"-o {dst} is a folder; expected the path of the file to write (e.g. {dst}/model"
+                              ".safetensors)")  # fmt: skip
     if dst.resolve() == src.resolve():
         raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
     model, _ = load_training_checkpoint(src, model=_given_model(args))

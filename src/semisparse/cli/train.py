@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,14 +38,22 @@ from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_opti
 from ..train.run_folder import claim_output_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 from ..train.synthetic import synthetic_size
+from ..train.weights import WeightsInfo, carries_masks, load_run_weights
+from . import args as args_mod
+from .args import short as _short
 
 SPARSITY_CHOICES = ("none", "sparse_2x4", "gumbel_2x4")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     desc = "PyTorch classification training with semi-structured sparsity (torchvision reference flags)"
-    p = argparse.ArgumentParser(prog="semisparse train", description=desc, add_help=add_help)
-    a = p.add_argument
+    p = OneLineParser(prog="semisparse train", description=desc, add_help=add_help, formatter_class=HelpFormatter)
+    groups = {title: p.add_argument_group(title) for title in HELP_GROUPS}
+
+    def a(*flags: str, **kw: object) -> argparse.Action:
+        dest = kw.get("dest") or next((f for f in flags if f.startswith("--")), flags[0]).lstrip("-").replace("-", "_")
+        return groups[help_group(str(dest))].add_argument(*flags, **kw)
+
     a("--config", default=None, help="YAML recipe: a mapping of flag names to values; the command line wins")
     a("--data-path", default="digits", help="'digits' (bundled), an ImageFolder tree (train/, val/), a folder "
       "holding cifar-10-batches-py/, or 'synthetic[:N]' (random in-memory ImageNet-shaped images already on the "
@@ -150,8 +159,85 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--enable-dali", action="store_true", help="NVIDIA DALI data loading of an ImageFolder tree (needs "
       "nvidia-dali-cuda120 or nvidia-dali-cuda130)")
     a("--dali-cpu", action="store_true", help="decode and augment on the CPU (with --enable-dali; always so on CPU)")
+    a("--keep-masks", default=None, action=argparse.BooleanOptionalAction,
+      help="with --weights of a semisparse checkpoint or compressed file: keep its masks (learned ones as their "
+      "argmax) fixed while fine-tuning, or continue from them with --sparsity sparse_2x4 / --dst sr-ste of the "
+      "same pattern; --no-keep-masks loads its effective weights (masked entries zero) without masks (default: "
+      "keep when the file carries masks)")
+    a("--keep-last", default=None, type=int, metavar="N",
+      help="keep only the newest N model_EPOCH.pth files (checkpoint.pth is always kept) (default: keep all)")
     a("--debug", action="store_true", help="show tracebacks on error")
     return p
+
+
+# --- help ---------------------------------------------------------------------------------------------------
+
+#: --help sections, in order (as torchvision's reference scripts group their flags); a flag goes to the first
+#: section whose dests or dest prefixes name it, else to "other".
+HELP_GROUPS = {
+    "data": ("data_path", "batch_size", "workers", "cache_dataset", "skip_bad_images", "auto_augment",
+             "ra_magnitude", "augmix_severity", "random_erase", "interpolation", "val_resize_size",
+             "val_crop_size", "train_crop_size", "ra_sampler", "ra_reps", "backend", "use_v2", "mixup_alpha",
+             "cutmix_alpha", "enable_dali", "dali_cpu"),
+    "model": ("model", "weights", "keep_masks", "device", "amp", "amp_dtype", "compile", "channels_last",
+              "sync_bn", "model_ema", "model_ema_steps", "model_ema_decay"),
+    "optimisation": ("epochs", "opt", "lr", "momentum", "weight_decay", "norm_weight_decay", "bias_weight_decay",
+                     "transformer_embedding_decay", "label_smoothing", "lr_", "clip_grad_norm",
+                     "accumulation_steps", "seed", "use_deterministic_algorithms"),
+    "sparsity (masks fixed or learned)": ("sparsity", "pattern", "aug_for_2x4", "ignore_linear",
+                                          "override_ignore_linear", "ignore_grouped", "permute", "enable_apex",
+                                          "apex_verbosity", "blocked_mmm"),
+    "learned masks (--sparsity gumbel_2x4)": ("trainable", "mask_"),
+    "dynamic sparse training (--dst)": ("dst", "sparsity_level", "delta", "alpha", "t_end", "distribution",
+                                        "ablation", "dense_layers"),
+    "run, output and deploy": ("config", "output_dir", "overwrite", "resume", "start_epoch", "test_only",
+                               "print_freq", "keep_last", "use_wandb", "wandb_", "world_size", "dist_url",
+                               "debug"),
+    "other": (),
+}  # fmt: skip
+
+
+def help_group(dest: str) -> str:
+    for title, names in HELP_GROUPS.items():
+        if any(dest == n or (n.endswith("_") and dest.startswith(n)) for n in names):
+            return title
+    return "other"
+
+
+def _help_defaults() -> dict:
+    """Defaults set below the CLI (the library's), shown in --help."""
+    from ..masking.gumbel import DEFAULTS as GUMBEL
+
+    return {"mask_tau": " ".join(f"{t:g}" for t in GUMBEL["tau"]), "mask_prior": GUMBEL["prior"], "pattern": "2:4",
+            "ablation": 0.3, "world_size": "torchrun's", "config": "none", "dst": "none (dense or --sparsity)"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default in its help line: the real default when the flag's value is None until
+    :func:`validate` fills it, nothing more when the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return text
+        default = action.default if action.default is not None else _DEFAULTS.get(action.dest)
+        if default is None:
+            default = _help_defaults().get(action.dest)
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(d) for d in default)
+        return f"{text} (default: {'none' if default is None else default})".replace("%", "%%")
+
+
+class OneLineParser(args_mod.OneLineParser):
+    """``semisparse train``'s parser: one-line errors, with a hint for ``--sparsity 2:4``."""
+
+    def hint(self, message: str) -> str:
+        if "argument --sparsity" in message and "invalid choice" in message:
+            return (message + "; an N:M pattern is spelled --sparsity sparse_2x4 (magnitude, fixed) or gumbel_2x4 "
+                    "(learned), with --pattern N:M for another N:M")  # fmt: skip
+        return message
 
 
 # --- parsing ----------------------------------------------------------------------------------------------
@@ -171,17 +257,9 @@ def recipe_path(name: str) -> str:
 
 def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], set[str]]:
     """A YAML recipe as command-line tokens (so argparse validates it exactly like typed flags)."""
-    import yaml
 
     path = recipe_path(path)
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except FileNotFoundError as exc:
-        raise SemisparseError(f"--config {path} does not exist (a YAML file, or a recipe name from "
-                              "semisparse/recipes/)") from exc
-    except yaml.YAMLError as exc:
-        raise SemisparseError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    cfg = _read_recipe(path)
     if not isinstance(cfg, dict):
         raise SemisparseError(f"--config {path} must be a mapping of flag names to values")
     by_name = {}
@@ -194,7 +272,8 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
     for key, value in cfg.items():
         action = by_name.get(str(key))
         if action is None or action.dest in ("help", "config"):
-            raise SemisparseError(f"--config {path}: unknown option {key!r} (use the flag names of --help)")
+            raise SemisparseError(f"--config {path}: unknown option {_short(repr(key), 60)} (use the flag names of "
+                                  "--help)")  # fmt: skip
         flag = action.option_strings[-1] if action.option_strings[0] == "-b" else action.option_strings[0]
         dests.add(action.dest)
         if action.nargs == 0:
@@ -208,12 +287,47 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
     return tokens, dests
 
 
+#: A recipe is a handful of flags: a larger file is not one.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _read_recipe(path: str) -> object:
+    """The YAML mapping of ``path``: a small UTF-8 text file without anchors or aliases (so a few bytes
+    cannot expand into gigabytes), else one line saying what is wrong."""
+    import yaml
+
+    if os.path.isdir(path):
+        raise SemisparseError(f"--config {path} is a folder; expected a YAML file (or a recipe name)")
+    if not os.path.isfile(path):
+        raise SemisparseError(f"--config {path} does not exist (a YAML file, or a recipe name from "
+                              "semisparse/recipes/)")  # fmt: skip
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise SemisparseError(f"--config {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a YAML "
+                              "mapping of a few flags")  # fmt: skip
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SemisparseError(f"--config {path} is not a text file (not UTF-8); expected a YAML recipe") from None
+    if "\0" in text:
+        raise SemisparseError(f"--config {path} is not a text file (it holds NUL bytes); expected a YAML recipe")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise SemisparseError(f"--config {path}: YAML anchors and aliases (&name, *name) are not allowed "
+                                      "in a recipe; write each value out")  # fmt: skip
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SemisparseError(f"--config {path} is not valid YAML ({_short(str(exc).splitlines()[0])})") from None
+
+
 def _config_values(path: str, key, action: argparse.Action, value) -> list[str]:
     """A recipe's list value as tokens, refused in one line when the flag takes another number of values."""
     if isinstance(value, dict) or action.nargs in (None, "?"):
-        raise SemisparseError(f"--config {path}: {key} takes one value, got {value!r}")
+        raise SemisparseError(f"--config {path}: {key} takes one value, got {_short(repr(value), 80)}")
     if isinstance(action.nargs, int) and len(value) != action.nargs:
-        raise SemisparseError(f"--config {path}: {key} takes {action.nargs} values, got {value!r}")
+        raise SemisparseError(f"--config {path}: {key} takes {action.nargs} values, got {_short(repr(value), 80)}")
     if not value:
         raise SemisparseError(f"--config {path}: {key} takes one or more values, got an empty list")
     return [str(v) for v in value]
@@ -224,7 +338,7 @@ def _check_config_tokens(path: str, tokens: list[str]) -> None:
     checker = get_args_parser()
 
     def fail(message: str):
-        raise SemisparseError(f"--config {path}: {message}")
+        raise SemisparseError(f"--config {path}: {_short(message)}")
 
     checker.error = fail  # argparse reports every bad value through error()
     checker.parse_args(tokens)
@@ -237,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(prog="semisparse train", add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     tokens: list[str] = []
@@ -250,7 +364,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(probe.parse_args(full))) - {"config", "debug"}
+    if args.resume:
+        _defaults_from_checkpoint(args)
     return args
+
+
+#: Options a resumed or evaluated run never takes from the checkpoint: where and how this process runs.
+_NOT_FROM_CHECKPOINT = frozenset({"resume", "test_only", "output_dir", "overwrite", "weights", "keep_masks",
+                                  "start_epoch", "config", "debug", "device", "world_size", "dist_url",
+                                  "use_wandb", "wandb_project", "wandb_log_dir", "explicit"})  # fmt: skip
+
+
+def _read_checkpoint(path: str) -> dict:
+    """:func:`load_checkpoint`, read once for the option defaults, the model's masks and the resume."""
+    if not os.path.isfile(path):
+        return load_checkpoint(path)  # its one-line error
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    cached = getattr(_read_checkpoint, "cache", None)
+    if cached is None or cached[0] != key:
+        cached = _read_checkpoint.cache = (key, load_checkpoint(path))
+    return cached[1]
+
+
+def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
+    """``--resume CKPT``: every option not given takes the checkpoint's value (model, data, sparsity,
+    optimizer...), so ``--resume CKPT`` or ``--test-only --resume CKPT`` needs no other flag. What is given
+    on the command line or in ``--config`` wins (and is checked against the checkpoint by the resume)."""
+    if not os.path.isfile(args.resume):
+        return  # the resume itself says what is wrong
+    ckpt = _read_checkpoint(args.resume)
+    saved = ckpt.get("args") or {}
+    args.from_checkpoint = set()
+    for key, value in saved.items():
+        if key in _NOT_FROM_CHECKPOINT or key in args.explicit or not hasattr(args, key):
+            continue
+        if not (value is None or isinstance(value, (bool, int, float, str))
+                or isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+            continue  # a plain value or nothing: a file never injects an object
+        setattr(args, key, value)
+        args.from_checkpoint.add(key)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -273,6 +426,58 @@ def _needs(args, dests: tuple[str, ...], ok: bool, why: str) -> None:
         raise SemisparseError(f"{', '.join(_flag(d) for d in given)} {why}")
 
 
+#: Numeric flags and the closed range each must lie in (NaN and infinities are refused everywhere); a
+#: bound that is a string is another flag's value. Bounds are generous: they catch typos and nonsense (1e30,
+#: -1), not unusual recipes.
+RANGES: dict[str, tuple[float, float]] = {
+    "batch_size": (1, 2**16), "epochs": (1, 10**6), "accumulation_steps": (1, 2**16), "start_epoch": (0, 10**6),
+    "lr": (0.0, 100.0), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1.0), "norm_weight_decay": (0.0, 1.0),
+    "bias_weight_decay": (0.0, 1.0), "transformer_embedding_decay": (0.0, 1.0), "label_smoothing": (0.0, 1.0),
+    "mixup_alpha": (0.0, 1000.0), "cutmix_alpha": (0.0, 1000.0), "lr_warmup_epochs": (0, 10**6),
+    "lr_warmup_decay": (0.0, 1.0), "lr_step_size": (1, 10**6), "lr_gamma": (0.0, 1.0), "lr_min": (0.0, 100.0),
+    "print_freq": (0, 2**31), "ra_magnitude": (0, 30), "augmix_severity": (1, 10), "random_erase": (0.0, 1.0),
+    "world_size": (1, 2**16), "model_ema_steps": (1, 2**31), "model_ema_decay": (0.0, 1.0),
+    "val_resize_size": (1, 8192), "val_crop_size": (1, 8192), "train_crop_size": (1, 8192),
+    "clip_grad_norm": (0.0, 1e6), "ra_reps": (1, 16), "seed": (0, 2**32 - 1), "mask_prior": (0.0, 1e4),
+    "sparsity_level": (0.0, 1.0), "delta": (1, 2**31), "alpha": (0.0, 1.0), "t_end": (0.0, 1.0),
+    "ablation": (0.0, 1.0), "keep_last": (1, 10**6),
+}  # fmt: skip
+#: Bounds a value may not equal (a learning rate of 0 trains nothing; momentum 1 never forgets).
+OPEN = {("lr", 0.0), ("momentum", 1.0), ("label_smoothing", 1.0), ("lr_warmup_decay", 0.0), ("lr_gamma", 0.0),
+        ("model_ema_decay", 0.0), ("model_ema_decay", 1.0), ("clip_grad_norm", 0.0), ("sparsity_level", 0.0),
+        ("sparsity_level", 1.0), ("alpha", 0.0), ("t_end", 0.0)}  # fmt: skip
+
+
+def max_workers() -> int:
+    """``-j`` bound: 4 loader processes per CPU (beyond that they only contend; each is a process)."""
+    return max(4, 4 * (os.cpu_count() or 1))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Refuse, in one line, a numeric flag that is NaN, infinite or outside :data:`RANGES`."""
+    bounds = dict(RANGES, workers=(0, max_workers()))
+    for dest, (lo, hi) in bounds.items():
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            flag = "-j/--workers" if dest == "workers" else _flag(dest)
+            if not math.isfinite(v):
+                raise SemisparseError(f"{flag} must be a finite number, got {v}")
+            low = "(" if (dest, lo) in OPEN else "["
+            high = ")" if (dest, hi) in OPEN else "]"
+            if v < lo or v > hi or (dest, lo) in OPEN and v == lo or (dest, hi) in OPEN and v == hi:
+                why = " (4 per CPU)" if dest == "workers" else ""
+                raise SemisparseError(f"{flag} must be in {low}{lo:g}, {hi:g}{high}{why}, got {_short(repr(v), 40)}")
+    if args.mask_tau is not None:
+        for v in args.mask_tau:
+            if not (math.isfinite(v) and 0.0 < v <= 1e4):
+                raise SemisparseError(f"--mask-tau temperatures must be in (0, 1e4], got {_short(repr(v), 40)}")
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise SemisparseError(f"unknown --device {_short(args.device, 40)!r}; expected cpu, cuda or cuda:N")
+
+
 def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse contradictory or inapplicable flags, then fill the defaults that depend on others."""
     n = _needs
@@ -289,11 +494,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         n(args, ("skip_bad_images",), False, "is not available with --enable-dali (DALI decodes the files itself); "
           "drop one of them")
         require_dali()
-    for name in ("batch_size", "epochs", "accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise SemisparseError(f"{_flag(name)} must be at least 1, got {getattr(args, name)}")
-    if args.workers is not None and args.workers < 0:
-        raise SemisparseError(f"-j/--workers must be >= 0, got {args.workers}")
+    check_ranges(args)
     # optimizer / schedule
     n(args, ("momentum",), args.opt != "adamw", "has no effect with --opt adamw (use sgd, sgd_nesterov or rmsprop)")
     n(args, ("lr_step_size",), args.lr_scheduler == "steplr", "only applies to --lr-scheduler steplr")
@@ -309,6 +510,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     n(args, ("overwrite",), bool(args.output_dir), "needs --output-dir (it replaces another run's files there)")
     n(args, ("overwrite",), not args.test_only, "does nothing with --test-only (it writes no file)")
     n(args, ("wandb_project", "wandb_log_dir"), args.use_wandb, "needs --use-wandb")
+    n(args, ("keep_masks",), bool(args.weights), "needs --weights (the file whose masks it keeps or drops)")
+    n(args, ("keep_last",), bool(args.output_dir) and not args.test_only, "needs --output-dir (it removes older "
+      "model_N.pth files there)")
     if args.test_only and args.model_ema and not args.resume:
         raise SemisparseError("--model-ema with --test-only evaluates the EMA saved in a checkpoint; add --resume")
     if args.resume:
@@ -320,8 +524,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             raise SemisparseError("--enable-apex (one-shot magnitude 2:4) contradicts --sparsity gumbel_2x4; "
                                   "drop one of them")  # fmt: skip
         args.sparsity = "sparse_2x4"
-    n(args, ("apex_verbosity",), args.sparsity != "none" or args.dst is not None, "needs --sparsity, --enable-apex "
-      "or --dst (it sets how much of the sparsity report is printed)")
+    n(args, ("apex_verbosity",), args.sparsity != "none" or args.dst is not None or bool(args.weights or args.resume),
+      "needs --sparsity, --enable-apex, --dst or --weights of a masked file (it sets how much of the sparsity "
+      "report is printed)")
     if args.ignore_linear and args.override_ignore_linear:
         raise SemisparseError("--ignore-linear and --override-ignore-linear contradict each other; drop one")
     masked = args.sparsity != "none" or args.dst is not None
@@ -421,24 +626,77 @@ def _data(args) -> DataSets:
     return load_data(args.data_path, augment, cache=args.cache_dataset)
 
 
-def _model(args, data: DataSets) -> nn.Module:
+def _model(args, data: DataSets) -> tuple[nn.Module, WeightsInfo]:
+    """The run's model with ``--weights`` loaded; the masks of a semisparse file kept (see ``--keep-masks``)."""
     name = args.model or {"digits": "digits_cnn", "cifar10": "resnet18_cifar"}.get(data.kind, "resnet18")
     args.model = name
     kw = {"in_channels": 3} if name == "digits_cnn" and data.kind != "digits" else {}
-    model = create_model(name, num_classes=data.num_classes, weights=args.weights, **kw)
+    model = create_model(name, num_classes=data.num_classes, **kw)
+    if data.kind == "digits" and name != "digits_cnn" and "model" in getattr(args, "from_checkpoint", ()):
+        raise SemisparseError(f"checkpoint {args.resume} is of model {name!r}, but --data-path digits holds 8x8 "
+                              "one-channel images (model digits_cnn)")  # fmt: skip
     if data.kind == "digits" and name != "digits_cnn":
         raise SemisparseError(f"--data-path digits holds 8x8 one-channel images; use --model digits_cnn, not {name}")
     try:  # the size it is validated at (one validation sample), recorded in checkpoints and files for ss.deploy
         model.semisparse_input_size = [int(v) for v in data.val[0][0].shape]
     except (IndexError, TypeError, AttributeError, OSError):
         pass
-    return model
+    info = WeightsInfo()
+    if args.weights:
+        info = _load_weights(args, model)
+    elif args.resume and os.path.isfile(args.resume):
+        ckpt_sparsity = _read_checkpoint(args.resume).get("sparsity") or {}
+        if ckpt_sparsity.get("method") == "given":  # a fine-tune with given masks: put them back first
+            info = load_run_weights(model, args.resume)
+    return model, info
 
 
-def _sparsity_config(args) -> SparsityConfig:
+def _load_weights(args, model: nn.Module) -> WeightsInfo:
+    masked = carries_masks(args.weights)
+    if not masked:
+        _needs(args, ("keep_masks",), False, f"needs --weights of a semisparse checkpoint or compressed file "
+               f"({args.weights} carries no masks)")  # fmt: skip
+        info = load_run_weights(model, args.weights)
+        return info
+    keep = args.keep_masks is not False
+    if keep and args.sparsity == "gumbel_2x4":
+        raise SemisparseError(f"--weights {args.weights} carries masks, which --sparsity gumbel_2x4 would replace by "
+                              "newly learned ones: continue learning them with --resume of that run, fine-tune "
+                              "with them fixed by dropping --sparsity, or learn new ones from its effective weights "
+                              "with --no-keep-masks")  # fmt: skip
+    if keep and args.dst in ("rigl", "srigl", "static"):
+        raise SemisparseError(f"--dst {args.dst} draws its own initial masks and cannot start from the masks of "
+                              f"--weights {args.weights}: drop --dst to fine-tune with them fixed, or add "
+                              "--no-keep-masks to start from its effective weights (masked entries zero)")
+    info = load_run_weights(model, args.weights, keep_masks=keep)
+    want = args.pattern or "2:4"
+    if keep and (args.sparsity == "sparse_2x4" or args.dst == "sr-ste") and info.pattern != want:
+        flag = "--sparsity sparse_2x4" if args.sparsity == "sparse_2x4" else "--dst sr-ste"
+        raise SemisparseError(f"--weights {args.weights} carries {info.pattern or 'non-N:M'} masks, not the {want} "
+                              f"of {flag}: pass --pattern {info.pattern} to continue from them, or "
+                              "--no-keep-masks to compute new masks from its effective weights")  # fmt: skip
+    if keep and args.dst == "sr-ste":  # SR-STE starts from a dense model: the masked entries are zero in it
+        from ..masking.parametrization import detach_all
+
+        detach_all(model, bake=True)
+    if dist_utils.is_main():
+        if not keep:
+            what = "its masks baked into the weights (masked entries zero), no mask kept"
+        elif args.dst == "sr-ste":
+            what = f"SR-STE continues from its {info.pattern} masks (masked entries zero)"
+        else:
+            what = f"{info.layers} masks ({info.pattern or 'per-layer structure'}) kept fixed"
+        print(f"--weights {args.weights}: {what}", flush=True)
+    return info
+
+
+def _sparsity_config(args, given: WeightsInfo | None = None) -> SparsityConfig:
     method = {"none": "none", "sparse_2x4": "magnitude", "gumbel_2x4": "gumbel"}[args.sparsity]
+    pattern = args.pattern or ("2:4" if method != "none" or args.dst == "sr-ste" else None)
+    if given is not None and given.masked and args.keep_masks is not False and args.dst is None:
+        method, pattern = "given", given.pattern  # the masks of --weights (or of the resumed fine-tune), fixed
     return SparsityConfig(
-        method=method, pattern=args.pattern or ("2:4" if method != "none" or args.dst == "sr-ste" else None),
+        method=method, pattern=pattern,
         trainable="mask" if args.trainable == "gumbel_2x4" else "all",
         tau=tuple(args.mask_tau) if args.mask_tau else None, prior=args.mask_prior, permute=args.permute,
         pad=args.aug_for_2x4, ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped, dst=args.dst,
@@ -468,16 +726,17 @@ def _print_report(args, sparsity: TrainingSparsity, report) -> None:
     v = args.apex_verbosity
     if v >= 1:
         mac = f", {report.mac_share:.1%} of MACs" if report.mac_share is not None else ""
-        print(f"sparsity: {len(report.sparse_layers)} layers masked, {report.param_share:.1%} of parameters{mac}, "
-              f"kept density {report.density:.3f}")  # fmt: skip
+        print(f"sparsity: {len(report.sparse_layers)} layers masked, {report.param_share:.1%} of prunable "
+              f"weights{mac}, kept density {report.density:.3f}")  # fmt: skip
     if v >= 2:
-        print(report)
+        print(cli_words(str(report)))
     if v >= 3:
         print(f"sparsity settings: {sparsity.config}")
 
 
 def _resume(run: Run, path: str) -> None:
-    ckpt = load_checkpoint(path)
+    ckpt = _read_checkpoint(path)
+    _read_checkpoint.cache = None  # read three times while setting up, not held during training
     check_arch(ckpt, run.model.semisparse_arch, path)
     saved = (ckpt.get("args") or {})
     for key in ("sparsity", "dst", "pattern", "opt", "lr_scheduler"):
@@ -509,6 +768,34 @@ def _resume(run: Run, path: str) -> None:
         set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1
     run.step = int(ckpt.get("step", 0))
+    if dist_utils.is_main() and not run.args.test_only:
+        print(f"resumed from {path}: epoch {ckpt['epoch']} done ({run.step} optimizer steps); continuing at "
+              f"epoch {run.start_epoch} of {run.args.epochs}", flush=True)  # fmt: skip
+
+
+def warn(message: str) -> None:
+    """One ``semisparse: warning:`` line on stderr (main process only)."""
+    if dist_utils.is_main():
+        print(f"semisparse: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _schedule_notes(args, sparsity: TrainingSparsity, total_steps: int) -> None:
+    """Say what a sparsity schedule will do, and warn when it does nothing (a silent no-op otherwise)."""
+    if args.test_only:
+        return
+    if args.sparsity == "gumbel_2x4" and not (args.weights or args.resume):
+        frozen = args.trainable == "gumbel_2x4"
+        warn("--sparsity gumbel_2x4 without --weights learns masks over randomly initialised weights"
+             + (" that stay frozen (--trainable gumbel_2x4): the model cannot learn; pass --weights FILE of a "
+                "trained dense model" if frozen else " (trained jointly with them); the masking paper starts "
+                "from trained dense weights: --weights FILE"))  # fmt: skip
+    line = sparsity.schedule_line()
+    if line and dist_utils.is_main():
+        print(line, flush=True)
+    if sparsity.scheduled_updates() == 0 and args.dst in ("rigl", "srigl"):
+        warn(f"--dst {args.dst} never updates the topology: the first update is after --delta {args.delta} "
+             f"optimizer steps, but updates stop at step {int(args.t_end * total_steps)} (--t-end {args.t_end:g} "
+             f"of {total_steps} steps); lower --delta or train longer")
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -544,11 +831,11 @@ def setup(args: argparse.Namespace) -> Run:
             data, args.batch_size, workers, seed=args.seed, rank=info.rank, world=info.world_size,
             ra_reps=args.ra_reps if args.ra_sampler else 1, skip_bad_images=args.skip_bad_images, device=device,
         )  # fmt: skip
-    model = _model(args, data)
+    model, given = _model(args, data)
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation_steps)
     total_steps = max(1, steps_per_epoch * args.epochs)
     model.to(device)
-    sparsity = TrainingSparsity(_sparsity_config(args))
+    sparsity = TrainingSparsity(_sparsity_config(args, given))
     example = next(iter(val_loader))[0][:1].to(device)
     report = sparsity.apply(model, total_steps, example_input=example)
     if args.sync_bn:
@@ -558,6 +845,7 @@ def setup(args: argparse.Namespace) -> Run:
     optimizer = build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay, args.norm_weight_decay,
                                 args.bias_weight_decay, args.transformer_embedding_decay)  # fmt: skip
     sparsity.attach(model, optimizer, total_steps)
+    _schedule_notes(args, sparsity, total_steps)
     if report is None and sparsity.dst is not None:
         report = ss_report(model, example_input=example)
     lr_scheduler = build_lr_scheduler(
@@ -596,17 +884,94 @@ def _loggers(args) -> list:
         tb = tensorboard_logger(args.output_dir)
         if tb is not None:
             loggers.append(tb)
+        else:
+            print("note: TensorBoard is not installed, so no event files are written (pip install tensorboard); "
+                  "metrics.jsonl holds every number", flush=True)  # fmt: skip
     if args.use_wandb and dist_utils.is_main():
-        cfg = {k: v for k, v in vars(args).items() if k != "explicit"}
+        cfg = {k: v for k, v in vars(args).items() if k not in ("explicit", "from_checkpoint")}
         loggers.append(wandb_logger(args.wandb_project, args.wandb_log_dir, cfg))
     return loggers
+
+
+def _keeping_last(save, output_dir: str, keep: int):
+    """``save`` that then removes the ``model_N.pth`` files older than the newest ``keep`` (``--keep-last``)."""
+
+    def save_and_prune(ckpt, epoch: int) -> None:
+        save(ckpt, epoch)
+        for old in range(epoch - keep, -1, -1):
+            path = os.path.join(output_dir, f"model_{old}.pth")
+            if not os.path.exists(path):
+                break  # removed by an earlier epoch (or a resumed run's earlier part)
+            os.remove(path)
+
+    return save_and_prune
+
+
+def _banner(run: Run) -> None:
+    """What the run is, before its first iteration (as torchvision's and timm's logs start)."""
+    if not dist_utils.is_main():
+        return
+    args = run.args
+    given = " ".join(f"{_flag(k)} {_show(getattr(args, k))}" for k in sorted(args.explicit) if hasattr(args, k))
+    params = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    data = run.data
+    steps = len(run.train_loader)
+    world = run.dist.world_size
+    print(f"semisparse train: {args.model} ({params:,} parameters, {trainable:,} trainable) on {run.device}"
+          f"{f' x {world} processes' if world > 1 else ''}; data {args.data_path} ({data.kind}): "
+          f"{len(data.train):,} train / {len(data.val):,} val images, {data.num_classes} classes; batch "
+          f"{args.batch_size}{f' x {world}' if world > 1 else ''}, {steps} iterations per epoch, epochs "
+          f"{run.start_epoch}..{args.epochs - 1}", flush=True)  # fmt: skip
+    print(f"options: {given or '(all defaults)'}", flush=True)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _summary(args, history: list[dict], seconds: float) -> None:
+    """The end of a run: best top-1 and its epoch, total time, where the files are."""
+    if not dist_utils.is_main() or not history:
+        return
+    best = max(history, key=lambda r: r["val_acc1"])
+    last = history[-1]
+    line = (f"done: {len(history)} epoch{'s' if len(history) != 1 else ''} in {_duration(seconds)}; best val_acc1 "
+            f"{best['val_acc1']:.2f} (epoch {best['epoch']}), last {last['val_acc1']:.2f}")  # fmt: skip
+    if args.output_dir:
+        line += (f"; checkpoint {os.path.join(args.output_dir, 'checkpoint.pth')}, metrics "
+                 f"{os.path.join(args.output_dir, 'metrics.jsonl')}")  # fmt: skip
+    print(line, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def writable_dir(path: str) -> None:
+    """An existing ``--output-dir`` that cannot take a file is refused at start-up, not at the first save."""
+    if not os.path.isdir(path):
+        return
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SemisparseError(f"--output-dir {path} is not writable ({exc.strerror or exc}); choose another folder "
+                              "or fix its permissions") from None
 
 
 def plain_args(args: argparse.Namespace) -> dict:
     """The options as a plain dict (what a checkpoint stores)."""
     out = {}
     for k, v in vars(args).items():
-        if k == "explicit":
+        if k in ("explicit", "from_checkpoint"):
             continue
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
@@ -621,13 +986,17 @@ def main(argv: list[str] | None = None) -> int:
             wandb_logger(None, None, {})
     validate(args)
     folder = None
-    if args.output_dir and not args.test_only:  # before any work: another run's folder is refused at once
+    if args.output_dir and not args.test_only:
+        writable_dir(args.output_dir)  # before any work: another run's folder is refused at once
         folder = claim_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                   clean=os.environ.get("RANK", "0") == "0")  # fmt: skip
+    started = time.perf_counter()
+    history: list[dict] = []
     try:
         run = setup(args)
         if args.test_only:
             return _test_only(run)
+        _banner(run)
         loggers = _loggers(args)
         if args.output_dir and dist_utils.is_main():
             log = MetricsLog(args.output_dir)
@@ -637,7 +1006,10 @@ def main(argv: list[str] | None = None) -> int:
             print("no --output-dir: no checkpoint or metrics file is written", flush=True)
         if run.start_epoch >= args.epochs and dist_utils.is_main():
             print(f"nothing to train: start epoch {run.start_epoch} >= --epochs {args.epochs}")
-        fit(
+        save = folder.save if folder is not None else None
+        if save is not None and args.keep_last:
+            save = _keeping_last(folder.save, args.output_dir, args.keep_last)
+        history = fit(
             run.train_model, run.train_loader, run.val_loader, run.optimizer, run.lr_scheduler, args.epochs,
             sparsity=run.sparsity, criterion=run.criterion, device=run.device, start_epoch=run.start_epoch,
             step=run.step, amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
@@ -645,9 +1017,21 @@ def main(argv: list[str] | None = None) -> int:
             ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
             batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
             args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
-            save_checkpoint=folder.save if folder is not None else None,
+            save_checkpoint=save,
         )  # fmt: skip
         _report_skipped(run)
+        _summary(args, history, time.perf_counter() - started)
+    except KeyboardInterrupt:
+        ckpt = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else None
+        if ckpt and os.path.isfile(ckpt) and not args.test_only and dist_utils.is_main():
+            print(f"semisparse: interrupted; continue with: semisparse train --resume {ckpt} --output-dir "
+                  f"{args.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
+        raise
+    except SemisparseError as exc:
+        said = cli_words(str(exc))
+        if said != str(exc):
+            raise SemisparseError(said) from exc
+        raise
     except Exception as exc:
         if args.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -657,6 +1041,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist_utils.cleanup()
     return 0
+
+
+#: The library's keyword spellings in messages and reports -> the flags a CLI user types.
+_CLI_WORDS = (("pad=True", "--aug-for-2x4"), ("trainable='mask'", "--trainable gumbel_2x4"),
+              ("trainable=mask", "--trainable gumbel_2x4"), ("trainable='all'", "--trainable all"),
+              ("trainable=all", "--trainable all"), ("ignore_linear=True", "--ignore-linear"),
+              ("ignore_grouped=True", "--ignore-grouped"), ("permute=True", "--apex-permutation"))  # fmt: skip
+
+
+def cli_words(text: str) -> str:
+    """``text`` with the library's keyword arguments named as ``semisparse train`` flags."""
+    for word, flag in _CLI_WORDS:
+        text = text.replace(word, flag)
+    return text
 
 
 def _report_skipped(run: Run) -> None:

@@ -84,6 +84,10 @@ def deploy(
     GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
     (see :func:`semisparse.deploy.cuda.deploy_cuda`).
     """
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SemisparseError(f"unknown device {str(device)[:40]!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
     if torch.device(device).type == "cuda":
         return deploy_cuda(model, dtype, batch_size, example_input, plan=plan, graph=graph, fold_bn=fold_bn,
                            reps=reps, device=device)

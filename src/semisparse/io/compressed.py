@@ -127,10 +127,22 @@ def read_header(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # SafetensorError is not importable on every safetensors version
+        if _torch_save_file(path):
+            raise SemisparseError(
+                f"{path} is a training checkpoint (torch.save), not a compressed file: run `semisparse export "
+                f"{path}` first, or evaluate it with `semisparse eval {path}`"
+            ) from None
         raise SemisparseError(
             f"{path}: not a valid safetensors file (truncated or corrupted?): {exc}"
         ) from None
     return _parse_header(meta, path)
+
+
+def _torch_save_file(path: Path) -> bool:
+    """True when ``path`` starts as ``torch.save`` writes (a zip archive, or a legacy pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _parse_header(meta: Mapping[str, str], path: Path) -> dict:

@@ -202,9 +202,32 @@ def split_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
     return dense, found
 
 
-def effective_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A sparsified model's state_dict -> plain keys, each masked weight multiplied by its mask."""
+def effective_state_dict(
+    state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """A sparsified model's state_dict -> plain keys, each masked weight multiplied by its mask.
+
+    ``masks`` (``{"layer.weight": bool}``, a training checkpoint's ``sparsity.masks``) take precedence over
+    the bool mask buffers found in ``state``. A weight under a parametrization with no bool mask (a learned
+    mask's logits) and no entry in ``masks`` is refused: its dense value is not what the model computed.
+    """
     dense, found = split_state_dict(state)
+    found.update(masks or {})
     for key, mask in found.items():
-        dense[key] = dense[key] * mask.to(dense[key].dtype)
+        if key in dense:
+            dense[key] = dense[key] * mask.to(dense[key].dtype)
+    unmasked = sorted({_param_key(name) for name in state if _param_key(name)} - set(found))
+    if unmasked:
+        raise SemisparseError(
+            f"{unmasked[0]} carries a mask without a bool mask buffer (learned-mask logits) and no mask was "
+            "given: read a training checkpoint whole (its 'sparsity.masks'), or export it first"
+        )
     return dense
+
+
+def _param_key(name: str) -> str | None:
+    """``X.parametrizations.W.original`` -> ``X.W``; None for a key outside a parametrization."""
+    head, sep, tail = name.partition("parametrizations.")
+    if not sep or (head and not head.endswith(".")):
+        return None
+    return head + tail.partition(".")[0]

@@ -49,8 +49,11 @@ class Report:
 
     @property
     def param_share(self) -> float:
-        """Share of all model parameters that sit in sparsified weights."""
-        return sum(r.params for r in self.sparse_layers) / max(1, self.total_params)
+        """Share of the prunable weights (every Linear / Conv / attention-projection weight: the table's rows)
+        that sit in sparse layers. The one definition everywhere (training log, ``report``, a deployed
+        model's report): counted from the layers' weight shapes, so neither learned-mask logits nor a
+        deployed layer's buffers nor biases and norms change it."""
+        return sum(r.params for r in self.sparse_layers) / max(1, sum(r.params for r in self.layers))
 
     @property
     def mac_share(self) -> float | None:
@@ -93,8 +96,8 @@ class Report:
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
         sp = self.sparse_layers
         summary = (
-            f"{len(sp)} of {len(self.layers)} layers sparse; {self.param_share:.1%} of parameters in sparse "
-            f"weights, kept density {self.density:.3f}"
+            f"{len(sp)} of {len(self.layers)} layers sparse; {self.param_share:.1%} of prunable weights in "
+            f"sparse layers, kept density {self.density:.3f}"
         )
         if self.mac_share is not None:
             summary += f"; {self.mac_share:.1%} of MACs sparse"

@@ -129,8 +129,19 @@ def train_one_epoch(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     last = {"loss": torch.tensor(float("nan"))}
 
+    clock = {"start": time.perf_counter(), "data": 0.0, "done": 0, "images": 0}
+    clock["mark"] = clock["start"]
+
     def status() -> str:
-        return f"loss {float(last['loss']):.4f} lr {optimizer.param_groups[0]['lr']:.4g}"
+        """Loss, lr, time per iteration (and the part spent waiting for data), images/s and the epoch's ETA."""
+        text = f"loss {float(last['loss']):.4f} lr {optimizer.param_groups[0]['lr']:.4g}"
+        done = clock["done"]
+        if done:
+            elapsed = time.perf_counter() - clock["start"]
+            per_iter = elapsed / done
+            text += (f" time {per_iter:.3f}s data {clock['data'] / done:.3f}s "
+                     f"{clock['images'] / max(elapsed, 1e-9):.0f} img/s eta {_clock(per_iter * (n - done))}")
+        return text
 
     optimizer.zero_grad(set_to_none=True)
     it = progress(loader, n, f"Epoch [{epoch}]", print_freq, show_progress and is_main(), status)
@@ -140,6 +151,7 @@ def train_one_epoch(
     handle = optimizer.register_step_post_hook(lambda *_: stepped.__setitem__(0, True))
     try:
         for i, (x, y) in enumerate(it):
+            clock["data"] += time.perf_counter() - clock["mark"]
             x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
             hard = y
             if batch_transform is not None:
@@ -183,6 +195,9 @@ def train_one_epoch(
             sums[2] += bs
             if hard.dim() == 1:
                 sums[1] += (out.detach().argmax(1) == hard).sum()
+            clock["done"] += 1
+            clock["images"] += bs
+            clock["mark"] = time.perf_counter()
     finally:
         handle.remove()
     totals = all_reduce_sum(sums).cpu()
@@ -191,6 +206,12 @@ def train_one_epoch(
         "train_acc1": float(100.0 * totals[1] / totals[2].clamp(min=1)),
         "step": step,
     }
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``, as torchvision's and timm's logs print ETAs."""
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 @torch.no_grad()
@@ -325,6 +346,8 @@ def fit(
             "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
             "sparsity": zero_share(base), "step": step,
         }  # fmt: skip
+        if sparsity is not None:
+            record.update(sparsity.epoch_stats())  # DST: topology updates and ablated neurons of the epoch
         if ema is not None:
             ev = evaluate(ema.module, criterion, val_loader, device, amp_dtype=amp_dtype, channels_last=channels_last)
             record.update(ema_val_loss=ev["loss"], ema_val_acc1=ev["acc1"], ema_val_acc5=ev["acc5"])

@@ -28,13 +28,15 @@ from ..errors import SemisparseError
 from ..masking import masks as model_masks
 from ..masking import sparse_weights, sparsify
 from ..masking.report import Report
+from ..masking.report import report as ss_report
 
-METHODS = ("none", "magnitude", "gumbel")
+METHODS = ("none", "magnitude", "gumbel", "given")
 
 
 @dataclass
 class SparsityConfig:
-    """How a run is made sparse. ``method``: none | magnitude | gumbel; ``dst``: None | rigl | srigl | sr-ste |
+    """How a run is made sparse. ``method``: none | magnitude | gumbel | given (the masks the model already
+    carries, from ``--weights``, kept fixed); ``dst``: None | rigl | srigl | sr-ste |
     static. ``seed`` seeds DST's initial random masks."""
 
     method: str = "none"
@@ -88,6 +90,7 @@ class TrainingSparsity:
         self.step = 0
         self.dst: object | None = None
         self._model: nn.Module | None = None
+        self._updates = 0  # topology updates since the last epoch_stats()
 
     # -- set-up ----------------------------------------------------------------------------------------
     def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None) -> Report | None:
@@ -96,6 +99,10 @@ class TrainingSparsity:
         self._model = model
         if c.method == "none":
             return None
+        if c.method == "given":
+            if not any(True for _ in sparse_weights(model)):
+                raise SemisparseError("sparsity method 'given' keeps the model's masks, but it carries none")
+            return ss_report(model, example_input=example_input)
         common = dict(exclude=c.exclude or None, example_input=example_input, pad=c.pad,
                       ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped)  # fmt: skip
         if c.permute:
@@ -131,8 +138,8 @@ class TrainingSparsity:
             from ..masking.gumbel import set_step
 
             set_step(self._model, self.step)
-        if self.dst is not None:
-            self.dst.step()
+        if self.dst is not None and self.dst.step() and getattr(self.dst, "schedule", None) is not None:
+            self._updates += 1  # SR-STE (no schedule) recomputes its masks every step: not counted
 
     def after_skipped_step(self) -> None:
         """Call when the optimizer skipped its step (fp16: the GradScaler found inf/NaN gradients): it is no
@@ -144,6 +151,35 @@ class TrainingSparsity:
             set_step(self._model, self.step)
         if self.dst is not None:
             self.dst.step(stepped=False)
+
+    def schedule_line(self) -> str | None:
+        """One line saying when DST updates the topology (as learned masks print their temperature schedule)."""
+        sched = getattr(self.dst, "schedule", None)
+        if sched is None:
+            return None if self.dst is None else f"{self.config.dst}: masks recomputed from magnitudes every step"
+        if sched.static:
+            return f"{self.config.dst}: masks fixed (no topology update)"
+        updates = max(0, (sched.t_end - 1) // sched.delta)
+        ablation = f", ablation {self.config.ablation:g}" if self.config.dst == "srigl" and self.config.ablation else ""
+        return (f"{self.config.dst}: topology update every {sched.delta} steps before step {sched.t_end} "
+                f"({updates} updates), drop fraction {sched.alpha:g} -> 0 (cosine){ablation}")
+
+    def scheduled_updates(self) -> int | None:
+        """How many topology updates the whole run will make (None when DST has no update schedule)."""
+        sched = getattr(self.dst, "schedule", None)
+        if sched is None or sched.static:
+            return None if sched is None else 0
+        return max(0, (sched.t_end - 1) // sched.delta)
+
+    def epoch_stats(self) -> dict:
+        """What ``metrics.jsonl`` records of DST for the epoch just ended: topology updates made in it and
+        neurons ablated (no input left) across the sparse layers; empty without DST."""
+        if self.dst is None or not hasattr(self.dst, "layer_stats"):
+            return {}
+        stats = {"dst_updates": self._updates,
+                 "dst_ablated_neurons": sum(s["neurons"] - s["alive"] for s in self.dst.layer_stats())}  # fmt: skip
+        self._updates = 0
+        return stats
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
