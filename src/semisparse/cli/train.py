@@ -652,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         dist_utils.cleanup()
+        if folder is not None:
+            folder.release()  # the next run may write into the folder
     return 0
 
 

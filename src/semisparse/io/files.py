@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -24,23 +25,114 @@ from ..errors import SemisparseError
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it over ``path``.
 
-    The folder is created if needed; the temporary file is removed if ``write`` fails. Its name,
-    ``.<name>.<pid>.<random>.tmp``, carries the writer's process id so a later run can tell the partial file
-    of a killed save (removed) from one a live process is still writing (kept): see :data:`TEMP_NAME`.
+    The folder is created if needed; the temporary file is removed if ``write`` fails, and the old file is
+    then kept as it was. Only a regular file is ever replaced: a ``path`` that exists as anything else (a
+    folder, a device such as ``/dev/null``, a FIFO, a socket, or a symlink, even one to a regular file) is
+    refused in one line, since the rename would put a file in its place. The new file has the mode an
+    ordinary write gives (``0o666`` less the umask), or the mode of the file it replaces. A failing write
+    (a full disk, a file-size limit) is one :class:`~semisparse.SemisparseError` line naming ``path``.
+
+    The temporary name, ``.<name>.<pid>.<random>.tmp``, carries the writer's process id so a later run can
+    tell the partial file of a killed save (removed) from one a live process is still writing (kept): see
+    :data:`TEMP_NAME`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    check_write_target(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise SemisparseError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            os.fchmod(fd, _new_file_mode(path))
+        finally:
+            os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        check_write_target(path)  # again: it may have been replaced while the file was written
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+            raise
+        raise SemisparseError(f"cannot write {path}: {_write_failure(exc, path)}; nothing was replaced") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_write_target(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a ``path`` that exists and is not a regular file (a symlink is refused too)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SemisparseError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    hint = f" (to {os.readlink(path)})" if stat.S_ISLNK(st.st_mode) else ""
+    raise SemisparseError(
+        f"cannot write {path}: it is {kind}{hint}; semisparse replaces only regular files: give the path of a "
+        "new or regular file"
+    )
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, which is not thread-safe)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode of the file ``path`` replaces, or an ordinary new file's (``0o666`` less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "inline_container" in text or "file write failed" in text or "No space left" in text
+
+
+def _write_failure(exc: BaseException, path: Path) -> str:
+    """What went wrong in a failed write, in words (torch's stream writer names neither file nor cause)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason) or "the write failed"
+    try:
+        free = os.statvfs(path.parent)
+        if free.f_bavail * free.f_frsize < 1 << 20:
+            reason += f" (the disk holding {path.parent} is full: {free.f_bavail * free.f_frsize} bytes free)"
+    except OSError:
+        pass
+    return reason
 
 
 def write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> Path:
