@@ -87,13 +87,17 @@ def save(
             raise SemisparseError(f"state_dict key {name!r} contains {SEP!r}, which the file format reserves")
         t = t.detach().cpu()
         if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
+            t = _narrowed(name, t, dtype)
         tensors[name] = t.clone().contiguous()  # never shares storage (safetensors refuses shared tensors)
         dense_keys.append(name)
     with torch.no_grad():
         for key, sw in sparse.items():
             original = sw.original.detach()
             effective = original * sw.parametrization.hard_mask().to(original.dtype)
+            if dtype is not None:  # refused before a file is touched
+                _narrowed(key, effective, dtype)
+                if keep_dense:
+                    _narrowed(key, original, dtype)
             entry, enc = encode(
                 key, sw.parametrization, effective, original if keep_dense else None, dtype or original.dtype
             )
@@ -116,6 +120,19 @@ def save(
     meta = {META_KEY: json.dumps(header)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def _narrowed(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, or one line naming ``name`` when a finite value would become inf (1e5 in float16)."""
+    out = t.to(dtype)
+    overflow = torch.isinf(out) & torch.isfinite(t)
+    if overflow.any():
+        big = t[overflow].abs().max().item()
+        raise SemisparseError(
+            f"cannot store {name} as {str(dtype).removeprefix('torch.')}: it holds {big:g} (largest magnitude), "
+            f"beyond the {torch.finfo(dtype).max:g} that type holds; save it in a wider dtype (float32, bfloat16)"
+        )
+    return out
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -43,18 +43,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise SemisparseError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
     try:
-        try:
-            os.fchmod(fd, _new_file_mode(path))
-        finally:
-            os.close(fd)
         write(tmp)
+        os.chmod(tmp, _new_file_mode(path))  # after write: a writer may replace the file (safetensors does)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         check_write_target(path)  # again: it may have been replaced while the file was written
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+    except Exception as exc:  # torch's and safetensors' writers raise their own types for a failed write
+        if not (isinstance(exc, OSError) or _is_write_failure(exc)):
             raise
         raise SemisparseError(f"cannot write {path}: {_write_failure(exc, path)}; nothing was replaced") from None
     finally:
@@ -113,9 +111,9 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def _is_write_failure(exc: RuntimeError) -> bool:
+def _is_write_failure(exc: Exception) -> bool:
     text = str(exc)
-    return "inline_container" in text or "file write failed" in text or "No space left" in text
+    return any(s in text for s in ("inline_container", "file write failed", "No space left", "I/O error"))
 
 
 def _write_failure(exc: BaseException, path: Path) -> str:
@@ -125,7 +123,11 @@ def _write_failure(exc: BaseException, path: Path) -> str:
     else:
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason) or "the write failed"
+        if "inline_container" in reason:  # torch's stream writer: "[enforce fail at ...] . unexpected pos 896 vs 790"
+            detail = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)
+            reason = f"it could not be written in full (a full disk, a quota or a file-size limit; torch: {detail})"
+        found = re.search(r"I/O error: (.*?) \(os error \d+\)", reason)  # safetensors'
+        reason = found.group(1) if found else reason
     try:
         free = os.statvfs(path.parent)
         if free.f_bavail * free.f_frsize < 1 << 20:
