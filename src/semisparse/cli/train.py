@@ -34,7 +34,7 @@ from ..train.engine import EMA, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
-from ..train.run_folder import claim_output_dir
+from ..train.run_folder import claim_output_dir, same_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 from ..train.synthetic import synthetic_size
 
@@ -381,6 +381,7 @@ class Run:
     step: int = 0
     loggers: list = field(default_factory=list)
     report: object = None
+    resumed_metrics: dict | None = None  # the resumed checkpoint's epoch record (metrics.jsonl's line)
 
 
 def _device(args) -> torch.device:
@@ -504,6 +505,7 @@ def _resume(run: Run, path: str) -> None:
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1
+    run.resumed_metrics = ckpt.get("metrics")
     run.step = int(ckpt.get("step", 0))
 
 
@@ -627,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         loggers = _loggers(args)
         if args.output_dir and dist_utils.is_main():
             log = MetricsLog(args.output_dir)
-            log.start(run.start_epoch)
+            same = args.resume and same_dir(os.path.dirname(os.path.abspath(args.resume)), args.output_dir)
+            log.start(run.start_epoch, restore=run.resumed_metrics if same else None)
             loggers.insert(0, log)
         elif dist_utils.is_main():
             print("no --output-dir: no checkpoint or metrics file is written", flush=True)

@@ -11,6 +11,7 @@ A checkpoint is a plain dict (``torch.save``) of tensors, numbers, strings, list
     sparsity      {"masks": ss.masks(model), "pattern": str | None, "method": str, "state": ... | None}
     rng           {"torch": uint8 tensor, "cuda": [uint8 tensors], "numpy": {...}, "python": [...]}
     step          optimizer steps taken so far
+    metrics       the epoch's record, as its ``metrics.jsonl`` line holds it (restored on resume if missing)
     digest        ``semisparse.io.digest.digest`` of everything above, recorded when written
 
 Files are written to a temporary name in the same folder and renamed over the target
@@ -127,7 +128,7 @@ def check_fields(ckpt: Mapping, path: object) -> None:
         raise bad("step", "the optimizer steps taken as an int")
     if "model" in ckpt and not _tensor_dict(ckpt["model"]):
         raise bad("model", "a state_dict (a dict of tensors)")
-    for field in ("args", "arch", "sparsity", "optimizer"):
+    for field in ("args", "arch", "sparsity", "optimizer", "metrics"):
         if ckpt.get(field) is not None and not isinstance(ckpt[field], Mapping):
             raise bad(field, "a dict")
     masks = (ckpt.get("sparsity") or {}).get("masks")

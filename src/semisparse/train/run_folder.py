@@ -157,7 +157,8 @@ def check_writable(folder: str) -> None:
     os.unlink(probe)
 
 
-def _same_dir(a: str, b: str) -> bool:
+def same_dir(a: str, b: str) -> bool:
+    """True when the paths name one folder (symlinks resolved)."""
     return os.path.realpath(a) == os.path.realpath(b)
 
 
@@ -254,7 +255,7 @@ def _check_previous_run(folder: RunFolder, resume: str | None, overwrite: bool, 
     if clean:
         remove_temp_files(output_dir)
     found = run_files(output_dir)
-    if not found or (resume and _same_dir(os.path.dirname(os.path.abspath(resume)), output_dir)):
+    if not found or (resume and same_dir(os.path.dirname(os.path.abspath(resume)), output_dir)):
         return
     if not overwrite:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
