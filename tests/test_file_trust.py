@@ -474,3 +474,34 @@ def test_json_files_are_written_atomically_and_a_failed_write_keeps_the_old_one(
         write_json(path, {"rows": [object()]})  # JSON cannot hold it
     assert json.loads(path.read_text()) == {"rows": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
+
+
+def test_a_header_naming_a_model_that_cannot_be_built_on_meta_is_refused_without_building_it(tmp_path, capsys):
+    import resource
+    import time
+
+    model = sparse_tiny()
+    path = ss.save(model, tmp_path / "m.safetensors")
+    out = resave(path, tmp_path / "regnet.safetensors",
+                 edit_header=lambda h: h.update(arch={"name": "regnet_y_128gf", "num_classes": 10}),
+                 digest_of=ck._file_digest)  # fmt: skip
+    assert out.stat().st_size < 200_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(ss.SemisparseError, match="regnet_y_128gf.*does not match the tensors in the file") as info:
+        ss.load(out)
+    assert len(str(info.value).splitlines()) == 1
+    assert time.perf_counter() - t0 < 5  # built for real: 17 s
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 500_000  # kB; built for real: 3.3 GB
+    assert "regnet_y_128gf" in one_line_error(["report", str(out)], capsys)
+
+
+def test_a_regnet_file_still_loads_into_the_model_it_records(tmp_path):
+    m = models.create_model("regnet_x_400mf", num_classes=10)
+    ss.sparsify(m, "2:4")
+    path = ss.save(m, tmp_path / "regnet.safetensors")
+    loaded = ss.load(path)
+    assert loaded.semisparse_arch == {"name": "regnet_x_400mf", "num_classes": 10}
+    assert all(torch.equal(a, b) for a, b in zip(ss.masks(loaded).values(), ss.masks(m).values()))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded.eval()(x), m.eval()(x))
