@@ -27,7 +27,8 @@ from ..errors import SemisparseError
 from ..masking import report as ss_report
 from ..models import create_model, state_mismatch
 from ..train import distributed as dist_utils
-from ..train.checkpoint import check_arch, check_masks, load_checkpoint, set_rng_state
+from ..train.checkpoint import check_arch, check_masks, check_resumable, load_checkpoint, set_rng_state
+from ..train.checkpoint import entry as ckpt_entry
 from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
 from ..train.engine import EMA, evaluate, fit, unwrap
@@ -485,25 +486,30 @@ def _resume(run: Run, path: str) -> None:
                            {k: tuple(v.shape) for k, v in ckpt["model"].items()})  # fmt: skip
     if wrong:
         raise SemisparseError(f"checkpoint {path} does not fit this run's model ({wrong})")
+    check_resumable(ckpt, path, run.optimizer, run.lr_scheduler)  # before anything is loaded
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.lr_scheduler is not None and ckpt.get("lr_scheduler"):
             run.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise SemisparseError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from exc
     if run.scaler is not None and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
+        with ckpt_entry(path, "scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
         if not ckpt.get("ema"):
             raise SemisparseError(f"checkpoint {path} has no EMA state; resume without --model-ema")
-        run.ema.load_state_dict(ckpt["ema"])
+        with ckpt_entry(path, "ema"):
+            run.ema.load_state_dict(ckpt["ema"])
     state = (ckpt.get("sparsity") or {}).get("state")
     if state:
-        run.sparsity.load_state_dict(state)
+        with ckpt_entry(path, "sparsity.state"):
+            run.sparsity.load_state_dict(state)
     check_masks(run.model, path)  # a mask that breaks the declared pattern is refused before training
     if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
+        with ckpt_entry(path, "rng"):
+            set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1
     run.resumed_metrics = ckpt.get("metrics")
     run.step = int(ckpt.get("step", 0))

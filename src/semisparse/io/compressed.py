@@ -35,7 +35,7 @@ from ..masking.parametrization import attach, detach_all, sparse_weights, split_
 from ..models import from_arch, state_mismatch
 from .codec import DTYPES, PARTS, SEP, check_entry, check_size, decode, encode
 from .digest import corrupted, digest
-from .files import atomic_write, check_file
+from .files import atomic_write, check_depth, check_file
 
 FORMAT = "semisparse.compressed"
 VERSION = 2
@@ -159,6 +159,9 @@ def _parse_header(meta: Mapping[str, str], path: Path) -> dict:
         header = json.loads(meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise SemisparseError(f"{path}: corrupted semisparse header ({exc})") from None
+    except RecursionError:
+        raise SemisparseError(f"{path}: corrupted semisparse header (nested too deeply to parse)") from None
+    check_depth(header, f"compressed file {path}: its header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SemisparseError(f"{path}: header does not describe a {FORMAT} file")
     if header.get("version") not in READS:
@@ -274,14 +277,22 @@ def sizes(path: str | os.PathLike) -> dict[str, int | float]:
     path = Path(path)
     header = read_header(path)
     dense = 0
-    with safe_open(str(path), framework="pt") as f:
-        for name in header["dense"]:
-            sl = f.get_slice(name)
-            dense += math.prod(sl.get_shape()) * DTYPES[_st_dtype(sl.get_dtype())].itemsize
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in header["dense"]:
+                sl = f.get_slice(name)
+                dense += math.prod(sl.get_shape()) * DTYPES[_st_dtype(sl.get_dtype())].itemsize
+    except Exception as exc:  # SafetensorError: a name the header lists that the file lacks
+        raise SemisparseError(f"{path}: tensors do not match the header ({_first_line(exc)})") from None
     for entry in header["layers"].values():
         dense += math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
     size = path.stat().st_size
     return {"file_bytes": size, "dense_bytes": dense, "ratio": size / max(1, dense)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _st_dtype(code: str) -> str:

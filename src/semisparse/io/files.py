@@ -14,7 +14,7 @@ import re
 import stat
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -183,7 +183,7 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> object:
     try:
         with warnings.catch_warnings():  # torch's two-line note on the pickle protocol says nothing to a user
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and weights_only errors have no common base
         unsafe = _unpickle_reason(str(exc))
         if unsafe is not None:
@@ -192,6 +192,29 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> object:
         raise SemisparseError(
             f"cannot read {what} {path}: corrupted or not a torch checkpoint ({reason})"
         ) from None
+    check_depth(obj, f"{what} {path}")
+    return obj
+
+
+#: How deeply a file's values may nest (a checkpoint nests about 6 levels; the readers recurse).
+MAX_DEPTH = 64
+
+
+def check_depth(obj: object, where: str, limit: int = MAX_DEPTH) -> None:
+    """Refuse, in one line, dicts / lists nested more than ``limit`` deep (which would exhaust the recursion of
+    every reader after this one); iterative, so any depth is measured safely."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, Mapping):
+            children = x.values()
+        elif isinstance(x, (list, tuple)):
+            children = x
+        else:
+            continue
+        if depth > limit:
+            raise SemisparseError(f"{where} nests values more than {limit} levels deep; semisparse writes no such file")
+        stack.extend((c, depth + 1) for c in children)
 
 
 def check_file(path: Path, what: str) -> None:
