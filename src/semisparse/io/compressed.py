@@ -243,7 +243,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             decoded[key] = decode(key, entry, tensors)
         except SemisparseError as exc:
             raise SemisparseError(f"{path}: {exc}") from None
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed header value
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as exc:  # a malformed value
             raise SemisparseError(f"{path}: {key}: malformed layer entry ({exc})") from None
     # Everything is checked: only now is the model changed.
     detach_all(model)  # a given model that is sparsified already: start from its dense weights

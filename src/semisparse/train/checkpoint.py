@@ -166,6 +166,9 @@ def check_resumable(ckpt: Mapping, path: object, optimizer: torch.optim.Optimize
         check_rng_state(ckpt["rng"], path)
 
 
+_MISSING = object()
+
+
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -180,7 +183,8 @@ def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, path:
             or not isinstance(state.get("param_groups"), list):  # fmt: skip
         raise bad("' is not an optimizer state_dict (a dict of 'state' and 'param_groups')")
     groups, own = state["param_groups"], optimizer.param_groups
-    sizes = [len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list) else None for g in groups]
+    sizes = [len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list)
+             and all(_is_int(i) for i in g["params"]) else None for g in groups]  # fmt: skip
     if sizes != [len(g["params"]) for g in own]:
         raise bad(f".param_groups' holds groups of {sizes} parameters; this run's optimizer has "
                   f"{[len(g['params']) for g in own]}")
@@ -190,6 +194,16 @@ def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, path:
         for k, v in g.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise bad(f".param_groups[{i}].{k}' is {v}; expected a finite number")
+        for k, mine in o.items():  # every setting this run's optimizer steps with, of the same kind
+            if k == "params":
+                continue
+            v = g.get(k, _MISSING)
+            if v is _MISSING:
+                raise bad(f".param_groups[{i}]' lacks '{k}'")
+            if _finite(mine) and not _finite(v) or isinstance(mine, bool) and not isinstance(v, bool) \
+                    or isinstance(mine, (tuple, list)) and not (isinstance(v, (tuple, list)) and len(v) == len(mine)
+                                                              and all(_finite(x) for x in v)):  # fmt: skip
+                raise bad(f".param_groups[{i}].{k}' is {v!r}; this run's optimizer has {mine!r}")
     if len(params) != sum(len(g["params"]) for g in own):
         raise bad(".param_groups' names a parameter twice")
     for i, st in state["state"].items():
@@ -200,8 +214,8 @@ def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, path:
         shape = tuple(params[i].shape)
         for k, v in st.items():
             if not isinstance(v, torch.Tensor):
-                if v is not None and not _finite(v):
-                    raise bad(f".state[{i}].{k}' is {v!r}; expected a finite number or a tensor")
+                if v is not None and not (k == "step" and _finite(v)):  # the step count may be a number
+                    raise bad(f".state[{i}].{k}' is {v!r}; expected a tensor")
                 continue
             if v.dim() > 0 and tuple(v.shape) != shape:
                 raise bad(f".state[{i}].{k}' has shape {tuple(v.shape)}; its parameter has shape {shape}")
@@ -261,7 +275,8 @@ def check_rng_state(state: object, path: object) -> None:
     if not ok:
         raise bad(".numpy' is not a NumPy MT19937 state")
     py = state.get("python")
-    ok = isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and len(py[1]) == 625 \
+    ok = isinstance(py, list) and len(py) == 3 and py[0] == random.getstate()[0] and isinstance(py[1], list) \
+        and len(py[1]) == 625 \
         and all(_is_int(x) and 0 <= x < 2**32 for x in py[1][:624]) and _is_int(py[1][624]) \
         and 0 <= py[1][624] <= 624 and (py[2] is None or isinstance(py[2], float))  # fmt: skip
     if not ok:
