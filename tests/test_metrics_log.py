@@ -123,3 +123,11 @@ def test_a_run_killed_after_its_checkpoint_loses_no_metrics_line(tmp_path):
     assert not (out / "metrics.jsonl").exists() and (out / "checkpoint.pth").exists()
     assert main([*FAST, "--epochs", "2", "--output-dir", str(out), "--resume", str(out / "checkpoint.pth")]) == 0
     assert [json.loads(x)["epoch"] for x in lines(out)] == [0, 1]
+
+
+def test_a_checkpoint_record_that_is_not_json_is_not_restored(tmp_path):
+    log = MetricsLog(str(tmp_path))
+    log.start(2, restore={"epoch": 1, "loss": torch.ones(2)})  # a resealed file's junk: ignored
+    assert not (tmp_path / "metrics.jsonl").exists()
+    log.start(2, restore={"epoch": 1, "loss": float("inf")})
+    assert lines(tmp_path) == ['{"epoch": 1, "loss": "inf"}']

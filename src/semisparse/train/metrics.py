@@ -46,6 +46,10 @@ class MetricsLog:
         records, damaged = _read_records(self.path) if os.path.exists(self.path) else ([], None)
         if damaged:
             print(f"semisparse: note: {damaged}; dropped it", file=sys.stderr, flush=True)
+        try:
+            restore = json.loads(json.dumps(plain_record(restore))) if isinstance(restore, Mapping) else None
+        except (TypeError, ValueError, RecursionError):  # not a record this class wrote: nothing to restore
+            restore = None
         missing = (
             isinstance(restore, Mapping)
             and _is_int(restore.get("epoch"))
