@@ -142,3 +142,24 @@ def test_an_output_dir_this_process_cannot_write_is_refused_at_start_up(tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not writable (Read-only file system)" in err, err
     assert time.perf_counter() - t0 < 5  # before data, model or an epoch
+
+
+def _sleep(ready):
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_such_as_a_dataloader_worker_does_not_keep_the_folder_locked(tmp_path):
+    out = str(tmp_path / "run")
+    folder = run_folder.claim_output_dir(out)
+    ready = FORK.Event()
+    child = FORK.Process(target=_sleep, args=(ready,))  # forked while the lock is held
+    child.start()
+    try:
+        assert ready.wait(60)
+        os.close(folder.lock.fd)  # the run dies (its descriptor closed) while its worker lingers
+        folder.lock.fd = None
+        run_folder.claim_output_dir(out).release()  # not blocked by the child
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()

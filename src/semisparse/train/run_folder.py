@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -120,6 +121,7 @@ class OutputDirLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (in this order: a waiting run then locks a new file)."""
@@ -131,6 +133,25 @@ class OutputDirLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+#: Locks this process holds. A forked child (a DataLoader worker) shares the lock's open file, which would keep
+#: the folder locked after this process died while the child lingers: the child closes its copy at once.
+_HELD: weakref.WeakSet[OutputDirLock] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None  # the child never removes the parent's lock file
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _read_pid(path: str) -> int | None:
