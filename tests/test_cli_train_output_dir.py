@@ -19,13 +19,14 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def snapshot(folder):
-    """Every file's bytes (TensorBoard's event files aside: a new run adds its own beside the old ones)."""
+    """Every file's bytes (TensorBoard's event files aside: a new run adds its own beside the old ones; the
+    lock file aside: a live run holds one)."""
     out = {}
     for root, _, names in os.walk(folder):
         for n in names:
             path = os.path.join(root, n)
             rel = os.path.relpath(path, folder)
-            if not rel.startswith("tensorboard"):
+            if not rel.startswith("tensorboard") and rel != run_folder.LOCK_NAME:
                 with open(path, "rb") as f:
                     out[rel] = f.read()
     return out

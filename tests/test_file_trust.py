@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import warnings
 
 import pytest
@@ -423,7 +424,12 @@ def _resume_edited(sparse_run, tmp_path, edit, *, reseal=True):
     out.mkdir()
     ckpt = torch.load(sparse_run / "checkpoint.pth", weights_only=True)
     edit(ckpt)
-    torch.save(seal(ckpt) if reseal else ckpt, out / "checkpoint.pth")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)  # to write deeply nested values at all
+    try:
+        torch.save(seal(ckpt) if reseal else ckpt, out / "checkpoint.pth")
+    finally:
+        sys.setrecursionlimit(limit)
     return out, (out / "checkpoint.pth").read_bytes()
 
 
@@ -440,7 +446,32 @@ RESUME_CASES = {
     "epoch x": (lambda c: c.update(epoch="x"), True, "'epoch' is 'x'; expected the last finished epoch as an int"),
     "kept weight 1e30": (lambda c: c["model"]["features.5.parametrizations.weight.original"].view(-1)[0].fill_(1e30),
                          False, "is corrupted: its contents do not match the digest"),
+    # resealed (the digest matches): what a resume would trip over mid-run, refused before training
+    "steplr step_size 0": (lambda c: c["lr_scheduler"].update(step_size=0), True,
+                           "'lr_scheduler.step_size' is 0; expected a positive number"),
+    "scheduler gamma nan": (lambda c: c["lr_scheduler"].update(gamma=float("nan")), True,
+                            "'lr_scheduler.gamma' is nan"),
+    "rng torch short": (lambda c: c["rng"].update(torch=c["rng"]["torch"][:100]), True, "'rng.torch' is not"),
+    "rng python": (lambda c: c["rng"]["python"].__setitem__(1, [7] * 3), True, "'rng.python' is not"),
+    "rng numpy": (lambda c: c["rng"]["numpy"].update(pos=10**6), True, "'rng.numpy' is not"),
+    "optimizer None": (lambda c: c.update(optimizer=None), True, "'optimizer' is not an optimizer state_dict"),
+    "optimizer buffer shape": (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)), True,
+                               "'optimizer.state[0].momentum_buffer' has shape (3,); its parameter has shape"),
+    "optimizer buffer nan": (lambda c: c["optimizer"]["state"][1]["momentum_buffer"].view(-1)[0].fill_(float("nan")),
+                             True, "'optimizer.state[1].momentum_buffer' holds NaN or inf"),
+    "optimizer groups": (lambda c: c["optimizer"]["param_groups"][0]["params"].pop(), True,
+                         "'optimizer.param_groups' holds groups of"),
+    "optimizer lr inf": (lambda c: c["optimizer"]["param_groups"][0].update(lr=float("inf")), True,
+                         "'optimizer.param_groups[0].lr' is inf"),
+    "nested args": (lambda c: c["args"].update(deep=_nested(5000)), True, "nests values more than 64 levels deep"),
 }  # fmt: skip
+
+
+def _nested(depth):
+    x = 1
+    for _ in range(depth):
+        x = [x]
+    return x
 
 
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
@@ -475,3 +506,78 @@ def test_json_files_are_written_atomically_and_a_failed_write_keeps_the_old_one(
         write_json(path, {"rows": [object()]})  # JSON cannot hold it
     assert json.loads(path.read_text()) == {"rows": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
+
+
+def test_a_header_naming_a_model_that_cannot_be_built_on_meta_is_refused_without_building_it(tmp_path, capsys):
+    import resource
+    import time
+
+    model = sparse_tiny()
+    path = ss.save(model, tmp_path / "m.safetensors")
+    out = resave(path, tmp_path / "regnet.safetensors",
+                 edit_header=lambda h: h.update(arch={"name": "regnet_y_128gf", "num_classes": 10}),
+                 digest_of=ck._file_digest)  # fmt: skip
+    assert out.stat().st_size < 200_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(ss.SemisparseError, match="regnet_y_128gf.*does not match the tensors in the file") as info:
+        ss.load(out)
+    assert len(str(info.value).splitlines()) == 1
+    assert time.perf_counter() - t0 < 5  # built for real: 17 s
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 500_000  # kB; built for real: 3.3 GB
+    assert "regnet_y_128gf" in one_line_error(["report", str(out)], capsys)
+
+
+def test_a_regnet_file_still_loads_into_the_model_it_records(tmp_path):
+    m = models.create_model("regnet_x_400mf", num_classes=10)
+    ss.sparsify(m, "2:4")
+    path = ss.save(m, tmp_path / "regnet.safetensors")
+    loaded = ss.load(path)
+    assert loaded.semisparse_arch == {"name": "regnet_x_400mf", "num_classes": 10}
+    assert all(torch.equal(a, b) for a, b in zip(ss.masks(loaded).values(), ss.masks(m).values()))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded.eval()(x), m.eval()(x))
+
+
+DST = ["train", "--device", "cpu", "--data-path", "digits", "-b", "256", "--lr", "0.05", "--print-freq", "0",
+       "--dst", "rigl", "--apex-verbosity", "0"]  # fmt: skip
+
+
+def test_resume_refuses_a_dst_state_missing_a_layer_in_one_line(tmp_path, capsys):
+    from semisparse.io.digest import seal
+
+    src = tmp_path / "src"
+    assert cli([*DST, "--epochs", "1", "--output-dir", str(src)]) == 0
+    ckpt = torch.load(src / "checkpoint.pth", weights_only=True)
+    layer = sorted(ckpt["sparsity"]["state"]["dst"]["layers"])[0]
+    del ckpt["sparsity"]["state"]["dst"]["layers"][layer]
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(seal(ckpt), out / "checkpoint.pth")
+    err = one_line_error([*DST, "--epochs", "2", "--output-dir", str(out), "--resume", str(out / "checkpoint.pth")],
+                         capsys)  # fmt: skip
+    assert f"checkpoint {out / 'checkpoint.pth'}: 'sparsity.state'" in err and layer in err, err
+
+
+def test_a_deeply_nested_compressed_header_is_one_line(tmp_path, capsys):
+    path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        text = f.metadata()["semisparse"]
+    for depth in (200, 100_000):  # parsed, then refused; too deep for the JSON parser itself
+        bad = tmp_path / f"deep{depth}.safetensors"
+        deep = text[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+        save_file(tensors, str(bad), metadata={"semisparse": deep})
+        with pytest.raises(ss.SemisparseError, match="header") as info:
+            ss.load(bad)
+        assert len(str(info.value).splitlines()) == 1
+        assert "header" in one_line_error(["report", str(bad)], capsys)
+
+
+def test_report_checks_a_compressed_files_digest_before_reading_its_tensors(tmp_path, capsys):
+    path = ck.save(sparse_tiny(), tmp_path / "m.safetensors")
+    bad = resave(path, tmp_path / "bad.safetensors", edit_header=lambda h: h["dense"].append("ghost.weight"))
+    assert "is corrupted" in one_line_error(["report", str(bad)], capsys)

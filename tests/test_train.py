@@ -151,7 +151,7 @@ def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ss.SemisparseError, match=f"cannot write {path}: disk full; nothing was replaced"):
         atomic_save({"epoch": 2}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["checkpoint.pth"]

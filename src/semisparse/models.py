@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors  # the factories torch.device("meta") redirects
 
 from .errors import SemisparseError
 from .io.digest import verify as verify_digest
@@ -286,25 +288,52 @@ def from_arch(arch: object, where: object, shapes: Mapping[str, tuple] | None = 
     """The model a file's recorded ``semisparse_arch`` describes (``where`` names the file in errors).
 
     The architecture is checked by :func:`arch_from_file`. With ``shapes`` (the tensors the file holds, by
-    plain state_dict key) the model is first built on the meta device, which allocates nothing, and refused
-    unless its tensors are exactly those: a header cannot make a load allocate more than its file holds. (A
-    model that cannot be built on the meta device, RegNet, is built for real only with no option but a
-    ``num_classes`` no larger than a tensor of the file.)
+    plain state_dict key) the model is first built without its weights (:func:`_build_on_meta`), and refused
+    unless its tensors are exactly those: a header cannot make a load allocate more than its file holds.
     """
     kw = arch_from_file(arch, where)
     name = kw.pop("name")
     if shapes is None:
         return create_model(name, **kw)
     try:
-        with torch.device("meta"):
-            _fits(create_model(name, **kw), shapes, where, name)
+        _fits(_build_on_meta(name, kw), shapes, where, name)
     except SemisparseError as exc:
         raise SemisparseError(f"{where}: {exc}" if str(where) not in str(exc) else str(exc)) from None
-    except Exception as exc:  # a constructor that reads tensor values (RegNet), or refuses the options
-        longest = max((max(s, default=0) for s in shapes.values()), default=0)
-        if set(kw) - {"num_classes"} or kw.get("num_classes", 0) > longest:
-            raise SemisparseError(f"{where}: cannot build the recorded model {name!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # a constructor that refuses the options, or that cannot be built without memory
+        raise SemisparseError(f"{where}: cannot build the recorded model {name!r}: {_first_line(exc)}") from None
     return _fits(create_model(name, **kw), shapes, where, name)
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Tensor factories make tensors of more than :data:`_SMALL` elements on the meta device (no memory),
+    smaller ones for real: a constructor that computes its layer widths from tensor values (RegNet's
+    ``.tolist()``) still runs, and the parameters, which is where the memory goes, stay empty."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            t = func(*args, **{**kwargs, "device": "meta"})
+            if isinstance(t, torch.Tensor) and t.numel() <= _SMALL:
+                return func(*args, **kwargs)
+            return t
+        return func(*args, **kwargs)
+
+
+_SMALL = 1 << 16
+
+
+def _build_on_meta(name: str, kw: Mapping[str, object]) -> nn.Module:
+    """``create_model(name, **kw)`` without allocating its weights: on the meta device, or, for a model whose
+    constructor reads tensor values (RegNet), with only its small tensors (<= 64 Ki elements each) real."""
+    try:
+        with torch.device("meta"):
+            return create_model(name, **kw)
+    except SemisparseError:
+        raise
+    except Exception:  # noqa: BLE001 - tried again below, which reports the constructor's own error
+        pass
+    with _LargeOnMeta():
+        return create_model(name, **kw)
 
 
 def _fits(model: nn.Module, shapes: Mapping[str, tuple], where: object, name: str) -> nn.Module:

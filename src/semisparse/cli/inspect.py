@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from ..errors import SemisparseError
 from ..io import compressed as ckpt_io
-from ..io.files import check_file, is_safetensors
+from ..io.files import check_file, check_write_target, is_safetensors
 from ..masking import LayerReport, Report, report
 from ..masking import masks as ss_masks
 from ..models import create_model
@@ -88,6 +88,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     dst = Path(args.output) if args.output else src.with_suffix(".onnx")
     if dst.resolve() == src.resolve():
         raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
+    check_write_target(dst)  # a folder, a device or a FIFO: refused before any work
     if is_compressed(src):
         model = ckpt_io.load(src, model=_given_model(args))
     else:
@@ -154,11 +155,10 @@ def main_report(argv: list[str] | None = None) -> int:
     example = None if args.input_size is None else torch.zeros(1, *args.input_size)
     out: dict = {"path": str(path)}
     if is_compressed(path):
-        header = ckpt_io.read_header(path)
+        header = ckpt_io.verify(path)  # every tensor read and checked against the digest before anything else
         out |= {"kind": "compressed"} | ckpt_io.sizes(path)
         model = _given_model(args)
         if model is None and not (header.get("arch") or {}).get("name"):
-            ckpt_io.verify(path)  # every tensor read and checked against the digest (ss.load does it below)
             rep = _header_report(header, path)
         else:
             model = ckpt_io.load(path, model=model)
@@ -205,6 +205,7 @@ def main_export(argv: list[str] | None = None) -> int:
                               ".safetensors)")  # fmt: skip
     if dst.resolve() == src.resolve():
         raise SemisparseError(f"output {dst} would overwrite the checkpoint; pass -o OUT")
+    check_write_target(dst)  # a folder, a device or a FIFO: refused before any work
     model, _ = load_training_checkpoint(src, model=_given_model(args))
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     ckpt_io.save(model, dst, dtype=dtype, keep_dense=args.keep_dense)

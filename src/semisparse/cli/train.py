@@ -28,14 +28,15 @@ from ..errors import SemisparseError
 from ..masking import report as ss_report
 from ..models import create_model, state_mismatch
 from ..train import distributed as dist_utils
-from ..train.checkpoint import check_arch, check_masks, load_checkpoint, set_rng_state
+from ..train.checkpoint import check_arch, check_masks, check_resumable, load_checkpoint, set_rng_state
+from ..train.checkpoint import entry as ckpt_entry
 from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
 from ..train.engine import EMA, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
-from ..train.run_folder import claim_output_dir
+from ..train.run_folder import claim_output_dir, same_dir
 from ..train.sparsity import SparsityConfig, TrainingSparsity
 from ..train.synthetic import synthetic_size
 from ..train.weights import WeightsInfo, carries_masks, load_run_weights
@@ -586,6 +587,7 @@ class Run:
     step: int = 0
     loggers: list = field(default_factory=list)
     report: object = None
+    resumed_metrics: dict | None = None  # the resumed checkpoint's epoch record (metrics.jsonl's line)
 
 
 def _device(args) -> torch.device:
@@ -747,26 +749,32 @@ def _resume(run: Run, path: str) -> None:
                            {k: tuple(v.shape) for k, v in ckpt["model"].items()})  # fmt: skip
     if wrong:
         raise SemisparseError(f"checkpoint {path} does not fit this run's model ({wrong})")
+    check_resumable(ckpt, path, run.optimizer, run.lr_scheduler)  # before anything is loaded
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.lr_scheduler is not None and ckpt.get("lr_scheduler"):
             run.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise SemisparseError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from exc
     if run.scaler is not None and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
+        with ckpt_entry(path, "scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
         if not ckpt.get("ema"):
             raise SemisparseError(f"checkpoint {path} has no EMA state; resume without --model-ema")
-        run.ema.load_state_dict(ckpt["ema"])
+        with ckpt_entry(path, "ema"):
+            run.ema.load_state_dict(ckpt["ema"])
     state = (ckpt.get("sparsity") or {}).get("state")
     if state:
-        run.sparsity.load_state_dict(state)
+        with ckpt_entry(path, "sparsity.state"):
+            run.sparsity.load_state_dict(state)
     check_masks(run.model, path)  # a mask that breaks the declared pattern is refused before training
     if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
+        with ckpt_entry(path, "rng"):
+            set_rng_state(ckpt["rng"])
     run.start_epoch = int(ckpt["epoch"]) + 1
+    run.resumed_metrics = ckpt.get("metrics")
     run.step = int(ckpt.get("step", 0))
     if dist_utils.is_main() and not run.args.test_only:
         print(f"resumed from {path}: epoch {ckpt['epoch']} done ({run.step} optimizer steps); continuing at "
@@ -1000,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
         loggers = _loggers(args)
         if args.output_dir and dist_utils.is_main():
             log = MetricsLog(args.output_dir)
-            log.start(run.start_epoch)
+            same = args.resume and same_dir(os.path.dirname(os.path.abspath(args.resume)), args.output_dir)
+            log.start(run.start_epoch, restore=run.resumed_metrics if same else None)
             loggers.insert(0, log)
         elif dist_utils.is_main():
             print("no --output-dir: no checkpoint or metrics file is written", flush=True)
@@ -1040,6 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         dist_utils.cleanup()
+        if folder is not None:
+            folder.release()  # the next run may write into the folder
     return 0
 
 

@@ -137,7 +137,7 @@ def _target_from_json(d: Mapping, where: str) -> Target:
             return k
         if kind == "unstructured":
             return None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         pass
     raise SemisparseError(f"{where}: bad sparsity target {dict(d)!r} in the header")
 
@@ -380,6 +380,10 @@ SMALL_LAYER = 1 << 24
 _LAYOUTS = ("rows", "conv", "taps")
 
 
+def _name_in(x: object, names) -> bool:
+    return isinstance(x, str) and x in names  # a list or dict from a file is unhashable: not a name
+
+
 def _positive_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
@@ -391,14 +395,14 @@ def check_entry(key: object, entry: object, where: object) -> None:
 
     if not isinstance(entry, Mapping):
         raise bad(f"the entry is a {type(entry).__name__}; expected a mapping")
-    if entry.get("encoding") not in PARTS:
+    if not _name_in(entry.get("encoding"), PARTS):
         raise bad(f"unknown encoding {entry.get('encoding')!r}; expected one of {sorted(PARTS)}")
-    if entry.get("layout") not in _LAYOUTS:
+    if not _name_in(entry.get("layout"), _LAYOUTS):
         raise bad(f"unknown layout {entry.get('layout')!r}; expected one of {list(_LAYOUTS)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or len(shape) < 2 or not all(_positive_int(s) for s in shape):
         raise bad(f"shape {shape!r} is not a list of at least two positive ints")
-    if entry.get("dtype") not in DTYPES:
+    if not _name_in(entry.get("dtype"), DTYPES):
         raise bad(f"unknown dtype {entry.get('dtype')!r}")
     if not isinstance(entry.get("keep_dense"), bool):
         raise bad("keep_dense is not a bool")

@@ -35,7 +35,7 @@ from ..masking.parametrization import attach, detach_all, sparse_weights, split_
 from ..models import from_arch, state_mismatch
 from .codec import DTYPES, PARTS, SEP, check_entry, check_size, decode, encode
 from .digest import corrupted, digest
-from .files import atomic_write, check_file
+from .files import atomic_write, check_depth, check_file
 
 FORMAT = "semisparse.compressed"
 VERSION = 2
@@ -87,13 +87,17 @@ def save(
             raise SemisparseError(f"state_dict key {name!r} contains {SEP!r}, which the file format reserves")
         t = t.detach().cpu()
         if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
+            t = _narrowed(name, t, dtype)
         tensors[name] = t.clone().contiguous()  # never shares storage (safetensors refuses shared tensors)
         dense_keys.append(name)
     with torch.no_grad():
         for key, sw in sparse.items():
             original = sw.original.detach()
             effective = original * sw.parametrization.hard_mask().to(original.dtype)
+            if dtype is not None:  # refused before a file is touched
+                _narrowed(key, effective, dtype)
+                if keep_dense:
+                    _narrowed(key, original, dtype)
             entry, enc = encode(
                 key, sw.parametrization, effective, original if keep_dense else None, dtype or original.dtype
             )
@@ -117,6 +121,19 @@ def save(
     meta = {META_KEY: json.dumps(header)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def _narrowed(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, or one line naming ``name`` when a finite value would become inf (1e5 in float16)."""
+    out = t.to(dtype)
+    overflow = torch.isinf(out) & torch.isfinite(t)
+    if overflow.any():
+        big = t[overflow].abs().max().item()
+        raise SemisparseError(
+            f"cannot store {name} as {str(dtype).removeprefix('torch.')}: it holds {big:g} (largest magnitude), "
+            f"beyond the {torch.finfo(dtype).max:g} that type holds; save it in a wider dtype (float32, bfloat16)"
+        )
+    return out
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -155,6 +172,9 @@ def _parse_header(meta: Mapping[str, str], path: Path) -> dict:
         header = json.loads(meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise SemisparseError(f"{path}: corrupted semisparse header ({exc})") from None
+    except RecursionError:
+        raise SemisparseError(f"{path}: corrupted semisparse header (nested too deeply to parse)") from None
+    check_depth(header, f"compressed file {path}: its header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SemisparseError(f"{path}: header does not describe a {FORMAT} file")
     if header.get("version") not in READS:
@@ -236,7 +256,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             decoded[key] = decode(key, entry, tensors)
         except SemisparseError as exc:
             raise SemisparseError(f"{path}: {exc}") from None
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # a malformed header value
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as exc:  # a malformed value
             raise SemisparseError(f"{path}: {key}: malformed layer entry ({exc})") from None
     # Everything is checked: only now is the model changed.
     detach_all(model)  # a given model that is sparsified already: start from its dense weights
@@ -280,14 +300,22 @@ def sizes(path: str | os.PathLike) -> dict[str, int | float]:
     path = Path(path)
     header = read_header(path)
     dense = 0
-    with safe_open(str(path), framework="pt") as f:
-        for name in header["dense"]:
-            sl = f.get_slice(name)
-            dense += math.prod(sl.get_shape()) * DTYPES[_st_dtype(sl.get_dtype())].itemsize
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in header["dense"]:
+                sl = f.get_slice(name)
+                dense += math.prod(sl.get_shape()) * DTYPES[_st_dtype(sl.get_dtype())].itemsize
+    except Exception as exc:  # SafetensorError: a name the header lists that the file lacks
+        raise SemisparseError(f"{path}: tensors do not match the header ({_first_line(exc)})") from None
     for entry in header["layers"].values():
         dense += math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
     size = path.stat().st_size
     return {"file_bytes": size, "dense_bytes": dense, "ratio": size / max(1, dense)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _st_dtype(code: str) -> str:

@@ -11,6 +11,7 @@ A checkpoint is a plain dict (``torch.save``) of tensors, numbers, strings, list
     sparsity      {"masks": ss.masks(model), "pattern": str | None, "method": str, "state": ... | None}
     rng           {"torch": uint8 tensor, "cuda": [uint8 tensors], "numpy": {...}, "python": [...]}
     step          optimizer steps taken so far
+    metrics       the epoch's record, as its ``metrics.jsonl`` line holds it (restored on resume if missing)
     digest        ``semisparse.io.digest.digest`` of everything above, recorded when written
 
 Files are written to a temporary name in the same folder and renamed over the target
@@ -23,9 +24,11 @@ The digest detects accidental corruption, not deliberate tampering (whoever edit
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +130,161 @@ def check_fields(ckpt: Mapping, path: object) -> None:
         raise bad("step", "the optimizer steps taken as an int")
     if "model" in ckpt and not _tensor_dict(ckpt["model"]):
         raise bad("model", "a state_dict (a dict of tensors)")
-    for field in ("args", "arch", "sparsity", "optimizer"):
+    for field in ("args", "arch", "sparsity", "optimizer", "metrics"):
         if ckpt.get(field) is not None and not isinstance(ckpt[field], Mapping):
             raise bad(field, "a dict")
     masks = (ckpt.get("sparsity") or {}).get("masks")
     if masks is not None and not _tensor_dict(masks):
         raise SemisparseError(f"checkpoint {path}: 'sparsity.masks' is not a dict of tensors")
+
+
+#: What a resealed or foreign checkpoint entry may raise when loaded into this run's objects.
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError)
+
+
+@contextlib.contextmanager
+def entry(path: object, name: str) -> Iterator[None]:
+    """Turn an error loading checkpoint entry ``name`` into one line naming the file and the entry."""
+    try:
+        yield
+    except LOAD_ERRORS as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if str(path) in reason:
+            raise SemisparseError(reason) from None
+        raise SemisparseError(f"checkpoint {path}: '{name}' does not fit this run ({reason[:300]})") from None
+
+
+def check_resumable(ckpt: Mapping, path: object, optimizer: torch.optim.Optimizer, lr_scheduler: object) -> None:
+    """Refuse, in one line naming the entry, what a resume would otherwise trip over later (mid-epoch or at
+    the epoch's end): an optimizer state of another shape or of non-finite values, a schedule that cannot
+    step (``step_size`` 0), an RNG state that is not one."""
+    check_optimizer_state(ckpt.get("optimizer"), optimizer, path)
+    if lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+        check_scheduler_state(ckpt["lr_scheduler"], lr_scheduler.state_dict(), path)
+    if ckpt.get("rng") is not None:
+        check_rng_state(ckpt["rng"], path)
+
+
+_MISSING = object()
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, path: object) -> None:
+    """The saved optimizer state fits ``optimizer``: its groups, one state per parameter of that shape, finite."""
+
+    def bad(what: str) -> SemisparseError:
+        return SemisparseError(f"checkpoint {path}: 'optimizer{what}")
+
+    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping) \
+            or not isinstance(state.get("param_groups"), list):  # fmt: skip
+        raise bad("' is not an optimizer state_dict (a dict of 'state' and 'param_groups')")
+    groups, own = state["param_groups"], optimizer.param_groups
+    sizes = [len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list)
+             and all(_is_int(i) for i in g["params"]) else None for g in groups]  # fmt: skip
+    if sizes != [len(g["params"]) for g in own]:
+        raise bad(f".param_groups' holds groups of {sizes} parameters; this run's optimizer has "
+                  f"{[len(g['params']) for g in own]}")
+    params: dict = {}
+    for i, (g, o) in enumerate(zip(groups, own)):
+        params.update(zip(g["params"], o["params"]))
+        for k, v in g.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise bad(f".param_groups[{i}].{k}' is {v}; expected a finite number")
+        for k, mine in o.items():  # every setting this run's optimizer steps with, of the same kind
+            if k == "params":
+                continue
+            v = g.get(k, _MISSING)
+            if v is _MISSING:
+                raise bad(f".param_groups[{i}]' lacks '{k}'")
+            if _finite(mine) and not _finite(v) or isinstance(mine, bool) and not isinstance(v, bool) \
+                    or isinstance(mine, (tuple, list)) and not (isinstance(v, (tuple, list)) and len(v) == len(mine)
+                                                              and all(_finite(x) for x in v)):  # fmt: skip
+                raise bad(f".param_groups[{i}].{k}' is {v!r}; this run's optimizer has {mine!r}")
+    if len(params) != sum(len(g["params"]) for g in own):
+        raise bad(".param_groups' names a parameter twice")
+    for i, st in state["state"].items():
+        if i not in params:
+            raise bad(f".state' has an entry for parameter {i!r}, which no parameter group holds")
+        if not isinstance(st, Mapping):
+            raise bad(f".state[{i}]' is a {type(st).__name__}; expected a dict")
+        shape = tuple(params[i].shape)
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                if v is not None and not (k == "step" and _finite(v)):  # the step count may be a number
+                    raise bad(f".state[{i}].{k}' is {v!r}; expected a tensor")
+                continue
+            if v.dim() > 0 and tuple(v.shape) != shape:
+                raise bad(f".state[{i}].{k}' has shape {tuple(v.shape)}; its parameter has shape {shape}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise bad(f".state[{i}].{k}' holds NaN or inf")
+
+
+#: Scheduler entries a schedule divides by or counts with: a positive number.
+_POSITIVE = ("step_size", "T_max", "T_0", "T_mult", "total_iters", "step_size_up", "step_size_down")
+
+
+def check_scheduler_state(state: object, own: Mapping, path: object, where: str = "lr_scheduler") -> None:
+    """The saved schedule has this run's scheduler's entries, with numbers it can step with."""
+    if not isinstance(state, Mapping):
+        raise SemisparseError(f"checkpoint {path}: '{where}' is a {type(state).__name__}; expected a dict")
+    unknown = sorted(set(map(str, state)) - set(own))
+    if unknown:
+        raise SemisparseError(f"checkpoint {path}: '{where}' has entries this run's scheduler does not "
+                              f"({', '.join(unknown[:3])})")  # fmt: skip
+    for k, v in state.items():
+        name = f"{where}.{k}"
+        if k == "_schedulers":
+            mine = own.get(k) or []
+            if not isinstance(v, list) or len(v) != len(mine):
+                raise SemisparseError(f"checkpoint {path}: '{name}' does not hold {len(mine)} schedulers")
+            for j, (sv, ov) in enumerate(zip(v, mine)):
+                check_scheduler_state(sv, ov, path, f"{name}[{j}]")
+        elif k in _POSITIVE and v is not None and not (_finite(v) and v > 0):
+            raise SemisparseError(f"checkpoint {path}: '{name}' is {v!r}; expected a positive number")
+        elif k == "last_epoch" and not (isinstance(v, int) and not isinstance(v, bool) and v >= -1):
+            raise SemisparseError(f"checkpoint {path}: '{name}' is {v!r}; expected an int >= -1")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise SemisparseError(f"checkpoint {path}: '{name}' is {v}; expected a finite number")
+        elif isinstance(v, list) and k in ("base_lrs", "_last_lr") and not all(_finite(x) for x in v):
+            raise SemisparseError(f"checkpoint {path}: '{name}' holds a value that is not a finite number")
+        elif type(v) is not type(own.get(k, v)) and not (_finite(v) and _finite(own.get(k))):
+            raise SemisparseError(f"checkpoint {path}: '{name}' is a {type(v).__name__}; this run's scheduler "
+                                  f"has a {type(own[k]).__name__}")  # fmt: skip
+
+
+def check_rng_state(state: object, path: object) -> None:
+    """The saved RNG states are what :func:`rng_state` writes (the setters check little or crash later)."""
+
+    def bad(what: str) -> SemisparseError:
+        return SemisparseError(f"checkpoint {path}: 'rng{what}")
+
+    if not isinstance(state, Mapping):
+        raise bad("' is not a dict of RNG states")
+    t = state.get("torch")
+    want = torch.get_rng_state()
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != want.shape:
+        raise bad(f".torch' is not a CPU generator state (a uint8 tensor of {want.numel()} bytes)")
+    n = state.get("numpy")
+    ok = isinstance(n, Mapping) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].numel() == 624 \
+        and _is_int(n.get("pos")) and 0 <= n["pos"] <= 624 and n.get("has_gauss") in (0, 1) \
+        and isinstance(n.get("gauss"), float)  # fmt: skip
+    if not ok:
+        raise bad(".numpy' is not a NumPy MT19937 state")
+    py = state.get("python")
+    ok = isinstance(py, list) and len(py) == 3 and py[0] == random.getstate()[0] and isinstance(py[1], list) \
+        and len(py[1]) == 625 \
+        and all(_is_int(x) and 0 <= x < 2**32 for x in py[1][:624]) and _is_int(py[1][624]) \
+        and 0 <= py[1][624] <= 624 and (py[2] is None or isinstance(py[2], float))  # fmt: skip
+    if not ok:
+        raise bad(".python' is not a Python random state")
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8
+                                                                for c in cuda)):  # fmt: skip
+        raise bad(".cuda' is not a list of CUDA generator states")
 
 
 def check_masks(model: nn.Module, path: object) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from ..io.digest import seal
 from .checkpoint import atomic_save, rng_state
 from .distributed import all_reduce_sum, is_main
-from .metrics import Logger, progress
+from .metrics import Logger, plain_record, progress
 from .sparsity import TrainingSparsity, zero_share
 
 
@@ -355,6 +355,7 @@ def fit(
         if output_dir and is_main():
             ckpt = checkpoint_dict(model, optimizer, lr_scheduler, epoch, step, args=args, sparsity=sparsity,
                                    scaler=scaler, ema=ema)  # fmt: skip
+            ckpt["metrics"] = plain_record(record)  # restores the metrics line if a kill comes before it
             if save_checkpoint is not None:
                 save_checkpoint(ckpt, epoch)
             else:
