@@ -383,3 +383,39 @@ def test_deploy_of_plain_models_warns_nothing():
         dep = deploy(model, plan="condensed", example_input=torch.randn(1, 3, 6, 6))
     assert dep.semisparse_plan["folded_bn"] == 1 and not dep.semisparse_plan["undone"]
     assert_same(dep, model, torch.randn(2, 3, 6, 6))
+
+
+class TwoNamesAndAList(nn.Module):
+    """One Linear registered under two names, another reached through a plain list, a cosine Linear, a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.fc_alias = self.fc
+        self.cos = CosineLinear(64, 64)
+        self.tail = nn.Linear(64, 32)
+        self.listed = [self.tail]
+        self.tail.register_forward_hook(lambda mod, args, out: out + 1)
+
+    def forward(self, x):
+        x = F.relu(self.fc(x))
+        x = F.relu(self.fc_alias(x)) + self.cos(x)
+        return self.listed[0](x) + self.tail(x)
+
+
+def test_cuda_deploy_swaps_every_name_of_a_shared_layer_and_only_plain_layers():
+    from semisparse.deploy.cuda import EmulatedBackend, deploy_cuda
+    from semisparse.deploy.cuda.layer import PlannedLayer
+
+    torch.manual_seed(0)
+    model = TwoNamesAndAList().eval()
+    ss.sparsify(model, "2:4")
+    x = torch.randn(4, 64)
+    dep = deploy_cuda(model, torch.float32, example_input=x, backend=EmulatedBackend(), plan="sparse", graph=False)
+    inner = dep.module
+    assert isinstance(inner.fc, PlannedLayer) and inner.fc_alias is inner.fc
+    assert type(inner.cos) is CosineLinear and "CosineLinear redefines forward" in dep.semisparse_plan["kept_dense"][
+        "cos.weight"]
+    with torch.no_grad():
+        got, want = dep(x), model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
