@@ -99,6 +99,13 @@ def deploy(
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
+    for sw in sparse_weights(model):
+        others = [type(p).__name__ for p in sw.module.parametrizations[sw.param] if p is not sw.parametrization]
+        if others:
+            raise SemisparseError(
+                f"{sw.key} carries {', '.join(others)} besides semisparse's mask; deploy reads plain masked weights: "
+                "fold it into the weight first (torch.nn.utils.parametrize.remove_parametrizations(module, "
+                f"{sw.param!r}, leave_parametrized=True) before ss.sparsify) and sparsify again")
     model_dtype = _model_dtype(model)
     if dtype is None and model_dtype != torch.float32:  # the model's own dtype: run in it
         if model_dtype not in (torch.float64, torch.bfloat16, torch.float16):
