@@ -74,6 +74,14 @@ def deploy(
     semisparse code) runs its kernels and its torch ops on no more threads than the CPUs the process may use
     at that moment (its CPU affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since
     OpenMP threads beyond them spin-wait for each other; torch's thread count is as it was after the call.
+    Only provably plain layers are replaced (:mod:`.plain`: exactly torch's ``nn.Linear`` / ``ConvNd`` /
+    ``nn.MultiheadAttention``, or a subclass keeping their forward; forward hooks carried over); any other
+    masked layer stays the module it is with its mask multiplied in, listed in ``ss.report`` as "left as is"
+    with the reason (``semisparse_plan["left_as_is"]``). Deployed layers keep a ``weight`` (the masked dense
+    weight) for code that reads it. The deployed model is checked against the masked model on the example
+    input and a second input (:mod:`.verify`) before planning: a difference undoes the folds, or keeps the
+    layers whose swap caused it as torch's modules, with a one-line warning (``semisparse_plan["undone"]``).
+    A float64 / bf16 / fp16 model with ``dtype=None`` is deployed in its dtype (its sparse layers dense).
     An ``example_input`` the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers
     refuse what the original layers refuse, with the same errors (inputs the kernels do not take run torch's
     own op).
@@ -117,7 +125,8 @@ def deploy(
         x = cast_example(x, model_dtype)
     checks = None
     try:  # the masked model's outputs every rewrite is checked against (fp32: what the kernels compute)
-        checks = Checks(reference(model), cast_example(x, torch.float32))
+        # a guessed input is full-size (224 x 224 for an image model): its second input keeps the shape
+        checks = Checks(reference(model), cast_example(x, torch.float32), grow=example_input is not None)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on the input is the answer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if example_input is not None:

@@ -93,13 +93,13 @@ def difference(out, ref, rtol: float = RTOL) -> str:
 class Checks:
     """The inputs a deployed model is checked on and the masked model's outputs for them."""
 
-    def __init__(self, ref: nn.Module, x) -> None:
+    def __init__(self, ref: nn.Module, x, grow: bool = True) -> None:
         """Runs ``ref`` on ``x`` (its errors propagate: the input does not fit the model) and on a second
-        input (one sample more if the model takes it, else the same shape)."""
+        input (``grow``: one sample more if the model takes it; else, or if not, the same shape)."""
         with torch.no_grad():
             self.cases = [(x, run(ref, x))]
-            for grow in (True, False):
-                x2 = second_input(x, grow)
+            for more in (True, False) if grow else (False,):
+                x2 = second_input(x, more)
                 try:
                     self.cases.append((x2, run(ref, x2)))
                     break
