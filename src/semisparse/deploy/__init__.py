@@ -196,6 +196,8 @@ def deploy(
         if not _runs_semisparse(m):  # torch's modules only: they cost what the original's cost, hooks included
             for h in hooks:
                 h.remove()
+                for table in (m._forward_pre_hooks, m._forward_hooks, m._forward_hooks_always_called):
+                    table.pop(h.id, None)  # a root replaced by torch's layer carried them over
             summary["thread_hooks"] = False
     for _, layer in deployed_layers(m):
         layer.drop_unused()
