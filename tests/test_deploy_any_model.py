@@ -429,3 +429,18 @@ def test_a_second_parametrization_on_a_weight_is_refused_saying_how_to_proceed()
     with pytest.raises(ss.SemisparseError, match="remove_parametrizations") as info:
         deploy(model, plan="condensed", example_input=torch.randn(1, 8))
     assert "\n" not in str(info.value) and "0.weight" in str(info.value)
+
+
+def test_a_root_layer_kept_dense_keeps_its_users_hooks_and_not_deploys_thread_hooks(monkeypatch):
+    from semisparse.deploy import planner
+    from semisparse.deploy.kept import KeptDenseLinear
+
+    monkeypatch.setattr(planner, "interleaved_medians", lambda fns, *a, **k: [1.0] + [2.0] * (len(fns) - 1))
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    ss.sparsify(lin, 0.5)
+    lin.register_forward_hook(lambda mod, args, out: out * 3)
+    dep = deploy(lin, example_input=torch.randn(2, 16), reps=1)
+    assert type(dep) is KeptDenseLinear and dep.semisparse_plan["thread_hooks"] is False
+    assert len(dep._forward_hooks) == 1 and not dep._forward_pre_hooks  # the user's hook, not deploy's
+    assert_same(dep, lin, torch.randn(3, 16))
