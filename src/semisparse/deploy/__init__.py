@@ -124,9 +124,18 @@ def deploy(
     if example_input is None:
         x = cast_example(x, model_dtype)
     checks = None
+    ref = reference(model)
+    if example_input is None and plan != "measure":  # nothing timed: check on a small guess where it fits
+        small = cast_example(default_example_input(model, batch_size, size=32), torch.float32)
+        if small.shape != x.shape:
+            try:
+                checks = Checks(ref, small)
+            except Exception:  # noqa: BLE001 - the model takes only its full size: checked on that below
+                checks = None
     try:  # the masked model's outputs every rewrite is checked against (fp32: what the kernels compute)
         # a guessed input is full-size (224 x 224 for an image model): its second input keeps the shape
-        checks = Checks(reference(model), cast_example(x, torch.float32), grow=example_input is not None)
+        if checks is None:
+            checks = Checks(ref, cast_example(x, torch.float32), grow=example_input is not None)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on the input is the answer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if example_input is not None:

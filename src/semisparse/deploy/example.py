@@ -11,12 +11,12 @@ from ..errors import SemisparseError
 __all__ = ["default_example_input", "cast_example", "describe_example"]
 
 
-def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+def default_example_input(model: nn.Module, batch_size: int = 1, size: int | None = None) -> torch.Tensor:
     """``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``,
-    which semisparse's models and torchvision's ViTs carry, or its arch's, else 224), or
+    which semisparse's models and torchvision's ViTs carry, or its arch's, else ``size``, else 224), or
     ``(batch, in_features)`` when the first layer is a Linear."""
     arch = getattr(model, "semisparse_arch", None) or {}
-    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
+    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size") or size
     for mod in model.modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = mod.weight.dim() - 2
