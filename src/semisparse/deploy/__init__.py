@@ -16,17 +16,20 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..masking.parametrization import detach, sparse_weights
+from ..masking.report import LayerReport
 from . import cpus, kernels
 from .attention import SparseMultiheadAttention, supports
 from .condensed import SparseConv, SparseLinear, deployed_layers
 from .cuda import deploy_cuda
 from .example import cast_example, default_example_input, describe_example
-from .fold import bake, fold_ablated, fold_batchnorm, registered_names
+from .fold import bake, fold_ablated, fold_batchnorm, registered_names, replace_everywhere
 from .kept import as_torch_layer
+from .plain import carry_hooks, why_not_plain
 from .planner import plan_layers, plan_model, plan_pools, run
 from .pool import MaxPool2d
 from .pool import supports as supports_pool
 from .transformer import deploy_transformers
+from .verify import Checks, reference
 
 __all__ = ["deploy", "deployed_layers", "default_example_input"]
 
@@ -76,6 +79,14 @@ def deploy(
     semisparse code) runs its kernels and its torch ops on no more threads than the CPUs the process may use
     at that moment (its CPU affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since
     OpenMP threads beyond them spin-wait for each other; torch's thread count is as it was after the call.
+    Only provably plain layers are replaced (:mod:`.plain`: exactly torch's ``nn.Linear`` / ``ConvNd`` /
+    ``nn.MultiheadAttention``, or a subclass keeping their forward; forward hooks carried over); any other
+    masked layer stays the module it is with its mask multiplied in, listed in ``ss.report`` as "left as is"
+    with the reason (``semisparse_plan["left_as_is"]``). Deployed layers keep a ``weight`` (the masked dense
+    weight) for code that reads it. The deployed model is checked against the masked model on the example
+    input and a second input (:mod:`.verify`) before planning: a difference undoes the folds, or keeps the
+    layers whose swap caused it as torch's modules, with a one-line warning (``semisparse_plan["undone"]``).
+    A float64 / bf16 / fp16 model with ``dtype=None`` is deployed in its dtype (its sparse layers dense).
     An ``example_input`` the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers
     refuse what the original layers refuse, with the same errors (inputs the kernels do not take run torch's
     own op).
@@ -105,26 +116,64 @@ def deploy(
     if not any(True for _ in sparse_weights(model)):
         raise SemisparseError("model holds no semisparse masks; call ss.sparsify(model, ...) or ss.load(path) first")
 
-    m = copy.deepcopy(model).cpu().eval()
-    for p in m.parameters():  # an inference copy, as on CUDA: no autograd graph behind its outputs
-        p.requires_grad_(False)
-    found = {}
-    for sw in list(sparse_weights(m)):
-        mask = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
-        found[sw.key] = (sw.name, sw.param, mask, sw.parametrization.pattern_name)
-    for sw in list(sparse_weights(m)):  # the dense originals, as plain inference weights
-        detach(sw.module, sw.param)
-    masks = {k: v[2] for k, v in found.items()}
-    patterns = {k: v[3] for k, v in found.items()}
-    folded_bn = fold_batchnorm(m, masks) if fold_bn else []
+    for sw in sparse_weights(model):
+        others = [type(p).__name__ for p in sw.module.parametrizations[sw.param] if p is not sw.parametrization]
+        if others:
+            raise SemisparseError(
+                f"{sw.key} carries {', '.join(others)} besides semisparse's mask; deploy reads plain masked weights: "
+                "fold it into the weight first (torch.nn.utils.parametrize.remove_parametrizations(module, "
+                f"{sw.param!r}, leave_parametrized=True) before ss.sparsify) and sparsify again")
+    model_dtype = _model_dtype(model)
+    if dtype is None and model_dtype != torch.float32:  # the model's own dtype: run in it
+        if model_dtype not in (torch.float64, torch.bfloat16, torch.float16):
+            raise SemisparseError(f"the model's weights are {model_dtype}; deploy runs float32, float64, bfloat16 "
+                                  "or float16 models: pass dtype=torch.float32")
+        dtype = model_dtype
+    x = example_input if example_input is not None else default_example_input(model, batch_size,
+                                                                              warn=plan == "measure")
+    if example_input is None:
+        x = cast_example(x, model_dtype)
+    checks = None
+    ref = reference(model)
+    if example_input is None and plan != "measure":  # nothing timed: check on a small guess where it fits
+        small = cast_example(default_example_input(model, batch_size, size=32), torch.float32)
+        if small.shape != x.shape:
+            try:
+                checks = Checks(ref, small)
+            except Exception:  # noqa: BLE001 - the model takes only its full size: checked on that below
+                checks = None
+    try:  # the masked model's outputs every rewrite is checked against (fp32: what the kernels compute)
+        # a guessed input is full-size (224 x 224 for an image model): its second input keeps the shape
+        if checks is None:
+            checks = Checks(ref, cast_example(x, torch.float32), grow=example_input is not None)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on the input is the answer
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if example_input is not None:
+            raise SemisparseError(f"example_input {describe_example(x)} does not fit the model "
+                                  f"({type(exc).__name__}: {first}); pass an input of the model's real shape "
+                                  "and dtype") from exc
+        if plan == "measure":
+            raise SemisparseError(
+                f"could not run the model on a guessed input of shape {tuple(x.shape)} ({type(exc).__name__}: "
+                f"{first}); pass example_input=torch.randn(...) with the model's real input shape") from exc
+        warnings.warn(f"semisparse: deployed unchecked: the model does not run on a guessed input of shape "
+                      f"{tuple(x.shape)}; pass example_input=... to check it against the masked model",
+                      RuntimeWarning, stacklevel=2)
+    if checks is None:
+        m, built = _build(model, fold_bn, fold)
+        built["undone"] = []
+    else:
+        m, built = _verified(model, checks, fold_bn, fold)
     # bf16: condensed values stored in bf16, accumulated in fp32 by the kernels; other dtypes run dense
     dense_dtype = dtype not in (None, torch.float32) and not (dtype == torch.bfloat16 and kernels.available())
     if dense_dtype:
-        warnings.warn(f"semisparse: no {dtype} condensed kernels on this CPU; sparse layers run dense in {dtype}",
-                      RuntimeWarning, stacklevel=2)
-    dropped = fold_ablated(m, masks) if fold else {}
-
-    m = _condense(m, masks, patterns)
+        warnings.warn(f"semisparse: no {str(dtype).removeprefix('torch.')} condensed kernels on this CPU; sparse "
+                      f"layers run dense in {str(dtype).removeprefix('torch.')}"
+                      + (" (the model's dtype; pass dtype=torch.float32 to run them condensed)"
+                         if dtype == model_dtype else ""), RuntimeWarning, stacklevel=2)
+    for note in built["undone"]:
+        warnings.warn(f"semisparse: {note}", RuntimeWarning, stacklevel=2)
+    dropped = built["dropped"]
     hooks = cpus.attach(m)  # before planning: the planner times the model as it will run
     for _, layer in deployed_layers(m):
         if layer.key in dropped:
@@ -132,7 +181,7 @@ def deploy(
 
     summary: dict = {"plan": plan, "batch_size": batch_size, "threads": torch.get_num_threads(),
                      "usable_cpus": cpus.usable(), "kernels": kernels.available(), "simd_bits": kernels.simd_width(),
-                     "folded_bn": len(folded_bn)}
+                     "folded_bn": len(built["folded_bn"]), "left_as_is": built["left"], "undone": built["undone"]}
     if dense_dtype:
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
@@ -140,7 +189,7 @@ def deploy(
         plan = "dense"
     elif dtype == torch.bfloat16:
         m.to(dtype)
-    if example_input is not None and plan != "measure":
+    if example_input is not None and dtype is not None and dtype != torch.float32:  # checked in fp32 above
         _check_example(m, cast_example(example_input, dtype))
     if plan == "dense":
         for _, layer in deployed_layers(m):
@@ -149,9 +198,6 @@ def deploy(
             if isinstance(pool, MaxPool2d):
                 pool.use_kernel = False
     elif plan == "measure":
-        if example_input is not None:
-            _check_example(m, cast_example(example_input, dtype))
-        x = example_input if example_input is not None else default_example_input(model, batch_size, warn=True)
         x = cast_example(x, dtype)
         # what the timings and ratios are for (ss.report says so, and warns when counting at another shape)
         summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
@@ -194,13 +240,13 @@ def _kept_dense_to_torch(m: nn.Module) -> tuple[nn.Module, int]:
     replaced = 0
     for _, layer in deployed_layers(m):
         if layer.mode == "dense" and not layer.dense_gemm and id(layer) not in inside_mha:
-            m = _replace_everywhere(m, names[id(layer)], as_torch_layer(layer))
+            m = replace_everywhere(m, names[id(layer)], as_torch_layer(layer))
             replaced += 1
     for pool in [p for p in m.modules() if isinstance(p, MaxPool2d) and not p.use_kernel]:
         plain = nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
                              pool.ceil_mode)
         plain.train(pool.training)
-        m = _replace_everywhere(m, names[id(pool)], plain)
+        m = replace_everywhere(m, names[id(pool)], plain)
     return m, replaced
 
 
@@ -221,9 +267,128 @@ def _check_example(m: nn.Module, x) -> None:
                               f"{first}); pass an input of the model's real shape and dtype") from exc
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating weight (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _strip(model: nn.Module) -> tuple[nn.Module, dict, dict]:
+    """An eval copy of ``model`` without grads or mask parametrizations, every masked weight baked (``weight *
+    mask`` as a new tensor: a weight tied elsewhere stays as the other user sees it, and a layer also reached
+    outside its registered name computes the masked layer); returns it, the masks and the pattern names."""
+    m = copy.deepcopy(model).cpu().eval()
+    for p in m.parameters():  # an inference copy, as on CUDA: no autograd graph behind its outputs
+        p.requires_grad_(False)
+    masks, patterns = {}, {}
+    for sw in list(sparse_weights(m)):
+        masks[sw.key] = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
+        patterns[sw.key] = sw.parametrization.pattern_name
+    for sw in list(sparse_weights(m)):
+        detach(sw.module, sw.param)
+    for key, mask in masks.items():
+        owner, _, param = key.rpartition(".")
+        bake(m.get_submodule(owner) if owner else m, param, mask)
+    return m, masks, patterns
+
+
+def _owners(m: nn.Module, masks: dict) -> dict[str, tuple[str, nn.Module]]:
+    """``{mask key: (name, module it belongs to)}``, an MHA's keys (its ``out_proj`` too) to the MHA."""
+    out = {}
+    for name, mod in m.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.MultiheadAttention):
+            for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"):
+                if prefix + p in masks:
+                    out[prefix + p] = (name, mod)
+        elif prefix + "weight" in masks and prefix + "weight" not in out:
+            out[prefix + "weight"] = (name, mod)
+    return out
+
+
+def _build(model: nn.Module, fold_bn: bool, fold: bool, keep: frozenset = frozenset()) -> tuple[nn.Module, dict]:
+    """The deployed structure of ``model`` (every condensable layer condensed, fp32), with the folds asked
+    for; layers whose keys are in ``keep`` stay torch's modules. Returns it and what was done."""
+    m, masks, patterns = _strip(model)
+    left: dict[str, str] = {}
+    owners = _owners(m, masks)
+    for key, (_, mod) in owners.items():
+        why = why_not_plain(mod) or (supports(mod) if isinstance(mod, nn.MultiheadAttention) else "")
+        if not why and key in keep:
+            why = "replacing it changed the model's output"
+        if why:
+            left[key] = why
+    for key, (_, mod) in owners.items():  # one key of an MHA left: the whole MHA stays
+        why = next((left[k] for k, (_, o) in owners.items() if o is mod and k in left), "")
+        if why:
+            left.setdefault(key, why)
+    run = {k: v for k, v in masks.items() if k not in left}
+    folded_bn = fold_batchnorm(m, run) if fold_bn else []
+    dropped = fold_ablated(m, run) if fold else {}
+    m = _condense(m, run, patterns)
+    for key, why in left.items():  # the report's row of a layer left as is, with the reason
+        owner = m.get_submodule(key.rpartition(".")[0]) if "." in key else m
+        if owner.__dict__.get("semisparse_rows") is None:
+            owner.semisparse_rows = []
+        mask = masks[key]
+        owner.semisparse_rows.append(LayerReport(key, type(owner).__name__, tuple(mask.shape), patterns[key],
+                                                 float(mask.float().mean()), mask.numel(),
+                                                 reason=f"left as is: {why}", extra={"kernel": "torch"}))
+    return m, {"folded_bn": folded_bn, "dropped": dropped, "left": left, "units": sorted(run)}
+
+
+def _verified(model: nn.Module, checks: Checks, fold_bn: bool, fold: bool) -> tuple[nn.Module, dict]:
+    """:func:`_build`, checked against the masked model on ``checks``: a rewrite that changes the outputs is
+    undone (the folds first, then the layers whose swap changes them, found by halving), and said why."""
+    m, info = _build(model, fold_bn, fold)
+    why = checks.mismatch(m)
+    if not why:
+        return m, {**info, "undone": []}
+    undone = []
+    folds = [("BatchNorm folding", (False, fold)), ("ablated-neuron removal", (fold_bn, False)),
+             ("BatchNorm folding and ablated-neuron removal", (False, False))]
+    for what, (fb, fa) in folds:
+        if (fb, fa) == (fold_bn, fold):
+            continue
+        m2, info2 = _build(model, fb, fa)
+        if not checks.mismatch(m2):
+            return m2, {**info2, "undone": [f"{what} undone: the deployed model {why}"]}
+    fold_bn = fold = False
+
+    def fails(swapped: list[str]) -> str:
+        return checks.mismatch(_build(model, False, False, frozenset(info["units"]) - set(swapped))[0])
+
+    bad = _offenders(fails, info["units"])
+    keep = frozenset(bad)
+    m, info = _build(model, False, False, keep)
+    why2 = checks.mismatch(m)
+    if why2:  # together they still differ: every layer stays torch's
+        keep = frozenset(info["units"]) | keep
+        m, info = _build(model, False, False, keep)
+        why2 = checks.mismatch(m)
+        if why2:
+            raise SemisparseError(f"the masked model's outputs cannot be reproduced even with every layer left "
+                                  f"as it was (the deployed model {why2}): is its eval forward random?")
+    undone.append(f"{len(keep)} layer(s) left as torch modules ({', '.join(sorted(keep)[:3])}"
+                  f"{', ...' if len(keep) > 3 else ''}): with them condensed the deployed model {why}")
+    return m, {**info, "undone": undone}
+
+
+def _offenders(fails, units: list[str]) -> list[str]:
+    """The units whose swap alone makes ``fails`` report a difference, found by halving; all of ``units``
+    where only swapping them together does."""
+    if not units or not fails(units):
+        return []
+    if len(units) == 1:
+        return list(units)
+    half = len(units) // 2
+    bad = _offenders(fails, units[:half]) + _offenders(fails, units[half:])
+    return bad or list(units)
+
+
 def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
-    """Replace every masked Linear, Conv and MHA (and plain max pooling) of ``m`` by its deployed form,
-    under every name it is registered at (a module reached by two names stays one module); returns the root."""
+    """Replace every masked Linear, Conv and MHA in ``masks`` (and plain max pooling) of ``m`` by its deployed
+    form, under every name it is registered at (a module reached by two names stays one module), its forward
+    hooks carried over; returns the root. Modules of keys not in ``masks`` are left as they are."""
     handled = set()
     names = registered_names(m)
     for name, mod in list(m.named_modules()):
@@ -234,13 +399,8 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
             handled.update(keys)
             if not any(k in masks for k in keys):
                 continue
-            if supports(mod):  # F.multi_head_attention_forward reads the weights directly: bake the masks
-                for k in keys:
-                    owner, _, param = k[len(prefix):].rpartition(".")
-                    bake(mod.get_submodule(owner) if owner else mod, param, masks.get(k))
-                continue
-            new = SparseMultiheadAttention.from_module(mod, prefix, masks, patterns)
-            m = _replace_everywhere(m, names[id(mod)], new)
+            new = carry_hooks(mod, SparseMultiheadAttention.from_module(mod, prefix, masks, patterns))
+            m = replace_everywhere(m, names[id(mod)], new)
     names = registered_names(m)
     for name, mod in list(m.named_modules()):
         key = f"{name}.weight" if name else "weight"
@@ -251,22 +411,10 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
             new = SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key])
         else:
-            bake(mod, "weight", masks[key])
             continue
-        m = _replace_everywhere(m, names[id(mod)], new)
+        m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, new))
     names = registered_names(m)
     for mod in list(m.modules()):
-        if supports_pool(mod):
-            m = _replace_everywhere(m, names[id(mod)], MaxPool2d.from_module(mod))
+        if supports_pool(mod) and not (mod._backward_hooks or mod._backward_pre_hooks):
+            m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, MaxPool2d.from_module(mod)))
     return deploy_transformers(m)
-
-
-def _replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
-    """Put ``new`` at each of ``names`` (all the names one module is registered under); returns the
-    (possibly new) root."""
-    for name in names:
-        if not name:
-            return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-    return root

@@ -83,6 +83,30 @@ class SparseMultiheadAttention(nn.Module):
                              f"{prefix}{p}_proj_weight", masks, patterns) for i, p in enumerate("qkv")]
         return cls(mha, out_proj, q_proj=parts[0], k_proj=parts[1], v_proj=parts[2])
 
+    # The weights nn.MultiheadAttention holds, for code that reads them (masked, dense, as the projections'):
+    @property
+    def in_proj_weight(self) -> torch.Tensor | None:
+        return None if self.in_proj is None else self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        if self.in_proj is not None:
+            return self.in_proj.bias
+        parts = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        return None if any(b is None for b in parts) else torch.cat(parts)
+
+    @property
+    def q_proj_weight(self) -> torch.Tensor | None:
+        return None if self.q_proj is None else self.q_proj.weight
+
+    @property
+    def k_proj_weight(self) -> torch.Tensor | None:
+        return None if self.k_proj is None else self.k_proj.weight
+
+    @property
+    def v_proj_weight(self) -> torch.Tensor | None:
+        return None if self.v_proj is None else self.v_proj.weight
+
     def _in_projection(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.in_proj is None:
             return self.q_proj(q), self.k_proj(k), self.v_proj(v)

@@ -169,9 +169,21 @@ class _Condensed(nn.Module):
         values' dtype; as exact as the masked model's low-precision product, or more) with autocast off, and
         returns that dtype, so the deployed model's dtypes are the masked model's and the next layer still
         takes the kernels."""
-        with torch.autocast("cpu", enabled=False):
-            y = self(x.float() if x.is_floating_point() else x)
+        with torch.autocast("cpu", enabled=False):  # forward, not __call__: hooks run once, around this call
+            y = self.forward(x.float() if x.is_floating_point() else x)
         return y.to(torch.get_autocast_dtype("cpu"))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The masked dense weight, shaped as the replaced layer's (what its ``weight`` was), for code that reads
+        a layer's weight outside its forward (``F.linear(x, self.fc.weight)``, ``.weight.dtype``, tied heads).
+        The dense-mode copy, or built from the stored values on first read and kept until they change."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        w = self.__dict__.get("_weight")
+        if w is None:
+            w = self.__dict__["_weight"] = self._dense_now()
+        return w
 
     def set_mode(self, mode: str) -> None:
         """``"condensed"`` or ``"dense"``; the representation not chosen is dropped to save memory."""
@@ -223,7 +235,7 @@ class _Condensed(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
-        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32"):
+        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32", "_weight"):
             self.__dict__.pop(name, None)
         for name in ("_offsets", "_geometry"):  # hold sorted copies of the values (channel tiles)
             cache = self.__dict__.get(name)
@@ -365,7 +377,7 @@ class _Condensed(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # a bound kernel call holds raw pointers: never copied or pickled
-        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill", "_held", "_index_tables"):
+        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill", "_held", "_index_tables", "_weight"):
             state.pop(name, None)
         return state
 
@@ -501,6 +513,8 @@ class SparseConv(_Condensed):
     offset per row (``base``). Positions of the plane that are not outputs (the padded border) are computed
     and cropped, ~(H'W')/(HoWo) extra work.
     """
+
+    padding_mode = "zeros"  # as the replaced conv's (only zero-padded convs are condensed), for code that reads it
 
     def __init__(self, key: str, conv: nn.modules.conv._ConvNd, weight: torch.Tensor, mask: torch.Tensor,
                  bias: torch.Tensor | None, pattern: str = "") -> None:

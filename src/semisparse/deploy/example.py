@@ -22,23 +22,24 @@ def recorded_input_size(model: nn.Module) -> list[int] | None:
     return None
 
 
-def default_example_input(model: nn.Module, batch_size: int = 1, *, warn: bool = False) -> torch.Tensor:
+def default_example_input(model: nn.Module, batch_size: int = 1, size: int | None = None, *,
+                          warn: bool = False) -> torch.Tensor:
     """``(batch, *size)`` for the input size the model records (:func:`recorded_input_size`), else
     ``(batch, C, S, S)`` for an image model (C from its first conv, S from the model's ``image_size``, which
-    semisparse's models and torchvision's ViTs carry, or its arch's, else a guess of 224), or
+    semisparse's models and torchvision's ViTs carry, or its arch's, else ``size``, else a guess of 224), or
     ``(batch, in_features)`` when the first layer is a Linear. ``warn``: say in one line (a ``UserWarning``)
     when the size is the guess of 224."""
     recorded = recorded_input_size(model)
     if recorded is not None:
         return torch.randn(batch_size, *recorded)
     arch = getattr(model, "semisparse_arch", None) or {}
-    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size")
+    size = getattr(model, "image_size", None) or arch.get("image_size") or arch.get("img_size") or size
     for mod in model.modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = mod.weight.dim() - 2
             s = int(size) if size else 224
             x = torch.randn(batch_size, mod.in_channels, *([s] * nd))
-            if warn and not size:
+            if warn and not size:  # no recorded size, no image_size, no size asked for
                 warnings.warn(f"semisparse: no example_input and the model records no input size; planning at "
                               f"{tuple(x.shape)} (a guess): pass example_input=torch.randn(...) of the real size",
                               UserWarning, stacklevel=3)

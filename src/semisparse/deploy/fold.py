@@ -8,12 +8,13 @@ activation is gone. Scaling whole output channels keeps masked weights zero, so 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 from torch import fx, nn
 
-__all__ = ["fold_batchnorm", "fold_ablated", "registered_names", "bake", "ELEMENTWISE"]
+__all__ = ["fold_batchnorm", "fold_ablated", "registered_names", "replace_everywhere", "bake", "ELEMENTWISE"]
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,14 @@ def fold_batchnorm(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str
     Pairs are found on a ``torch.fx`` trace (analysis only: the model keeps its classes and forward); a
     folded BN becomes ``nn.Identity`` at its name, so the forward that still calls it is unchanged. Only
     a BN fed by nothing but the conv, whose conv output has no other user and both modules called once,
-    is folded (anything else would change what the other users see). Untraceable model: nothing folded.
-    Convs without a mask are folded as well (``masks`` are not changed: see the module docstring).
+    is folded (anything else would change what the other users see), and neither may be registered under a
+    second name or carry hooks. Untraceable model, or one whose forward takes optional arguments (the trace
+    would fix the branch their defaults take): nothing folded. Convs without a mask are folded as well
+    (``masks`` are not changed: see the module docstring).
     """
+    if _optional_arguments(model):
+        log.debug("semisparse: BatchNorm folding skipped, forward takes optional arguments")
+        return []
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # any failure: data-dependent control flow, unsupported ops, ...
@@ -40,6 +46,7 @@ def fold_batchnorm(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str
             calls[node.target] = calls.get(node.target, 0) + 1
     attrs = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
     modules = dict(model.named_modules())
+    shared = {i for i, names in registered_names(model).items() if len(names) > 1}
     folded = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.all_input_nodes) != 1 or len(node.args) != 1 or node.kwargs:
@@ -51,13 +58,28 @@ def fold_batchnorm(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str
         if ((type(conv), type(bn)) not in _PAIRS or calls[src.target] != 1
                 or calls[node.target] != 1 or bn.training or not bn.track_running_stats
                 or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"
-                or bn.num_features != conv.out_channels
+                or bn.num_features != conv.out_channels or id(conv) in shared or id(bn) in shared
+                or _hooked(conv) or _hooked(bn)
                 or any(a == t or a.startswith(t + ".") for a in attrs for t in (src.target, node.target))):
             continue
         _fold(conv, bn)
         _set(model, node.target, nn.Identity())
         folded.append(node.target)
     return folded
+
+
+def _optional_arguments(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes parameters with defaults or ``*args``/``**kwargs`` beyond its first."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return True
+    return any(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """Whether ``mod`` has forward or backward hooks (what they see would change with a rewrite)."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
 
 
 def _fold(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -81,6 +103,16 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at each of ``names`` (all the names one module is registered under); returns the
+    (possibly new) root."""
+    for name in names:
+        if not name:
+            return new
+        _set(root, name, new)
+    return root
+
+
 #: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
 #: through them unchanged in kind, so it can be folded into the next Linear's bias.
 ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
@@ -96,10 +128,13 @@ def registered_names(root: nn.Module) -> dict[int, list[str]]:
 
 
 def bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
-    """Multiply ``mask`` into ``mod.<param>`` in place (a weight that stays a torch module's)."""
+    """``mod.<param>`` becomes a new tensor ``weight * mask`` (a weight that stays a torch module's). Never in
+    place: a weight tied to another module (a decoder using the encoder's) stays as that module uses it."""
     if mask is not None:
         with torch.no_grad():
-            getattr(mod, param).mul_(mask.to(getattr(mod, param).dtype))
+            w = getattr(mod, param)
+            baked = w.detach() * mask.to(w.dtype)
+        setattr(mod, param, nn.Parameter(baked, requires_grad=False) if isinstance(w, nn.Parameter) else baked)
 
 
 def fold_ablated(model: nn.Module, masks: dict) -> dict[str, int]:
@@ -118,15 +153,16 @@ def fold_ablated(model: nn.Module, masks: dict) -> dict[str, int]:
         for i, a_name in enumerate(names):
             a = seq._modules[a_name]  # as the fold of the pair before left it (it may be that pair's second)
             akey = ".".join(p for p in (seq_name, a_name, "weight") if p)
-            if not isinstance(a, nn.Linear) or akey not in masks or id(a) in shared:
+            if type(a) is not nn.Linear or akey not in masks or id(a) in shared or _hooked(a):
                 continue
             j = i + 1
-            while j < len(names) and isinstance(seq._modules[names[j]], ELEMENTWISE):
+            while j < len(names) and type(seq._modules[names[j]]) in ELEMENTWISE:
                 j += 1
-            if j >= len(names) or not isinstance(seq._modules[names[j]], nn.Linear):
+            if j >= len(names) or type(seq._modules[names[j]]) is not nn.Linear:
                 continue
             b_name, b = names[j], seq._modules[names[j]]
-            if id(b) in shared or any(id(seq._modules[n]) in shared for n in names[i + 1:j]):
+            if id(b) in shared or _hooked(b) or any(id(seq._modules[n]) in shared or _hooked(seq._modules[n])
+                                                    for n in names[i + 1:j]):
                 continue
             bkey = ".".join(p for p in (seq_name, b_name, "weight") if p)
             amask = masks[akey]

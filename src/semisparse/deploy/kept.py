@@ -16,6 +16,7 @@ from torch import nn
 
 from ..masking.report import LayerReport
 from .condensed import SparseConv, SparseLinear
+from .plain import carry_hooks
 
 __all__ = ["KeptDenseLinear", "KeptDenseConv1d", "KeptDenseConv2d", "KeptDenseConv3d", "as_torch_layer"]
 
@@ -47,7 +48,7 @@ class KeptDenseConv3d(_KeptDense, nn.Conv3d):
 
 def as_torch_layer(layer: SparseLinear | SparseConv) -> nn.Module:
     """torch's module computing what ``layer`` computes in dense mode (its masked weight and bias), without
-    gradients, carrying ``layer``'s report row."""
+    gradients, carrying ``layer``'s report row and forward hooks."""
     weight = layer.dense_weight if layer.dense_weight is not None else layer._dense_now()
     bias = layer.bias is not None
     with torch.device("meta"):  # no throwaway initialisation: the weights are copied in below
@@ -64,4 +65,4 @@ def as_torch_layer(layer: SparseLinear | SparseConv) -> nn.Module:
     row = layer.semisparse_layer_report("")
     row.macs = None  # counted on the example input by ss.report, as for any torch layer
     mod.semisparse_row = row
-    return mod
+    return carry_hooks(layer, mod)

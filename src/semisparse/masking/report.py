@@ -5,6 +5,7 @@ The masking seed never showed that it masked 8% of ResNet-18's MACs; semisparse 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -206,6 +207,14 @@ def build_report(
     reported = {n for n, _ in own}  # a self-reporting torch layer (deploy's kept-dense ones) is a candidate too
     candidates = [c for c in candidates if c.name not in reported and not (inside and c.name.startswith(inside))
                   and not (own and own[0][0] == "")]
+    # Layers deploy left as they are carry their rows (mask, reason) in ``semisparse_rows``.
+    left = [r for _, m in model.named_modules() for r in (m.__dict__.get("semisparse_rows") or ())]
+    left_keys = {r.name for r in left}
+    candidates = [c for c in candidates if c.key not in left_keys]
+    for r in left:
+        rows.append(copy.copy(r))
+        if macs is not None:
+            rows[-1].macs = macs.get(r.name, 0)
     for c in candidates:
         sw = sparse.get(c.key)
         shape = c.weight_shape
@@ -222,7 +231,8 @@ def build_report(
         if macs is not None:
             rows[-1].macs = macs.get(c.key, 0)
     total = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
-    total += sum(r.params for r in rows[: len(own)])  # self-reporting (deployed) layers keep weights in buffers
+    # self-reporting deployed layers keep their weights in buffers (kept-dense torch layers in parameters)
+    total += sum(r.params for r, (_, m) in zip(rows, own) if next(m.parameters(recurse=False), None) is None)
     return Report(rows, total)
 
 

@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 from ...errors import SemisparseError
 from ..example import default_example_input
-from ..fold import fold_ablated, fold_batchnorm
+from ..fold import bake, fold_ablated, fold_batchnorm, registered_names, replace_everywhere
+from ..plain import carry_hooks, why_not_plain
 from .backend import EmulatedBackend, require_cusparselt
 from .eligibility import LayerSpec
 from .graph import MAX_SHAPES, CudaGraphs, EmulatedGraphs, GraphedModule
@@ -105,6 +106,9 @@ def deploy_cuda(
         check_environment(saved, backend)
 
     m, masks, patterns = masked_copy(model)
+    for key, mask in masks.items():  # layers reached outside their name (a plain list) compute the masked layer
+        owner, _, param = key.rpartition(".")
+        bake(m.get_submodule(owner) if owner else m, param, mask)
     original = _baked(m, masks)  # the original dense model: masks multiplied in, nothing else changed
     dropped = {}
     if fold:
@@ -127,7 +131,8 @@ def deploy_cuda(
         spec.bias = None if spec.bias is None else spec.bias.to(device=device, dtype=dtype)
         only = None if saved is None else saved.forms_for(spec.key)
         layer = PlannedLayer(spec, saved.backend_for(backend, spec.key) if saved else backend, only=only, skip=skip)
-        m = layer if not name else _set(m, name, layer)
+        old = m.get_submodule(name) if name else m
+        m = replace_everywhere(m, registered_names(m)[id(old)], carry_hooks(old, layer))
 
     x = example_input if example_input is not None else default_example_input(model, batch_size)
     x = _to_device(x, device, dtype, fmt)
@@ -222,9 +227,9 @@ def masked_copy(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], d
 
 def _baked(m: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     out = copy.deepcopy(m)
-    with torch.no_grad():
-        for key, mask in masks.items():
-            out.get_parameter(key).mul_(mask.to(out.get_parameter(key).dtype))
+    for key, mask in masks.items():  # a new tensor each: a weight tied elsewhere stays as the other user sees it
+        owner, _, param = key.rpartition(".")
+        bake(out.get_submodule(owner) if owner else out, param, mask)
     return out
 
 
@@ -253,19 +258,20 @@ def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str,
             (key_of(name, p), p, mod) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
         if not any(k in masks for k, _, _ in params):
             continue
-        why = supports(mod)
+        why = why_not_plain(mod) or supports(mod)
         if not why and not mod._qkv_same_embed_dim:
             why = "MultiheadAttention with separate q/k/v projections (kdim/vdim): kept as torch's module"
         if why or key not in masks:
             for k, p, holder in params:
                 if k in masks:
-                    with torch.no_grad():
-                        getattr(holder, p).mul_(masks[k])
+                    bake(holder, p, masks[k])
                     baked[k] = why or "MultiheadAttention with a dense packed QKV: kept as torch's module"
                     handled.add(k)
             continue
-        new = SparseMultiheadAttention(mod, out_proj=nn.Identity(), in_proj=nn.Identity())
-        _set(m, name, new)
+        new = carry_hooks(mod, SparseMultiheadAttention(mod, out_proj=nn.Identity(), in_proj=nn.Identity()))
+        if not name:
+            _set(m, name, new)  # refuses: a bare MHA is not rebuilt
+        replace_everywhere(m, registered_names(m)[id(mod)], new)
         specs.append((key_of(name, "in_proj"), spec(key, "MultiheadAttention", mod.in_proj_weight, mod.in_proj_bias)))
         if out_key in masks:
             specs.append((key_of(name, "out_proj"), spec(out_key, "Linear", mod.out_proj.weight, mod.out_proj.bias)))
@@ -278,15 +284,15 @@ def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str,
         key = key_of(name, "weight")
         if key not in masks or key in handled:
             continue
-        if isinstance(mod, nn.Linear):
+        why = why_not_plain(mod)
+        if not why and isinstance(mod, nn.Linear):
             specs.append((name, spec(key, "Linear", mod.weight, mod.bias)))
-        elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
+        elif not why and isinstance(mod, nn.Conv2d):
             conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
             specs.append((name, spec(key, "Conv2d", mod.weight, mod.bias, conv)))
         else:
-            with torch.no_grad():
-                mod.weight.mul_(masks[key])
-            baked[key] = f"{type(mod).__name__}: only Linear, Conv2d (zero padding) and MHA are rebuilt on CUDA"
+            bake(mod, "weight", masks[key])
+            baked[key] = why or f"{type(mod).__name__}: only Linear, Conv2d and MHA are rebuilt on CUDA"
     return specs, baked
 
 
