@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
@@ -65,6 +66,32 @@ def _check_globs(value: object, what: str) -> None:
     raise SemisparseError(f"{what} must be a module-name glob or a list of them (e.g. \"layer4.*\"), got {value!r}")
 
 
+def _refuse_foreign_weights(candidates: Sequence[Candidate]) -> None:
+    """A weight that torch computes (old-style ``weight_norm``) or already parametrizes is refused up front.
+
+    Checked for every layer before any is changed, so a refusal leaves the model as it was.
+    """
+    for c in candidates:
+        m = c.module
+        if parametrize.is_parametrized(m, c.param):
+            plist = m.parametrizations[c.param]
+            foreign = [type(p).__name__ for p in plist if not isinstance(p, SparseParametrization)]
+            if foreign:
+                raise SemisparseError(
+                    f"{c.key} already carries a torch parametrization ({', '.join(foreign)}); semisparse masks "
+                    f"plain weights: fold it first with torch.nn.utils.parametrize.remove_parametrizations"
+                    f"(module, {c.param!r}) (it keeps the current weight), then sparsify"
+                )
+        elif c.param not in m._parameters:
+            hint = (
+                "(torch.nn.utils.weight_norm computes it from weight_g/weight_v): remove it first with "
+                "torch.nn.utils.remove_weight_norm(module)"
+                if hasattr(m, f"{c.param}_g") and hasattr(m, f"{c.param}_v")
+                else "(computed, not stored): make it an nn.Parameter of the layer"
+            )
+            raise SemisparseError(f"{c.key} is not a parameter of its layer {hint}, then sparsify")
+
+
 def sparsify(
     model: nn.Module,
     pattern: str | float | NM | FanIn | None = "2:4",
@@ -117,6 +144,10 @@ def sparsify(
     candidates = plan(
         model, pat, include, exclude, pad=pad, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped
     )
+    if masks is not None:
+        _refuse_foreign_weights([c for c in candidates if c.eligible and c.key in masks])
+    else:
+        _refuse_foreign_weights([c for c in candidates if c.eligible])
     permuted = None
     if permute:
         if existing or masks is not None:
