@@ -103,13 +103,21 @@ class _Probe:
             getattr(self.module, self.c.param).copy_(w)
 
     # -- inputs ------------------------------------------------------------------------------------------
+    def _check_width(self, got: int, want: int) -> None:
+        if got != want:
+            raise SemisparseError(
+                f"the model rejected the calibration inputs ({self.c.key} takes {want} input features, got {got})"
+            )
+
     def add_linear(self, x: torch.Tensor) -> None:
+        self._check_width(x.shape[-1] if x.dim() else 0, self.weight().shape[1])
         _check_finite(x, self.c.key)
         self.add("x", x.reshape(-1, x.shape[-1]))
 
     def add_conv(self, x: torch.Tensor) -> None:
-        _check_finite(x, self.c.key)
         m = self.module
+        self._check_width(x.shape[-(m.weight.dim() - 1)] if x.dim() >= m.weight.dim() - 1 else 0, m.in_channels)
+        _check_finite(x, self.c.key)
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
         if isinstance(m, nn.Conv1d):
