@@ -18,6 +18,11 @@ from .calibration import Calibration, prepare
 _BN = nn.modules.batchnorm._BatchNorm
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` has a BatchNorm layer tracking running statistics."""
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
 def recalibrate_bn(
     model: nn.Module,
     batches: object,

@@ -310,10 +310,14 @@ def sparsify(
 
         restore_trainable(model)
     if recalibrate_bn:
+        from .batchnorm import has_batchnorm
         from .batchnorm import recalibrate_bn as recalibrate
 
-        recalibrate(model, calib)
-        notes.append("BatchNorm statistics re-estimated on the calibration inputs")
+        if has_batchnorm(model):
+            recalibrate(model, calib)
+            notes.append("BatchNorm statistics re-estimated on the calibration inputs")
+        else:
+            notes.append("recalibrate_bn: the model has no BatchNorm layer; nothing to re-estimate")
     rep = build_report(model, candidates, example_input)
     if calibrated_results is not None:
         notes = [*calib_notes, *notes]
