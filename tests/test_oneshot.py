@@ -271,3 +271,26 @@ def test_learned_masks_start_from_the_calibrated_mask(prior_from):
     learned.eval()
     with torch.no_grad():
         torch.testing.assert_close(learned(xs[0]), oneshot(xs[0]))
+
+
+@pytest.mark.parametrize("groups, pad", [(1, False), (2, False), (1, True)], ids=["conv", "grouped", "taps"])
+def test_conv_hessian_columns_follow_the_layout_so_the_reported_error_is_the_convs_output_error(groups, pad):
+    torch.manual_seed(0)
+    cin = 3 if pad else 8
+    conv = nn.Conv2d(cin, 8, 3, padding=1, stride=2, groups=groups, bias=False)
+    model = nn.Sequential(conv)
+    dense = conv.weight.detach().clone()
+    x = torch.randn(4, cin, 9, 9)
+    rep = ss.sparsify(model, "2:4", method="sparsegpt", calibration=[x], pad=pad)
+    with torch.no_grad():
+        ref = nn.functional.conv2d(x, dense, padding=1, stride=2, groups=groups)
+        got = model(x)
+    want = float((got - ref).norm() / ref.norm())
+    assert rep.layers[0].extra["rel_err"] == pytest.approx(want, rel=1e-3)
+    # and the reconstruction beats the magnitude mask on the same inputs
+    mag = nn.Sequential(nn.Conv2d(cin, 8, 3, padding=1, stride=2, groups=groups, bias=False))
+    with torch.no_grad():
+        mag[0].weight.copy_(dense)
+    ss.sparsify(mag, "2:4", pad=pad)
+    with torch.no_grad():
+        assert (got - ref).norm() < (mag(x) - ref).norm()

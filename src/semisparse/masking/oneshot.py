@@ -8,9 +8,10 @@ calibrated on the outputs of the already-pruned layers before it. One Hessian is
 
 What forms a layer's columns: a Linear's input features; a conv's unfolded input (im2col) per group,
 ordered as the layout's view (input channels innermost at each kernel tap, so N:M groups are pruned
-jointly); a padded kernel-tap layout's taps per input channel; ``nn.MultiheadAttention``'s query / key /
-value for the packed QKV rows, and the attention output (recomputed with an identity projection) for
-``out_proj``, which the module uses without calling it.
+jointly); for a padded kernel-tap layout, each input channel's taps padded to a multiple of M (an output
+row's groups of M run along the taps of one channel, the padding never kept before a real weight);
+``nn.MultiheadAttention``'s query / key / value for the packed QKV rows, and the attention output
+(recomputed with an identity projection) for ``out_proj``, which the module uses without calling it.
 
 With one calibration call (tensor batches are concatenated) the whole sweep is one forward pass: each hook
 prunes its layer before the layer runs. With several calls, or a ``forward_loop``, each layer takes a pass.
@@ -134,8 +135,8 @@ class _Probe:
         for i in range(0, x.shape[0], step):
             cols = F.unfold(x[i:i + step].float(), kernel, dilation=dilation, stride=stride)  # (n, C*taps, L)
             n, _, length = cols.shape
-            if self.c.layout.mode == "taps":  # one Hessian over the taps of every input channel
-                per = cols.reshape(n, m.in_channels, taps, length).permute(1, 0, 3, 2).reshape(m.in_channels, -1, taps)
+            if self.c.layout.mode == "taps":  # one per group, natural order (taps innermost; padded later)
+                per = cols.reshape(n, groups, cpg * taps, length).permute(1, 0, 3, 2).reshape(groups, -1, cpg * taps)
             else:  # one per group, columns in the view's order (channels innermost at each tap)
                 per = cols.reshape(n, groups, cpg, taps, length).permute(1, 0, 4, 3, 2).reshape(groups, -1, taps * cpg)
             self.add("x", per)
@@ -155,15 +156,15 @@ class _Probe:
             return [(slice(None), h)]
         out, cpg = m.out_channels, m.in_channels // m.groups
         opg = out // m.groups
-        if c.layout.mode == "conv":
-            return [(slice(g * opg, (g + 1) * opg), h[g]) for g in range(m.groups)]
-        # taps: view row r = o * cpg + c reads input channel (o // opg) * cpg + c
-        width = self.pattern.m * math.ceil(c.layout.taps / self.pattern.m)
-        padded = torch.zeros(m.in_channels, width, width, dtype=h.dtype, device=h.device)
-        padded[:, : c.layout.taps, : c.layout.taps] = h
-        r = torch.arange(out * cpg, device=h.device)
-        channel = (r // cpg) // opg * cpg + r % cpg
-        return [(r[channel == ch], padded[ch]) for ch in range(m.in_channels)]
+        if c.layout.mode == "taps":  # the wide view's columns: channel c, tap t at c * width + t (padded)
+            taps = c.layout.taps
+            width = self.pattern.m * math.ceil(taps / self.pattern.m)
+            tap = torch.arange(taps, device=h.device)
+            idx = (torch.arange(cpg, device=h.device)[:, None] * width + tap).reshape(-1)
+            padded = torch.zeros(m.groups, cpg * width, cpg * width, dtype=h.dtype, device=h.device)
+            padded[:, idx[:, None], idx[None, :]] = h
+            h = padded
+        return [(slice(g * opg, (g + 1) * opg), h[g]) for g in range(m.groups)]
 
 
 def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, blocksize: int) -> LayerResult:
@@ -172,10 +173,12 @@ def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, bl
     w = probe.weight()
     m_ = pattern.m if isinstance(pattern, NM) else None
     view = layout.to_view(w.float(), m_, fill=0)
-    pad_cols = None
-    if layout.mode == "taps":
-        pad_cols = torch.arange(view.shape[1], device=w.device) >= layout.taps
     target: Target = pattern if isinstance(pattern, NM) else pattern.k(view.shape[1])
+    pad_cols = None
+    narrow = view.shape
+    if layout.mode == "taps":  # each output row's (channel, padded taps) as one row: channels interact
+        view = view.reshape(w.shape[0], -1)
+        pad_cols = torch.arange(view.shape[1], device=w.device) % narrow[1] >= layout.taps
     new = view.to(torch.float64).clone()
     keep = torch.ones(view.shape, dtype=torch.bool, device=w.device)
     num = den = 0.0
@@ -202,8 +205,8 @@ def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, bl
             new[rows], keep[rows] = wb, kb
         a, b = output_error(view[rows], new[rows], h)
         num, den = num + a, den + b
-    weight = layout.from_view(new.to(w.dtype))
-    mask = layout.from_view(keep)
+    weight = layout.from_view(new.reshape(narrow).to(w.dtype))
+    mask = layout.from_view(keep.reshape(narrow))
     return LayerResult(mask, weight, target, math.sqrt(num / den) if den > 0 else 0.0)
 
 
