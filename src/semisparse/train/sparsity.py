@@ -30,6 +30,8 @@ from ..masking import sparse_weights, sparsify
 from ..masking.report import Report
 
 METHODS = ("none", "magnitude", "gumbel")
+#: Training batches a calibrated ``prior_from`` prunes on.
+CALIB_BATCHES = 16
 
 
 @dataclass
@@ -42,6 +44,7 @@ class SparsityConfig:
     trainable: str = "all"  # gumbel only: "mask" (weights frozen) | "all"
     tau: tuple[float, float] | None = None
     prior: float | None = None
+    prior_from: str | None = None  # gumbel: "magnitude" | "wanda" | "sparsegpt" (the masks' starting argmax)
     permute: bool = False
     pad: bool = False
     ignore_linear: bool = False
@@ -66,6 +69,8 @@ class SparsityConfig:
             raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: learned masks or DST, not both")
         if self.dst and self.method == "magnitude":
             raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4 (or drop --dst)")
+        if self.prior_from is not None and self.method != "gumbel":
+            raise SemisparseError("--mask-prior-from sets where learned masks start: it needs --sparsity gumbel_2x4")
         if self.trainable not in ("mask", "all"):
             raise SemisparseError(f"trainable must be 'mask' or 'all', got {self.trainable!r}")
 
@@ -90,8 +95,11 @@ class TrainingSparsity:
         self._model: nn.Module | None = None
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None) -> Report | None:
-        """Mask ``model`` (magnitude or gumbel); returns the coverage report, None when nothing to do."""
+    def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None,
+              calibration: object = None) -> Report | None:  # fmt: skip
+        """Mask ``model`` (magnitude or gumbel); returns the coverage report, None when nothing to do.
+
+        ``calibration`` (batches or a loader) is what a calibrated ``prior_from`` prunes on."""
         c = self.config
         self._model = model
         if c.method == "none":
@@ -107,6 +115,10 @@ class TrainingSparsity:
             opts["tau"] = tuple(c.tau)
         if c.prior is not None:
             opts["prior"] = c.prior
+        if c.prior_from is not None:
+            opts["prior_from"] = c.prior_from
+            if c.prior_from != "magnitude":
+                common.update(calibration=calibration, calib_batches=CALIB_BATCHES)
         return sparsify(model, c.pattern, "gumbel", **common, **opts)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
