@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -75,7 +76,10 @@ def run_seed(seed: int, args) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the per-seed results here")
+    p.add_argument("--merge", nargs="+", default=None, help="only print the table of these --json files")
+    p.add_argument("--width", type=int, default=32)
     p.add_argument("--dense-epochs", type=int, default=15)
     p.add_argument("--calib", type=int, default=512, help="calibration images (unlabeled, from the train split)")
     p.add_argument("--mask-epochs", type=int, default=2, help="0: no learned-mask rows")
@@ -88,16 +92,32 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     rows: dict[str, list[float]] = {}
-    for seed in range(args.seeds):
-        for k, v in run_seed(seed, args).items():
-            rows.setdefault(k, []).append(v)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if args.merge:
+        seeds, seconds = [], 0.0
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            seeds += part["seeds"]
+            seconds += part["seconds"]
+            for k, v in part["rows"].items():
+                rows.setdefault(k, []).extend(v)
+        t0 -= seconds
+    else:
+        for seed in seeds:
+            for k, v in run_seed(seed, args).items():
+                rows.setdefault(k, []).append(v)
+            print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"seeds": seeds, "seconds": time.time() - t0, "rows": rows}, f)
     dense = rows["dense"]
     lines = [
         f"Digits (sklearn load_digits, 80/20 split, 359 validation images), narrow CNN width {args.width} "
-        f"(BatchNorm), {args.seeds} seeds, {args.dense_epochs} dense epochs; calibration: {args.calib} unlabeled "
+        f"(BatchNorm), seeds {seeds}, {args.dense_epochs} dense epochs; calibration: {args.calib} unlabeled "
         f"training images; no weight fine-tuning; learned masks: {args.mask_epochs} epochs, masks only, AdamW lr "
-        f"{args.lr}, batch {args.bs}, prior {args.prior}. {time.time() - t0:.0f} s, {args.threads} threads.",
+        f"{args.lr}, batch {args.bs}, prior {args.prior}. {time.time() - t0:.0f} s of runs, {args.threads} "
+        "thread(s) each.",
         "",
         "| method | top-1 mean | min | max | vs dense (pp) |",
         "|---|---|---|---|---|",
