@@ -43,16 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     load0 = os.getloadavg()
     done = []
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     rep = ss.sparsify(model, args.pattern, method=args.method, calibration=calib,
                       progress=lambda key, i, n: done.append((key, time.perf_counter() - t0)))
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ss.check(model)
     errs = [(r.name, r.extra["rel_err"]) for r in rep.sparse_layers]
     result = {
         "model": args.model, "method": args.method, "pattern": args.pattern, "images": args.images,
-        "threads": args.threads, "device": args.device, "seconds": seconds, "peak_rss_mb": peak,
+        "threads": args.threads, "device": args.device, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": peak,
         "rss_before_mb": rss0, "load_before": load0, "load_after": os.getloadavg(),
         "layers": len(rep.sparse_layers), "cpu": platform.processor() or platform.machine(),
         "rel_err_first_last": [errs[0], errs[-1]] if errs else [],
