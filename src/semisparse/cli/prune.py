@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sparsify(
         model, pattern, args.method, example_input=example, pad=args.aug_for_2x4, ignore_linear=args.ignore_linear,
         ignore_grouped=args.ignore_grouped, calibration=train_loader if needs_data else None,
+        collect=(lambda batch: batch[0]) if needs_data else None,
         calib_batches=args.calib_batches if needs_data else None, recalibrate_bn=args.recalibrate_bn, **opts,
     )  # fmt: skip
     after = evaluate(model, criterion, val_loader, device)

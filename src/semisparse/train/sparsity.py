@@ -85,6 +85,11 @@ class SparsityConfig:
         return self.method
 
 
+def _images(batch: object) -> object:
+    """The input of an ``(images, labels)`` training batch (any loader, not only a DataLoader)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 class TrainingSparsity:
     """Applies a :class:`SparsityConfig` to a model and keeps it up to date during training (module doc)."""
 
@@ -118,7 +123,7 @@ class TrainingSparsity:
         if c.prior_from is not None:
             opts["prior_from"] = c.prior_from
             if c.prior_from != "magnitude":
-                common.update(calibration=calibration, calib_batches=CALIB_BATCHES)
+                common.update(calibration=calibration, calib_batches=CALIB_BATCHES, collect=_images)
         return sparsify(model, c.pattern, "gumbel", **common, **opts)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
