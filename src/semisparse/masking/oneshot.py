@@ -283,6 +283,9 @@ def calibrated_masks(
 
     def finish(key: str) -> None:
         probe = probes[key]
+        active.discard(key)
+        if not probe.seen:  # not reached in its pass: a magnitude mask below, named in the notes
+            return
         results[key] = _prune(probe, method, pattern, dampening, blocksize)
         probe.set_weight(results[key].weight)
         probe.hessians.clear()
