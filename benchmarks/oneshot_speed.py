@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     errs = [(r.name, r.extra["rel_err"]) for r in rep.sparse_layers]
     result = {
         "model": args.model, "method": args.method, "pattern": args.pattern, "images": args.images,
-        "threads": args.threads, "device": args.device, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": peak,
-        "rss_before_mb": rss0, "load_before": load0, "load_after": os.getloadavg(),
+        "threads": args.threads, "device": args.device, "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "peak_rss_mb": peak, "rss_before_mb": rss0, "load_before": load0, "load_after": os.getloadavg(),
         "layers": len(rep.sparse_layers), "cpu": platform.processor() or platform.machine(),
         "rel_err_first_last": [errs[0], errs[-1]] if errs else [],
     }  # fmt: skip
