@@ -166,6 +166,8 @@ SETUP = {
                     lambda r: r.model.features[2].parametrizations.weight.original.requires_grad),
     "--mask-tau": ("D", G, ["--mask-tau", "3", "0.5"], lambda r: gumbel(r)[0].tau),
     "--mask-prior": ("D", G, ["--mask-prior", "0"], lambda r: float(gumbel(r)[0].logits.detach().std())),
+    "--mask-prior-from": ("D", G, ["--mask-prior-from", "sparsegpt"],
+                          lambda r: [m.hard_mask().flatten().tolist() for m in gumbel(r)]),
     "--aug-for-2x4": ("D", S, ["--aug-for-2x4"], masks),
     "--ignore-linear": ("D", S, ["--ignore-linear"], masks),
     "--ignore-grouped": ("I", [*S, "--model", "regnet_x_400mf"], ["--ignore-grouped"], lambda r: len(masks(r))),

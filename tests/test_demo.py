@@ -18,6 +18,8 @@ def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
     assert rows["dense"]["pattern"] == "dense" and rows["dense"]["mac_share"] == 0
     assert rows["magnitude 2:4, one-shot"]["pattern"] == "2:4"
     assert 0.5 < rows["magnitude 2:4, one-shot"]["kept"] < 0.51  # the 1-channel stem stays dense
+    for method in ("sparsegpt 2:4, one-shot", "wanda 2:4, one-shot"):  # calibrated, no training
+        assert rows[method]["pattern"] == "2:4" and 0.5 < rows[method]["kept"] < 0.51
     learned = rows["learned 2:4, frozen weights"]
     assert learned["pattern"] == "2:4" and 0.5 < learned["kept"] < 0.51 and learned["mac_share"] > 0.9
     srigl = rows["SRigL 90%"]

@@ -4,6 +4,7 @@ The public API is a few verbs::
 
     import semisparse as ss
     rep = ss.sparsify(model, "2:4")          # masks on every eligible Linear / Conv / MHA projection
+    ss.sparsify(model, "2:4", method="sparsegpt", calibration=batches)   # calibrated one-shot, no retraining
     ss.check(model); print(ss.report(model, example_input=x))
     ss.finalize(model)                       # plain weights, original state_dict keys
     sched = ss.SRigL(model, opt, sparsity=0.9, t_end=steps)   # or ss.RigL / ss.SRSTE; .step() after opt.step()
@@ -17,7 +18,7 @@ from .deploy import deploy
 from .dst import SRSTE, RigL, SRigL
 from .errors import PatternError, SemisparseError, UnverifiedFileWarning
 from .io.compressed import load, save
-from .masking import check, finalize, masks, report, sparsify
+from .masking import check, finalize, masks, recalibrate_bn, report, sparsify
 from .masking.report import Report
 from .patterns import NM, FanIn, parse_pattern
 
@@ -28,6 +29,7 @@ __all__ = [
     "SemisparseError",
     "UnverifiedFileWarning",
     "sparsify",
+    "recalibrate_bn",
     "masks",
     "check",
     "report",

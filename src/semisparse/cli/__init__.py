@@ -18,6 +18,7 @@ from ..errors import SemisparseError, UnverifiedFileWarning
 COMMANDS = {
     "demo": ("semisparse.cli.demo", "train a small CNN on the bundled digits, sparsify it every way, compare"),
     "train": ("semisparse.cli.train", "train / fine-tune a model with masks or sparse training (torchvision flags)"),
+    "prune": ("semisparse.cli.prune", "one-shot sparsity of a trained model (sparsegpt, wanda, magnitude)"),
     "bench": ("semisparse.cli.bench", "speed of dense vs sparse layers or whole models on this machine"),
     "eval": ("semisparse.cli.eval", "top-1/top-5 and loss of a training checkpoint or compressed file"),
     "report": ("semisparse.cli.inspect", "per-layer sparsity report of a checkpoint or compressed file"),

@@ -134,6 +134,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--mask-tau", default=None, nargs=2, type=float, metavar=("START", "END"),
       help="gumbel_2x4 temperature, annealed from START to END")
     a("--mask-prior", default=None, type=float, help="gumbel_2x4 magnitude prior strength of the mask logits")
+    a("--mask-prior-from", default=None, choices=("magnitude", "wanda", "sparsegpt"),
+      help="gumbel_2x4: the masks start as this one-shot mask (wanda/sparsegpt calibrate on 16 training batches; "
+      "sparsegpt also starts from its reconstructed weights) (default: magnitude)")
     a("--aug-for-2x4", action="store_true", help="make convs whose channels are not a multiple of M N:M along "
       "kernel taps (padded)")
     a("--ignore-linear", action="store_true", help="keep Linear layers dense (the seed's default)")
@@ -536,7 +539,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     n(args, ("pattern",), args.sparsity != "none" or args.dst in ("srigl", "sr-ste"),
       "needs --sparsity sparse_2x4 (magnitude) or gumbel_2x4 (learned), or --dst srigl|sr-ste")
     n(args, ("permute",), args.sparsity != "none", "needs --sparsity sparse_2x4|gumbel_2x4 or --enable-apex")
-    n(args, ("mask_tau", "mask_prior"), args.sparsity == "gumbel_2x4", "needs --sparsity gumbel_2x4")
+    n(args, ("mask_tau", "mask_prior", "mask_prior_from"), args.sparsity == "gumbel_2x4", "needs --sparsity gumbel_2x4")
     if args.dst and args.sparsity == "gumbel_2x4":
         raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: choose learned masks or DST")
     if args.dst and args.sparsity == "sparse_2x4":
@@ -701,6 +704,7 @@ def _sparsity_config(args, given: WeightsInfo | None = None) -> SparsityConfig:
         method=method, pattern=pattern,
         trainable="mask" if args.trainable == "gumbel_2x4" else "all",
         tau=tuple(args.mask_tau) if args.mask_tau else None, prior=args.mask_prior, permute=args.permute,
+        prior_from=args.mask_prior_from,
         pad=args.aug_for_2x4, ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped, dst=args.dst,
         level=args.sparsity_level, delta=args.delta, alpha=args.alpha, t_end=args.t_end,
         distribution=args.distribution, ablation=args.ablation, dense_layers=list(args.dense_layers or []),
@@ -845,7 +849,7 @@ def setup(args: argparse.Namespace) -> Run:
     model.to(device)
     sparsity = TrainingSparsity(_sparsity_config(args, given))
     example = next(iter(val_loader))[0][:1].to(device)
-    report = sparsity.apply(model, total_steps, example_input=example)
+    report = sparsity.apply(model, total_steps, example_input=example, calibration=train_loader)
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:

@@ -1,5 +1,6 @@
-"""Masks on a model: the parametrization, the producers (magnitude, random, learned) and the verbs."""
+"""Masks on a model: the parametrization, the producers (magnitude, random, calibrated, learned), the verbs."""
 
+from .batchnorm import recalibrate_bn
 from .parametrization import Mask, SparseParametrization, SparseWeight, is_sparsified, sparse_weights
 from .report import LayerReport, Report, count_macs, report
 from .sparsify import check, finalize, masks, parametrization_of, sparsify, structured_mask
@@ -19,5 +20,6 @@ __all__ = [
     "masks",
     "parametrization_of",
     "sparsify",
+    "recalibrate_bn",
     "structured_mask",
 ]

@@ -26,7 +26,8 @@ is saved, so a resumed run continues the same annealing.
 ``trainable`` "mask" (default: only the logits train; dense weights, and everything else, frozen) | "all";
 ``total_steps`` (required, > 0); ``tau=(start, end)`` (4, 0.05), never rising; ``scale`` a number or
 ``(start, end)`` multiplying the logits (2 -> 20: late samples approach the argmax, as MaskLLM's kappa);
-``prior`` magnitude-prior strength (3; 0 = uniform); ``hard`` straight-through 0/1 samples (True) or soft
+``prior`` prior strength (3; 0 = uniform); ``prior_from`` "magnitude" (default) | "wanda" | "sparsegpt" (the
+argmax starts as that one-shot mask; needs ``calibration=``); ``hard`` straight-through 0/1 samples (True) or soft
 masks; ``regularizer`` None | "entropy" | "magnitude" | (name, weight), applied through the logits'
 gradient (no extra loss term to add); ``train_bias`` (False); ``bn`` "recalibrate" | "freeze" | "train"
 (see :func:`apply_trainable`).
@@ -411,13 +412,32 @@ def prior_logits(w: torch.Tensor, layout: Layout, nm: NM, strength: float) -> to
     return strength * (kept - kept.mean(0, keepdim=True))
 
 
+def mask_logits(mask: torch.Tensor, layout: Layout, nm: NM, strength: float) -> torch.Tensor:
+    """Initial logits ``(P, rows, G)`` whose argmax is the given N:M ``mask`` (a calibrated one-shot mask).
+
+    Each pattern scores ``strength`` times the share of the mask's kept slots it keeps, centred per group:
+    the mask's own pattern is the only one keeping all N.
+    """
+    table = pattern_table(nm.n, nm.m).float().to(mask.device)
+    planes = to_slots(layout, mask.float(), nm.m)  # (M, rows, G)
+    if strength == 0:
+        return torch.zeros(table.shape[0], *planes.shape[1:], device=mask.device)
+    kept = slot_weighted(planes, kept_slots(table)) / nm.n  # (P, rows, G)
+    return strength * (kept - kept.mean(0, keepdim=True))
+
+
 def gumbel_parametrizations(
     candidates: Sequence[Candidate],
     pattern: NM | FanIn,
     dense_weight_fn: Callable[[Candidate], torch.Tensor],
     options: Mapping[str, object],
+    prior_masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[tuple[Candidate, GumbelMask]]:
-    """One :class:`GumbelMask` per eligible candidate; validates every option first (model untouched)."""
+    """One :class:`GumbelMask` per eligible candidate; validates every option first (model untouched).
+
+    ``prior_masks`` (``{key: (mask, weight)}`` from a calibrated one-shot method) sets the starting argmax
+    instead of the magnitude prior.
+    """
     o = validate_options(options)
     if not isinstance(pattern, NM):
         raise SemisparseError(f"method='gumbel' learns N:M masks; got {pattern} (use a pattern like '2:4')")
@@ -430,7 +450,10 @@ def gumbel_parametrizations(
     out = []
     for c in candidates:
         w = dense_weight_fn(c)
-        logits = prior_logits(w, c.layout, pattern, float(o["prior"]))
+        if prior_masks is not None:
+            logits = mask_logits(prior_masks[c.key][0].to(w.device), c.layout, pattern, float(o["prior"]))
+        else:
+            logits = prior_logits(w, c.layout, pattern, float(o["prior"]))
         allowed = _allowed_patterns(c.layout, pattern, table)
         if allowed is not None:
             allowed = allowed.to(w.device)

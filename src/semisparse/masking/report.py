@@ -224,6 +224,9 @@ def build_report(
                 LayerReport(c.key, c.kind, shape, sw.parametrization.pattern_name,
                             float(mask.float().mean()), mask.numel())
             )
+            calibrated = getattr(sw.parametrization, "calibrated", None)  # one-shot method, relative output error
+            if calibrated:
+                rows[-1].extra.update(calibrated)
         else:
             reason = c.reason or "not sparsified"
             params = math.prod(shape) if shape else 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
@@ -14,7 +15,9 @@ from .parametrization import Mask, SparseParametrization, Target, attach, detach
 from .permute import annotate_report, permute_channels
 from .report import Report, build_report
 
-METHODS = ("magnitude", "random", "gumbel")
+METHODS = ("magnitude", "random", "gumbel", "sparsegpt", "wanda")
+CALIBRATED = ("sparsegpt", "wanda")
+PRIORS = ("magnitude", *CALIBRATED)
 
 # .gumbel is imported where learned masks are asked for: it loads numba (optional) when installed.
 
@@ -44,7 +47,10 @@ def _target_of_given(mask: torch.Tensor, layout: Layout, pattern: NM | FanIn | N
 
 
 def _validate_options(method: str, options: Mapping[str, object]) -> None:
-    allowed = {"magnitude": set(), "random": {"seed"}}.get(method)
+    allowed = {
+        "magnitude": set(), "random": {"seed"}, "sparsegpt": {"dampening", "blocksize", "progress"},
+        "wanda": {"progress"},
+    }.get(method)
     if allowed is None:
         return  # gumbel validates its own options
     unknown = sorted(set(options) - allowed)
@@ -54,6 +60,14 @@ def _validate_options(method: str, options: Mapping[str, object]) -> None:
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SemisparseError(f"seed must be an int (the random masks' generator seed), got {seed!r}")
+    damp = options.get("dampening", 0.01)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < float("inf")):
+        raise SemisparseError(f"dampening must be a number > 0 (share of the Hessian's mean diagonal), got {damp!r}")
+    block = options.get("blocksize", 128)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise SemisparseError(f"blocksize must be a positive int (columns per lazy update), got {block!r}")
+    if options.get("progress") is not None and not callable(options["progress"]):
+        raise SemisparseError("progress must be a callable (layer key, done, total)")
 
 
 def _check_globs(value: object, what: str) -> None:
@@ -63,6 +77,32 @@ def _check_globs(value: object, what: str) -> None:
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return
     raise SemisparseError(f"{what} must be a module-name glob or a list of them (e.g. \"layer4.*\"), got {value!r}")
+
+
+def _refuse_foreign_weights(candidates: Sequence[Candidate]) -> None:
+    """A weight that torch computes (old-style ``weight_norm``) or already parametrizes is refused up front.
+
+    Checked for every layer before any is changed, so a refusal leaves the model as it was.
+    """
+    for c in candidates:
+        m = c.module
+        if parametrize.is_parametrized(m, c.param):
+            plist = m.parametrizations[c.param]
+            foreign = [type(p).__name__ for p in plist if not isinstance(p, SparseParametrization)]
+            if foreign:
+                raise SemisparseError(
+                    f"{c.key} already carries a torch parametrization ({', '.join(foreign)}); semisparse masks "
+                    f"plain weights: fold it first with torch.nn.utils.parametrize.remove_parametrizations"
+                    f"(module, {c.param!r}) (it keeps the current weight), then sparsify"
+                )
+        elif c.param not in m._parameters:
+            hint = (
+                "(torch.nn.utils.weight_norm computes it from weight_g/weight_v): remove it first with "
+                "torch.nn.utils.remove_weight_norm(module)"
+                if hasattr(m, f"{c.param}_g") and hasattr(m, f"{c.param}_v")
+                else "(computed, not stored): make it an nn.Parameter of the layer"
+            )
+            raise SemisparseError(f"{c.key} is not a parameter of its layer {hint}, then sparsify")
 
 
 def sparsify(
@@ -79,6 +119,10 @@ def sparsify(
     ignore_grouped: bool = False,
     overwrite: bool = False,
     permute: bool = False,
+    calibration: object = None,
+    calib_batches: int | None = None,
+    collect: Callable[[object], object] | None = None,
+    recalibrate_bn: bool = False,
     **options: object,
 ) -> Report:
     """Put a sparsity mask on every eligible Linear, Conv and ``nn.MultiheadAttention`` projection weight.
@@ -93,6 +137,19 @@ def sparsify(
     (N:M only) first reorders channels so N:M keeps more magnitude, keeping the model's function
     (:mod:`semisparse.masking.permute`); the report's ``extra`` holds the kept share before/after.
 
+    **Calibrated one-shot** (``method="sparsegpt"`` or ``"wanda"``, :mod:`semisparse.masking.oneshot`) needs
+    ``calibration``: an iterable of input batches (tensor, tuple or dict), a DataLoader (first element of
+    each batch, or ``collect(batch)``) or a ``forward_loop(model)`` callable; ``calib_batches`` caps it.
+    Layers are pruned in forward order on the outputs of the already-pruned layers before them.
+    ``"wanda"`` keeps the largest ``|W_ij| * ||x_j||``; ``"sparsegpt"`` (options ``dampening`` 0.01,
+    ``blocksize`` 128) also reconstructs the kept weights: afterwards each layer's ``original`` holds the
+    **reconstructed** weights at kept positions and the dense weights at pruned ones, so ``module.weight``,
+    ``ss.finalize`` and ``ss.save`` give the reconstructed model (the dense model is not kept). The report
+    shows the method and each layer's relative output error on the calibration inputs. ``recalibrate_bn=True``
+    then re-estimates BatchNorm statistics on the same calibration (:func:`recalibrate_bn`).
+    ``method="gumbel"`` takes ``prior_from="magnitude" | "wanda" | "sparsegpt"``: the learned masks start
+    with that method's mask as their argmax (with ``"sparsegpt"``, on its reconstructed weights).
+
     Everything is validated before the model is touched: on error the model is unchanged.
     Returns the coverage :class:`Report` (MACs too when ``example_input`` is given).
     """
@@ -103,7 +160,42 @@ def sparsify(
         raise SemisparseError('pattern=None is only allowed with masks=...; use "N:M" or a sparsity in (0, 1)')
     if masks is not None and method == "gumbel":
         raise SemisparseError("masks=... applies fixed masks; it cannot be combined with method='gumbel'")
+    prior_from = options.pop("prior_from", None) if method == "gumbel" else None
+    if prior_from is not None and prior_from not in PRIORS:
+        raise SemisparseError(f"prior_from must be one of {', '.join(map(repr, PRIORS))}, got {prior_from!r}")
+    calibrated = method in CALIBRATED or prior_from in CALIBRATED
+    if calibrated and masks is not None:
+        raise SemisparseError(f"masks=... applies fixed masks; it cannot be combined with method={method!r}")
+    if calibrated and permute:
+        raise SemisparseError("permute=True works with magnitude, random and gumbel masks, not calibrated ones")
+    if not isinstance(recalibrate_bn, bool):
+        raise SemisparseError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
+    if recalibrate_bn and method not in ("magnitude", "random", *CALIBRATED):
+        raise SemisparseError("recalibrate_bn=True is for one-shot methods (magnitude, random, wanda, sparsegpt)")
+    if (recalibrate_bn or calibrated) and calibration is None:
+        what = "recalibrate_bn=True" if not calibrated else f"method={method!r}" + (
+            f" with prior_from={prior_from!r}" if prior_from else "")
+        raise SemisparseError(
+            f"{what} needs calibration=...: input batches, a DataLoader or a forward_loop(model) callable"
+        )
+    calib_keys = ("dampening", "blocksize", "progress")
+    calib_opts = {k: options.pop(k) for k in calib_keys if k in options} if method == "gumbel" else {}
     _validate_options(method, options)
+    if method == "gumbel":
+        _validate_options("sparsegpt", calib_opts)
+    else:
+        calib_opts = {k: options[k] for k in ("dampening", "blocksize", "progress") if k in options}
+    if method == "gumbel" and prior_from in CALIBRATED:  # fail before the calibration's work, not after
+        from .gumbel import validate_options
+
+        validate_options(options)
+        if not isinstance(pat, NM):
+            raise SemisparseError(f"method='gumbel' learns N:M masks; got {pat} (use a pattern like '2:4')")
+    calib = None
+    if calibrated or recalibrate_bn:
+        from .calibration import prepare
+
+        calib = prepare(calibration, model, calib_batches, collect)
     _check_globs(include, "include")
     _check_globs(exclude, "exclude")
 
@@ -117,6 +209,11 @@ def sparsify(
     candidates = plan(
         model, pat, include, exclude, pad=pad, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped
     )
+    if masks is not None:
+        _refuse_foreign_weights([c for c in candidates if c.eligible and c.key in masks])
+    else:
+        _refuse_foreign_weights([c for c in candidates if c.eligible])
+    calibrated_results = None
     permuted = None
     if permute:
         if existing or masks is not None:
@@ -161,10 +258,26 @@ def sparsify(
         if not eligible:
             reasons = sorted({c.reason for c in candidates}) or ["it has no Linear, Conv or MultiheadAttention layer"]
             raise SemisparseError(f"no layer of this model can take {pattern!r}: {'; '.join(reasons)}")
+        if calibrated:
+            from .oneshot import calibrated_masks
+
+            calibrated_results, calib_notes = calibrated_masks(
+                model, eligible, pat, method if method in CALIBRATED else prior_from, calib.concatenated(), **calib_opts
+            )
         if method == "gumbel":
             from .gumbel import gumbel_parametrizations
 
-            chosen = gumbel_parametrizations(eligible, pat, dense_weight, options)
+            prior = None
+            if prior_from == "wanda" or prior_from == "sparsegpt":
+                prior = {k: (r.mask, r.weight) for k, r in calibrated_results.items()}
+            chosen = gumbel_parametrizations(eligible, pat, dense_weight, options, prior_masks=prior)
+        elif calibrated_results is not None:
+            chosen = []
+            for c in eligible:
+                r = calibrated_results[c.key]
+                p = Mask(r.mask, c.layout, r.target)
+                p.calibrated = {"method": method, "rel_err": r.rel_error}
+                chosen.append((c, p))
         else:
             gen = None
             if method == "random":
@@ -181,6 +294,12 @@ def sparsify(
         detach(sw.module, sw.param)
     for c, p in chosen:
         attach(c.module, c.param, p)
+    if calibrated_results is not None:  # the reconstructed weights where kept, the dense ones where pruned
+        with torch.no_grad():
+            for c, _p in chosen:
+                r = calibrated_results[c.key]
+                original = c.module.parametrizations[c.param].original
+                original.copy_(torch.where(r.mask, r.weight.to(original.dtype), original))
     notes = []
     if method == "gumbel":
         from .gumbel import apply_trainable
@@ -190,7 +309,18 @@ def sparsify(
         from .gumbel import restore_trainable
 
         restore_trainable(model)
+    if recalibrate_bn:
+        from .batchnorm import has_batchnorm
+        from .batchnorm import recalibrate_bn as recalibrate
+
+        if has_batchnorm(model):
+            recalibrate(model, calib)
+            notes.append("BatchNorm statistics re-estimated on the calibration inputs")
+        else:
+            notes.append("recalibrate_bn: the model has no BatchNorm layer; nothing to re-estimate")
     rep = build_report(model, candidates, example_input)
+    if calibrated_results is not None:
+        notes = [*calib_notes, *notes]
     rep.notes.extend(notes)
     if permuted is not None:
         annotate_report(rep, permuted)

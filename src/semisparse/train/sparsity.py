@@ -31,6 +31,8 @@ from ..masking.report import Report
 from ..masking.report import report as ss_report
 
 METHODS = ("none", "magnitude", "gumbel", "given")
+#: Training batches a calibrated ``prior_from`` prunes on.
+CALIB_BATCHES = 16
 
 
 @dataclass
@@ -44,6 +46,7 @@ class SparsityConfig:
     trainable: str = "all"  # gumbel only: "mask" (weights frozen) | "all"
     tau: tuple[float, float] | None = None
     prior: float | None = None
+    prior_from: str | None = None  # gumbel: "magnitude" | "wanda" | "sparsegpt" (the masks' starting argmax)
     permute: bool = False
     pad: bool = False
     ignore_linear: bool = False
@@ -68,6 +71,8 @@ class SparsityConfig:
             raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: learned masks or DST, not both")
         if self.dst and self.method == "magnitude":
             raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4 (or drop --dst)")
+        if self.prior_from is not None and self.method != "gumbel":
+            raise SemisparseError("--mask-prior-from sets where learned masks start: it needs --sparsity gumbel_2x4")
         if self.trainable not in ("mask", "all"):
             raise SemisparseError(f"trainable must be 'mask' or 'all', got {self.trainable!r}")
 
@@ -82,6 +87,11 @@ class SparsityConfig:
         return self.method
 
 
+def _images(batch: object) -> object:
+    """The input of an ``(images, labels)`` training batch (any loader, not only a DataLoader)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 class TrainingSparsity:
     """Applies a :class:`SparsityConfig` to a model and keeps it up to date during training (module doc)."""
 
@@ -93,8 +103,11 @@ class TrainingSparsity:
         self._updates = 0  # topology updates since the last epoch_stats()
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None) -> Report | None:
-        """Mask ``model`` (magnitude or gumbel); returns the coverage report, None when nothing to do."""
+    def apply(self, model: nn.Module, total_steps: int, example_input: torch.Tensor | None = None,
+              calibration: object = None) -> Report | None:  # fmt: skip
+        """Mask ``model`` (magnitude or gumbel); returns the coverage report, None when nothing to do.
+
+        ``calibration`` (batches or a loader) is what a calibrated ``prior_from`` prunes on."""
         c = self.config
         self._model = model
         if c.method == "none":
@@ -114,6 +127,10 @@ class TrainingSparsity:
             opts["tau"] = tuple(c.tau)
         if c.prior is not None:
             opts["prior"] = c.prior
+        if c.prior_from is not None:
+            opts["prior_from"] = c.prior_from
+            if c.prior_from != "magnitude":
+                common.update(calibration=calibration, calib_batches=CALIB_BATCHES, collect=_images)
         return sparsify(model, c.pattern, "gumbel", **common, **opts)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
