@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.output and not args.output_dir:
         print("no -o/--output or --output-dir: the pruned model is not written", flush=True)
     folder = claim_output_dir(args.output_dir, overwrite=args.overwrite) if args.output_dir else None
+    try:
+        return _prune(args, pattern, folder)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _prune(args: argparse.Namespace, pattern, folder) -> int:
     device = train_cli._device(args)
     torch.manual_seed(args.seed)
     data = train_cli._data(args)
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = 0 if data.kind == "digits" else min(8, os.cpu_count() or 1)
     train_loader, val_loader = make_loaders(data, args.batch_size, workers, seed=args.seed,
                                             skip_bad_images=args.skip_bad_images, device=device)  # fmt: skip
-    model = train_cli._model(args, data).to(device)
+    model, _ = train_cli._model(args, data)
+    model = model.to(device)
     if args.weights is None:
         print("note: no --weights: pruning the model's initial (untrained) weights", file=sys.stderr, flush=True)
     criterion = nn.CrossEntropyLoss()
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                             "pattern": str(pattern) if isinstance(pattern, NM) else f"{pattern.sparsity:g}"}
         ckpt["prune"] = {"method": args.method, "val_acc1_before": before["acc1"], "val_acc1_after": after["acc1"]}
         folder.save(ckpt, 0)
-        print(f"wrote {os.path.join(args.output_dir, 'checkpoint.pth')} (fine-tune: semisparse train --weights "
-              f"{os.path.join(args.output_dir, 'checkpoint.pth')} --sparsity sparse_2x4 ...)")  # fmt: skip
+        print(f"wrote {os.path.join(args.output_dir, 'checkpoint.pth')} (fine-tune with these masks fixed: "
+              f"semisparse train --weights {os.path.join(args.output_dir, 'checkpoint.pth')} ...)")  # fmt: skip
     return 0
 
