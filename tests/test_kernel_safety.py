@@ -279,6 +279,19 @@ def test_jit_script_of_a_condensed_layer_compiles_torchs_layer():
             torch.testing.assert_close(scripted(inp), layer(inp), rtol=1e-5, atol=1e-5)
 
 
+def test_jit_script_of_a_deployed_model_compiles_torchs_layers_and_leaves_the_model_as_it_is():
+    """The thread hooks are Python TorchScript cannot compile: scripting a whole deployed model failed with a
+    multi-line TorchScript error."""
+    m, x = _small_model()
+    dep = deploy(m, plan="condensed")
+    before = [type(mod) for mod in dep.modules()]
+    with torch.no_grad():
+        scripted = torch.jit.script(dep)
+        x2 = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(scripted(x2), m.eval()(x2), rtol=1e-5, atol=1e-5)
+    assert [type(mod) for mod in dep.modules()] == before and dep._forward_pre_hooks  # dep keeps its layers
+
+
 def test_attention_traces_and_exports_with_torch_ops_and_refuses_script_in_one_line():
     torch.manual_seed(6)
     mha = nn.MultiheadAttention(16, 4, batch_first=True)

@@ -226,6 +226,8 @@ def deploy(
         summary["thread_hooks"] = bool(hooks)
     for _, layer in deployed_layers(m):
         layer.drop_unused()
+    if hooks:
+        cpus.scriptable(m)
     m.semisparse_plan = summary
     return m
 

@@ -15,6 +15,7 @@ time others took on those CPUs every 100 ms (``/proc/stat``), the cgroup quota e
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import math
@@ -300,6 +301,26 @@ def _leave(module: nn.Module, args: tuple, output: object) -> None:
         base = stack.pop()
         if base:
             torch.set_num_threads(base)
+
+
+def script_copy(model: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles of a deployed model (its ``__prepare_scriptable__``): a copy without
+    the thread hooks, which are Python that TorchScript cannot compile (the scripted model runs torch's own
+    thread count). A copy, because preparing for TorchScript replaces submodules in place (condensed layers by
+    torch's own): the deployed model is left as it is."""
+    twin = copy.deepcopy(model)
+    twin.__dict__.pop("__prepare_scriptable__", None)
+    for table in (twin._forward_pre_hooks, twin._forward_hooks):
+        for key in [k for k, fn in table.items() if fn in (_enter, _leave)]:
+            del table[key]
+            twin._forward_hooks_always_called.pop(key, None)
+    own = getattr(type(twin), "__prepare_scriptable__", None)  # a root that is itself a deployed layer
+    return own(twin) if own is not None else twin
+
+
+def scriptable(model: nn.Module) -> None:
+    """Let ``torch.jit.script(model)`` compile a copy without the thread hooks (:func:`script_copy`)."""
+    model.__dict__["__prepare_scriptable__"] = functools.partial(script_copy, model)
 
 
 def attach(model: nn.Module) -> list:
