@@ -13,21 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
+from kernel_switch import kernels_off
 from semisparse.deploy import deploy, deployed_layers, kernels
 from semisparse.errors import SemisparseError
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
-
-
-@contextlib.contextmanager
-def kernels_off():
-    """As with ``SEMISPARSE_NO_KERNELS=1``: every kernel function runs its pure-torch reference path."""
-    saved = kernels.library
-    kernels.library = lambda: None
-    try:
-        yield
-    finally:
-        kernels.library = saved
 
 
 def outcome(fn, *args):

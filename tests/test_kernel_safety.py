@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
+from kernel_switch import kernels_off
 from semisparse.deploy import deploy, kernels
 from semisparse.deploy.condensed import condense
 from semisparse.errors import SemisparseError
@@ -34,16 +35,6 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": SRC, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
                           timeout=300)
-
-
-@contextlib.contextmanager
-def kernels_off():
-    saved = kernels.library
-    kernels.library = lambda: None
-    try:
-        yield
-    finally:
-        kernels.library = saved
 
 
 # ---------------------------------------------------------------------------------------------------------

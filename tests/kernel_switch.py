@@ -1,0 +1,16 @@
+"""Switching the compiled kernels off inside a test, shared by the deploy and kernel-safety tests."""
+
+import contextlib
+
+from semisparse.deploy import kernels
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """As with ``SEMISPARSE_NO_KERNELS=1``: every kernel function runs its pure-torch reference path."""
+    saved = kernels.library
+    kernels.library = lambda: None
+    try:
+        yield
+    finally:
+        kernels.library = saved
