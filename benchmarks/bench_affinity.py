@@ -31,8 +31,9 @@ import torchvision
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import cpus, deploy
-from semisparse.deploy.planner import interleaved_medians
+from semisparse.runtime import deploy
+from semisparse.runtime.cpu import cpus
+from semisparse.runtime.cpu.planner import interleaved_medians
 
 
 def pin(cpu_set: set[int]) -> None:

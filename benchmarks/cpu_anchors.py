@@ -1,6 +1,6 @@
 """ss.deploy against the dense CPU runtimes a user would pick: torch eager (NCHW and channels-last), onnxruntime,
 OpenVINO (its default precision and f32), all on the same masked model, timed call by call interleaved in one
-process (``semisparse bench``, :mod:`semisparse.deploy.anchors`).
+process (``semisparse bench``, :mod:`semisparse.cli.anchors`).
 
 Runs ResNet-50, ViT-B/16 and ConvNeXt-T at 90% SRigL-like constant fan-in and at 2:4, at the batch sizes given,
 and prints the machine (CPU model, cores, threads), the load before and after, every runtime's time, the ratios

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from semisparse.deploy import triton_condensed as tc  # noqa: E402
+from semisparse.runtime.cuda import kernels as tc  # noqa: E402
 
 
 def fan_in_mask(out_f: int, in_f: int, k: int, seed: int, device) -> torch.Tensor:

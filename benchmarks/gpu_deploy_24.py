@@ -61,8 +61,8 @@ from semisparse.cli.bench_cuda import (  # noqa: E402
     randomize_zero_layers,
     rel_err,
 )
-from semisparse.deploy.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan  # noqa: E402
-from semisparse.deploy.cuda.timing import WallTimer  # noqa: E402
+from semisparse.runtime.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan  # noqa: E402
+from semisparse.runtime.timing import WallTimer  # noqa: E402
 
 #: Seconds per part (the whole run should stay under ~7 minutes of a 10-minute device budget).
 CAPS = {"probe": 20, "correctness": 75, "layers": 35, "vit_b_16": 90, "convnext_tiny": 70, "resnet50": 70,
@@ -175,7 +175,7 @@ def correctness(factory, batch: int, plan: str, kw: dict, dtype, save_to: str | 
     torch.manual_seed(0)
     model = factory()
     randomize_zero_layers(model)
-    from semisparse.deploy import default_example_input
+    from semisparse.runtime import default_example_input
 
     x = default_example_input(model, batch)
     ss.sparsify(model, "2:4")
@@ -207,9 +207,9 @@ def correctness(factory, batch: int, plan: str, kw: dict, dtype, save_to: str | 
 
 
 def kxk_row(cin: int, cout: int, size: int, batch: int, stride: int, dtype, timer, backend, device) -> dict:
-    from semisparse.deploy.cuda.eligibility import LayerSpec
-    from semisparse.deploy.cuda.layer import PlannedLayer
     from semisparse.patterns import nm_mask
+    from semisparse.runtime.cuda.eligibility import LayerSpec
+    from semisparse.runtime.cuda.layers import PlannedLayer
 
     torch.manual_seed(0)
     w = torch.randn(cout, cin, 3, 3)
@@ -255,7 +255,7 @@ class SmallNet(nn.Module):
 
 
 def condensed_correctness(dtype, kw: dict, batch: int, size: int, save_to: str) -> dict:
-    from semisparse.deploy.cuda.planner import planned_layers
+    from semisparse.runtime.cuda.planner import planned_layers
 
     torch.manual_seed(0)
     model = SmallNet().eval()
@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("no CUDA GPU here: run with --smoke on CPU", file=sys.stderr)
             return 2
-        from semisparse.deploy.cuda import require_cusparselt
-        from semisparse.deploy.cuda.timing import GraphTimer
+        from semisparse.runtime.cuda import require_cusparselt
+        from semisparse.runtime.timing import GraphTimer
 
         device, backend, graphs = "cuda", require_cusparselt(), None
         timer, eager = GraphTimer(args.reps), GraphTimer(args.reps, graphed=False)

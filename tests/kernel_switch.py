@@ -2,7 +2,7 @@
 
 import contextlib
 
-from semisparse.deploy import kernels
+from semisparse.runtime.cpu import kernels
 
 
 @contextlib.contextmanager

@@ -539,7 +539,7 @@ def test_learned_masks_are_saved_as_their_argmax_mask(tmp_path):
 
 
 def test_loaded_model_deploys_to_the_masked_dense_outputs(tmp_path):
-    deploy = getattr(pytest.importorskip("semisparse.deploy"), "deploy", None)
+    deploy = getattr(pytest.importorskip("semisparse.runtime"), "deploy", None)
     if deploy is None:
         pytest.skip("ss.deploy not available yet")
     model = small_cnn()

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers, kernels, planner
-from semisparse.deploy.attention import SparseMultiheadAttention
-from semisparse.deploy.condensed import SparseConv, SparseLinear
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime import timing
+from semisparse.runtime.attention import SparseMultiheadAttention
+from semisparse.runtime.cpu import kernels, planner
+from semisparse.runtime.cpu.layers import SparseConv, SparseLinear
 
 RTOL = 1e-5
 
@@ -543,7 +545,7 @@ def test_planner_picks_the_fastest_dense_form_and_reports_against_torch(monkeypa
 
 @needs_kernels
 def test_whole_model_check_hands_everything_back_to_torch_when_never_faster(monkeypatch):
-    from semisparse.deploy.pool import MaxPool2d
+    from semisparse.runtime.cpu.pool import MaxPool2d
 
     torch.manual_seed(23)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3))
@@ -593,15 +595,15 @@ def test_interleaved_timing_varies_who_runs_after_whom_and_keeps_results_in_plac
         return fn
 
     fns = [make(i) for i in range(4)]
-    monkeypatch.setattr(planner.time, "perf_counter", clock)
-    out = planner.interleaved_medians(fns, reps=30, warmup=1, budget_s=1e9)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    out = timing.interleaved_medians(fns, reps=30, warmup=1, budget_s=1e9)
     assert out == [1.0, 2.0, 3.0, 4.0]  # each candidate's median in its own slot, whatever the order
     timed = calls[4:]
     assert sorted(timed) == sorted(list(range(4)) * 30)
     after_first = {timed[j + 1] for j in range(len(timed) - 1) if timed[j] == 0 and (j + 1) % 4}
     assert len(after_first) >= 2  # candidate 0 is not always followed by the same candidate
     calls.clear()
-    planner.interleaved_medians(fns, reps=3, warmup=0, budget_s=1e9, shuffle=False)
+    timing.interleaved_medians(fns, reps=3, warmup=0, budget_s=1e9, shuffle=False)
     assert calls == [0, 1, 2, 3] * 3
 
 
@@ -636,8 +638,8 @@ def test_layers_the_planner_keeps_dense_are_torchs_own_modules_and_cost_what_the
     (a subclass that only carries the report row), pooling left to torch is nn.MaxPool2d, and a model that runs
     no semisparse code keeps only the thread hooks: what the original costs on the CPUs it has, with the planner's
     figures still in the report."""
-    from semisparse.deploy.kept import KeptDenseConv2d, KeptDenseLinear
-    from semisparse.deploy.pool import MaxPool2d
+    from semisparse.runtime.cpu.kept import KeptDenseConv2d, KeptDenseLinear
+    from semisparse.runtime.cpu.pool import MaxPool2d
 
     torch.manual_seed(31)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -663,8 +665,8 @@ def test_layers_the_planner_keeps_dense_are_torchs_own_modules_and_cost_what_the
 
 
 def test_kept_dense_swap_leaves_condensed_layers_and_the_hooks(monkeypatch):
-    from semisparse.deploy import _kept_dense_to_torch, _runs_semisparse
-    from semisparse.deploy.kept import KeptDenseLinear
+    from semisparse.runtime.cpu.build import _kept_dense_to_torch, _runs_semisparse
+    from semisparse.runtime.cpu.kept import KeptDenseLinear
 
     torch.manual_seed(32)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers, kernels
-from semisparse.deploy.condensed import SparseConv, SparseLinear
-from semisparse.deploy.plain import why_not_plain
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.layers import SparseConv, SparseLinear
+from semisparse.runtime.plain import why_not_plain
 
 
 def assert_same(dep: nn.Module, model: nn.Module, *args, rtol: float = 1e-5, **kwargs) -> None:
@@ -411,8 +412,8 @@ class TwoNamesAndAList(nn.Module):
 
 
 def test_cuda_deploy_swaps_every_name_of_a_shared_layer_and_only_plain_layers():
-    from semisparse.deploy.cuda import EmulatedBackend, deploy_cuda
-    from semisparse.deploy.cuda.layer import PlannedLayer
+    from semisparse.runtime.cuda import EmulatedBackend, deploy_cuda
+    from semisparse.runtime.cuda.layers import PlannedLayer
 
     torch.manual_seed(0)
     model = TwoNamesAndAList().eval()
@@ -439,8 +440,8 @@ def test_a_second_parametrization_on_a_weight_is_refused_saying_how_to_proceed()
 
 
 def test_a_root_layer_kept_dense_keeps_its_users_hooks_and_deploys_thread_hooks(monkeypatch):
-    from semisparse.deploy import planner
-    from semisparse.deploy.kept import KeptDenseLinear
+    from semisparse.runtime.cpu import planner
+    from semisparse.runtime.cpu.kept import KeptDenseLinear
 
     monkeypatch.setattr(planner, "interleaved_medians", lambda fns, *a, **k: [1.0] + [2.0] * (len(fns) - 1))
     torch.manual_seed(0)

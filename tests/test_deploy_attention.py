@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers
-from semisparse.deploy.attention import SparseMultiheadAttention
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.attention import SparseMultiheadAttention
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers, kernels
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: bf16 deploy runs dense")
 

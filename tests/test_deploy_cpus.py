@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import cpus, deploy, kernels
+from semisparse.runtime import deploy
+from semisparse.runtime.cpu import cpus, kernels
 
 needs_two_cpus = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                                     reason="needs CPU affinity control and at least two CPUs")
@@ -223,7 +224,7 @@ def test_a_busy_neighbour_on_one_cpu_leaves_one_thread(monkeypatch):
 
 _BOUND_PROBE = """
 import json, torch
-from semisparse.deploy import cpus
+from semisparse.runtime.cpu import cpus
 print(json.dumps({"set": sorted(cpus.affinity_set()), "usable": cpus.usable(), "quota": cpus.quota_cpus(),
                   "threads": cpus.threads_now(), "torch": torch.get_num_threads()}))
 """

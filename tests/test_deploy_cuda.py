@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy.cuda import EmulatedBackend, EmulatedGraphs, GraphedModule, deploy_cuda, save_plan
-from semisparse.deploy.cuda.eligibility import LayerSpec, is_24, pad_rows, sparse_reason
-from semisparse.deploy.cuda.forms import (
+from semisparse.errors import SemisparseError
+from semisparse.patterns import nm_mask
+from semisparse.runtime.cuda import EmulatedBackend, EmulatedGraphs, GraphedModule, deploy_cuda, save_plan
+from semisparse.runtime.cuda.eligibility import LayerSpec, is_24, pad_rows, sparse_reason
+from semisparse.runtime.cuda.forms import (
     Conv1x1,
     ConvIm2col,
     ConvTaps,
@@ -27,10 +29,8 @@ from semisparse.deploy.cuda.forms import (
     im2col_weight,
     tap_weights,
 )
-from semisparse.deploy.cuda.layer import PlannedLayer
-from semisparse.deploy.cuda.planner import planned_layers
-from semisparse.errors import SemisparseError
-from semisparse.patterns import nm_mask
+from semisparse.runtime.cuda.layers import PlannedLayer
+from semisparse.runtime.cuda.planner import planned_layers
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with cuSPARSELt")
 
@@ -438,7 +438,7 @@ def test_bad_plan_and_dtype_are_one_line_errors():
 
 @needs_cuda
 def test_cusparselt_linear_matches_dense_bf16_on_gpu():
-    from semisparse.deploy.cuda import require_cusparselt
+    from semisparse.runtime.cuda import require_cusparselt
 
     be = require_cusparselt()
     w = masked_24(1000, 768, torch.bfloat16).cuda()
@@ -497,8 +497,8 @@ def test_deploy_cuda_tiny_vit_graphed_matches_dense_on_gpu(tmp_path):
 
 
 def test_a_registered_form_joins_the_planner_and_a_refusing_one_is_left_out():
-    from semisparse.deploy.cuda import FORMS, register_form
-    from semisparse.deploy.cuda.forms import DenseGemm
+    from semisparse.runtime.cuda import FORMS, register_form
+    from semisparse.runtime.cuda.forms import DenseGemm
 
     saved = list(FORMS)
 

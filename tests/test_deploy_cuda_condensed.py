@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import triton_condensed as tc
-from semisparse.deploy.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan
-from semisparse.deploy.cuda.condensed_form import NAME, CondensedForm, condensed_reason
-from semisparse.deploy.cuda.eligibility import LayerSpec
-from semisparse.deploy.cuda.layer import PlannedLayer
-from semisparse.deploy.cuda.planner import planned_layers
 from semisparse.patterns import nm_mask
+from semisparse.runtime.cuda import EmulatedBackend, EmulatedGraphs, deploy_cuda, save_plan
+from semisparse.runtime.cuda import kernels as tc
+from semisparse.runtime.cuda.condensed_form import NAME, CondensedForm, condensed_reason
+from semisparse.runtime.cuda.eligibility import LayerSpec
+from semisparse.runtime.cuda.layers import PlannedLayer
+from semisparse.runtime.cuda.planner import planned_layers
 
 #: The deploy flow on CPU tensors: the kernels run only under Triton's interpreter (tests/conftest.py turns it
 #: on where there is no CUDA; on a GPU machine these skip and the CUDA test at the end runs instead).

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers, kernels
-from semisparse.deploy.fold import fold_batchnorm
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.fold import fold_batchnorm
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import planner
+from semisparse.runtime.cpu import planner
 from semisparse.train.checkpoint import atomic_save, load_training_checkpoint
 from semisparse.train.engine import checkpoint_dict
 

@@ -14,8 +14,9 @@ from torch import nn
 
 import semisparse as ss
 from kernel_switch import kernels_off
-from semisparse.deploy import deploy, deployed_layers, kernels
 from semisparse.errors import SemisparseError
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu import kernels
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import cpus, deploy, deployed_layers, kernels, planner
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu import cpus, kernels, planner
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the planner times kernels: no C compiler here")
 

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, kernels, planner
-from semisparse.deploy.pool import MaxPool2d, supports
+from semisparse.runtime import deploy
+from semisparse.runtime.cpu import kernels, planner
+from semisparse.runtime.cpu.pool import MaxPool2d, is_supported
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
 
@@ -52,8 +53,8 @@ def test_resnet_stem_pooling_and_special_values():
 
 def test_what_the_kernel_does_not_cover_goes_to_torch():
     x = torch.randn(1, 3, 9, 9)
-    assert not supports(nn.MaxPool2d(3, return_indices=True)) and not supports(nn.MaxPool2d(3, dilation=2))
-    assert supports(nn.MaxPool2d(3)) and not supports(nn.AvgPool2d(3))
+    assert not is_supported(nn.MaxPool2d(3, return_indices=True)) and not is_supported(nn.MaxPool2d(3, dilation=2))
+    assert is_supported(nn.MaxPool2d(3)) and not is_supported(nn.AvgPool2d(3))
     pool = _pool(3, 2, 1)
     for inp in (x.double(), x.transpose(2, 3), x.clone().requires_grad_()):  # dtype, layout, autograd
         out = pool(inp)

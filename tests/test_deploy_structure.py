@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy, deployed_layers
-from semisparse.deploy.condensed import SparseLinear
+from semisparse.runtime import deploy, deployed_layers
+from semisparse.runtime.cpu.layers import SparseLinear
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:

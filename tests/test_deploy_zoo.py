@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from semisparse.deploy import deploy
 from semisparse.masking.parametrization import sparse_weights
+from semisparse.runtime import deploy
 
 tv = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")

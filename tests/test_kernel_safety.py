@@ -20,10 +20,11 @@ from torch import nn
 
 import semisparse as ss
 from kernel_switch import kernels_off
-from semisparse.deploy import deploy, kernels
-from semisparse.deploy.condensed import condense
 from semisparse.errors import SemisparseError
 from semisparse.indices import columns
+from semisparse.runtime import deploy
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.layers import condense
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
@@ -94,7 +95,7 @@ def test_out_of_range_indices_and_freed_weights_are_refused_or_never_read():
                 except ValueError as exc:
                     assert "\\n" not in str(exc) and "storage" in str(exc), str(exc)
         # kernel functions given tensors: a range is never remembered between calls
-        from semisparse.deploy import kernels
+        from semisparse.runtime.cpu import kernels
         W, off = torch.randn(3, 2), torch.zeros(3, 2, dtype=torch.int32)
         with torch.inference_mode():
             Y, X, orow = torch.zeros(3, 8), torch.randn(8 + kernels.BLOCK), torch.arange(3)
@@ -206,7 +207,7 @@ def _cached_copy(tmp_path: Path) -> Path:
 
 _USE_KERNELS = """
     import torch
-    from semisparse.deploy import kernels
+    from semisparse.runtime.cpu import kernels
     assert kernels.available(), kernels.unavailable_reason()
     W, idx, x = torch.ones(2, 3), torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int16), torch.arange(4.0)
     y = torch.zeros(2)

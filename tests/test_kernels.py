@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semisparse.deploy import kernels
-from semisparse.deploy.condensed import columns, condense, expand
 from semisparse.errors import SemisparseError
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.layers import columns, condense, expand
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
 

@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (onnx extra) is not install
 
 from onnx import numpy_helper  # noqa: E402
 
-from semisparse.deploy.onnx_export import export_onnx  # noqa: E402
+from semisparse.io.onnx_export import export_onnx  # noqa: E402
 
 
 def initializers(path) -> list[np.ndarray]:

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from semisparse.deploy import triton_condensed as tc
 from semisparse.errors import SemisparseError
+from semisparse.runtime.cuda import kernels as tc
 
 pytest.importorskip("triton", reason="triton is not installed: the condensed GPU kernels cannot be tested")
 #: Compiled kernels where a GPU is present, else the Triton interpreter on CPU (tests/conftest.py turns it on).
@@ -151,7 +151,7 @@ def test_every_neuron_ablated_outputs_the_bias():
 
 
 def test_from_cpu_condensed_form_equals_from_mask():
-    from semisparse.deploy.condensed import condense
+    from semisparse.runtime.cpu.layers import condense
 
     torch.manual_seed(3)
     w, b = torch.randn(12, 30), torch.randn(12)
@@ -241,7 +241,7 @@ def test_module_imports_without_triton(monkeypatch):
                                                   submodule_search_locations=None)
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "_tc_no_triton", mod)  # dataclasses look their module up
-    mod.__package__ = "semisparse.deploy"
+    mod.__package__ = "semisparse.runtime.cuda"
     spec.loader.exec_module(mod)
     assert mod.triton is None and not mod.available() and not mod.interpreting()
     with pytest.raises(SemisparseError, match="triton is not installed"):

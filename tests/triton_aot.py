@@ -25,8 +25,8 @@ from math import comb
 def specs(full: bool) -> list[tuple]:
     """``(kernel name, argument types, constexprs, num_warps)``: every axis of each kernel's specialisation at
     least once; ``full``: the product of them (dtype x index width x tile x split/bias)."""
-    from semisparse.deploy import triton_condensed as tc
     from semisparse.masking import sampling_triton as st
+    from semisparse.runtime.cuda import kernels as tc
 
     out = []
     tiles = {(c.block_out, c.block_k, c.block_batch, c.num_warps)

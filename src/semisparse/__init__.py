@@ -11,16 +11,16 @@ The public API is a few verbs::
     fast = ss.deploy(model)                  # condensed CPU kernels where they win, never slower
     ss.save(model, "m.safetensors"); model = ss.load("m.safetensors")
 
-(``ss.deploy`` is the function; the package's modules stay importable as ``semisparse.deploy.<module>``.)
+(``ss.deploy`` is the function; the runtime it builds with is the package ``semisparse.runtime``.)
 """
 
-from .deploy import deploy
 from .dst import SRSTE, RigL, SRigL
 from .errors import PatternError, SemisparseError, UnverifiedFileWarning
 from .io.compressed import load, save
 from .masking import check, finalize, masks, recalibrate_bn, report, sparsify
-from .masking.report import Report
+from .masking.coverage import Report
 from .patterns import NM, FanIn, parse_pattern
+from .runtime import deploy
 
 __version__ = "0.1.0"
 

@@ -22,20 +22,17 @@ import warnings
 import torch
 from torch import nn
 
-from ..deploy import cpus, default_example_input, deploy, deployed_layers, kernels
-from ..deploy.anchors import dense_anchors, torch_channels_last, torch_eager
-from ..deploy.cuda.build import masked_copy
-from ..deploy.fold import fold_batchnorm
-from ..deploy.planner import blocked_medians, interleaved_medians
-from ..dst.budgets import erk_densities, fanin_budgets
 from ..errors import SemisparseError
-from ..io.files import write_json
-from ..layout import plan
 from ..masking import masks as model_masks
 from ..masking import report, sparsify
-from ..masking.parametrization import sparse_weights
+from ..masking.parametrization import detached_copy, sparse_weights
 from ..models import create_model
-from ..patterns import fanin_mask
+from ..runtime import default_example_input, deploy, deployed_layers
+from ..runtime.cpu import cpus, kernels
+from ..runtime.fold import fold_batchnorm
+from ..runtime.timing import blocked_medians, interleaved_medians
+from .anchors import dense_anchors, torch_channels_last, torch_eager
+from .bench_common import finish, srigl_like_masks, table
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -157,30 +154,6 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
     }
 
 
-def srigl_like_masks(model: nn.Module, sparsity: float, ablation: float) -> dict[str, torch.Tensor]:
-    """SRigL's structure without training: ERK per-layer density as a constant fan-in (magnitude top-k
-    per neuron), and the ``ablation`` share of neurons with the smallest norms of every layer but the last
-    fully masked (ablated). Layers ERK leaves dense get no mask."""
-    cands = [c for c in plan(model, None) if c.eligible]
-    shapes = [c.weight_shape for c in cands]
-    dens = erk_densities(shapes, sparsity)
-    ks = fanin_budgets(shapes, dens)
-    out = {}
-    for i, (c, d, k) in enumerate(zip(cands, dens, ks)):
-        if d >= 1.0:
-            continue
-        w = getattr(c.module, c.param).detach()
-        view = c.layout.to_view(w.abs())
-        m = fanin_mask(view, k)
-        if ablation > 0 and i < len(cands) - 1:
-            n_abl = int(ablation * view.shape[0])
-            if n_abl:
-                gone = torch.topk((view * m).sum(1), n_abl, largest=False).indices
-                m[gone] = False
-        out[c.key] = c.layout.from_view(m)
-    return out
-
-
 def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20, masks: str = "uniform",
                 ablation: float = 0.0, image_size: int | None = None, pattern: str = "fan-in",
                 anchors: bool = True, blocked_too: bool = False) -> dict:
@@ -246,7 +219,7 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
     """A sparsified ``model`` deployed at input ``x`` and timed, call by call interleaved in one process, against
     the same model dense: torch eager (with the deployed model's thread sizing), BatchNorm-folded, the deployed
     model with every layer dense, and (``anchors``) onnxruntime and OpenVINO on the masked model exported to
-    ONNX (:mod:`semisparse.deploy.anchors`). The first ratio is against the fastest fp32 dense runtime.
+    ONNX (:mod:`semisparse.cli.anchors`). The first ratio is against the fastest fp32 dense runtime.
     ``blocked_too``: also time the deployed model and each runtime alone, back to back in blocks
     (``blocked_ms``)."""
     batch = x.shape[0]
@@ -336,11 +309,7 @@ def _fitted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """A plain eval copy of the sparsified ``model`` with its masks multiplied in (the dense reference)."""
-    dense, found, _ = masked_copy(model)
-    with torch.no_grad():
-        for key, mask in found.items():
-            dense.get_parameter(key).mul_(mask.to(dense.get_parameter(key).dtype))
-    return dense
+    return detached_copy(model)[0]
 
 
 def load_sample() -> tuple[float, float, float] | None:
@@ -403,7 +372,7 @@ def format_table(rows: list[dict]) -> str:
                  "-" if r["csr_ms"] is None else f"{r['csr_ms']:.4f}",
                  "-" if r["csr_ratio"] is None else f"{r['csr_ratio']:.2f}x",
                  f"{r['byte_limit']:.2f}x", f"{r['flop_limit']:.2f}x"] for r in layer_rows]
-        lines += _table(head, body)
+        lines += table(head, body)
     model_rows = [r for r in rows if r["kind"] == "model"]
     if model_rows:
         if lines:
@@ -420,17 +389,11 @@ def format_table(rows: list[dict]) -> str:
                  *[f"{r['dense_runtimes_ms'][n]:.2f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['dense_deployed_ms']:.2f}", f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['limit']:.2f}x",
                  f"{r['condensed_layers']}/{r['layers']}"] for r in model_rows]
-        lines += _table(head, body)
+        lines += table(head, body)
         notes = sorted({n for r in model_rows for n in r.get("dense_runtime_notes", ())})
         lines += [f"note: {n}" for n in notes]
     lines += footnotes(rows)
     return "\n".join(lines)
-
-
-def _table(head: list[str], body: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,10 +459,5 @@ def _run(args: argparse.Namespace) -> int:
         for b in args.batch or [1]:
             rows.append(bench_file(path, args.input_size, b, max(5, args.reps // 2), anchors=not args.no_anchors))
             print(_last_line(rows[-1]), flush=True)
-    print()
-    print(format_table(rows))
-    if args.json:
-        write_json(args.json, {"machine": info, "results": rows}, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(format_table(rows), args.json, info, rows)
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SemisparseError
-from ..io.files import write_json
+from ..masking.parametrization import detached_copy
+from .bench_common import finish, srigl_like_masks, table
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: ViT-B/16 token counts: batch 1 (197), 16, 64 and 256 images.
@@ -64,7 +65,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def machine_cuda() -> dict:
-    from ..deploy.cuda.backend import cusparselt_version
+    from ..runtime.cuda.backend import cusparselt_version
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cusparselt": cusparselt_version()}
     if torch.cuda.is_available():
@@ -75,8 +76,8 @@ def machine_cuda() -> dict:
 
 def bench_layer_cuda(out_f: int, in_f: int, tokens: int, dtype: torch.dtype, timer, backend, device) -> dict:
     """One Linear ``in_f -> out_f`` with a 2:4 weight: dense vs cuSPARSELt (alg 0 and searched), graphed."""
-    from ..deploy.cuda.forms import LinearForm, SparseGemm
     from ..patterns import nm_mask
+    from ..runtime.cuda.forms import LinearForm, SparseGemm
 
     torch.manual_seed(0)
     w = torch.randn(out_f, in_f)
@@ -102,11 +103,11 @@ def bench_condensed_layer(out_f: int, in_f: int, batch: int, sparsity: float, dt
                           device, ablation: float = 0.0) -> dict:
     """One Linear ``in_f -> out_f`` with a constant fan-in mask at ``sparsity`` (``ablation``: share of neurons
     that keep nothing): dense ``F.linear`` vs every config of the condensed form, graphed, same dtype."""
-    from ..deploy.cuda.condensed_form import NAME
-    from ..deploy.cuda.eligibility import LayerSpec
-    from ..deploy.cuda.layer import PlannedLayer
-    from ..deploy.cuda.planner import tune
     from ..patterns import fanin_k, fanin_mask
+    from ..runtime.cuda.condensed_form import NAME
+    from ..runtime.cuda.eligibility import LayerSpec
+    from ..runtime.cuda.layers import PlannedLayer
+    from ..runtime.cuda.planner import tune
 
     torch.manual_seed(0)
     k = fanin_k(in_f, sparsity)
@@ -158,7 +159,7 @@ def randomize_zero_layers(model: nn.Module) -> None:
 
 def layer_errors(deployed: nn.Module, x: torch.Tensor) -> list[dict]:
     """Per sparse layer: relative error of its chosen form against its dense form, on its real input."""
-    from ..deploy.cuda.planner import capture_inputs, planned_layers
+    from ..runtime.cuda.planner import capture_inputs, planned_layers
 
     inner = getattr(deployed, "module", deployed)
     inputs = capture_inputs(inner, x)
@@ -184,7 +185,7 @@ def bench_model_cuda(model_or_name: str | nn.Module | Callable[[], nn.Module], b
     (``masks="srigl"``: ERK budgets, ``ablation`` of the neurons ablated) or uniform."""
     import semisparse as ss
 
-    from ..deploy import default_example_input
+    from ..runtime.example import default_example_input
 
     name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name, "__name__", "model")
     model = make_model(model_or_name) if isinstance(model_or_name, str) else (
@@ -197,7 +198,6 @@ def bench_model_cuda(model_or_name: str | nn.Module | Callable[[], nn.Module], b
     if isinstance(pattern, str):
         ss.sparsify(model, pattern)
     elif masks == "srigl":
-        from .bench import srigl_like_masks
 
         ss.sparsify(model, None, masks=srigl_like_masks(model, pattern, ablation))
     else:
@@ -214,25 +214,19 @@ def _bench_deployed(model, name, x, batch, dtype, t0, *, timer, eager_timer, bac
                     plan, lower_kxk) -> dict:
     import semisparse as ss
 
-    from ..deploy.cuda import deploy_cuda
-    from ..deploy.cuda.build import masked_copy
-    from ..deploy.cuda.layer import is_sparse_form
+    from ..runtime.cuda import deploy_cuda
+    from ..runtime.cuda.layers import is_sparse_form
 
     kw = {"backend": backend, "graphs": graphs, "timer": timer, "device": device, "lower_kxk": lower_kxk}
     dep = deploy_cuda(model, dtype, batch, x, plan=plan, **kw)
     plan_s = time.perf_counter() - t0
     all_dense = deploy_cuda(model, dtype, batch, x, plan="dense", **kw)
-    dense, masks, _ = masked_copy(model)
-    with torch.no_grad():
-        for key, mask in masks.items():
-            dense.get_parameter(key).mul_(mask)
+    dense = detached_copy(model)[0]
     fmt = torch.channels_last if any(isinstance(m, nn.Conv2d) for m in dense.modules()) else torch.contiguous_format
     dense = dense.to(device=device, dtype=dtype).to(memory_format=fmt)
     xd = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt if x.dim() == 4 else torch.contiguous_format)
-    fp32 = masked_copy(model)[0]
+    fp32 = detached_copy(model)[0]
     with torch.no_grad():
-        for key, mask in masks.items():
-            fp32.get_parameter(key).mul_(mask)
         fp32 = fp32.to(device=device)
         ref32 = fp32(x.to(device))
         del fp32
@@ -275,13 +269,11 @@ def _bench_deployed(model, name, x, batch, dtype, t0, *, timer, eager_timer, bac
 
 
 def format_rows(rows: list[dict]) -> str:
-    from .bench import _table
-
     lines = []
     lay = [r for r in rows if r["kind"] == "layer"]
     if lay:
         head = ["layer OUTxIN", "tokens", "dense ms", "2:4 ms", "ratio", "ratio alg 0", "alg", "rel err"]
-        lines += _table(head, [[r["shape"], str(r["tokens"]), f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
+        lines += table(head, [[r["shape"], str(r["tokens"]), f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
                                 f"{r['ratio']:.2f}x", f"{r['ratio_alg0']:.2f}x", str(r["alg_id"]),
                                 f"{r['rel_err']:.1e}"] for r in lay])
     cond = [r for r in rows if r["kind"] == "condensed-layer"]
@@ -289,7 +281,7 @@ def format_rows(rows: list[dict]) -> str:
         if lines:
             lines.append("")
         head = ["layer OUTxIN", "dtype", "sparsity", "batch", "dense ms", "condensed ms", "ratio", "config", "rel err"]
-        lines += _table(head, [[r["shape"], r["dtype"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.4f}",
+        lines += table(head, [[r["shape"], r["dtype"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.4f}",
                                 "-" if r["condensed_ms"] is None else f"{r['condensed_ms']:.4f}",
                                 "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", str(r["config"]),
                                 "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"] for r in cond])
@@ -298,7 +290,7 @@ def format_rows(rows: list[dict]) -> str:
         lines.append("")
         head = ["model", "pattern", "dtype", "batch", "deployed ms", "vs original graphed", "vs all-dense graphed",
                 "vs eager", "vs compiled", "sparse layers", "sparse MACs condensed", "rel err"]
-        lines += _table(head, [[r["model"], r.get("pattern", "2:4"), r["dtype"], str(r["batch"]),
+        lines += table(head, [[r["model"], r.get("pattern", "2:4"), r["dtype"], str(r["batch"]),
                                 f"{r['deployed_ms']:.3f}",
                                 f"{r['ratio_vs_original']:.2f}x", f"{r['ratio_vs_all_dense']:.2f}x",
                                 f"{r['ratio_vs_eager']:.2f}x",
@@ -311,8 +303,8 @@ def format_rows(rows: list[dict]) -> str:
 
 def main_cuda(args: argparse.Namespace) -> int:
     """``semisparse bench --device cuda``; ``args`` from :func:`semisparse.cli.bench.get_args_parser`."""
-    from ..deploy.cuda import require_cusparselt
-    from ..deploy.cuda.timing import GraphTimer
+    from ..runtime.cuda import require_cusparselt
+    from ..runtime.timing import GraphTimer
 
     if args.pattern not in ("2:4", "fan-in"):
         raise SemisparseError(f"--device cuda benchmarks --pattern 2:4 (cuSPARSELt) or fan-in (condensed Triton "
@@ -327,12 +319,7 @@ def main_cuda(args: argparse.Namespace) -> int:
         rows = _condensed_rows(args, dtype, timer, eager, backend)
     else:
         rows = _rows_24(args, dtype, timer, eager, backend)
-    print()
-    print(format_rows(rows))
-    if args.json:
-        write_json(args.json, {"machine": info, "results": rows}, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(format_rows(rows), args.json, info, rows)
 
 
 def _condensed_rows(args: argparse.Namespace, dtype: torch.dtype, timer, eager, backend) -> list[dict]:

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..deploy import cpus, deploy
-from ..deploy.planner import interleaved_medians
 from ..io.files import write_json
 from ..models import create_model
+from ..runtime import deploy
+from ..runtime.cpu import cpus
+from ..runtime.timing import interleaved_medians
 from ..train import (
     SparsityConfig,
     TrainingSparsity,
@@ -179,7 +180,7 @@ class Demo:
 
 def latency_ms(models: list[nn.Module], x: torch.Tensor, reps: int = 30, warmup: int = 5) -> list[float]:
     """Median wall time of each ``model(x)`` in milliseconds (inference mode), the models timed in turn within
-    every repetition (:func:`~semisparse.deploy.planner.interleaved_medians`), so a slow spell of the machine
+    every repetition (:func:`~semisparse.runtime.timing.interleaved_medians`), so a slow spell of the machine
     hits them alike."""
     with torch.inference_mode():
         times = interleaved_medians([functools.partial(_fitted, m, x) for m in models], reps, warmup=warmup,

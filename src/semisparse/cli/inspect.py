@@ -81,8 +81,8 @@ def get_export_parser() -> argparse.ArgumentParser:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    """``semisparse export --onnx``: see :func:`semisparse.deploy.onnx_export.export_onnx`."""
-    from ..deploy.onnx_export import export_onnx
+    """``semisparse export --onnx``: see :func:`semisparse.io.onnx_export.export_onnx`."""
+    from ..io.onnx_export import export_onnx
 
     src = Path(args.checkpoint)
     dst = Path(args.output) if args.output else src.with_suffix(".onnx")

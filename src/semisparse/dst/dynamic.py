@@ -34,8 +34,8 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout
+from ..masking.coverage import Report, build_report
 from ..masking.parametrization import Mask, attach
-from ..masking.report import Report, build_report
 from .budgets import LayerBudget
 from .rules import Rule, Start
 from .schedule import UpdateSchedule

@@ -1,8 +1,8 @@
 """Masks on a model: the parametrization, the producers (magnitude, random, calibrated, learned), the verbs."""
 
 from .batchnorm import recalibrate_bn
+from .coverage import LayerReport, Report, count_macs, report
 from .parametrization import Mask, SparseParametrization, SparseWeight, is_sparsified, sparse_weights
-from .report import LayerReport, Report, count_macs, report
 from .sparsify import check, finalize, masks, parametrization_of, sparsify, structured_mask
 
 __all__ = [

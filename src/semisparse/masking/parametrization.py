@@ -19,6 +19,7 @@ read the keys above back into plain ones: this module is the only one that knows
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -172,6 +173,36 @@ def detach_all(model: nn.Module, *, bake: bool = False) -> None:
     """:func:`detach` every semisparse parametrization of ``model``."""
     for sw in list(sparse_weights(model)):
         detach(sw.module, sw.param, bake=bake)
+
+
+def multiply_mask(module: nn.Module, param: str, mask: torch.Tensor | None) -> None:
+    """``module.<param>`` becomes a new tensor ``weight * mask`` (a plain weight, no parametrization). Never in
+    place: a weight tied to another module (a decoder using the encoder's) stays as that module uses it."""
+    if mask is not None:
+        with torch.no_grad():
+            w = getattr(module, param)
+            baked = w.detach() * mask.to(w.dtype)
+        setattr(module, param, nn.Parameter(baked, requires_grad=False) if isinstance(w, nn.Parameter) else baked)
+
+
+def detached_copy(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, str]]:
+    """An eval copy of ``model`` on the CPU for inference: no grads, no semisparse parametrizations, every
+    masked weight multiplied by its mask as a new tensor (:func:`multiply_mask`), so a layer also reached
+    outside its registered name computes the masked layer; returns it, the bool masks and the pattern names
+    by the original state_dict key. What both deploys, the ONNX export and the benchmarks start from; the
+    user's model is left untouched."""
+    m = copy.deepcopy(model).cpu().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    masks, patterns = {}, {}
+    for sw in list(sparse_weights(m)):
+        masks[sw.key] = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
+        patterns[sw.key] = sw.parametrization.pattern_name
+    detach_all(m)
+    for key, mask in masks.items():
+        owner, _, param = key.rpartition(".")
+        multiply_mask(m.get_submodule(owner) if owner else m, param, mask)
+    return m, masks, patterns
 
 
 def _own_class(module: nn.Module) -> None:

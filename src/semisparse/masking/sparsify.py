@@ -11,9 +11,9 @@ from torch.nn.utils import parametrize
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
 from ..patterns import NM, FanIn, fanin_mask, nm_mask, parse_pattern
+from .coverage import Report, build_report
 from .parametrization import Mask, SparseParametrization, Target, attach, detach, sparse_weights
 from .permute import annotate_report, permute_channels
-from .report import Report, build_report
 
 METHODS = ("magnitude", "random", "gumbel", "sparsegpt", "wanda")
 CALIBRATED = ("sparsegpt", "wanda")

@@ -27,8 +27,8 @@ from ..dst.api import DST_METHODS, from_flags
 from ..errors import SemisparseError
 from ..masking import masks as model_masks
 from ..masking import sparse_weights, sparsify
-from ..masking.report import Report
-from ..masking.report import report as ss_report
+from ..masking.coverage import Report
+from ..masking.coverage import report as ss_report
 
 METHODS = ("none", "magnitude", "gumbel", "given")
 #: Training batches a calibrated ``prior_from`` prunes on.

@@ -3,7 +3,7 @@
 Forms come from a small registry (:data:`FORMS`): each entry builds a module for a :class:`LayerSpec`, or
 ``None`` where it does not apply. The built-in ones are torch's dense layer, 1x1 convs as a dense GEMM,
 and the cuSPARSELt forms of :mod:`.forms`. Another kernel plugs in with :func:`register_form`; for example
-the Triton condensed kernel for constant fan-in masks (``deploy/triton_condensed.py``) would register::
+the Triton condensed kernel for constant fan-in masks (:mod:`.kernels`) would register::
 
     register_form("condensed", build_condensed, sparse=True)   # build_condensed(spec, backend) -> module | None
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import SemisparseError
-from ...masking.report import LayerReport
+from ...masking.coverage import LayerReport
 from .eligibility import LayerSpec, mask_digest, out_padding_note, sparse_reason
 from .forms import (
     Conv1x1,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
-from .attention import renest, unnest
+from ..attention import renest, unnest
 
 _SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 

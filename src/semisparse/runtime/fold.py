@@ -14,7 +14,9 @@ import logging
 import torch
 from torch import fx, nn
 
-__all__ = ["fold_batchnorm", "fold_ablated", "registered_names", "replace_everywhere", "bake", "ELEMENTWISE"]
+from .swap import registered_names, replace_everywhere
+
+__all__ = ["fold_batchnorm", "fold_ablated", "ELEMENTWISE"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def fold_batchnorm(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str
                 or any(a == t or a.startswith(t + ".") for a in attrs for t in (src.target, node.target))):
             continue
         _fold(conv, bn)
-        _set(model, node.target, nn.Identity())
+        replace_everywhere(model, [node.target], nn.Identity())
         folded.append(node.target)
     return folded
 
@@ -98,43 +100,10 @@ def _fold(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) ->
     conv.bias = nn.Parameter(new_b, requires_grad=False)
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def replace_everywhere(root: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
-    """Put ``new`` at each of ``names`` (all the names one module is registered under); returns the
-    (possibly new) root."""
-    for name in names:
-        if not name:
-            return new
-        _set(root, name, new)
-    return root
-
-
 #: Modules applied elementwise (per feature) between two Linears: an ablated neuron's constant output goes
 #: through them unchanged in kind, so it can be folded into the next Linear's bias.
 ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
-
-
-def registered_names(root: nn.Module) -> dict[int, list[str]]:
-    """``{id(module): every name it is registered under}`` (a module shared by two parents has two)."""
-    names: dict[int, list[str]] = {}
-    for name, mod in root.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), []).append(name)
-    return names
-
-
-def bake(mod: nn.Module, param: str, mask: torch.Tensor | None) -> None:
-    """``mod.<param>`` becomes a new tensor ``weight * mask`` (a weight that stays a torch module's). Never in
-    place: a weight tied to another module (a decoder using the encoder's) stays as that module uses it."""
-    if mask is not None:
-        with torch.no_grad():
-            w = getattr(mod, param)
-            baked = w.detach() * mask.to(w.dtype)
-        setattr(mod, param, nn.Parameter(baked, requires_grad=False) if isinstance(w, nn.Parameter) else baked)
 
 
 def fold_ablated(model: nn.Module, masks: dict) -> dict[str, int]:

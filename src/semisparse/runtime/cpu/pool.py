@@ -15,7 +15,7 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def supports(pool: nn.Module) -> bool:
+def is_supported(pool: nn.Module) -> bool:
     """A plain ``nn.MaxPool2d`` without indices and with dilation 1 (what the kernel computes)."""
     return type(pool) is nn.MaxPool2d and not pool.return_indices and _pair(pool.dilation) == (1, 1)
 

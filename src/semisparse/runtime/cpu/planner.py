@@ -13,93 +13,22 @@ from __future__ import annotations
 
 import copy
 import functools
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .condensed import SparseConv, SparseLinear, deployed_layers
+from .. import timing
+from ..timing import interleaved_medians, run
+from .layers import SparseConv, SparseLinear, deployed_layers
 from .pool import MaxPool2d
-
-
-def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup: int = 2,
-                        budget_s: float = 1.0, shuffle: bool = True) -> list[float]:
-    """Median seconds of each of ``fns``, timed in turn within every repetition.
-
-    Interleaving makes the comparison fair on a machine whose speed drifts (shared cores, turbo, other
-    tenants): a slow spell hits every candidate alike instead of whichever ran then. ``shuffle``: each
-    repetition takes the candidates in a new (seeded) random order, so none always runs right after the
-    same other one; the call after a large dense layer pays for the caches it flushed (5-15% measured on a
-    batch-1 Linear when two builds swapped places).
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    order = list(range(len(fns)))
-    rng = random.Random(0)
-    start = time.perf_counter()
-    for _ in range(reps):
-        if shuffle:
-            rng.shuffle(order)
-        for i in order:
-            t = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - t)
-        if len(times[0]) >= 5 and time.perf_counter() - start > budget_s * len(fns):
-            break
-    return [statistics.median(t) for t in times]
-
-
-def blocked_medians(fns: list[Callable[[], object]], reps: int = 200, rounds: int = 10,
-                    warmup: int = 5) -> list[float]:
-    """Median seconds per call of each of ``fns``, called back to back in blocks (warm caches).
-
-    Each of ``rounds`` rounds runs every fn ``reps // rounds`` times in a row (the way ``timeit`` and
-    ``torch.utils.benchmark`` time a statement: its data stays in cache between calls); the blocks of the
-    candidates alternate, so drift of the machine hits all of them alike.
-    """
-    per = max(1, reps // rounds)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            for _ in range(warmup):
-                fn()
-            for _ in range(per):
-                t = time.perf_counter()
-                fn()
-                times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
 
 
 def capture_inputs(model: nn.Module, example_input, modules: list[tuple[str, nn.Module]] | None = None
                    ) -> dict[str, torch.Tensor]:
-    """The input each of ``modules`` (default: the condensed layers) sees in one forward of
-    ``example_input`` (hooks, removed after)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in deployed_layers(model) if modules is None else modules:
-        def hook(mod, args, name=name):
-            seen.setdefault(name, args[0].detach())
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def run(model: nn.Module, example_input):
-    if isinstance(example_input, (list, tuple)):
-        return model(*example_input)
-    if isinstance(example_input, dict):
-        return model(**example_input)
-    return model(example_input)
+    """The input each of ``modules`` (default: the condensed layers) sees in one forward of ``example_input``."""
+    return timing.capture_inputs(model, example_input, deployed_layers(model) if modules is None else modules)
 
 
 def setting_name(v: dict) -> str:

@@ -42,7 +42,7 @@ def default_example_input(model: nn.Module, batch_size: int = 1, size: int | Non
             if warn and not size:  # no recorded size, no image_size, no size asked for
                 warnings.warn(f"semisparse: no example_input and the model records no input size; planning at "
                               f"{tuple(x.shape)} (a guess): pass example_input=torch.randn(...) of the real size",
-                              UserWarning, stacklevel=3)
+                              UserWarning, stacklevel=4)  # the caller of ss.deploy
             return x
         if isinstance(mod, nn.Linear):
             return torch.randn(batch_size, mod.in_features)

@@ -6,11 +6,12 @@ kernels, CUDA graphs and a planner that never slows a model.
 * :mod:`.backend` - cuSPARSELt through ``torch._cslt_*`` (keywords probed), or its CPU emulation;
 * :mod:`.eligibility` - which masks and shapes run 2:4, padding sizes to multiples of 16, reasons;
 * :mod:`.forms` - dense and 2:4 GEMMs; Linear, 1x1 conv (channels-last) and k x k conv lowerings;
-* :mod:`.layer` - a layer with candidate forms (a registry other kernels can join) and its report row;
-* :mod:`.condensed_form` - constant fan-in layers through the condensed Triton kernels (any dtype), a form
+* :mod:`.layers` - a layer with candidate forms (a registry other kernels can join) and its report row;
+* :mod:`.kernels` - the condensed Triton kernels (GPU only);
+* :mod:`.condensed_form` - constant fan-in layers through those kernels (any dtype), a form
   whose kernel configs the planner times one by one;
 * :mod:`.graph` - one CUDA graph per input shape, static buffers, a bound on the number of shapes;
-* :mod:`.timing` / :mod:`.planner` - graphed timings, per-layer choices, the whole-model check;
+* :mod:`.planner` - per-layer choices, the whole-model check (timed by :mod:`..timing`'s graphed timers);
 * :mod:`.plan_io` - save / load a plan with its compressed weights and algorithm ids;
 * :mod:`.build` - the deploy flow.
 """
@@ -19,7 +20,7 @@ from . import condensed_form  # noqa: F401  (registers the "triton-condensed" fo
 from .backend import CusparseltBackend, EmulatedBackend, require_cusparselt, unavailable_reason
 from .build import deploy_cuda
 from .graph import CudaGraphs, EmulatedGraphs, GraphedModule
-from .layer import FORMS, PlannedLayer, register_form
+from .layers import FORMS, PlannedLayer, register_form
 from .plan_io import save_plan
 
 __all__ = [

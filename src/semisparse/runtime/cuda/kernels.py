@@ -1,6 +1,6 @@
 """Condensed constant fan-in layers on a GPU: Triton kernels, their launch wrappers and two ``nn.Module``\\ s.
 
-The CPU condensed form (:mod:`.condensed`) keeps, per output neuron that keeps any weight, its ``k`` kept
+The CPU condensed form (:mod:`..cpu.layers`) keeps, per output neuron that keeps any weight, its ``k`` kept
 values and their input columns; ablated neurons (all-zero mask rows) are not computed, their output is their
 bias (or 0). The GPU form here holds the same information, laid out for one Triton kernel:
 
@@ -23,7 +23,7 @@ scatters), reducing a ``(BO, BK)`` weight tile against the gathered ``(BO, BK, B
 
 Interface for the GPU planner::
 
-    from semisparse.deploy import triton_condensed as tc
+    from semisparse.runtime.cuda import kernels as tc
     if tc.available():                               # triton imports and CUDA is present
         layer = tc.build(module, mask)               # nn.Linear / 1x1 ConvNd + bool mask -> module or None
         layer = layer.to(device="cuda", dtype=dtype)  # buffers follow .to() like any module
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SemisparseError
-from ..indices import columns, store
+from ...errors import SemisparseError
+from ...indices import columns, store
 
 try:  # optional: machines without Triton import this module and report available() == False
     import triton
@@ -334,7 +334,7 @@ class TritonCondensedLinear(nn.Module):
     @classmethod
     def from_condensed(cls, values: torch.Tensor, idx: torch.Tensor, orow: torch.Tensor, in_features: int,
                        out_features: int, bias: torch.Tensor | None = None) -> TritonCondensedLinear:
-        """From the CPU condensed form (:func:`semisparse.deploy.condensed.condense`'s ``values (R, k)``,
+        """From the CPU condensed form (:func:`semisparse.runtime.cpu.layers.condense`'s ``values (R, k)``,
         ``idx (R, k)`` int16 uint16-bits or int32, ``orow (R,)``) without the dense weight."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)

@@ -14,9 +14,9 @@ import copy
 import torch
 from torch import nn
 
-from ..masking.report import LayerReport
-from .condensed import SparseConv, SparseLinear
-from .plain import carry_hooks
+from ...masking.coverage import LayerReport
+from ..plain import carry_hooks
+from .layers import SparseConv, SparseLinear
 
 __all__ = ["KeptDenseLinear", "KeptDenseConv1d", "KeptDenseConv2d", "KeptDenseConv3d", "as_torch_layer"]
 

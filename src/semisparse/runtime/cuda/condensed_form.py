@@ -1,6 +1,6 @@
-"""The Triton condensed form: constant fan-in layers on CUDA (``deploy/triton_condensed.py``), as a planner form.
+"""The Triton condensed form: constant fan-in layers on CUDA (:mod:`.kernels`), as a planner form.
 
-``import semisparse.deploy.cuda`` registers it as ``"triton-condensed"`` in :data:`~.layer.FORMS`, next to
+``import semisparse.runtime.cuda`` registers it as ``"triton-condensed"`` in :data:`~.layers.FORMS`, next to
 dense and cuSPARSELt. It applies to Linear layers, MHA projections (the packed QKV is a Linear on the
 ``(..., E)`` input) and 1x1 convolutions of one group (a strided one is subsampled first, as
 :class:`~.forms.Conv1x1` does; channels-last activations are read and written through strides, no copies),
@@ -26,9 +26,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .. import triton_condensed as tc
+from . import kernels as tc
 from .eligibility import LayerSpec
-from .layer import register_form
+from .layers import register_form
 
 NAME = "triton-condensed"
 

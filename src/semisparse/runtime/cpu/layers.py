@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SemisparseError
-from ..indices import U16_LIMIT, columns, store
-from ..layout import Layout
-from ..masking.report import LayerReport
+from ...errors import SemisparseError
+from ...indices import U16_LIMIT, columns, store
+from ...layout import Layout
+from ...masking.coverage import LayerReport
 from . import kernels
 
 

@@ -21,17 +21,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ...errors import SemisparseError
+from ...masking.parametrization import detached_copy, sparse_weights
+from ..attention import SparseMultiheadAttention, unsupported_reason
 from ..example import default_example_input
-from ..fold import bake, fold_ablated, fold_batchnorm, registered_names, replace_everywhere
+from ..fold import fold_ablated, fold_batchnorm
 from ..plain import carry_hooks, why_not_plain
+from ..swap import masked_layers, registered_names, replace_everywhere
+from ..timing import Timer
 from .backend import EmulatedBackend, require_cusparselt
 from .eligibility import LayerSpec
 from .graph import MAX_SHAPES, CudaGraphs, EmulatedGraphs, GraphedModule
-from .layer import PlannedLayer
-from .planner import Timer, mac_shares, plan_layers, plan_model, plan_sparse, planned_layers
+from .layers import PlannedLayer
+from .planner import mac_shares, plan_layers, plan_model, plan_sparse, planned_layers
 
 PLANS = ("measure", "sparse", "dense")
 
@@ -69,7 +72,6 @@ def deploy_cuda(
     Linear, as ``ss.deploy(device="cpu")`` does; ``deployed.semisparse_plan["folded_ablated"]`` counts them.
     The rest is for tests and other back-ends (see the module docstring).
     """
-    from ...masking.parametrization import sparse_weights
     from .plan_io import load_plan_into, read_plan
 
     saved = None
@@ -90,7 +92,7 @@ def deploy_cuda(
     if graphs is None and graph:
         graphs = CudaGraphs() if device.type == "cuda" else EmulatedGraphs()
     if timer is None:
-        from .timing import GraphTimer, WallTimer
+        from ..timing import GraphTimer, WallTimer
 
         timer = GraphTimer(reps) if device.type == "cuda" else WallTimer(max(3, reps // 4))
     if not any(True for _ in sparse_weights(model)):
@@ -105,11 +107,8 @@ def deploy_cuda(
             raise SemisparseError(f"saved plan {plan} was made for {planned_dtype}, not {dtype}; pass that dtype")
         check_environment(saved, backend)
 
-    m, masks, patterns = masked_copy(model)
-    for key, mask in masks.items():  # layers reached outside their name (a plain list) compute the masked layer
-        owner, _, param = key.rpartition(".")
-        bake(m.get_submodule(owner) if owner else m, param, mask)
-    original = _baked(m, masks)  # the original dense model: masks multiplied in, nothing else changed
+    m, masks, patterns = detached_copy(model)  # masks multiplied in: a layer reached outside its name is masked
+    original = copy.deepcopy(m)  # the original dense model: masks multiplied in, nothing else changed
     dropped = {}
     if fold:
         dropped = fold_ablated(m, masks)
@@ -203,44 +202,11 @@ def _to_device(x, device, dtype, fmt):
     return x.contiguous(memory_format=fmt) if (fmt is not None and x.dim() == 4) else x
 
 
-def masked_copy(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, str]]:
-    """A CPU eval copy of ``model`` with its mask parametrizations removed (dense originals kept), and the
-    masks and pattern names by original state_dict key. The user's model is left untouched."""
-    from ...masking.parametrization import sparse_weights
-
-    m = copy.deepcopy(model).cpu().eval()
-    masks, patterns = {}, {}
-    for sw in list(sparse_weights(m)):
-        masks[sw.key] = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
-        patterns[sw.key] = sw.parametrization.pattern_name
-    for mod in m.modules():
-        if parametrize.is_parametrized(mod):
-            originals = {name: plist.original for name, plist in mod.parametrizations.items()}
-            del mod._modules["parametrizations"]
-            mod.__class__ = mod.__class__.__bases__[0]  # the copy's own generated class, not the user's
-            for name, original in originals.items():
-                mod.register_parameter(name, nn.Parameter(original.detach(), requires_grad=False))
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m, masks, patterns
-
-
-def _baked(m: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    out = copy.deepcopy(m)
-    for key, mask in masks.items():  # a new tensor each: a weight tied elsewhere stays as the other user sees it
-        owner, _, param = key.rpartition(".")
-        bake(out.get_submodule(owner) if owner else out, param, mask)
-    return out
-
-
 def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str, LayerSpec]], dict[str, str]]:
-    """Specs of every masked layer deploy rebuilds; masked weights it cannot rebuild are baked (multiplied
-    in, the module kept) and returned with the reason."""
-    from ..attention import SparseMultiheadAttention, supports
-
+    """Specs of every masked layer deploy rebuilds (masks already multiplied in); masked weights it cannot
+    rebuild stay in their module, returned with the reason."""
     specs: list[tuple[str, LayerSpec]] = []
-    baked: dict[str, str] = {}
-    handled: set[str] = set()
+    kept: dict[str, str] = {}
 
     def key_of(name, p):
         return f"{name}.{p}" if name else p
@@ -250,40 +216,33 @@ def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str,
         b = None if bias is None else bias.detach().float()
         return LayerSpec(key, kind, w, masks[key], b, patterns[key], conv or {})
 
-    for name, mod in list(m.named_modules()):
-        if not isinstance(mod, nn.MultiheadAttention):
+    names = registered_names(m)
+    for name, mod, keys in masked_layers(m, masks):
+        if isinstance(mod, nn.MultiheadAttention):
+            key, out_key = key_of(name, "in_proj_weight"), key_of(name, "out_proj.weight")
+            why = why_not_plain(mod) or unsupported_reason(mod)
+            if not why and not mod._qkv_same_embed_dim:
+                why = "MultiheadAttention with separate q/k/v projections (kdim/vdim): kept as torch's module"
+            if why or key not in masks:
+                for k in keys:
+                    kept[k] = why or "MultiheadAttention with a dense packed QKV: kept as torch's module"
+                continue
+            if not name:
+                raise SemisparseError("deploy(device='cuda') cannot rebuild a bare nn.MultiheadAttention; "
+                                      "wrap it in a model")
+            new = carry_hooks(mod, SparseMultiheadAttention(mod, out_proj=nn.Identity(), in_proj=nn.Identity()))
+            replace_everywhere(m, names[id(mod)], new)
+            specs.append((key_of(name, "in_proj"), spec(key, "MultiheadAttention", mod.in_proj_weight,
+                                                        mod.in_proj_bias)))
+            if out_key in masks:
+                specs.append((key_of(name, "out_proj"), spec(out_key, "Linear", mod.out_proj.weight,
+                                                             mod.out_proj.bias)))
+            else:
+                plain = nn.Linear(mod.embed_dim, mod.embed_dim, bias=mod.out_proj.bias is not None)
+                plain.load_state_dict(mod.out_proj.state_dict())
+                new.out_proj = plain
             continue
-        key, out_key = key_of(name, "in_proj_weight"), key_of(name, "out_proj.weight")
-        params = [(key, "in_proj_weight", mod), (out_key, "weight", mod.out_proj)] + [
-            (key_of(name, p), p, mod) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-        if not any(k in masks for k, _, _ in params):
-            continue
-        why = why_not_plain(mod) or supports(mod)
-        if not why and not mod._qkv_same_embed_dim:
-            why = "MultiheadAttention with separate q/k/v projections (kdim/vdim): kept as torch's module"
-        if why or key not in masks:
-            for k, p, holder in params:
-                if k in masks:
-                    bake(holder, p, masks[k])
-                    baked[k] = why or "MultiheadAttention with a dense packed QKV: kept as torch's module"
-                    handled.add(k)
-            continue
-        new = carry_hooks(mod, SparseMultiheadAttention(mod, out_proj=nn.Identity(), in_proj=nn.Identity()))
-        if not name:
-            _set(m, name, new)  # refuses: a bare MHA is not rebuilt
-        replace_everywhere(m, registered_names(m)[id(mod)], new)
-        specs.append((key_of(name, "in_proj"), spec(key, "MultiheadAttention", mod.in_proj_weight, mod.in_proj_bias)))
-        if out_key in masks:
-            specs.append((key_of(name, "out_proj"), spec(out_key, "Linear", mod.out_proj.weight, mod.out_proj.bias)))
-        else:
-            plain = nn.Linear(mod.embed_dim, mod.embed_dim, bias=mod.out_proj.bias is not None)
-            plain.load_state_dict(mod.out_proj.state_dict())
-            new.out_proj = plain
-        handled.update({key, out_key})
-    for name, mod in list(m.named_modules()):
-        key = key_of(name, "weight")
-        if key not in masks or key in handled:
-            continue
+        key = keys[0]
         why = why_not_plain(mod)
         if not why and isinstance(mod, nn.Linear):
             specs.append((name, spec(key, "Linear", mod.weight, mod.bias)))
@@ -291,18 +250,8 @@ def _collect(m: nn.Module, masks: dict, patterns: dict) -> tuple[list[tuple[str,
             conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
             specs.append((name, spec(key, "Conv2d", mod.weight, mod.bias, conv)))
         else:
-            bake(mod, "weight", masks[key])
-            baked[key] = why or f"{type(mod).__name__}: only Linear, Conv2d and MHA are rebuilt on CUDA"
-    return specs, baked
+            kept[key] = why or f"{type(mod).__name__}: only Linear, Conv2d and MHA are rebuilt on CUDA"
+    return specs, kept
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` inside ``root``; returns ``root``."""
-    if not name:
-        raise SemisparseError("deploy(device='cuda') cannot rebuild a bare nn.MultiheadAttention; wrap it in a model")
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-    return root
-
-
-__all__ = ["deploy_cuda", "masked_copy", "EmulatedBackend", "EmulatedGraphs"]
+__all__ = ["deploy_cuda", "EmulatedBackend", "EmulatedGraphs"]

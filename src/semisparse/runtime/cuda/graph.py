@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..timing import capture_graph
+
 #: How many input shapes get their own graph before new shapes run eagerly.
 MAX_SHAPES = 8
 
@@ -34,16 +36,7 @@ class CudaGraphs:
     def capture(self, fn: Callable[..., object], static_inputs: tuple) -> tuple[Callable[[], None], object]:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn(*static_inputs)
-        return graph.replay, out
+        return capture_graph(fn, static_inputs, self.warmup, self.pool)
 
 
 class EmulatedGraphs:

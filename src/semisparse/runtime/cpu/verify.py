@@ -4,7 +4,7 @@ Each rewrite deploy makes (BatchNorm folding, ablated-neuron removal, module swa
 see more than the rewrite did: a layer also reached through a plain list, an activation read outside the
 chain, a traced graph that fixed one branch. So the whole deployed model is run on the example input and on
 a second one (other values, one more sample where the model takes it) and compared with the masked model; a
-difference undoes the rewrite (:func:`semisparse.deploy.deploy`).
+difference undoes the rewrite (:func:`semisparse.runtime.deploy`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from .planner import run
+from ..timing import run
 
 __all__ = ["reference", "second_input", "Checks", "difference"]
 

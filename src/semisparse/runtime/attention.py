@@ -4,13 +4,15 @@ PyTorch's MHA reads ``in_proj_weight`` (or ``q/k/v_proj_weight`` when ``kdim``/`
 ``embed_dim``) directly inside ``F.multi_head_attention_forward``, so a sparse projection needs its own
 module. :class:`SparseMultiheadAttention` takes the same arguments and follows the same steps as PyTorch's
 own (non-fused) path, checks and errors included: the projections are
-:class:`~semisparse.deploy.condensed.SparseLinear` layers (or plain Linears where a projection has no mask),
+condensed layers made by the wing that deploys it (the CPU's ``SparseLinear``; or plain Linears where a
+projection has no mask),
 the attention itself runs through the same torch ops. PyTorch's fused fast path computes the same result.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +21,23 @@ from torch import nn
 from ..errors import SemisparseError
 
 
-def supports(mha: nn.MultiheadAttention) -> str:
+def unsupported_reason(mha: nn.MultiheadAttention) -> str:
     """"" when :class:`SparseMultiheadAttention` can replace ``mha``, else the reason it cannot."""
     if not isinstance(mha.embed_dim, int) or mha.embed_dim % mha.num_heads:
         return "embed_dim is not a multiple of num_heads"
     return ""
 
 
-def _projection(weight: torch.Tensor, bias: torch.Tensor | None, key: str, masks: dict, patterns: dict) -> nn.Module:
-    """A condensed projection where ``key`` has a mask, else a plain Linear with the same weight."""
-    from .condensed import SparseLinear
+#: ``condense(key, weight, mask, bias, pattern) -> nn.Module``: a masked projection's condensed layer.
+Condense = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None", str], nn.Module]
 
+
+def _projection(weight: torch.Tensor, bias: torch.Tensor | None, key: str, masks: dict, patterns: dict,
+                condense: Condense) -> nn.Module:
+    """A condensed projection where ``key`` has a mask, else a plain Linear with the same weight."""
     weight = weight.detach()
     if key in masks:
-        return SparseLinear(key, weight, masks[key], bias, patterns[key], kind="MultiheadAttention")
+        return condense(key, weight, masks[key], bias, patterns[key])
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -69,18 +74,19 @@ class SparseMultiheadAttention(nn.Module):
                               "run ctypes kernels); torch.jit.trace and torch.export record torch's ops for it")
 
     @classmethod
-    def from_module(cls, mha: nn.MultiheadAttention, prefix: str, masks: dict, patterns: dict
+    def from_module(cls, mha: nn.MultiheadAttention, prefix: str, masks: dict, patterns: dict, condense: Condense
                     ) -> SparseMultiheadAttention:
-        """Condense the masked projections of ``mha``; mask keys are ``prefix + "in_proj_weight"`` etc."""
+        """Condense the masked projections of ``mha`` with ``condense``; mask keys are ``prefix +
+        "in_proj_weight"`` etc."""
         bias = mha.in_proj_bias
         out_key = prefix + "out_proj.weight"
-        out_proj = _projection(mha.out_proj.weight, mha.out_proj.bias, out_key, masks, patterns)
+        out_proj = _projection(mha.out_proj.weight, mha.out_proj.bias, out_key, masks, patterns, condense)
         if mha._qkv_same_embed_dim:
-            in_proj = _projection(mha.in_proj_weight, bias, prefix + "in_proj_weight", masks, patterns)
+            in_proj = _projection(mha.in_proj_weight, bias, prefix + "in_proj_weight", masks, patterns, condense)
             return cls(mha, out_proj, in_proj=in_proj)
         e = mha.embed_dim
         parts = [_projection(getattr(mha, f"{p}_proj_weight"), None if bias is None else bias[i * e:(i + 1) * e],
-                             f"{prefix}{p}_proj_weight", masks, patterns) for i, p in enumerate("qkv")]
+                             f"{prefix}{p}_proj_weight", masks, patterns, condense) for i, p in enumerate("qkv")]
         return cls(mha, out_proj, q_proj=parts[0], k_proj=parts[1], v_proj=parts[2])
 
     # The weights nn.MultiheadAttention holds, for code that reads them (masked, dense, as the projections'):

@@ -16,16 +16,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .. import planner as cpu_planner
-from ..planner import run
-from .layer import PlannedLayer, is_sparse_form
-
-Timer = Callable[[Callable[[], object], tuple], float]
+from .. import timing
+from ..timing import Timer, run
+from .layers import PlannedLayer, is_sparse_form
 
 
 def planned_layers(model: nn.Module) -> list[tuple[str, PlannedLayer]]:
@@ -34,7 +31,7 @@ def planned_layers(model: nn.Module) -> list[tuple[str, PlannedLayer]]:
 
 def capture_inputs(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
     """The input each planned layer sees in one forward of ``example_input``."""
-    return cpu_planner.capture_inputs(model, example_input, planned_layers(model))
+    return timing.capture_inputs(model, example_input, planned_layers(model))
 
 
 def layer_macs(layer: PlannedLayer, x: torch.Tensor) -> int:

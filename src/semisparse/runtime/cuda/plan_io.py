@@ -24,7 +24,7 @@ from torch import nn
 
 from ...errors import SemisparseError
 from .forms import SparseGemm
-from .layer import PlannedLayer
+from .layers import PlannedLayer
 
 FORMAT = "semisparse-cuda-plan"
 VERSION = 1

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import SemisparseError
-from ...indices import columns
+from ....errors import SemisparseError
+from ....indices import columns
 from ..cpus import threads_now
 
 _SRC = Path(__file__).with_name("condensed.c")

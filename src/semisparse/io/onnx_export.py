@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
+from ..masking.parametrization import detached_copy
+from ..runtime.example import default_example_input
 
 __all__ = ["export_onnx"]
 
@@ -28,19 +30,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     the first input dimension is symbolic. The exporter is ``torch.onnx.export(dynamo=True)`` (the
     TorchScript one cannot export ``nn.MultiheadAttention``'s fused eval path).
     """
-    from . import default_example_input
-    from .cuda.build import masked_copy
 
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise SemisparseError("ONNX export needs onnx and onnxscript: pip install 'semisparse[onnx]'") from None
-    m, masks, _ = masked_copy(model)
-    m = m.float()
-    with torch.no_grad():
-        for key, mask in masks.items():
-            m.get_parameter(key).mul_(mask.to(torch.float32))
+    m = detached_copy(model)[0].float()
     x = example_input if example_input is not None else default_example_input(model, 1)
     x = x.detach().cpu().float()
     path = Path(path)

@@ -1,42 +1,40 @@
-"""Deploy: condensed sparse kernels and the measuring planner (the speed path).
+"""``ss.deploy(model, device="cpu")``: the CPU build.
 
-``ss.deploy(model)`` reads the masks semisparse holds on ``model`` (``ss.sparsify`` / ``ss.load``; never the
-zeros of a weight) and returns an inference copy in which every sparse Linear, Conv and MHA projection is
-a condensed layer (:mod:`.condensed`) run by the kernels of :mod:`.kernels`, chosen layer by layer by the
-planner (:mod:`.planner`).
+Read the masks off a detached copy (:func:`~semisparse.masking.parametrization.detached_copy`), fold
+BatchNorm and ablated neurons (:mod:`..fold`), condense every plain masked layer (:mod:`.layers`, run by
+:mod:`.kernels`), check the result against the masked model (:mod:`.verify`, undoing what changed it), then
+plan layer by layer on this CPU (:mod:`.planner`) and give layers kept dense back to torch (:mod:`.kept`).
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import nn
 
-from ..errors import SemisparseError
-from ..masking.parametrization import detach, sparse_weights
-from ..masking.report import LayerReport
+from ...errors import SemisparseError
+from ...masking.coverage import LayerReport
+from ...masking.parametrization import detached_copy, sparse_weights
+from ..attention import SparseMultiheadAttention, unsupported_reason
+from ..example import cast_example, default_example_input, describe_example
+from ..fold import fold_ablated, fold_batchnorm
+from ..plain import carry_hooks, why_not_plain
+from ..swap import masked_layers, registered_names, replace_everywhere
+from ..timing import run
 from . import cpus, kernels
-from .attention import SparseMultiheadAttention, supports
-from .condensed import SparseConv, SparseLinear, deployed_layers
-from .cuda import deploy_cuda
-from .example import cast_example, default_example_input, describe_example
-from .fold import bake, fold_ablated, fold_batchnorm, registered_names, replace_everywhere
 from .kept import as_torch_layer
-from .plain import carry_hooks, why_not_plain
-from .planner import plan_layers, plan_model, plan_pools, run
-from .pool import MaxPool2d
-from .pool import supports as supports_pool
+from .layers import SparseConv, SparseLinear, deployed_layers
+from .planner import plan_layers, plan_model, plan_pools
+from .pool import MaxPool2d, is_supported
 from .transformer import deploy_transformers
 from .verify import Checks, reference
 
-__all__ = ["deploy", "deployed_layers", "default_example_input"]
+__all__ = ["deploy_cpu"]
 
 
-def deploy(
+def deploy_cpu(
     model: nn.Module,
-    device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     batch_size: int = 1,
     example_input: torch.Tensor | tuple | None = None,
@@ -45,68 +43,11 @@ def deploy(
     fold: bool = True,
     fold_bn: bool = True,
     reps: int = 20,
-    graph: bool = True,
 ) -> nn.Module:
-    """A copy of ``model`` for inference whose sparse layers run condensed kernels; outputs equal the
-    masked dense model's (for finite inputs: condensed layers compute the pruned layer, so NaN/Inf that only
-    pruned weights would read do not propagate, :mod:`.condensed`). ``dtype=torch.bfloat16`` keeps condensed
-    values in bf16 with fp32 accumulation; other dtypes, or bf16 without the kernels, run dense.
-
-    ``model`` must hold semisparse masks (``ss.sparsify`` or ``ss.load``). ``plan``: ``"measure"`` (time
-    every layer at ``example_input``, default ``batch_size`` inputs of the size the model records
-    (``ss.load`` / training checkpoints: the size it was trained at), else ``(batch_size, C, 224, 224)``
-    guessed from the first conv with a one-line warning; ``semisparse_plan["input_shape"]`` says which), keep
-    dense where the kernel is not faster, then check the whole model is not slower than torch's dense model,
-    NCHW or channels-last), ``"condensed"`` (every sparse layer condensed, no timing) or ``"dense"``.
-    ``fold``: ablated neurons of a Linear that is followed (in an ``nn.Sequential``) only by elementwise
-    modules and another Linear are removed, and the next Linear drops the matching input columns (their
-    constant contribution goes into its bias).
-    ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
-    and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
-    Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
-    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` becomes :class:`.pool.MaxPool2d`, which runs
-    semisparse's pooling kernel where the planner measured it faster than torch's. After ``"measure"``, a
-    layer kept plain dense is torch's own module again (``nn.Linear``/``ConvNd`` subclasses that carry the
-    planner's report row, :mod:`.kept`), pooling left to torch is ``nn.MaxPool2d``, and a model left with
-    no semisparse code has no hooks: what it keeps dense costs what the original costs.
-    ``deployed_layers`` lists the layers that run semisparse code.
-    ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
-    holds the whole-model timing and the pooling choices.
-
-    The result is in eval mode whatever mode ``model`` is in (``ss.load`` returns models in train mode):
-    dropout off, BatchNorm on its running statistics; none of its parameters requires grad (``model``'s are
-    untouched), so its outputs carry no autograd graph unless the input does. Each call of it (when it runs
-    semisparse code) runs its kernels and its torch ops on no more threads than the CPUs the process may use
-    at that moment (its CPU affinity, cgroup quota, and what other processes leave free: :mod:`.cpus`), since
-    OpenMP threads beyond them spin-wait for each other; torch's thread count is as it was after the call.
-    Only provably plain layers are replaced (:mod:`.plain`: exactly torch's ``nn.Linear`` / ``ConvNd`` /
-    ``nn.MultiheadAttention``, or a subclass keeping their forward; forward hooks carried over); any other
-    masked layer stays the module it is with its mask multiplied in, listed in ``ss.report`` as "left as is"
-    with the reason (``semisparse_plan["left_as_is"]``). Deployed layers keep a ``weight`` (the masked dense
-    weight) for code that reads it. The deployed model is checked against the masked model on the example
-    input and a second input (:mod:`.verify`) before planning: a difference undoes the folds, or keeps the
-    layers whose swap caused it as torch's modules, with a one-line warning (``semisparse_plan["undone"]``).
-    A float64 / bf16 / fp16 model with ``dtype=None`` is deployed in its dtype (its sparse layers dense).
-    An ``example_input`` the model refuses, with any ``plan``, is a ``SemisparseError``; deployed layers
-    refuse what the original layers refuse, with the same errors (inputs the kernels do not take run torch's
-    own op).
-
-    ``device="cuda"``: 2:4 layers through cuSPARSELt in CUDA graphs (``graph=False``: eager), planned on the
-    GPU; ``plan`` may then also be ``"sparse"`` or a file written by ``semisparse.deploy.cuda.save_plan``
-    (see :func:`semisparse.deploy.cuda.deploy_cuda`).
-    """
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SemisparseError(f"unknown device {str(device)[:40]!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
-    if torch.device(device).type == "cuda":
-        return deploy_cuda(model, dtype, batch_size, example_input, plan=plan, graph=graph, fold_bn=fold_bn,
-                           reps=reps, device=device)
+    """``ss.deploy(model, device="cpu")``: condensed layers on the C kernels, planned on this CPU (the whole
+    contract is :func:`semisparse.runtime.deploy`'s)."""
     if plan not in ("measure", "condensed", "dense"):
         raise SemisparseError(f"plan must be 'measure', 'condensed' or 'dense', got {plan!r}")
-    dev = torch.device(device)
-    if dev.type != "cpu":
-        raise SemisparseError(f"deploy supports device='cpu' (condensed kernels); got {device!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise SemisparseError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16; got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -158,7 +99,7 @@ def deploy(
                 f"{first}); pass example_input=torch.randn(...) with the model's real input shape") from exc
         warnings.warn(f"semisparse: deployed unchecked: the model does not run on a guessed input of shape "
                       f"{tuple(x.shape)}; pass example_input=... to check it against the masked model",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     if checks is None:
         m, built = _build(model, fold_bn, fold)
         built["undone"] = []
@@ -170,9 +111,9 @@ def deploy(
         warnings.warn(f"semisparse: no {str(dtype).removeprefix('torch.')} condensed kernels on this CPU; sparse "
                       f"layers run dense in {str(dtype).removeprefix('torch.')}"
                       + (" (the model's dtype; pass dtype=torch.float32 to run them condensed)"
-                         if dtype == model_dtype else ""), RuntimeWarning, stacklevel=2)
+                         if dtype == model_dtype else ""), RuntimeWarning, stacklevel=3)
     for note in built["undone"]:
-        warnings.warn(f"semisparse: {note}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"semisparse: {note}", RuntimeWarning, stacklevel=3)
     dropped = built["dropped"]
     hooks = cpus.attach(m)  # before planning: the planner times the model as it will run
     for _, layer in deployed_layers(m):
@@ -274,47 +215,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _strip(model: nn.Module) -> tuple[nn.Module, dict, dict]:
-    """An eval copy of ``model`` without grads or mask parametrizations, every masked weight baked (``weight *
-    mask`` as a new tensor: a weight tied elsewhere stays as the other user sees it, and a layer also reached
-    outside its registered name computes the masked layer); returns it, the masks and the pattern names."""
-    m = copy.deepcopy(model).cpu().eval()
-    for p in m.parameters():  # an inference copy, as on CUDA: no autograd graph behind its outputs
-        p.requires_grad_(False)
-    masks, patterns = {}, {}
-    for sw in list(sparse_weights(m)):
-        masks[sw.key] = sw.parametrization.hard_mask().detach().to(torch.bool).clone()
-        patterns[sw.key] = sw.parametrization.pattern_name
-    for sw in list(sparse_weights(m)):
-        detach(sw.module, sw.param)
-    for key, mask in masks.items():
-        owner, _, param = key.rpartition(".")
-        bake(m.get_submodule(owner) if owner else m, param, mask)
-    return m, masks, patterns
-
-
-def _owners(m: nn.Module, masks: dict) -> dict[str, tuple[str, nn.Module]]:
-    """``{mask key: (name, module it belongs to)}``, an MHA's keys (its ``out_proj`` too) to the MHA."""
-    out = {}
-    for name, mod in m.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(mod, nn.MultiheadAttention):
-            for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"):
-                if prefix + p in masks:
-                    out[prefix + p] = (name, mod)
-        elif prefix + "weight" in masks and prefix + "weight" not in out:
-            out[prefix + "weight"] = (name, mod)
-    return out
-
-
 def _build(model: nn.Module, fold_bn: bool, fold: bool, keep: frozenset = frozenset()) -> tuple[nn.Module, dict]:
     """The deployed structure of ``model`` (every condensable layer condensed, fp32), with the folds asked
     for; layers whose keys are in ``keep`` stay torch's modules. Returns it and what was done."""
-    m, masks, patterns = _strip(model)
+    m, masks, patterns = detached_copy(model)
     left: dict[str, str] = {}
-    owners = _owners(m, masks)
+    owners = {key: (name, mod) for name, mod, keys in masked_layers(m, masks) for key in keys}
     for key, (_, mod) in owners.items():
-        why = why_not_plain(mod) or (supports(mod) if isinstance(mod, nn.MultiheadAttention) else "")
+        why = why_not_plain(mod) or (unsupported_reason(mod) if isinstance(mod, nn.MultiheadAttention) else "")
         if not why and key in keep:
             why = "replacing it changed the model's output"
         if why:
@@ -387,36 +295,30 @@ def _offenders(fails, units: list[str]) -> list[str]:
     return bad or list(units)
 
 
+def _condensed_projection(key: str, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+                          pattern: str) -> SparseLinear:
+    """An attention projection's condensed layer (:class:`~.attention.SparseMultiheadAttention`)."""
+    return SparseLinear(key, weight, mask, bias, pattern, kind="MultiheadAttention")
+
+
 def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
     """Replace every masked Linear, Conv and MHA in ``masks`` (and plain max pooling) of ``m`` by its deployed
     form, under every name it is registered at (a module reached by two names stays one module), its forward
     hooks carried over; returns the root. Modules of keys not in ``masks`` are left as they are."""
-    handled = set()
     names = registered_names(m)
-    for name, mod in list(m.named_modules()):
+    for name, mod, keys in masked_layers(m, masks):
         if isinstance(mod, nn.MultiheadAttention):
-            prefix = f"{name}." if name else ""
-            keys = [prefix + p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                                         "out_proj.weight")]
-            handled.update(keys)
-            if not any(k in masks for k in keys):
-                continue
-            new = carry_hooks(mod, SparseMultiheadAttention.from_module(mod, prefix, masks, patterns))
-            m = replace_everywhere(m, names[id(mod)], new)
-    names = registered_names(m)
-    for name, mod in list(m.named_modules()):
-        key = f"{name}.weight" if name else "weight"
-        if key not in masks or key in handled:
-            continue
-        if isinstance(mod, nn.Linear):
-            new = SparseLinear(key, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+            new = SparseMultiheadAttention.from_module(mod, f"{name}." if name else "", masks, patterns,
+                                                       _condensed_projection)
+        elif isinstance(mod, nn.Linear):
+            new = SparseLinear(keys[0], mod.weight.detach(), masks[keys[0]], mod.bias, patterns[keys[0]])
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
-            new = SparseConv(key, mod, mod.weight.detach(), masks[key], mod.bias, patterns[key])
+            new = SparseConv(keys[0], mod, mod.weight.detach(), masks[keys[0]], mod.bias, patterns[keys[0]])
         else:
             continue
         m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, new))
     names = registered_names(m)
     for mod in list(m.modules()):
-        if supports_pool(mod) and not (mod._backward_hooks or mod._backward_pre_hooks):
+        if is_supported(mod) and not (mod._backward_hooks or mod._backward_pre_hooks):
             m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, MaxPool2d.from_module(mod)))
     return deploy_transformers(m)

@@ -4,7 +4,7 @@ Nobody serves a CNN on CPU with torch eager alone: the fair bar for a sparse mod
 runtime a user would pick instead. :func:`dense_anchors` exports the masked model (zeros in place, the same
 weights the deployed model computes with) to ONNX once and opens it in each runtime that is installed, on a
 fixed number of threads; the caller times them call by call, interleaved with the deployed model, in one
-process (:func:`semisparse.deploy.planner.interleaved_medians`). A runtime that is not installed, or that
+process (:func:`semisparse.runtime.timing.interleaved_medians`). A runtime that is not installed, or that
 cannot open the model, is skipped with a note, never an error. The packages are the ``bench`` extra
 (``pip install 'semisparse[bench]'``: onnx, onnxscript, onnxruntime, openvino).
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SemisparseError
-from . import cpus
+from ..runtime.cpu import cpus
 
 __all__ = ["Anchor", "dense_anchors", "torch_eager", "torch_channels_last", "fastest_at"]
 
@@ -75,7 +75,7 @@ def dense_anchors(masked: nn.Module, x: torch.Tensor, threads: int, *, onnx_path
     wanted = [r for r in runtimes if _importable(r, notes)]
     if not wanted:
         return [], notes
-    from .onnx_export import export_onnx
+    from ..io.onnx_export import export_onnx
 
     x = x.detach().float().contiguous()
     with tempfile.TemporaryDirectory() as tmp:
