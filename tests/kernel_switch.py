@@ -8,9 +8,9 @@ from semisparse.runtime.cpu import kernels
 @contextlib.contextmanager
 def kernels_off():
     """As with ``SEMISPARSE_NO_KERNELS=1``: every kernel function runs its pure-torch reference path."""
-    saved = kernels.library
-    kernels.library = lambda: None
+    saved = kernels.build.library
+    kernels.build.library = lambda: None
     try:
         yield
     finally:
-        kernels.library = saved
+        kernels.build.library = saved

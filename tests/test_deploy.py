@@ -364,7 +364,7 @@ def test_fp16_request_runs_dense_with_warning():
 
 
 def test_bf16_request_without_kernels_runs_dense_with_warning(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(kernels.build, "library", lambda: None)
     lin = nn.Linear(8, 4)
     ss.sparsify(lin, 0.5)
     with pytest.warns(RuntimeWarning, match="bfloat16"):

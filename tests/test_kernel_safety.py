@@ -178,31 +178,31 @@ def test_a_table_is_a_copy_measured_once():
 
 @needs_kernels
 def test_library_is_verified_against_its_recorded_size_and_digest(tmp_path):
-    lib = kernels._path
-    assert lib is not None and kernels._verified(lib)
+    lib = kernels.build._path
+    assert lib is not None and kernels.build._verified(lib)
     copy = tmp_path / lib.name
     shutil.copy(lib, copy)
-    assert not kernels._verified(copy)  # no record: never loaded
-    shutil.copy(kernels._sidecar(lib), kernels._sidecar(copy))
-    assert kernels._verified(copy)
-    record = json.loads(kernels._sidecar(copy).read_text())
+    assert not kernels.build._verified(copy)  # no record: never loaded
+    shutil.copy(kernels.build._sidecar(lib), kernels.build._sidecar(copy))
+    assert kernels.build._verified(copy)
+    record = json.loads(kernels.build._sidecar(copy).read_text())
     assert record["size"] == copy.stat().st_size and len(record["sha256"]) == 64
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01  # altered, same size, still loadable
     copy.write_bytes(bytes(data))
-    assert not kernels._verified(copy)
+    assert not kernels.build._verified(copy)
     copy.write_bytes(bytes(data[: len(data) // 3]))  # truncated
-    assert not kernels._verified(copy)
-    kernels._sidecar(copy).write_text("{not json")
-    assert not kernels._verified(copy)
+    assert not kernels.build._verified(copy)
+    kernels.build._sidecar(copy).write_text("{not json")
+    assert not kernels.build._verified(copy)
 
 
 def _cached_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "kernels"
     dest.mkdir()
-    shutil.copy(kernels._path, dest / kernels._path.name)
-    shutil.copy(kernels._sidecar(kernels._path), dest / kernels._sidecar(kernels._path).name)
-    return dest / kernels._path.name
+    shutil.copy(kernels.build._path, dest / kernels.build._path.name)
+    shutil.copy(kernels.build._sidecar(kernels.build._path), dest / kernels.build._sidecar(kernels.build._path).name)
+    return dest / kernels.build._path.name
 
 
 _USE_KERNELS = """
@@ -213,7 +213,7 @@ _USE_KERNELS = """
     y = torch.zeros(2)
     kernels.gemv(x, W, idx, None, torch.arange(2), y)
     assert y.tolist() == [3.0, 6.0], y
-    print("OK", kernels._path)
+    print("OK", kernels.build._path)
 """
 
 
@@ -224,7 +224,7 @@ def test_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     lib.write_bytes(lib.read_bytes()[:4096])
     r = run_python(_USE_KERNELS, SEMISPARSE_CACHE=str(tmp_path))
     assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    assert kernels._verified(lib) and lib.stat().st_size == kernels._path.stat().st_size
+    assert kernels.build._verified(lib) and lib.stat().st_size == kernels.build._path.stat().st_size
     assert [p.name for p in lib.parent.iterdir() if p.name.startswith(".tmp-")] == []
 
 
@@ -237,7 +237,7 @@ def test_altered_cached_library_is_rebuilt_not_used(tmp_path):
     lib.write_bytes(bytes(data))
     r = run_python(_USE_KERNELS, SEMISPARSE_CACHE=str(tmp_path))
     assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    assert kernels._verified(lib) and lib.read_bytes() != bytes(data)
+    assert kernels.build._verified(lib) and lib.read_bytes() != bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------------------

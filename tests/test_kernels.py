@@ -141,7 +141,7 @@ def test_index_width_uint16_until_65536_then_int32():
 
 
 def test_reference_fallback_is_used_when_kernels_are_unavailable(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(kernels.build, "library", lambda: None)
     W, idx = _problem(6, 30, 4)
     x = torch.randn(30)
     orow = torch.arange(6)
@@ -223,7 +223,7 @@ def test_fill_rows_writes_only_the_given_rows():
 
 
 def test_fill_rows_reference_path_matches(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(kernels.build, "library", lambda: None)
     Yt = torch.zeros(3, 6)
     kernels.fill_rows(Yt, torch.tensor([2, 5]), torch.tensor([7.0, 1.0]), 1, 3, 6)
     assert torch.equal(Yt[:, 2], torch.full((3,), 7.0)) and torch.equal(Yt[:, 5], torch.ones(3))
@@ -259,7 +259,7 @@ def test_transpose_and_panel_packing_are_exact(shape):
 
 
 def _variant_params():
-    names = list(kernels.VARIANTS) if kernels._x86() else ["native"]
+    names = list(kernels.VARIANTS) if kernels.build._x86() else ["native"]
     runnable = kernels.runnable_variants()
     # a variant this CPU cannot run is only compiled (slow: a compiler run)
     return [pytest.param(v, marks=() if v in runnable else pytest.mark.slow) for v in names]
@@ -269,13 +269,13 @@ def _variant_params():
 @pytest.mark.parametrize("variant", _variant_params())
 def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant, monkeypatch, tmp_path):
     if variant not in kernels.runnable_variants():  # compiles here, runs elsewhere
-        built = kernels._compile(kernels._compiler(), tmp_path / "variant.so", variant)
+        built = kernels.build._compile(kernels.build._compiler(), tmp_path / "variant.so", variant)
         assert built.stat().st_size > 0
         pytest.skip(f"{variant} compiled; this CPU cannot run it")
     lib = kernels.variant_library(variant)
     if variant != "native":
         assert lib.ss_simd() == kernels.VARIANT_BITS[variant]
-    monkeypatch.setattr(kernels, "library", lambda: lib)
+    monkeypatch.setattr(kernels.build, "library", lambda: lib)
     rows, K, k = 13, 40, 7
     for P, PB in ((1, 8), (9, 16), (33, 32), (63, 64), (64, 64), (65, 64), (130, 64), (45, 32)):
         W, idx = _problem(rows, K, k, seed=P)
@@ -312,7 +312,7 @@ def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant,
 
 
 def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
-    if not kernels._x86():
+    if not kernels.build._x86():
         pytest.skip("variants are x86-64 builds")
     zen3 = "flags : fpu sse2 avx avx2 fma bmi2"
     xeon = zen3 + " avx512f avx512dq avx512vl avx512bw avx512_bf16 amx_tile"
@@ -334,14 +334,14 @@ def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
 @needs_kernels
 def test_a_forced_variant_is_the_one_loaded(monkeypatch):
     for name in ("_lib", "_path", "_variant", "_tried", "_why_not"):  # a fresh load, undone after the test
-        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+        monkeypatch.setattr(kernels.build, name, getattr(kernels.build, name))
     for want in kernels.runnable_variants():
         monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", want)
-        monkeypatch.setattr(kernels, "_tried", False)
+        monkeypatch.setattr(kernels.build, "_tried", False)
         assert kernels.loaded_variant() == want and kernels.library().ss_simd() == kernels.VARIANT_BITS[want]
-    if kernels._x86() and "avx512" not in kernels.runnable_variants():
+    if kernels.build._x86() and "avx512" not in kernels.runnable_variants():
         monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "avx512")
-        monkeypatch.setattr(kernels, "_tried", False)
+        monkeypatch.setattr(kernels.build, "_tried", False)
         with pytest.raises(SemisparseError, match="cannot run it"):
             kernels.available()
 
