@@ -10,7 +10,7 @@ A sparsified weight is stored as its kept values plus the smallest index form it
 (Version 1 files, written before the digest covered the header, load after a one-line note.)
 
 Nothing in a file drives a load further than its tensors: the architecture's options are allow-listed
-(never a path: :func:`semisparse.models.arch_from_file`), the model is built on the meta device and compared
+(never a path: :func:`semisparse.registry.arch_from_file`), the model is built on the meta device and compared
 with the file's tensors before anything is allocated, and no layer may declare far more weights than it
 stores (:data:`semisparse.io.codec.MAX_EXPANSION`). A failed ``load(path, model=m)`` leaves ``m`` as it was.
 """
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import SemisparseError, UnverifiedFileWarning
 from ..masking.parametrization import attach, detach_all, sparse_weights, split_state_dict
-from ..models import from_arch, state_mismatch
+from ..registry import from_arch, state_mismatch
 from .codec import DTYPES, PARTS, SEP, check_entry, check_size, decode, encode
 from .digest import corrupted, digest
 from .files import atomic_write, check_depth, check_file
