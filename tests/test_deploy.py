@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from semisparse.runtime import deploy, deployed_layers
-from semisparse.runtime import timing
+from semisparse.runtime import deploy, deployed_layers, timing
 from semisparse.runtime.attention import SparseMultiheadAttention
 from semisparse.runtime.cpu import kernels, planner
 from semisparse.runtime.cpu.layers import SparseConv, SparseLinear

@@ -537,3 +537,35 @@ def test_report_of_a_graphed_model_names_layers_as_the_users_model_and_counts_th
     assert not any(r.name.startswith("module.") for r in got.layers)
     assert {r.name: r.macs for r in got.layers} == {r.name: r.macs for r in want.layers}
     assert all(r.macs > 0 for r in got.layers)
+
+
+class _TwoNames(nn.Module):
+    """An attention block and a Linear each registered under two names, called through both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.again = self.attn
+        self.proj = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList([self.proj])
+
+    def forward(self, x):
+        y = self.attn(x, x, x, need_weights=False)[0]
+        y = self.again(y, y, y, need_weights=False)[0]
+        return self.blocks[0](self.proj(y))
+
+
+def test_a_module_under_two_names_is_swapped_under_both_on_cuda_as_on_cpu():
+    from semisparse.runtime.attention import SparseMultiheadAttention
+
+    torch.manual_seed(0)
+    model = _TwoNames().eval()
+    ss.sparsify(model, "2:4")
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+    for dep in (emulated(model, torch.float32, x=x, plan="sparse").module, ss.deploy(model, plan="condensed")):
+        assert isinstance(dep.attn, SparseMultiheadAttention) and dep.again is dep.attn
+        assert dep.blocks[0] is dep.proj and type(dep.proj) is not nn.Linear
+        with torch.no_grad():
+            assert rel(dep(x), ref) < 1e-5

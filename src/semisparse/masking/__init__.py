@@ -2,8 +2,8 @@
 
 from .batchnorm import recalibrate_bn
 from .coverage import LayerReport, Report, count_macs, report
-from .parametrization import Mask, SparseParametrization, SparseWeight, is_sparsified, sparse_weights
-from .sparsify import check, finalize, masks, parametrization_of, sparsify, structured_mask
+from .parametrization import Mask, SparseParametrization, SparseWeight, is_sparsified, sparse_weights, structured_mask
+from .verbs import check, finalize, masks, parametrization_of, sparsify
 
 __all__ = [
     "Mask",

@@ -34,7 +34,7 @@ from ..layout import Candidate, Layout
 from ..patterns import NM, FanIn, fanin_mask, nm_mask
 from .calibration import Calibration
 from .obs import NotFactorable, column_sweep, output_error
-from .parametrization import Target, detach, sparse_weights
+from .parametrization import Target, detach, sparse_weights, structured_mask
 
 CALIBRATED = ("sparsegpt", "wanda")
 _UNFOLD_BYTES = 1 << 27  # im2col chunk bound while accumulating a conv's Hessian
@@ -400,8 +400,6 @@ def calibrated_masks(
     unseen = [k for k in probes if k not in results]
     for key in unseen:
         p = probes[key]
-        from .sparsify import structured_mask
-
         w = p.weight()
         mask, target = structured_mask(w.abs(), p.c.layout, pattern)
         results[key] = LayerResult(mask, w * mask, target, float("nan"))

@@ -10,9 +10,9 @@ from torch.nn.utils import parametrize
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout, plan
-from ..patterns import NM, FanIn, fanin_mask, nm_mask, parse_pattern
+from ..patterns import NM, FanIn, parse_pattern
 from .coverage import Report, build_report
-from .parametrization import Mask, SparseParametrization, Target, attach, detach, sparse_weights
+from .parametrization import Mask, SparseParametrization, Target, attach, detach, sparse_weights, structured_mask
 from .permute import annotate_report, permute_channels
 
 METHODS = ("magnitude", "random", "gumbel", "sparsegpt", "wanda")
@@ -20,22 +20,6 @@ CALIBRATED = ("sparsegpt", "wanda")
 PRIORS = ("magnitude", *CALIBRATED)
 
 # .gumbel is imported where learned masks are asked for: it loads numba (optional) when installed.
-
-
-def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn) -> tuple[torch.Tensor, Target]:
-    """The weight-shaped bool mask keeping the highest ``scores`` under ``pattern``, and its target.
-
-    ``scores`` has the weight's shape. For a padded (kernel-tap) layout the padding scores ``-inf`` so a
-    real weight always wins over padding.
-    """
-    if isinstance(pattern, NM):
-        if layout.mode == "taps":
-            view = layout.to_view(scores.float(), pattern.m, fill=float("-inf"))
-            return layout.from_view(nm_mask(view, pattern.n, pattern.m)), pattern
-        return layout.from_view(nm_mask(layout.to_view(scores), pattern.n, pattern.m)), pattern
-    view = layout.to_view(scores)
-    k = pattern.k(view.shape[1])
-    return layout.from_view(fanin_mask(view, k)), k
 
 
 def _target_of_given(mask: torch.Tensor, layout: Layout, pattern: NM | FanIn | None) -> Target:
