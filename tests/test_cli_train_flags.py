@@ -191,11 +191,11 @@ def test_flag_changes_what_setup_builds(flag, img, weights_file):
 
 FIT = {
     "--epochs": (["--epochs", "3"], lambda kw, a: a[5]),
-    "--clip-grad-norm": (["--clip-grad-norm", "1"], lambda kw, a: kw["clip_grad_norm"]),
-    "--accumulation-steps": (["--accumulation-steps", "2"], lambda kw, a: kw["accumulation_steps"]),
-    "--print-freq": (["--print-freq", "3"], lambda kw, a: kw["print_freq"]),
-    "--output-dir": (["--output-dir", "OUT"], lambda kw, a: kw["output_dir"]),
-    "--channels-last": (["--channels-last"], lambda kw, a: kw["channels_last"]),
+    "--clip-grad-norm": (["--clip-grad-norm", "1"], lambda kw, a: kw["steps"].clip_grad_norm),
+    "--accumulation-steps": (["--accumulation-steps", "2"], lambda kw, a: kw["steps"].accumulation_steps),
+    "--print-freq": (["--print-freq", "3"], lambda kw, a: kw["output"].print_freq),
+    "--output-dir": (["--output-dir", "OUT"], lambda kw, a: kw["output"].output_dir),
+    "--channels-last": (["--channels-last"], lambda kw, a: kw["steps"].channels_last),
     "--seed": (["--seed", "5"], lambda kw, a: kw["seed"]),
 }
 

@@ -34,7 +34,7 @@ from ..train.checkpoint import check_arch, check_masks, check_resumable, load_ch
 from ..train.checkpoint import entry as ckpt_entry
 from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
-from ..train.engine import EMA, evaluate, fit, unwrap
+from ..train.engine import EMA, RunOutput, StepOptions, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
@@ -1048,15 +1048,16 @@ def main(argv: list[str] | None = None) -> int:
         save = folder.save if folder is not None else None
         if save is not None and args.keep_last:
             save = _keeping_last(folder.save, args.output_dir, args.keep_last)
+        steps = StepOptions(amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
+                            clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last,
+                            batch_transform=run.batch_transform, ema=run.ema, ema_steps=args.model_ema_steps)
+        output = RunOutput(output_dir=args.output_dir, args=plain_args(args), loggers=loggers,
+                           print_freq=args.print_freq, save_checkpoint=save)
         history = fit(
             run.train_model, run.train_loader, run.val_loader, run.optimizer, run.lr_scheduler, args.epochs,
             sparsity=run.sparsity, criterion=run.criterion, device=run.device, start_epoch=run.start_epoch,
-            step=run.step, amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
-            clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last, ema=run.ema,
-            ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
-            batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
-            args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
-            save_checkpoint=save,
+            step=run.step, seed=args.seed, rank=run.dist.rank, ema_warmup_epochs=args.lr_warmup_epochs,
+            steps=steps, output=output,
         )  # fmt: skip
         _report_skipped(run)
         _summary(args, history, time.perf_counter() - started)
