@@ -40,7 +40,7 @@ SRSTE_PATTERN = "2:4"
 #: ``semisparse train``'s flag for each field (its errors name the flag).
 FLAGS = {"method": "--dst", "sparsity": "--sparsity-level", "delta": "--delta", "alpha": "--alpha",
          "t_end_fraction": "--t-end", "distribution": "--distribution", "ablation": "--ablation",
-         "dense_layers": "--dense-layers", "pattern": "--pattern", "seed": "--seed", "exclude": "--exclude"}
+         "dense_layers": "--dense-layers", "pattern": "--pattern", "seed": "--seed"}
 
 
 def refuse_masks(dst: str | None, masking: str | None) -> None:
