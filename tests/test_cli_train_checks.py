@@ -73,14 +73,21 @@ def test_any_float_is_accepted_in_range_or_refused_in_one_line(flag, value):
     dest = {"--wd": "weight_decay"}.get(flag, flag[2:].replace("-", "_"))
     args = copy.copy(PARSED)
     setattr(args, dest, value)
-    lo, hi = cli_train.RANGES[dest]
+    if dest in DST_RANGES:  # the --dst options: checked by DSTSettings, once
+        args.dst = "srigl"
+        (lo, hi), check = DST_RANGES[dest], cli_train.dst_settings
+    else:
+        (lo, hi), check = cli_train.RANGES[dest], cli_train.check_ranges
     try:
-        cli_train.check_ranges(args)
+        check(args)
     except ss.SemisparseError as exc:
         assert flag in str(exc) and "\n" not in str(exc)
         assert not (math.isfinite(value) and lo < value < hi)
         return
     assert math.isfinite(value) and lo <= value <= hi
+
+
+DST_RANGES = {"sparsity_level": (0.0, 1.0), "t_end": (0.0, 1.0), "alpha": (0.0, 1.0), "ablation": (0.0, 1.0)}
 
 
 PARSED = cli_train.parse_args(FAST[1:])

@@ -46,23 +46,11 @@ class TinyViT(nn.Module):
         return self.head(self.proj(x.flatten(1)) + self.class_token)
 
 
-DST_CALLS = []
-
-
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setitem(MODELS, "tiny_vit_test", lambda num_classes=10: TinyViT(num_classes))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: nn.Sequential(m))  # a marker wrapper, no inductor
-    for name in ("RigL", "SRigL", "SRSTE"):  # the factories from_flags calls for the CLI
-        real = getattr(dst_api, name)
-
-        def record(model, optimizer, _real=real, _name=name, **kw):
-            DST_CALLS.append((_name, kw))
-            return _real(model, optimizer, **kw)
-
-        monkeypatch.setattr(dst_api, name, record)
-    DST_CALLS.clear()
     yield
     torch.use_deterministic_algorithms(False)
 
@@ -102,7 +90,9 @@ def gumbel(r):
 
 
 def dst_kw(r):
-    return DST_CALLS[-1]
+    """The DST settings the flags gave and what the scheduler built from them made of them."""
+    d = r.sparsity.dst
+    return r.sparsity.config.dst, d.rule, d.schedule, d.sparsity, [s["key"] for s in d.layer_stats()]
 
 
 def p0(r):
@@ -201,11 +191,11 @@ def test_flag_changes_what_setup_builds(flag, img, weights_file):
 
 FIT = {
     "--epochs": (["--epochs", "3"], lambda kw, a: a[5]),
-    "--clip-grad-norm": (["--clip-grad-norm", "1"], lambda kw, a: kw["clip_grad_norm"]),
-    "--accumulation-steps": (["--accumulation-steps", "2"], lambda kw, a: kw["accumulation_steps"]),
-    "--print-freq": (["--print-freq", "3"], lambda kw, a: kw["print_freq"]),
-    "--output-dir": (["--output-dir", "OUT"], lambda kw, a: kw["output_dir"]),
-    "--channels-last": (["--channels-last"], lambda kw, a: kw["channels_last"]),
+    "--clip-grad-norm": (["--clip-grad-norm", "1"], lambda kw, a: kw["steps"].clip_grad_norm),
+    "--accumulation-steps": (["--accumulation-steps", "2"], lambda kw, a: kw["steps"].accumulation_steps),
+    "--print-freq": (["--print-freq", "3"], lambda kw, a: kw["output"].print_freq),
+    "--output-dir": (["--output-dir", "OUT"], lambda kw, a: kw["output"].output_dir),
+    "--channels-last": (["--channels-last"], lambda kw, a: kw["steps"].channels_last),
     "--seed": (["--seed", "5"], lambda kw, a: kw["seed"]),
 }
 

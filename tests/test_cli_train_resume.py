@@ -136,7 +136,8 @@ def _bad_cases(tmp, good):
         "other scheduler": ([*base, "--lr-scheduler", "cosineannealinglr", "--resume", str(good / "checkpoint.pth")],
                             "trained with --lr-scheduler steplr"),
         "contradictory": ([*base, "--enable-apex", "--sparsity", "gumbel_2x4"], "contradicts"),
-        "dst and gumbel": ([*base, "--dst", "rigl", "--sparsity", "gumbel_2x4"], "--dst cannot be combined"),
+        "dst and gumbel": ([*base, "--dst", "rigl", "--sparsity", "gumbel_2x4"],
+                           "--dst builds its own masks and cannot be combined"),
         "bad config": ([*base, "--config", str(tmp / "nope.yaml")], "does not exist"),
     }
 

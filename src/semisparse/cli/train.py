@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..dst.api import DST_METHODS
+from ..dst.budgets import DISTRIBUTIONS
+from ..dst.selection import LayerSelection
+from ..dst.settings import DST_METHODS, SRSTE_PATTERN, DSTSettings, refuse_masks
 from ..errors import SemisparseError
 from ..masking import report as ss_report
 from ..models import create_model, state_mismatch
@@ -32,7 +34,7 @@ from ..train.checkpoint import check_arch, check_masks, check_resumable, load_ch
 from ..train.checkpoint import entry as ckpt_entry
 from ..train.dali import make_dali_loaders, require_dali
 from ..train.data import AugmentOptions, DataSets, load_data
-from ..train.engine import EMA, evaluate, fit, unwrap
+from ..train.engine import EMA, RunOutput, StepOptions, evaluate, fit, unwrap
 from ..train.loaders import make_loaders
 from ..train.metrics import MetricsLog, tensorboard_logger, wandb_logger
 from ..train.optim import OPTIMIZERS, SCHEDULERS, build_lr_scheduler, build_optimizer
@@ -150,12 +152,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--apex-verbosity", default=None, type=int, choices=(0, 1, 2, 3),
       help="sparsity report: 0 none, 1 one line, 2 per-layer table (default), 3 table + settings")
     a("--blocked-mmm", action="store_true", help="refused: masked layers train as ordinary convs; see --help")
-    a("--dst", default=None, choices=DST_METHODS, help="dynamic sparse training (static: fixed random masks)")
-    a("--sparsity-level", default=None, type=float, help="--dst rigl/srigl target sparsity (default: 0.9)")
-    a("--delta", default=None, type=int, help="--dst: optimizer steps between mask updates (default: 100)")
-    a("--alpha", default=None, type=float, help="--dst: initial prune fraction (default: 0.3)")
-    a("--t-end", default=None, type=float, help="--dst: stop updating masks after this share of steps (0.75)")
-    a("--distribution", default=None, choices=("erk", "uniform"), help="--dst layer sparsity budget (erk)")
+    # --dst and its options: values, defaults and checks are DSTSettings' (checked once, in validate)
+    a("--dst", default=None, metavar="{" + ",".join(DST_METHODS) + "}",
+      help="dynamic sparse training (static: fixed random masks)")
+    a("--sparsity-level", default=None, type=float, help="--dst rigl/srigl target sparsity")
+    a("--delta", default=None, type=int, help="--dst: optimizer steps between mask updates")
+    a("--alpha", default=None, type=float, help="--dst: initial prune fraction")
+    a("--t-end", default=None, type=float, help="--dst: stop updating masks after this share of all optimizer steps")
+    a("--distribution", default=None, metavar="{" + ",".join(DISTRIBUTIONS) + "}",
+      help="--dst layer sparsity budget")
     a("--ablation", default=None, type=float, help="--dst srigl: neuron ablation threshold gamma")
     a("--dense-layers", default=None, nargs="+", help="--dst: weights kept dense (e.g. conv1.weight fc.weight)")
     a("--compile", action="store_true", help="compile the model with torch.compile")
@@ -212,8 +217,10 @@ def _help_defaults() -> dict:
     """Defaults set below the CLI (the library's), shown in --help."""
     from ..masking.gumbel import DEFAULTS as GUMBEL
 
-    return {"mask_tau": " ".join(f"{t:g}" for t in GUMBEL["tau"]), "mask_prior": GUMBEL["prior"], "pattern": "2:4",
-            "ablation": 0.3, "world_size": "torchrun's", "config": "none", "dst": "none (dense or --sparsity)"}
+    dst = {dest: getattr(DSTSettings, name) for dest, name in DST_ARGS.items()}
+    return {"mask_tau": " ".join(f"{t:g}" for t in GUMBEL["tau"]), "mask_prior": GUMBEL["prior"],
+            "pattern": SRSTE_PATTERN, "ablation": DSTSettings.ablation, "world_size": "torchrun's", "config": "none",
+            "dst": "none (dense or --sparsity)", **dst}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -415,8 +422,10 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
 _DEFAULTS = {"momentum": 0.9, "lr_warmup_method": "constant", "lr_warmup_decay": 0.01, "lr_step_size": 30,
              "lr_gamma": 0.1, "lr_min": 0.0, "start_epoch": 0, "ra_magnitude": 9, "augmix_severity": 3,
              "model_ema_steps": 32, "model_ema_decay": 0.99998, "interpolation": "bilinear", "ra_reps": 3,
-             "backend": "pil", "trainable": "all", "apex_verbosity": 2, "dist_url": "env://",
-             "sparsity_level": 0.9, "delta": 100, "alpha": 0.3, "t_end": 0.75, "distribution": "erk"}  # fmt: skip
+             "backend": "pil", "trainable": "all", "apex_verbosity": 2, "dist_url": "env://"}  # fmt: skip
+#: The --dst options that hold a value of DSTSettings (flag dest -> field): filled from it by validate.
+DST_ARGS = {"sparsity_level": "sparsity", "delta": "delta", "alpha": "alpha", "t_end": "t_end_fraction",
+            "distribution": "distribution"}
 
 
 def _flag(dest: str) -> str:
@@ -443,13 +452,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "world_size": (1, 2**16), "model_ema_steps": (1, 2**31), "model_ema_decay": (0.0, 1.0),
     "val_resize_size": (1, 8192), "val_crop_size": (1, 8192), "train_crop_size": (1, 8192),
     "clip_grad_norm": (0.0, 1e6), "ra_reps": (1, 16), "seed": (0, 2**32 - 1), "mask_prior": (0.0, 1e4),
-    "sparsity_level": (0.0, 1.0), "delta": (1, 2**31), "alpha": (0.0, 1.0), "t_end": (0.0, 1.0),
-    "ablation": (0.0, 1.0), "keep_last": (1, 10**6),
+    "keep_last": (1, 10**6),
 }  # fmt: skip
+# (the --dst options are checked by DSTSettings, see dst_settings)
 #: Bounds a value may not equal (a learning rate of 0 trains nothing; momentum 1 never forgets).
 OPEN = {("lr", 0.0), ("momentum", 1.0), ("label_smoothing", 1.0), ("lr_warmup_decay", 0.0), ("lr_gamma", 0.0),
-        ("model_ema_decay", 0.0), ("model_ema_decay", 1.0), ("clip_grad_norm", 0.0), ("sparsity_level", 0.0),
-        ("sparsity_level", 1.0), ("alpha", 0.0), ("t_end", 0.0)}  # fmt: skip
+        ("model_ema_decay", 0.0), ("model_ema_decay", 1.0), ("clip_grad_norm", 0.0)}  # fmt: skip
 
 
 def max_workers() -> int:
@@ -540,14 +548,12 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
       "needs --sparsity sparse_2x4 (magnitude) or gumbel_2x4 (learned), or --dst srigl|sr-ste")
     n(args, ("permute",), args.sparsity != "none", "needs --sparsity sparse_2x4|gumbel_2x4 or --enable-apex")
     n(args, ("mask_tau", "mask_prior", "mask_prior_from"), args.sparsity == "gumbel_2x4", "needs --sparsity gumbel_2x4")
-    if args.dst and args.sparsity == "gumbel_2x4":
-        raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: choose learned masks or DST")
-    if args.dst and args.sparsity == "sparse_2x4":
-        raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4/--enable-apex or --dst")
+    refuse_masks(args.dst, args.sparsity)
     n(args, ("sparsity_level", "distribution", "dense_layers"), args.dst in ("rigl", "srigl", "static"),
       "needs --dst rigl, srigl or static")
     n(args, ("delta", "alpha", "t_end"), args.dst in ("rigl", "srigl"), "needs --dst rigl or srigl")
     n(args, ("ablation",), args.dst == "srigl", "needs --dst srigl")
+    args.dst_settings = dst_settings(args)
     if args.trainable == "gumbel_2x4" and args.sparsity != "gumbel_2x4":
         raise SemisparseError("--trainable gumbel_2x4 (train the masks only) needs --sparsity gumbel_2x4")
     for key, value in _DEFAULTS.items():
@@ -561,6 +567,24 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise SemisparseError(f"{flag} evaluates a trained model: give --weights FILE (or a torchvision weights "
                               "name) or --resume CHECKPOINT; without them the model is randomly initialised")
     return args
+
+
+def dst_settings(args: argparse.Namespace) -> DSTSettings | None:
+    """``--dst`` and its options as :class:`DSTSettings` (None without ``--dst``): where each value is checked,
+    once, and each default comes from; the options not given are then filled in ``args`` from it (what the
+    checkpoint's ``args`` record)."""
+    settings = None
+    if args.dst is not None:
+        settings = DSTSettings.from_flags(
+            args.dst, sparsity_level=args.sparsity_level, delta=args.delta, alpha=args.alpha, t_end=args.t_end,
+            distribution=args.distribution, ablation=args.ablation, seed=args.seed, dense_layers=args.dense_layers,
+            pattern=(args.pattern or SRSTE_PATTERN) if args.dst == "sr-ste" else args.pattern if args.dst == "srigl"
+            else None, ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped,
+        )  # fmt: skip
+    for dest, name in DST_ARGS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(settings or DSTSettings, name))
+    return settings
 
 
 # --- set-up -----------------------------------------------------------------------------------------------
@@ -697,18 +721,16 @@ def _load_weights(args, model: nn.Module) -> WeightsInfo:
 
 def _sparsity_config(args, given: WeightsInfo | None = None) -> SparsityConfig:
     method = {"none": "none", "sparse_2x4": "magnitude", "gumbel_2x4": "gumbel"}[args.sparsity]
-    pattern = args.pattern or ("2:4" if method != "none" or args.dst == "sr-ste" else None)
+    pattern = args.pattern or ("2:4" if method != "none" else None)
     if given is not None and given.masked and args.keep_masks is not False and args.dst is None:
         method, pattern = "given", given.pattern  # the masks of --weights (or of the resumed fine-tune), fixed
     return SparsityConfig(
         method=method, pattern=pattern,
         trainable="mask" if args.trainable == "gumbel_2x4" else "all",
         tau=tuple(args.mask_tau) if args.mask_tau else None, prior=args.mask_prior, permute=args.permute,
-        prior_from=args.mask_prior_from,
-        pad=args.aug_for_2x4, ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped, dst=args.dst,
-        level=args.sparsity_level, delta=args.delta, alpha=args.alpha, t_end=args.t_end,
-        distribution=args.distribution, ablation=args.ablation, dense_layers=list(args.dense_layers or []),
-        seed=args.seed,
+        prior_from=args.mask_prior_from, pad=args.aug_for_2x4,
+        layers=LayerSelection(ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped),
+        dst=args.dst_settings,
     )  # fmt: skip
 
 
@@ -900,7 +922,7 @@ def _loggers(args) -> list:
             print("note: TensorBoard is not installed, so no event files are written (pip install tensorboard); "
                   "metrics.jsonl holds every number", flush=True)  # fmt: skip
     if args.use_wandb and dist_utils.is_main():
-        cfg = {k: v for k, v in vars(args).items() if k not in ("explicit", "from_checkpoint")}
+        cfg = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
         loggers.append(wandb_logger(args.wandb_project, args.wandb_log_dir, cfg))
     return loggers
 
@@ -979,11 +1001,15 @@ def writable_dir(path: str) -> None:
                               "or fix its permissions") from None
 
 
+#: What ``args`` holds beside the options: which were given, and the DST settings built from them.
+_NOT_OPTIONS = ("explicit", "from_checkpoint", "dst_settings")
+
+
 def plain_args(args: argparse.Namespace) -> dict:
     """The options as a plain dict (what a checkpoint stores)."""
     out = {}
     for k, v in vars(args).items():
-        if k in ("explicit", "from_checkpoint"):
+        if k in _NOT_OPTIONS:
             continue
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
@@ -1022,15 +1048,16 @@ def main(argv: list[str] | None = None) -> int:
         save = folder.save if folder is not None else None
         if save is not None and args.keep_last:
             save = _keeping_last(folder.save, args.output_dir, args.keep_last)
+        steps = StepOptions(amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
+                            clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last,
+                            batch_transform=run.batch_transform, ema=run.ema, ema_steps=args.model_ema_steps)
+        output = RunOutput(output_dir=args.output_dir, args=plain_args(args), loggers=loggers,
+                           print_freq=args.print_freq, save_checkpoint=save)
         history = fit(
             run.train_model, run.train_loader, run.val_loader, run.optimizer, run.lr_scheduler, args.epochs,
             sparsity=run.sparsity, criterion=run.criterion, device=run.device, start_epoch=run.start_epoch,
-            step=run.step, amp_dtype=run.amp_dtype, scaler=run.scaler, accumulation_steps=args.accumulation_steps,
-            clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last, ema=run.ema,
-            ema_steps=args.model_ema_steps, ema_warmup_epochs=args.lr_warmup_epochs,
-            batch_transform=run.batch_transform, seed=args.seed, rank=run.dist.rank, output_dir=args.output_dir,
-            args=plain_args(args), loggers=loggers, print_freq=args.print_freq,
-            save_checkpoint=save,
+            step=run.step, seed=args.seed, rank=run.dist.rank, ema_warmup_epochs=args.lr_warmup_epochs,
+            steps=steps, output=output,
         )  # fmt: skip
         _report_skipped(run)
         _summary(args, history, time.perf_counter() - started)

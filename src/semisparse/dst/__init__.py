@@ -7,6 +7,9 @@
   ``ConstantFanIn``, ``NMGroups``;
 * :mod:`.dynamic` - :class:`DynamicSparsity`, the stateful scheduler (``step``/``state_dict``);
 * :mod:`.srste` - SR-STE, N:M from scratch with a straight-through gradient;
+* :mod:`.selection` - :class:`LayerSelection` (which layers) and the opening checks every method shares;
+* :mod:`.checks` - the one check of each argument (an :class:`~.checks.ArgumentError` names it);
+* :mod:`.settings` - :class:`DSTSettings`, every default and check of a sparse-training run in one object;
 * :mod:`.api` - the factories ``RigL``, ``SRigL``, ``SRSTE`` and ``from_flags`` for the CLI.
 """
 
@@ -15,6 +18,8 @@ from .budgets import LayerBudget, erk_densities, layer_densities, uniform_densit
 from .dynamic import DynamicSparsity
 from .rules import ConstantFanIn, NMGroups, Rule, Unstructured
 from .schedule import UpdateSchedule
+from .selection import LayerSelection
+from .settings import DSTSettings
 from .srste import STEMask
 
 __all__ = [
@@ -24,6 +29,8 @@ __all__ = [
     "SRSTE",
     "from_flags",
     "DynamicSparsity",
+    "DSTSettings",
+    "LayerSelection",
     "UpdateSchedule",
     "LayerBudget",
     "Rule",

@@ -17,16 +17,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import SemisparseError
+from . import checks
 
 DISTRIBUTIONS = ("erk", "uniform")
 
 
 def check_sparsity(sparsity: object) -> float:
-    """``sparsity`` as a float in (0, 1), or a one-line :class:`SemisparseError`."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
-        raise SemisparseError(f"sparsity must be a float in (0, 1) (e.g. 0.9), got {sparsity!r}")
-    return float(sparsity)
+    """``sparsity`` as a float in (0, 1), or a one-line :class:`~.checks.ArgumentError`."""
+    return checks.number("sparsity", sparsity, 0.0, 1.0, open_lo=True, open_hi=True, example="0.9")
 
 
 def uniform_densities(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[float]:
@@ -41,7 +39,11 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], sparsity: float, power_scal
     ``raw_l = (sum(shape) / prod(shape)) ** power_scale``. Layers pushed past density 1 are fixed dense and
     ``eps`` is solved again over the rest (the RigL procedure), so the total is exact.
     """
-    s = check_sparsity(sparsity)
+    return _erk(shapes, check_sparsity(sparsity), power_scale)
+
+
+def _erk(shapes: Sequence[tuple[int, ...]], s: float, power_scale: float) -> list[float]:
+    """:func:`erk_densities` of a sparsity ``s`` already checked."""
     if not shapes:
         return []
     numel = [math.prod(sh) for sh in shapes]
@@ -64,11 +66,7 @@ def layer_densities(
     shapes: Sequence[tuple[int, ...]], sparsity: float, distribution: str = "erk", power_scale: float = 1.0
 ) -> list[float]:
     """Densities under ``distribution`` ("erk" | "uniform")."""
-    if distribution == "erk":
-        return erk_densities(shapes, sparsity, power_scale)
-    if distribution == "uniform":
-        return uniform_densities(shapes, sparsity)
-    raise SemisparseError(f"unknown distribution {distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    return LayerBudget(sparsity, distribution, power_scale).densities(shapes)
 
 
 def fanin_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float]) -> list[int]:
@@ -87,7 +85,9 @@ def count_budgets(shapes: Sequence[tuple[int, ...]], densities: Sequence[float])
 
 @dataclass(frozen=True)
 class LayerBudget:
-    """How much each layer may keep: an overall ``sparsity`` shared out by ``distribution`` (uniform or ERK)."""
+    """How much each layer may keep: an overall ``sparsity`` shared out by ``distribution`` (uniform or ERK).
+
+    Its three values are checked here, once; the densities below take them as they are."""
 
     sparsity: float
     distribution: str = "erk"
@@ -95,14 +95,11 @@ class LayerBudget:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
-        if self.distribution not in DISTRIBUTIONS:
-            raise SemisparseError(
-                f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
-            )
-        p = self.erk_power_scale
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p >= 0):
-            raise SemisparseError(f"erk_power_scale must be a finite number >= 0 (1: ERK, 0: uniform), got {p!r}")
+        checks.choice("distribution", self.distribution, DISTRIBUTIONS)
+        checks.number("erk_power_scale", self.erk_power_scale, 0.0, example="1 for ERK, 0 for uniform")
 
     def densities(self, shapes: Sequence[tuple[int, ...]]) -> list[float]:
         """Per-layer densities of ``shapes`` (weight shapes, in order)."""
-        return layer_densities(shapes, self.sparsity, self.distribution, self.erk_power_scale)
+        if self.distribution == "uniform":
+            return [1.0 - self.sparsity for _ in shapes]
+        return _erk(shapes, self.sparsity, self.erk_power_scale)

@@ -26,8 +26,7 @@ Adam/AdamW moments: every state tensor of the weight's shape) is reset, so maske
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,10 +35,11 @@ from ..errors import SemisparseError
 from ..layout import Candidate, Layout
 from ..masking.coverage import Report, build_report
 from ..masking.parametrization import Mask, attach
+from . import checks
 from .budgets import LayerBudget
 from .rules import Rule, Start
 from .schedule import UpdateSchedule
-from .selection import refuse_ddp, select_layers
+from .selection import LayerSelection, refuse_ddp, select_layers
 
 
 @dataclass
@@ -85,6 +85,18 @@ class GradTap(torch.autograd.Function):
         return grad, None
 
 
+#: Std of a sparse weight's initial value times ``sqrt(its kept fan-in)`` (He init for ReLU nets).
+INIT_GAIN = math.sqrt(2.0)
+
+
+def _ending(schedule: UpdateSchedule) -> UpdateSchedule:
+    """``schedule`` with its end fixed (a static one ends at once); one line if an updating one has none."""
+    if schedule.t_end is None and schedule.static:
+        return schedule.until(1)
+    schedule.end()
+    return schedule
+
+
 class DynamicSparsity:
     """Dynamic sparse training scheduler; call :meth:`step` after every ``optimizer.step()``.
 
@@ -102,21 +114,15 @@ class DynamicSparsity:
         budget: LayerBudget | None,
         schedule: UpdateSchedule,
         *,
-        dense_layers: Sequence[str] | str = (),
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str | None = None,
-        ignore_linear: bool = False,
-        ignore_grouped: bool = False,
+        layers: LayerSelection | None = None,
         sparse_init: bool = True,
-        init_gain: float = math.sqrt(2.0),
+        init_gain: float = INIT_GAIN,
         seed: int = 0,
         grad_steps: int = 1,
     ) -> None:
-        if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
-            raise SemisparseError(f"grad_steps must be a positive int (optimizer steps), got {grad_steps!r}")
-        sel = select_layers(model, optimizer, rule.pattern, "dynamic sparse training", dense_layers=dense_layers,
-                            include=include, exclude=exclude, ignore_linear=ignore_linear,
-                            ignore_grouped=ignore_grouped)
+        checks.number("grad_steps", grad_steps, 1, integer=True, example="1 optimizer step")
+        schedule = _ending(schedule)
+        sel = select_layers(model, optimizer, rule.pattern, "dynamic sparse training", layers)
         candidates, eligible, forced, budgeted = sel.candidates, sel.eligible, sel.dense, sel.budgeted
         shapes = [c.weight_shape for c in budgeted]
         densities = rule.densities(shapes, budget)
@@ -333,7 +339,7 @@ class DynamicSparsity:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.schedule = UpdateSchedule(self.schedule.delta, self.schedule.t_end, self.schedule.alpha, True)
+        self.schedule = replace(self.schedule, static=True)
 
     def __repr__(self) -> str:
         s = self.schedule

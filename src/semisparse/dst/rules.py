@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import SemisparseError
 from ..layout import Candidate
 from ..masking.parametrization import Target
 from ..patterns import NM, fanin_mask, nm_mask
-from . import prune_grow
+from . import checks, prune_grow
 from .budgets import LayerBudget, count_budgets, fanin_budgets
-from .selection import matches
+from .selection import as_globs, matches
 
 if TYPE_CHECKING:
     from .dynamic import SparseLayer
@@ -110,9 +109,8 @@ class ConstantFanIn(Rule):
     name: ClassVar[str] = "srigl"
 
     def __post_init__(self) -> None:
-        a = self.ablation
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise SemisparseError(f"ablation (gamma) must be in [0, 1], got {a!r}")
+        object.__setattr__(self, "ablation", checks.number("ablation", self.ablation, 0.0, 1.0, example="0.3"))
+        object.__setattr__(self, "no_ablation", as_globs(self.no_ablation, "no_ablation"))
 
     def start(self, scores: torch.Tensor, density: float) -> Start | None:
         # The layer's budget is floor(d * numel); neurons start at k0 = floor(d * fan_in) each, and

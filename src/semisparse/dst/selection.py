@@ -2,7 +2,8 @@
 
 Dynamic sparse training and SR-STE open the same way: the plain model (not DDP), no masks on it yet,
 the eligible layers for the pattern, the layers forced dense by ``dense_layers`` and an optimizer that
-holds every eligible weight. :func:`select_layers` does all of it before anything is changed.
+holds every eligible weight. :class:`LayerSelection` holds the five options that pick the layers;
+:func:`select_layers` does all of it before anything is changed.
 """
 
 from __future__ import annotations
@@ -82,15 +83,45 @@ def as_globs(value: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def select_layers(model: nn.Module, optimizer: torch.optim.Optimizer, pattern: NM | None, what: str, *,
-                  dense_layers: Sequence[str] | str = (), include: Sequence[str] | str | None = None,
-                  exclude: Sequence[str] | str | None = None, ignore_linear: bool = False,
-                  ignore_grouped: bool = False) -> Selection:
-    """Check ``model`` and ``optimizer`` for a method (``what``) that sets its own masks; change nothing.
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers a sparsity method takes: the five options every method shares, checked here once.
 
-    ``dense_layers``: globs of eligible layers kept dense, ``"first"`` for the first eligible layer.
+    ``include`` / ``exclude``: module-name globs (None: every layer); ``ignore_linear`` / ``ignore_grouped``:
+    keep Linear layers / grouped convolutions dense; ``dense_layers``: globs of eligible layers kept dense,
+    ``"first"`` for the first eligible layer. Globs may be given as one string or a sequence of them.
     """
-    dense_globs = as_globs(dense_layers, "dense_layers")
+
+    include: Sequence[str] | str | None = None
+    exclude: Sequence[str] | str | None = None
+    ignore_linear: bool = False
+    ignore_grouped: bool = False
+    dense_layers: Sequence[str] | str = ()
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else as_globs(value, name))
+        object.__setattr__(self, "dense_layers", as_globs(self.dense_layers, "dense_layers"))
+
+    def to_dict(self) -> dict:
+        """Plain values (what a checkpoint stores)."""
+        return {"include": None if self.include is None else list(self.include),
+                "exclude": None if self.exclude is None else list(self.exclude),
+                "ignore_linear": self.ignore_linear, "ignore_grouped": self.ignore_grouped,
+                "dense_layers": list(self.dense_layers)}  # fmt: skip
+
+    def plan(self, model: nn.Module, pattern: NM | None) -> list[Candidate]:
+        """The model's candidate layers for ``pattern`` under these options (:func:`semisparse.layout.plan`)."""
+        return plan(model, pattern, self.include, self.exclude, ignore_linear=self.ignore_linear,
+                    ignore_grouped=self.ignore_grouped)
+
+
+def select_layers(model: nn.Module, optimizer: torch.optim.Optimizer, pattern: NM | None, what: str,
+                  layers: LayerSelection | None = None) -> Selection:
+    """Check ``model`` and ``optimizer`` for a method (``what``) that sets its own masks; change nothing."""
+    layers = layers or LayerSelection()
+    dense_globs = layers.dense_layers
     inner = refuse_ddp(model)
     existing = list(sparse_weights(inner))
     if existing:
@@ -98,7 +129,7 @@ def select_layers(model: nn.Module, optimizer: torch.optim.Optimizer, pattern: N
             f"model is already sparsified ({len(existing)} masked weights, e.g. {existing[0].key}); "
             f"{what} sets its own masks: start from a dense model or call ss.finalize first"
         )
-    candidates = plan(inner, pattern, include, exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+    candidates = layers.plan(inner, pattern)
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
         reasons = sorted({c.reason for c in candidates if c.reason}) or [

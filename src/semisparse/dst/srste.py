@@ -9,8 +9,6 @@ STE). Both live in the parametrization (:class:`STEMask`, a :class:`~semisparse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
@@ -18,7 +16,8 @@ from ..errors import SemisparseError
 from ..layout import Layout
 from ..masking.parametrization import Mask, attach
 from ..patterns import NM, nm_mask, parse_pattern
-from .selection import select_layers
+from . import checks
+from .selection import LayerSelection, select_layers
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -47,29 +46,29 @@ class STEMask(Mask):
         return _StraightThrough.apply(weight, self.mask, self.decay)
 
 
-class SRSTE:
-    """N:M from scratch: call :meth:`step` after every ``optimizer.step()`` to recompute the masks."""
+#: The default decay on the pruned weights (the SR-STE paper's lambda_w).
+DECAY = 2e-4
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        pattern: str | NM = "2:4",
-        decay: float = 2e-4,
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str | None = None,
-        *,
-        dense_layers: Sequence[str] | str = (),
-        ignore_linear: bool = False,
-        ignore_grouped: bool = False,
-    ) -> None:
-        nm = parse_pattern(pattern)
-        if not isinstance(nm, NM):
-            raise SemisparseError(f'SR-STE needs an N:M pattern such as "2:4", got {pattern!r}')
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
-            raise SemisparseError(f"decay must be a number >= 0 (e.g. 2e-4), got {decay!r}")
-        sel = select_layers(model, optimizer, nm, "SR-STE", dense_layers=dense_layers, include=include,
-                            exclude=exclude, ignore_linear=ignore_linear, ignore_grouped=ignore_grouped)
+
+def nm_pattern(pattern: object, what: str) -> NM:
+    """``pattern`` ("N:M" or an :class:`NM`) as an :class:`NM`, or one line saying ``what`` needs one."""
+    nm = parse_pattern(pattern)
+    if not isinstance(nm, NM):
+        raise SemisparseError(f'{what} needs an N:M pattern such as "2:4", got {pattern!r}')
+    return nm
+
+
+class SRSTE:
+    """N:M from scratch: call :meth:`step` after every ``optimizer.step()`` to recompute the masks.
+
+    Opens as :class:`~.dynamic.DynamicSparsity` does (:func:`~.selection.select_layers`: the plain model, no
+    masks yet, eligible layers, an optimizer holding them) before it changes anything."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, pattern: str | NM = "2:4",
+                 decay: float = DECAY, *, layers: LayerSelection | None = None) -> None:
+        nm = nm_pattern(pattern, "SR-STE")
+        decay = checks.number("decay", decay, 0.0, example="2e-4")
+        sel = select_layers(model, optimizer, nm, "SR-STE", layers)
         eligible = sel.budgeted
         self.model, self.optimizer, self.pattern, self.decay = model, optimizer, nm, float(decay)
         self._step = 0

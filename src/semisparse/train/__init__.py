@@ -19,15 +19,19 @@ A run in plain Python (what the CLI does, minus flags)::
                   output_dir="runs/x")                              # -> [{"epoch", "val_acc1", ...}, ...]
     evaluate(model, nn.CrossEntropyLoss(), val_loader)              # {"loss", "acc1", "acc5", "count"}
 
-``fit`` keyword options: ``device, criterion, start_epoch, step, amp_dtype, scaler, accumulation_steps,
-clip_grad_norm, channels_last, ema (EMA(model, decay)), ema_steps, ema_warmup_epochs, batch_transform,
-seed, output_dir, args, loggers, print_freq, show_progress``.
+``fit`` keyword options: ``device, criterion, start_epoch, step, seed, rank, ema_warmup_epochs``, and two
+groups: ``steps=StepOptions(amp_dtype, scaler, accumulation_steps, clip_grad_norm, channels_last,
+batch_transform, ema (EMA(model, decay)), ema_steps)`` and ``output=RunOutput(output_dir, args, loggers,
+print_freq, show_progress, save_checkpoint)``; their fields are also accepted as keywords.
+
+Sparse training's settings are one :class:`~semisparse.dst.DSTSettings`
+(``SparsityConfig(dst=DSTSettings("srigl", sparsity=0.9, t_end_fraction=0.75))``).
 """
 
 from .checkpoint import atomic_save, load_checkpoint
 from .data import AugmentOptions, DataSets, load_data
 from .distributed import ShardSampler
-from .engine import EMA, evaluate, fit, train_one_epoch, unwrap
+from .engine import EMA, RunOutput, StepOptions, evaluate, fit, train_one_epoch, unwrap
 from .loaders import make_loaders
 from .metrics import MetricsLog, read_metrics
 from .optim import build_lr_scheduler, build_optimizer
@@ -38,8 +42,10 @@ __all__ = [
     "DataSets",
     "EMA",
     "MetricsLog",
+    "RunOutput",
     "ShardSampler",
     "SparsityConfig",
+    "StepOptions",
     "TrainingSparsity",
     "atomic_save",
     "build_lr_scheduler",

@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -52,6 +53,48 @@ class EMA(nn.Module):
             else:
                 avg.copy_(new)
         self.n_averaged += 1
+
+
+@dataclass
+class StepOptions:
+    """How each optimizer step is taken (``fit`` and ``train_one_epoch``): AMP (``amp_dtype``, fp16's
+    ``scaler``), ``accumulation_steps`` batches per step, gradient clipping, channels-last inputs, a
+    ``batch_transform(x, y)`` (mixup, cutmix) and an ``ema`` updated every ``ema_steps`` optimizer steps."""
+
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    accumulation_steps: int = 1
+    clip_grad_norm: float | None = None
+    channels_last: bool = False
+    batch_transform: Callable | None = None
+    ema: EMA | None = None
+    ema_steps: int = 1
+
+
+@dataclass
+class RunOutput:
+    """What ``fit`` writes and prints: checkpoints in ``output_dir`` (or through ``save_checkpoint(ckpt,
+    epoch)``) recording ``args``, one record per epoch to ``loggers``, progress every ``print_freq`` batches."""
+
+    output_dir: str | None = None
+    args: Mapping | None = None
+    loggers: Sequence[Logger] = ()
+    print_freq: int = 10
+    show_progress: bool = True
+    save_checkpoint: Callable[[dict, int], None] | None = None
+
+
+def _grouped(what: str, flat: dict, *groups: tuple[type, object]) -> list:
+    """Each group object (a new one when None) with the flat keywords that are its fields put in; a keyword
+    that is no field of any group is the TypeError Python gives for an unknown keyword."""
+    out = []
+    for cls, given in groups:
+        names = {f.name for f in fields(cls)}
+        mine = {k: flat.pop(k) for k in list(flat) if k in names}
+        out.append(replace(given or cls(), **mine))
+    if flat:
+        raise TypeError(f"{what}() got an unexpected keyword argument {next(iter(flat))!r}")
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -101,30 +144,27 @@ def train_one_epoch(
     *,
     step: int = 0,
     sparsity: TrainingSparsity | None = None,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accumulation_steps: int = 1,
-    clip_grad_norm: float | None = None,
-    channels_last: bool = False,
-    ema: EMA | None = None,
-    ema_steps: int = 1,
     ema_warmup: bool = False,
-    batch_transform: Callable | None = None,
+    options: StepOptions | None = None,
     print_freq: int = 10,
     show_progress: bool = True,
+    **flat: object,
 ) -> dict:
     """One epoch; returns ``{"train_loss", "train_acc1", "step"}`` (``step``: optimizer steps so far).
 
     The optimizer steps every ``accumulation_steps`` batches (and at the end of the epoch), with the loss
     of each batch divided by the size of its accumulation group. ``batch_transform(x, y)`` (mixup,
-    cutmix) runs on each batch after it reaches the device.
+    cutmix) runs on each batch after it reaches the device. ``options``: :class:`StepOptions`, whose fields
+    may also be given as keywords (``amp_dtype=...``).
     """
+    (o,) = _grouped("train_one_epoch", flat, (StepOptions, options))
+    amp_dtype, scaler, channels_last, ema = o.amp_dtype, o.scaler, o.channels_last, o.ema
     device = torch.device(device)
     model.train()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     n = len(loader)
-    acc = max(1, int(accumulation_steps))
+    acc = max(1, int(o.accumulation_steps))
     # sums stay on the device: no host sync per batch (the progress line syncs only when it prints)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     last = {"loss": torch.tensor(float("nan"))}
@@ -154,8 +194,8 @@ def train_one_epoch(
             clock["data"] += time.perf_counter() - clock["mark"]
             x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
             hard = y
-            if batch_transform is not None:
-                x, y = batch_transform(x, y)
+            if o.batch_transform is not None:
+                x, y = o.batch_transform(x, y)
             group_start = (i // acc) * acc
             group = min(acc, n - group_start)
             stepping = i - group_start == group - 1
@@ -167,10 +207,10 @@ def train_one_epoch(
                 scaled = loss / group
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if stepping:
-                if clip_grad_norm is not None:
+                if o.clip_grad_norm is not None:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                    nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
                 stepped[0] = False
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -185,7 +225,7 @@ def train_one_epoch(
                     step += 1
                     if sparsity is not None:
                         sparsity.after_optimizer_step(step)
-                    if ema is not None and step % max(1, ema_steps) == 0:
+                    if ema is not None and step % max(1, o.ema_steps) == 0:
                         ema.update(model)
                         if ema_warmup:
                             ema.n_averaged.fill_(0)  # during lr warm-up the average restarts (torchvision)
@@ -291,23 +331,12 @@ def fit(
     device: torch.device | str = "cpu",
     start_epoch: int = 0,
     step: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accumulation_steps: int = 1,
-    clip_grad_norm: float | None = None,
-    channels_last: bool = False,
-    ema: EMA | None = None,
-    ema_steps: int = 1,
-    ema_warmup_epochs: int = 0,
-    batch_transform: Callable | None = None,
     seed: int = 0,
     rank: int = 0,
-    output_dir: str | None = None,
-    args: Mapping | None = None,
-    loggers: Sequence[Logger] = (),
-    print_freq: int = 10,
-    show_progress: bool = True,
-    save_checkpoint: Callable[[dict, int], None] | None = None,
+    ema_warmup_epochs: int = 0,
+    steps: StepOptions | None = None,
+    output: RunOutput | None = None,
+    **flat: object,
 ) -> list[dict]:
     """Train epochs ``start_epoch .. epochs-1``; returns one record per epoch (also sent to ``loggers``).
 
@@ -318,7 +347,13 @@ def fit(
     only after the first new checkpoint). ``lr_scheduler`` steps once per epoch. Records: ``epoch, lr,
     train_loss, train_acc1, val_loss, val_acc1, val_acc5, sparsity, epoch_seconds, step`` and
     ``ema_val_loss/acc1/acc5`` with EMA.
+
+    ``steps``: how each optimizer step is taken (:class:`StepOptions`); ``output``: what is written and
+    printed (:class:`RunOutput`). Their fields may also be given as keywords (``output_dir=...``).
     """
+    steps, output = _grouped("fit", flat, (StepOptions, steps), (RunOutput, output))
+    ema, amp_dtype, channels_last, scaler = steps.ema, steps.amp_dtype, steps.channels_last, steps.scaler
+    output_dir, loggers, show_progress = output.output_dir, output.loggers, output.show_progress
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
     base = unwrap(model)
@@ -332,9 +367,7 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, step=step, sparsity=sparsity,
-            amp_dtype=amp_dtype, scaler=scaler, accumulation_steps=accumulation_steps,
-            clip_grad_norm=clip_grad_norm, channels_last=channels_last, ema=ema, ema_steps=ema_steps,
-            ema_warmup=epoch < ema_warmup_epochs, batch_transform=batch_transform, print_freq=print_freq,
+            ema_warmup=epoch < ema_warmup_epochs, options=steps, print_freq=output.print_freq,
             show_progress=show_progress,
         )  # fmt: skip
         step = tr["step"]
@@ -353,11 +386,11 @@ def fit(
             record.update(ema_val_loss=ev["loss"], ema_val_acc1=ev["acc1"], ema_val_acc5=ev["acc5"])
         record["epoch_seconds"] = time.perf_counter() - t0
         if output_dir and is_main():
-            ckpt = checkpoint_dict(model, optimizer, lr_scheduler, epoch, step, args=args, sparsity=sparsity,
+            ckpt = checkpoint_dict(model, optimizer, lr_scheduler, epoch, step, args=output.args, sparsity=sparsity,
                                    scaler=scaler, ema=ema)  # fmt: skip
             ckpt["metrics"] = plain_record(record)  # restores the metrics line if a kill comes before it
-            if save_checkpoint is not None:
-                save_checkpoint(ckpt, epoch)
+            if output.save_checkpoint is not None:
+                output.save_checkpoint(ckpt, epoch)
             else:
                 ckpt = seal(ckpt)  # one digest for both files
                 atomic_save(ckpt, os.path.join(output_dir, f"model_{epoch}.pth"))

@@ -18,12 +18,15 @@ DST schedule). Masks themselves live in the model's state_dict as parametrizatio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import InitVar, dataclass, field
 
 import torch
 from torch import nn
 
-from ..dst.api import DST_METHODS, from_flags
+from ..dst.rules import ConstantFanIn
+from ..dst.selection import LayerSelection
+from ..dst.settings import SRSTE_PATTERN, DSTSettings, refuse_masks
 from ..errors import SemisparseError
 from ..masking import masks as model_masks
 from ..masking import sparse_weights, sparsify
@@ -38,8 +41,13 @@ CALIB_BATCHES = 16
 @dataclass
 class SparsityConfig:
     """How a run is made sparse. ``method``: none | magnitude | gumbel | given (the masks the model already
-    carries, from ``--weights``, kept fixed); ``dst``: None | rigl | srigl | sr-ste |
-    static. ``seed`` seeds DST's initial random masks."""
+    carries, from ``--weights``, kept fixed); ``layers``: which layers the masks take; ``dst``: dynamic
+    sparse training, a :class:`~semisparse.dst.DSTSettings` (its own layers) or None.
+
+    ``dst`` may also be given as the method's name with the ``semisparse train`` flags' spellings beside it
+    (``level``, ``delta``, ``alpha``, ``t_end`` a fraction of the run, ``distribution``, ``ablation``,
+    ``dense_layers``, ``seed``): they become a :class:`~semisparse.dst.DSTSettings` once, here, with
+    ``layers`` and ``pattern`` (for srigl / sr-ste)."""
 
     method: str = "none"
     pattern: str | None = "2:4"
@@ -49,28 +57,36 @@ class SparsityConfig:
     prior_from: str | None = None  # gumbel: "magnitude" | "wanda" | "sparsegpt" (the masks' starting argmax)
     permute: bool = False
     pad: bool = False
-    ignore_linear: bool = False
-    ignore_grouped: bool = False
-    exclude: list[str] = field(default_factory=list)
-    dst: str | None = None
-    level: float = 0.9
-    delta: int = 100
-    alpha: float = 0.3
-    t_end: float = 0.75
-    distribution: str = "erk"
-    ablation: float | None = None
-    dense_layers: list[str] = field(default_factory=list)
-    seed: int = 0
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    dst: DSTSettings | str | None = None
+    level: InitVar[float | None] = None
+    delta: InitVar[int | None] = None
+    alpha: InitVar[float | None] = None
+    t_end: InitVar[float | None] = None
+    distribution: InitVar[str | None] = None
+    ablation: InitVar[float | None] = None
+    dense_layers: InitVar[Sequence[str] | None] = None
+    seed: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, level, delta, alpha, t_end, distribution, ablation, dense_layers, seed) -> None:
         if self.method not in METHODS:
             raise SemisparseError(f"unknown sparsity method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.dst is not None and self.dst not in DST_METHODS:
-            raise SemisparseError(f"unknown --dst {self.dst!r}; expected one of {', '.join(DST_METHODS)}")
-        if self.dst and self.method == "gumbel":
-            raise SemisparseError("--dst cannot be combined with --sparsity gumbel_2x4: learned masks or DST, not both")
-        if self.dst and self.method == "magnitude":
-            raise SemisparseError("--dst builds its own masks; drop --sparsity sparse_2x4 (or drop --dst)")
+        flags = dict(sparsity_level=level, delta=delta, alpha=alpha, t_end=t_end, distribution=distribution,
+                     ablation=ablation, dense_layers=dense_layers, seed=seed)
+        if isinstance(self.dst, str):
+            lay = self.layers
+            flags["dense_layers"] = dense_layers or lay.dense_layers
+            self.dst = DSTSettings.from_flags(
+                self.dst, pattern=self.pattern if self.dst in ("srigl", "sr-ste") else None, include=lay.include,
+                exclude=lay.exclude, ignore_linear=lay.ignore_linear, ignore_grouped=lay.ignore_grouped, **flags,
+            )  # fmt: skip
+        elif any(v is not None for v in flags.values()):
+            given = ", ".join(k for k, v in flags.items() if v is not None)
+            raise SemisparseError(f"{given} are fields of dst=DSTSettings(...); with dst given as settings (or "
+                                  "none) pass them there")
+        if self.dst is not None and not isinstance(self.dst, DSTSettings):
+            raise SemisparseError(f"dst must be a method name or DSTSettings, got {type(self.dst).__name__}")
+        refuse_masks(self.dst and self.dst.method, {"magnitude": "sparse_2x4", "gumbel": "gumbel_2x4"}.get(self.method))
         if self.prior_from is not None and self.method != "gumbel":
             raise SemisparseError("--mask-prior-from sets where learned masks start: it needs --sparsity gumbel_2x4")
         if self.trainable not in ("mask", "all"):
@@ -82,9 +98,15 @@ class SparsityConfig:
 
     @property
     def name(self) -> str:
-        if self.dst:
-            return self.dst
-        return self.method
+        return self.dst.method if self.dst is not None else self.method
+
+    def to_dict(self) -> dict:
+        """Plain values (what a checkpoint stores), the DST settings under ``dst``."""
+        return {"method": self.method, "pattern": self.pattern, "trainable": self.trainable,
+                "tau": None if self.tau is None else list(self.tau), "prior": self.prior,
+                "prior_from": self.prior_from, "permute": self.permute, "pad": self.pad,
+                "layers": self.layers.to_dict(),
+                "dst": None if self.dst is None else self.dst.to_dict()}  # fmt: skip
 
 
 def _images(batch: object) -> object:
@@ -116,8 +138,9 @@ class TrainingSparsity:
             if not any(True for _ in sparse_weights(model)):
                 raise SemisparseError("sparsity method 'given' keeps the model's masks, but it carries none")
             return ss_report(model, example_input=example_input)
-        common = dict(exclude=c.exclude or None, example_input=example_input, pad=c.pad,
-                      ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped)  # fmt: skip
+        lay = c.layers
+        common = dict(include=lay.include, exclude=lay.exclude, example_input=example_input, pad=c.pad,
+                      ignore_linear=lay.ignore_linear, ignore_grouped=lay.ignore_grouped)  # fmt: skip
         if c.permute:
             common["permute"] = True
         if c.method == "magnitude":
@@ -135,17 +158,9 @@ class TrainingSparsity:
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Start dynamic sparse training on ``model`` (``--dst``); a no-op otherwise."""
-        c = self.config
         self._model = model
-        if not c.dst:
-            return
-        kw: dict[str, object] = {} if c.ablation is None else {"ablation": c.ablation}
-        self.dst = from_flags(
-            model, optimizer, c.dst, int(total_steps), sparsity_level=c.level, delta=c.delta, alpha=c.alpha,
-            t_end=c.t_end, distribution=c.distribution, dense_layers=list(c.dense_layers), pattern=c.pattern,
-            ignore_linear=c.ignore_linear, ignore_grouped=c.ignore_grouped, exclude=c.exclude or None,
-            seed=c.seed, **kw,
-        )  # fmt: skip
+        if self.config.dst is not None:
+            self.dst = self.config.dst.build(model, optimizer, int(total_steps))
 
     # -- during training -------------------------------------------------------------------------------
     def after_optimizer_step(self, step: int) -> None:
@@ -172,13 +187,15 @@ class TrainingSparsity:
     def schedule_line(self) -> str | None:
         """One line saying when DST updates the topology (as learned masks print their temperature schedule)."""
         sched = getattr(self.dst, "schedule", None)
+        name = self.config.name
         if sched is None:
-            return None if self.dst is None else f"{self.config.dst}: masks recomputed from magnitudes every step"
+            return None if self.dst is None else f"{name}: masks recomputed from magnitudes every step"
         if sched.static:
-            return f"{self.config.dst}: masks fixed (no topology update)"
+            return f"{name}: masks fixed (no topology update)"
         updates = max(0, (sched.t_end - 1) // sched.delta)
-        ablation = f", ablation {self.config.ablation:g}" if self.config.dst == "srigl" and self.config.ablation else ""
-        return (f"{self.config.dst}: topology update every {sched.delta} steps before step {sched.t_end} "
+        rule = self.config.dst.rule
+        ablation = f", ablation {rule.ablation:g}" if isinstance(rule, ConstantFanIn) and rule.ablation else ""
+        return (f"{name}: topology update every {sched.delta} steps before step {sched.t_end} "
                 f"({updates} updates), drop fraction {sched.alpha:g} -> 0 (cosine){ablation}")
 
     def scheduled_updates(self) -> int | None:
@@ -200,7 +217,7 @@ class TrainingSparsity:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"step": self.step, "config": asdict(self.config)}
+        state = {"step": self.step, "config": self.config.to_dict()}
         if self.dst is not None and hasattr(self.dst, "state_dict"):
             state["dst"] = self.dst.state_dict()
         return state
@@ -216,10 +233,12 @@ class TrainingSparsity:
 
     def checkpoint_entry(self, model: nn.Module) -> dict:
         """The checkpoint's ``sparsity`` entry: masks by weight name, pattern, method and state."""
-        c = self.config
-        pattern = c.pattern if c.method != "none" or c.dst in ("sr-ste", "srigl") else None
-        if c.dst in ("rigl", "srigl", "static") and not (c.dst == "srigl" and c.pattern):
-            pattern = f"{c.level:g}"
+        c, d = self.config, self.config.dst
+        pattern = c.pattern if c.method != "none" else None
+        if d is not None and d.method == "sr-ste":
+            pattern = str(d.pattern or SRSTE_PATTERN)
+        elif d is not None:
+            pattern = f"{d.sparsity:g}" if d.budget is not None else str(d.pattern)  # N:M SRigL has no budget
         return {"masks": model_masks(model), "pattern": pattern, "method": c.name,
                 "state": self.state_dict() if c.enabled else None}  # fmt: skip
 
