@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import semisparse
+from helpers import paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 
 
 def test_this_process_imports_this_checkouts_source():

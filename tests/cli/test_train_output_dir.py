@@ -12,10 +12,11 @@ import torch
 
 import semisparse.train.engine as engine
 import semisparse.train.run_folder as run_folder
+from helpers import paths
 from semisparse.cli import main
 
 FAST = ["train", "--device", "cpu", "--data-path", "digits", "-b", "128", "--lr", "0.05", "--print-freq", "0"]
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = str(paths.SRC)
 
 
 def snapshot(folder):
@@ -184,7 +185,7 @@ IMG = ["train", "--device", "cpu", "--model", "digits_cnn", "-b", "2", "--lr", "
 
 
 def test_a_run_stopped_by_a_corrupt_image_leaves_the_previous_files_byte_identical(tmp_path, capsys):
-    from test_data import write_imagefolder
+    from helpers.datasets import write_imagefolder
 
     data = write_imagefolder(tmp_path / "data", per_class=2, size=16)
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import semisparse as ss
-from resave import resave
+from helpers.resave import resave
 from semisparse import models
 from semisparse.io import codec
 from semisparse.io import compressed as ck

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import semisparse as ss
-from gloo_ranks import run_ranks
+from helpers.gloo_ranks import run_ranks
 
 
 def _model() -> nn.Module:

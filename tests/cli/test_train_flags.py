@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import semisparse as ss
+from helpers.datasets import write_imagefolder
 from semisparse.cli import train as cli_train
 from semisparse.dst import api as dst_api
 from semisparse.models import MODELS, create_model
-from test_data import write_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ import time
 
 import pytest
 
+from helpers import paths
 from semisparse.cli import main
 from semisparse.errors import SemisparseError
 from semisparse.train import run_folder
 
 FAST = ["train", "--device", "cpu", "--data-path", "digits", "-b", "128", "--lr", "0.05", "--print-freq", "0"]
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = str(paths.SRC)
 FORK = multiprocessing.get_context("fork")  # starts at once (torch is imported already): truly concurrent claims
 
 

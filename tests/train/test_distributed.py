@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gloo_ranks import run_ranks
+from helpers.gloo_ranks import run_ranks
 from semisparse.train import distributed
 
 

@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
+from helpers import paths
 from semisparse.cli import main
 from semisparse.errors import SemisparseError
 from semisparse.train.metrics import MetricsLog, read_metrics
 
 FAST = ["train", "--device", "cpu", "--data-path", "digits", "-b", "128", "--lr", "0.05", "--print-freq", "0"]
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = str(paths.SRC)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Triton kernels compile for Hopper and Ampere here, without a GPU (``tests/triton_aot.py``).
+"""The Triton kernels compile for Hopper and Ampere here, without a GPU (``tests/helpers/triton_aot.py``).
 
 The interpreter runs kernels as numpy and accepts code the compiler refuses (a constexpr misuse, a dtype the
 backend cannot lower); the GPU run is rare and short, so a compile error found there costs the whole run.
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import paths
+
 pytest.importorskip("triton")
 try:
     from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -21,14 +23,14 @@ try:
 except ImportError:  # pragma: no cover - Triton before 3.0
     pytest.skip("this Triton has no ahead-of-time compile API", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = paths.ROOT
 
 
 def compile_all(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    """``tests/triton_aot.py args`` in its own process, with an empty Triton cache (``cache``): a real compile."""
+    """``tests/helpers/triton_aot.py args`` in its own process with an empty Triton cache: a real compile."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache), PYTHONPATH=os.pathsep.join(
         [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "triton_aot.py"), *args], env=env,
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "triton_aot.py"), *args], env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -54,7 +56,7 @@ def test_a_kernel_the_compiler_refuses_fails_the_check(tmp_path):
     """The check can fail: a kernel whose block shape is not a power of two is refused by the compiler (the
     interpreter would run it)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests" / "helpers")]))
     code = (
         "import triton.language as tl, sys\n"
         "from triton_aot import compile_for\n"

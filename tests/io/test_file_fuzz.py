@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import semisparse as ss
-from resave import resave
+from helpers.resave import resave
+from helpers.tiny_registry import registry, sparse_tiny, tiny  # noqa: F401 - registry: autouse fixture
 from semisparse.io import compressed as ck
 from semisparse.io.digest import seal
 from semisparse.masking.parametrization import effective_state_dict, split_state_dict
@@ -25,7 +26,6 @@ from semisparse.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from test_file_trust import registry, sparse_tiny, tiny  # noqa: F401 - the "tiny" model registry fixture
 
 VALUES = [None, True, 0, -1, 1, 3, 2**40, -(2**63), 1.5, float("nan"), float("inf"), 1e308, "", "x", "2:4",
           "float16", [], [1, 2], [[1]], {}, {"n": 2}]  # fmt: skip

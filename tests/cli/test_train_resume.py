@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import semisparse as ss
+from helpers.datasets import write_imagefolder
 from semisparse.cli import main as cli_main
-from test_data import write_imagefolder
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import semisparse as ss
-from kernel_switch import kernels_off
+from helpers.kernel_switch import kernels_off
 from semisparse.errors import SemisparseError
 from semisparse.runtime import deploy, deployed_layers
 from semisparse.runtime.cpu import kernels

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
-from kernel_switch import kernels_off
+from helpers import paths
+from helpers.kernel_switch import kernels_off
 from semisparse.errors import SemisparseError
 from semisparse.indices import columns
 from semisparse.runtime import deploy
 from semisparse.runtime.cpu import kernels
 from semisparse.runtime.cpu.layers import condense
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(paths.SRC)
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
 
 

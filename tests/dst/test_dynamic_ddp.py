@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import semisparse as ss
-from gloo_ranks import run_ranks
+from helpers.gloo_ranks import run_ranks
 
 STEPS, DELTA = 8, 2
 

@@ -191,7 +191,7 @@ def test_weights_enum_member_alone_is_looked_up_in_the_models_enum(tmp_path, mon
 
 
 def test_skip_bad_images_trains_on_the_readable_ones_and_counts_the_rest_at_the_end(tmp_path, capsys):
-    from test_data import write_imagefolder
+    from helpers.datasets import write_imagefolder
 
     data = write_imagefolder(tmp_path / "data", per_class=2, size=16)
     (data / "train" / "a" / "1.png").write_bytes(b"damaged")

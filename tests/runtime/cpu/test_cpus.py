@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import semisparse as ss
+from helpers import paths
 from semisparse.runtime import deploy
 from semisparse.runtime.cpu import cpus, kernels
 
@@ -244,7 +245,7 @@ def test_openmp_thread_binding_does_not_shrink_the_process_to_one_cpu(env):
     if "GOMP_CPU_AFFINITY" in env:  # libgomp takes the list as given, even CPUs the process may not use
         env = {"GOMP_CPU_AFFINITY": ",".join(map(str, sorted(os.sched_getaffinity(0))))}
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+    src = str(paths.SRC)
     base["PYTHONPATH"] = os.pathsep.join([src, base.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _BOUND_PROBE], env={**base, **env}, capture_output=True,
                           text=True, timeout=120)
