@@ -5,7 +5,7 @@ for the cubin) on the CPU. The interpreter tests check what the kernels compute;
 accepts them, in the specialisations the launchers use. Run as a script in its own process
 (``TRITON_INTERPRET`` must be off when Triton is imported, and the test suite turns it on):
 
-    TRITON_INTERPRET=0 PYTHONPATH=src python tests/triton_aot.py --arch 90 [--full] [--resources]
+    TRITON_INTERPRET=0 PYTHONPATH=src python tests/helpers/triton_aot.py --arch 90 [--full] [--resources]
 
 It prints one line per kernel compiled (``--resources``: with its registers and spill bytes) and exits 1 after
 the first that fails, with the compiler's message. Checked with Triton 3.8.0 (this machine's) and 3.6.0 (the GPU

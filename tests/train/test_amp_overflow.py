@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import semisparse as ss
+from semisparse.dst import DSTSettings
 from semisparse.masking.gumbel import learned_masks
 from semisparse.train.engine import train_one_epoch
 from semisparse.train.sparsity import SparsityConfig, TrainingSparsity
@@ -95,8 +96,9 @@ def count_real_steps(opt: torch.optim.Optimizer) -> list[int]:
 def test_engine_counts_only_optimizer_steps_that_happened_for_dst(dst):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sparsity = TrainingSparsity(SparsityConfig(method="none", dst=dst, level=0.5, delta=1, t_end=1.0,
-                                               distribution="uniform", pattern="2:4" if dst == "sr-ste" else None))
+    sparsity = TrainingSparsity(SparsityConfig(method="none", dst=DSTSettings(
+        dst, sparsity=0.5, delta=1, t_end_fraction=1.0, distribution="uniform",
+        pattern="2:4" if dst == "sr-ste" else None)))
     sparsity.attach(model, opt, total_steps=10)
     real = count_real_steps(opt)
     out = train_one_epoch(model, nn.CrossEntropyLoss(), opt, loader(), scaler=overflow_scaler(), sparsity=sparsity,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import masking
+from ..dst import DSTSettings
 from ..io.files import write_json
 from ..models import create_model
 from ..runtime import deploy
@@ -162,8 +163,8 @@ class Demo:
         t0 = time.perf_counter()
         model = self.new_model()
         delta = max(1, len(self.train_loader) // 2)
-        config = SparsityConfig(method="none", pattern=None, dst=which.lower(), level=self.args.sparsity,
-                                delta=delta, t_end=0.75)  # fmt: skip
+        config = SparsityConfig(method="none", pattern=None,
+                                dst=DSTSettings(which.lower(), sparsity=self.args.sparsity, delta=delta))
         self.train(model, self.args.epochs, lr=0.05, config=config)
         self.add(f"{which} {self.args.sparsity:.0%}", model, t0)
         return model

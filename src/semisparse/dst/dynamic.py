@@ -26,38 +26,20 @@ Adam/AdamW moments: every state tensor of the weight's shape) is reset, so maske
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..errors import SemisparseError
-from ..layout import Candidate, Layout
+from ..layout import Candidate
 from ..masking.coverage import Report, build_report
 from ..masking.parametrization import Mask, attach
 from . import checks
 from .budgets import LayerBudget
-from .rules import Rule, Start
+from .rules import Rule, SparseLayer, Start
 from .schedule import UpdateSchedule
 from .selection import LayerSelection, refuse_ddp, select_layers
-
-
-@dataclass
-class SparseLayer:
-    """One weight under dynamic sparsity. ``budget``: weights it may keep; ``k0``: fan-in before ablation."""
-
-    key: str
-    module: nn.Module
-    param: str
-    layout: Layout
-    mask: Mask
-    budget: int
-    k0: int | None
-    ablate: bool
-
-    @property
-    def original(self) -> nn.Parameter:
-        return self.module.parametrizations[self.param].original
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor) -> None:

@@ -17,21 +17,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
+from torch import nn
 
-from ..layout import Candidate
-from ..masking.parametrization import Target
+from ..layout import Candidate, Layout
+from ..masking.parametrization import Mask, Target
 from ..patterns import NM, fanin_mask, nm_mask
 from . import checks, prune_grow
 from .budgets import LayerBudget, count_budgets, fanin_budgets
 from .selection import as_globs, matches
 
-if TYPE_CHECKING:
-    from .dynamic import SparseLayer
-
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class SparseLayer:
+    """One weight under dynamic sparsity. ``budget``: weights it may keep; ``k0``: fan-in before ablation."""
+
+    key: str
+    module: nn.Module
+    param: str
+    layout: Layout
+    mask: Mask
+    budget: int
+    k0: int | None
+    ablate: bool
+
+    @property
+    def original(self) -> nn.Parameter:
+        return self.module.parametrizations[self.param].original
+
 
 
 @dataclass(frozen=True)

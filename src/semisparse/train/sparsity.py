@@ -18,8 +18,7 @@ DST schedule). Masks themselves live in the model's state_dict as parametrizatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,12 +41,7 @@ CALIB_BATCHES = 16
 class SparsityConfig:
     """How a run is made sparse. ``method``: none | magnitude | gumbel | given (the masks the model already
     carries, from ``--weights``, kept fixed); ``layers``: which layers the masks take; ``dst``: dynamic
-    sparse training, a :class:`~semisparse.dst.DSTSettings` (its own layers) or None.
-
-    ``dst`` may also be given as the method's name with the ``semisparse train`` flags' spellings beside it
-    (``level``, ``delta``, ``alpha``, ``t_end`` a fraction of the run, ``distribution``, ``ablation``,
-    ``dense_layers``, ``seed``): they become a :class:`~semisparse.dst.DSTSettings` once, here, with
-    ``layers`` and ``pattern`` (for srigl / sr-ste)."""
+    sparse training, a :class:`~semisparse.dst.DSTSettings` (its own layers) or None."""
 
     method: str = "none"
     pattern: str | None = "2:4"
@@ -58,34 +52,13 @@ class SparsityConfig:
     permute: bool = False
     pad: bool = False
     layers: LayerSelection = field(default_factory=LayerSelection)
-    dst: DSTSettings | str | None = None
-    level: InitVar[float | None] = None
-    delta: InitVar[int | None] = None
-    alpha: InitVar[float | None] = None
-    t_end: InitVar[float | None] = None
-    distribution: InitVar[str | None] = None
-    ablation: InitVar[float | None] = None
-    dense_layers: InitVar[Sequence[str] | None] = None
-    seed: InitVar[int | None] = None
+    dst: DSTSettings | None = None
 
-    def __post_init__(self, level, delta, alpha, t_end, distribution, ablation, dense_layers, seed) -> None:
+    def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SemisparseError(f"unknown sparsity method {self.method!r}; expected one of {', '.join(METHODS)}")
-        flags = dict(sparsity_level=level, delta=delta, alpha=alpha, t_end=t_end, distribution=distribution,
-                     ablation=ablation, dense_layers=dense_layers, seed=seed)
-        if isinstance(self.dst, str):
-            lay = self.layers
-            flags["dense_layers"] = dense_layers or lay.dense_layers
-            self.dst = DSTSettings.from_flags(
-                self.dst, pattern=self.pattern if self.dst in ("srigl", "sr-ste") else None, include=lay.include,
-                exclude=lay.exclude, ignore_linear=lay.ignore_linear, ignore_grouped=lay.ignore_grouped, **flags,
-            )  # fmt: skip
-        elif any(v is not None for v in flags.values()):
-            given = ", ".join(k for k, v in flags.items() if v is not None)
-            raise SemisparseError(f"{given} are fields of dst=DSTSettings(...); with dst given as settings (or "
-                                  "none) pass them there")
         if self.dst is not None and not isinstance(self.dst, DSTSettings):
-            raise SemisparseError(f"dst must be a method name or DSTSettings, got {type(self.dst).__name__}")
+            raise SemisparseError(f"dst must be DSTSettings or None, got {type(self.dst).__name__}")
         refuse_masks(self.dst and self.dst.method, {"magnitude": "sparse_2x4", "gumbel": "gumbel_2x4"}.get(self.method))
         if self.prior_from is not None and self.method != "gumbel":
             raise SemisparseError("--mask-prior-from sets where learned masks start: it needs --sparsity gumbel_2x4")
