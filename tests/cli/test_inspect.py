@@ -18,7 +18,14 @@ from semisparse.io import compressed as ck
 from semisparse.masking import parametrization_of
 from semisparse.patterns import NM
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny(num_classes: int = 10) -> nn.Module:

@@ -23,7 +23,14 @@ from semisparse.layout import Layout
 from semisparse.masking import Mask, parametrization_of
 from semisparse.patterns import NM
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def small_cnn() -> nn.Module:

@@ -25,7 +25,14 @@ from semisparse.masking import parametrization_of
 from semisparse.train import run_folder
 from semisparse.train.checkpoint import atomic_save, load_checkpoint, load_training_checkpoint
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def training_checkpoint(model: nn.Module, pattern="2:4", **extra) -> dict:
