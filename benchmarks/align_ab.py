@@ -38,6 +38,40 @@ def interleaved(fns, reps):
     return [statistics.median(t) for t in ts]
 
 
+def one_layer(n: str, conv, key: str, mask, xi, reps: int) -> None:
+    """Time the three offset tables of one layer (spmm/64 and 16 KiB tiles), interleaved."""
+    layer = SparseConv(key, conv, conv.weight.detach(), mask, conv.bias)
+    g = layer._plan_geometry(1, tuple(xi.shape[2:]))
+    X = layer.prepare_input(xi, g)
+    off = g["off"].tensor()
+    aligned = (off - off % 8).contiguous()
+    wq = g["planes"][-1]
+    cs = g["c_stride"]
+    ch, rem = off // cs, off % cs
+    dy, dx = rem // wq, rem % wq
+    rows8 = (ch * cs + dy * (-(-wq // 8) * 8) + dx).to(torch.int32).contiguous()
+    rows8 = torch.minimum(rows8, off.max().expand_as(rows8)).contiguous()  # stay inside X
+    W = layer._kvalues()
+    orow = layer._tables()["orow"]
+    full = g["plane"]
+    Y = torch.empty(layer.out_channels * full)
+    channel = (off // cs).long()
+    for setting in ("spmm64", "tiled16K"):
+        fns = []
+        for o in (off, aligned, rows8):
+            if setting == "spmm64":
+                fns.append(lambda o=o: kernels.spmm(X, W, o, None, orow, Y, g["P"], full, 64, 64))
+            else:
+                span = 3 * (64 + 2) * 4  # three rows of a 64-block per channel (roughly the planner's span)
+                Wt, ot, seg = kernels.tile(W, o, channel, max(1, 16 * 1024 // span))
+                fns.append(lambda Wt=Wt, ot=ot, seg=seg: kernels.spmm_tiled(X, Wt, ot, seg, None, orow, Y,
+                                                                            g["P"], full, 64, 64))
+        t = interleaved(fns, reps)
+        shape = f"{layer.in_channels}->{layer.out_channels} {tuple(xi.shape[2:])}"
+        print(f"{n:16s} {shape:24s} {W.shape[1]:4d} {setting:10s} {t[0] * 1e3:8.3f} {t[1] * 1e3:8.3f} "
+              f"{t[2] * 1e3:8.3f} {t[0] / t[1]:7.2f} {t[0] / t[2]:10.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -62,40 +96,8 @@ def main(argv=None) -> int:
     print(f"{'layer':16s} {'shape':24s} {'k':>4s} {'setting':10s} {'real ms':>8s} {'aligned':>8s} {'rows8':>8s} "
           f"{'real/al':>7s} {'real/rows8':>10s}")
     for n in args.layers:
-        conv = mods[n]
         key = next(k for k in masks if k.startswith(n + "."))
-        layer = SparseConv(key, conv, conv.weight.detach(), masks[key], conv.bias)
-        xi = inputs[n]
-        g = layer._plan_geometry(1, tuple(xi.shape[2:]))
-        X = layer.prepare_input(xi, g)
-        off = g["off"].tensor()
-        aligned = (off - off % 8).contiguous()
-        wq = g["planes"][-1]
-        tap_rows = off  # (c) drop the row part's misalignment: off = c*cs + dy*Wq + dx -> c*cs + dy*ceil8(Wq) + dx
-        cs = g["c_stride"]
-        ch, rem = off // cs, off % cs
-        dy, dx = rem // wq, rem % wq
-        rows8 = (ch * cs + dy * (-(-wq // 8) * 8) + dx).to(torch.int32).contiguous()
-        rows8 = torch.minimum(rows8, off.max().expand_as(rows8)).contiguous()  # stay inside X
-        W = layer._kvalues()
-        orow = layer._tables()["orow"]
-        full = g["plane"]
-        Y = torch.empty(layer.out_channels * full)
-        channel = (off // cs).long()
-        for setting in ("spmm64", "tiled16K"):
-            fns = []
-            for o in (off, aligned, rows8):
-                if setting == "spmm64":
-                    fns.append(lambda o=o: kernels.spmm(X, W, o, None, orow, Y, g["P"], full, 64, 64))
-                else:
-                    span = 3 * (64 + 2) * 4  # three rows of a 64-block per channel (roughly the planner's span)
-                    Wt, ot, seg = kernels.tile(W, o, channel, max(1, 16 * 1024 // span))
-                    fns.append(lambda Wt=Wt, ot=ot, seg=seg: kernels.spmm_tiled(X, Wt, ot, seg, None, orow, Y,
-                                                                                g["P"], full, 64, 64))
-            t = interleaved(fns, args.reps)
-            shape = f"{layer.in_channels}->{layer.out_channels} {tuple(xi.shape[2:])}"
-            print(f"{n:16s} {shape:24s} {W.shape[1]:4d} {setting:10s} {t[0] * 1e3:8.3f} {t[1] * 1e3:8.3f} "
-                  f"{t[2] * 1e3:8.3f} {t[0] / t[1]:7.2f} {t[0] / t[2]:10.2f}", flush=True)
+        one_layer(n, mods[n], key, masks[key], inputs[n], args.reps)
     print(f"load after {os.getloadavg()[0]:.2f}")
     return 0
 
