@@ -41,6 +41,28 @@ def test_spmm_matches_reference_for_every_tail(P, PB, wide):
 
 
 @needs_kernels
+@pytest.mark.parametrize("P", [33, 40, 41, 48, 49, 56, 57, 113])
+@pytest.mark.parametrize("PB", [40, 48, 56, 64])
+def test_spmm_narrow_rows_write_only_their_positions(P, PB):
+    """Blocks of 33-56 positions (a 7x7 plane's 49) run 5-7 vectors instead of 8: the same sums as the
+    reference, in both output layouts, and nothing written past a block's positions."""
+    rows, K, k = 11, 30, 9
+    W, idx = _problem(rows, K, k, seed=5)
+    X = torch.randn(-(-P // PB) * K * PB + kernels.BLOCK)
+    off = kernels.offsets(idx, torch.arange(K, dtype=torch.int64) * PB, torch.zeros(rows, dtype=torch.int64))
+    bias, orow = torch.randn(rows), torch.arange(rows)
+    for ldp in (1, rows):
+        ldy = P + 3 if ldp == 1 else 1  # three sentinel columns after each row's P positions
+        got = torch.full((rows * (P + 3),), 7.0)
+        want = got.clone()
+        kernels.spmm(X, W, off, bias, orow, got, P, ldy, PB, K * PB, ldp=ldp)
+        kernels.spmm_reference(X, W, off, bias, orow, want, P, ldy, PB, K * PB, ldp=ldp)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if ldp == 1:
+            assert bool((got.view(rows, P + 3)[:, P:] == 7.0).all())
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 7])
 @pytest.mark.parametrize("P", [5, 32, 45, 200])
 def test_spmm_row_pairs_match_reference(rows, P):
