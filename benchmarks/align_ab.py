@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from semisparse.cli.bench import srigl_like_masks
-from semisparse.deploy import kernels
-from semisparse.deploy.condensed import SparseConv
+from semisparse.cli.bench_common import srigl_like_masks
 from semisparse.models import create_model
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.layers import SparseConv
 
 
 def interleaved(fns, reps):

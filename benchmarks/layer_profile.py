@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from semisparse import deploy, sparsify
-from semisparse.cli.bench import srigl_like_masks
-from semisparse.deploy.condensed import SparseConv, SparseLinear, deployed_layers
+from semisparse.cli.bench_common import srigl_like_masks
 from semisparse.models import create_model
+from semisparse.runtime.cpu.layers import SparseConv, SparseLinear, deployed_layers
 
 
 def interleaved(fns, reps, warmup=3):
@@ -46,7 +46,7 @@ def ort_layer(mod, x, threads):
 
     import onnxruntime as ort
 
-    from semisparse.deploy.onnx_export import export_onnx
+    from semisparse.io.onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "layer.onnx")

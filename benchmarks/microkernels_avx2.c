@@ -2,7 +2,7 @@
  * run), a 2:4 kernel that selects the kept input of each group of 4 in registers (vpermilps, weights vectorised over
  * 8 output channels), and the current broadcast-weight row64 SpMM row of condensed.c. Alternated, best of 40.
  *   cd benchmarks && gcc -O3 -march=haswell -mtune=native -fopenmp microkernels_avx2.c -o /tmp/mk && taskset -c 1 /tmp/mk */
-#include "../src/semisparse/deploy/kernels/condensed.c"
+#include "../src/semisparse/runtime/cpu/kernels/condensed.c"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>

@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from semisparse.cli.bench import srigl_like_masks
-from semisparse.deploy import kernels
-from semisparse.deploy.condensed import SparseConv
+from semisparse.cli.bench_common import srigl_like_masks
 from semisparse.models import create_model
+from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.kernels import binding
+from semisparse.runtime.cpu.layers import SparseConv
 
 LAYERS = ["layer4.0.conv3", "layer4.1.conv1", "layer4.1.conv3", "layer4.2.conv1", "layer4.0.downsample.0"]
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     libs = [ctypes.CDLL(path) for path in args.libs]
     for lib in libs:
-        kernels._bind(lib)
+        binding._bind(lib)
     torch.manual_seed(0)
     model = create_model("resnet50").eval()
     masks = srigl_like_masks(model, 0.9, 0.1)
