@@ -1,4 +1,4 @@
-"""Files a user can trust (issue 12, phase 2): every read checks a digest, a failed load changes nothing, a
+"""Files a user can trust: every read checks a digest, a failed load changes nothing, a
 file's header cannot make a load open another file or allocate more than its tensors, load errors are one line.
 """
 

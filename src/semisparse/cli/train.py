@@ -5,9 +5,10 @@ Reads top to bottom like torchvision's ``train.py``: ``get_args_parser()`` (one 
 inapplicable flags are one-line errors: no flag is parsed and silently ignored), ``setup`` (data, model,
 sparsity, optimizer, schedule, EMA, resume: nothing is written yet), ``main`` (train or ``--test-only``).
 
-Two deliberate changes from the masking seed's ``train_sparse.py``: ``--sparsity sparse_2x4`` is
+Two deliberate changes from the masking paper's ``train_sparse.py``: ``--sparsity sparse_2x4`` is
 magnitude 2:4 with masks fixed at the start (from ``--weights`` when given: ASP's prune once, retrain);
-and Linear layers are sparsified by default (``--ignore-linear`` restores the seed's behaviour;
+and Linear layers are sparsified by default (``--ignore-linear`` restores the
+scripts' behaviour;
 ``--override-ignore-linear`` is accepted and does nothing more).
 """
 
@@ -141,9 +142,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
       "sparsegpt also starts from its reconstructed weights) (default: magnitude)")
     a("--aug-for-2x4", action="store_true", help="make convs whose channels are not a multiple of M N:M along "
       "kernel taps (padded)")
-    a("--ignore-linear", action="store_true", help="keep Linear layers dense (the seed's default)")
-    a("--override-ignore-linear", action="store_true", help="accepted for the seed's scripts: Linear layers are "
-      "sparsified by default")
+    a("--ignore-linear", action="store_true", help="keep Linear layers dense (the masking paper's scripts' default)")
+    a("--override-ignore-linear", action="store_true",
+      help="accepted for the masking paper's scripts: Linear layers are sparsified by default")
     a("--ignore-grouped", action="store_true", help="keep grouped convolutions dense")
     a("--apex-permutation", "--permute", action="store_true", dest="permute",
       help="channel permutation before N:M pruning (semisparse's own, no Apex)")
