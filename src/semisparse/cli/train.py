@@ -7,8 +7,7 @@ sparsity, optimizer, schedule, EMA, resume: nothing is written yet), ``main`` (t
 
 Two deliberate changes from the masking paper's ``train_sparse.py``: ``--sparsity sparse_2x4`` is
 magnitude 2:4 with masks fixed at the start (from ``--weights`` when given: ASP's prune once, retrain);
-and Linear layers are sparsified by default (``--ignore-linear`` restores the
-scripts' behaviour;
+and Linear layers are sparsified by default (``--ignore-linear`` restores the scripts' behaviour;
 ``--override-ignore-linear`` is accepted and does nothing more).
 """
 
