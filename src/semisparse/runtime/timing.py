@@ -78,17 +78,21 @@ def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup:
 
 
 def blocked_medians(fns: list[Callable[[], object]], reps: int = 200, rounds: int = 10,
-                    warmup: int = 5) -> list[float]:
+                    warmup: int = 5, settle_s: float = 0.0) -> list[float]:
     """Median seconds per call of each of ``fns``, called back to back in blocks (warm caches).
 
     Each of ``rounds`` rounds runs every fn ``reps // rounds`` times in a row (the way ``timeit`` and
     ``torch.utils.benchmark`` time a statement: its data stays in cache between calls); the blocks of the
-    candidates alternate, so drift of the machine hits all of them alike.
+    candidates alternate, so drift of the machine hits all of them alike. ``settle_s``: a pause before each
+    block, so that thread pools of the fn before (OpenMP, onnxruntime) stop spinning and do not take the
+    CPUs from this one, as they would not in a process running one runtime.
     """
     per = max(1, reps // rounds)
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
+            if settle_s > 0:
+                time.sleep(settle_s)
             for _ in range(warmup):
                 fn()
             for _ in range(per):
