@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=40, help="interleaved repetitions (median) at batch 1")
     p.add_argument("--reps-batched", type=int, default=12, help="interleaved repetitions at batch > 1")
     p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--patterns", nargs="*", choices=("fan-in", "2:4"), default=["fan-in", "2:4"])
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="resnet18 at 64x64, 3 reps: checks the pipeline only")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(SIMD {info['simd_bits']} bit), load avg {info['load_before']}", flush=True)
     rows = []
     for name in args.models:
-        for pattern in ("fan-in", "2:4"):
+        for pattern in args.patterns:
             for b in args.batch:
                 reps = args.reps if b == 1 else args.reps_batched
                 row = bench.bench_model(name, args.sparsity, b, reps, "srigl", 0.1, args.image_size, pattern,
