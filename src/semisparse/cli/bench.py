@@ -259,7 +259,7 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         others = others_busy(before, load_sample())
         # Each runtime alone, back to back in blocks (its thread pool never hands over to another's between
         # calls): the interleaved figures include that hand-over; these show what it costs.
-        blocked = [1e3 * t for t in blocked_medians([lambda: dep(x), *(a.fn for a in runtimes)], max(5, reps // 2),
+        blocked = [1e3 * t for t in blocked_medians([lambda: dep(x), *(a.fn for a in runtimes)], max(10, reps),
                                                     rounds=5, warmup=2, settle_s=0.5)] if blocked_too else None
     t_folded, t_dense_dep, t_dep = times[:3]
     anchor_ms = {a.name: times[3 + i] for i, a in enumerate(runtimes)}
