@@ -29,3 +29,22 @@ def test_demo_prints_the_table_and_writes_report_and_plots(tmp_path, capsys):
     assert rows["SRigL 90%, deployed"]["latency_ratio"] > 0
     assert "on the same thread sizing; load avg " in text and "CPUs available" in report["load"]  # conditions
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "density.png").stat().st_size > 1000
+
+
+def test_the_speed_section_times_onnxruntime_and_the_deployed_model_each_alone():
+    import pytest
+    import torch
+    from torch import nn
+
+    import semisparse as ss
+    from semisparse.cli.demo import runtime_alone, runtime_line
+
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    ss.sparsify(model, 0.75)
+    x = torch.randn(1, 3, 8, 8)
+    got = runtime_alone(model, ss.deploy(model, example_input=x, plan="condensed"), x)
+    assert got["onnxruntime_ms"] > 0 and got["deployed_alone_ms"] > 0
+    assert got["vs_onnxruntime"] == pytest.approx(got["onnxruntime_ms"] / got["deployed_alone_ms"])
+    assert runtime_line(got).startswith("against onnxruntime (dense, each alone in blocks): onnxruntime ")

@@ -29,7 +29,7 @@ from ..io.files import write_json
 from ..models import create_model
 from ..runtime import deploy
 from ..runtime.cpu import cpus
-from ..runtime.timing import interleaved_medians
+from ..runtime.timing import blocked_medians, interleaved_medians
 from ..train import (
     SparsityConfig,
     TrainingSparsity,
@@ -40,6 +40,7 @@ from ..train import (
     load_data,
     make_loaders,
 )
+from .anchors import dense_anchors
 from .bench import available_cpus, footnotes, load_sample, loaded, marks, others_busy
 
 
@@ -228,11 +229,32 @@ def speed_section(name: str, sparsity: float, quiet: bool) -> dict:
               "max_rel_err": err, "flop_limit": limit, "above_limit": dense_ms / fast_ms > limit * 1.02,
               "others_busy_cpus": others, "loaded": loaded(others, torch.get_num_threads()),
               "load": load_line()}  # fmt: skip
+    result.update(runtime_alone(sparse, deployed, x))
     if not quiet:
         print(f"  {name} at {sparsity:.0%} constant fan-in, batch 1: dense {dense_ms:.1f} ms, deployed "
               f"{fast_ms:.1f} ms -> {dense_ms / fast_ms:.2f}x{marks(result)} (planned in {plan_s:.1f} s; "
               f"{result['load']})", flush=True)  # fmt: skip
+        if "onnxruntime_ms" in result:
+            print(f"  {runtime_line(result)}", flush=True)
     return result
+
+
+def runtime_alone(masked: nn.Module, deployed: nn.Module, x: torch.Tensor) -> dict:
+    """The masked model in onnxruntime (the dense runtime a CPU model is served with) and the deployed model,
+    each alone in blocks after a pause (onnxruntime's spinning threads would slow a call made right after
+    its own); empty when onnxruntime is not installed or cannot run the model."""
+    anchors, _ = dense_anchors(masked, x, torch.get_num_threads(), runtimes=("onnxruntime",))
+    if not anchors:
+        return {}
+    with torch.inference_mode():
+        dep_s, ort_s = blocked_medians([functools.partial(_fitted, deployed, x), anchors[0].fn], 20, rounds=5,
+                                       warmup=2, settle_s=0.5)
+    return {"onnxruntime_ms": 1e3 * ort_s, "deployed_alone_ms": 1e3 * dep_s, "vs_onnxruntime": ort_s / dep_s}
+
+
+def runtime_line(speed: dict) -> str:
+    return (f"against onnxruntime (dense, each alone in blocks): onnxruntime {speed['onnxruntime_ms']:.1f} ms, "
+            f"deployed {speed['deployed_alone_ms']:.1f} ms -> {speed['vs_onnxruntime']:.2f}x")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -347,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
               f"threads (dense given the same thread sizing): dense {speed['dense_ms']:.1f} ms, deployed "
               f"{speed['deployed_ms']:.1f} ms ({speed['speedup']:.2f}x{marks(speed)}, FLOP limit "
               f"{speed['flop_limit']:.2f}x; {speed['load']})")  # fmt: skip
+        if "onnxruntime_ms" in speed:
+            print(runtime_line(speed))
         for line in footnotes([dict(speed, kind="model")]):
             print(line)
     report = {
