@@ -12,20 +12,12 @@ import torch
 from torch import nn
 
 import semisparse as ss
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread here
 from semisparse import models
 from semisparse.cli import main as cli
 from semisparse.io import compressed as ck
 from semisparse.masking import parametrization_of
 from semisparse.patterns import NM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(num_classes: int = 10) -> nn.Module:

@@ -16,21 +16,13 @@ from torch import nn
 
 import semisparse as ss
 from helpers.resave import resave
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread here
 from semisparse import models
 from semisparse.io import codec
 from semisparse.io import compressed as ck
 from semisparse.layout import Layout
 from semisparse.masking import Mask, parametrization_of
 from semisparse.patterns import NM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_cnn() -> nn.Module:

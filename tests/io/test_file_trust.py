@@ -16,6 +16,7 @@ from torch import nn
 
 import semisparse as ss
 from helpers.resave import resave
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread here
 from helpers.tiny_registry import BUILT_ON, registry, sparse_tiny, tiny  # noqa: F401 - registry: autouse fixture
 from semisparse import models
 from semisparse.cli import main as cli
@@ -24,15 +25,6 @@ from semisparse.io import files as io_files
 from semisparse.masking import parametrization_of
 from semisparse.train import run_folder
 from semisparse.train.checkpoint import atomic_save, load_checkpoint, load_training_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster and steadier; the count is given back for the modules after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def training_checkpoint(model: nn.Module, pattern="2:4", **extra) -> dict:
