@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -24,18 +22,12 @@ from semisparse.cli.bench_common import srigl_like_masks
 from semisparse.models import create_model
 from semisparse.runtime.cpu import kernels
 from semisparse.runtime.cpu.layers import SparseConv
+from semisparse.runtime.timing import interleaved_medians
 
 
 def interleaved(fns, reps):
-    for f in fns:
-        f()
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            ts[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in ts]
+    """Medians of ``fns`` called in turn, in a fixed order, one warm-up each (no time budget)."""
+    return interleaved_medians(fns, reps, warmup=1, budget_s=float("inf"), shuffle=False)
 
 
 def one_layer(n: str, conv, key: str, mask, xi, reps: int) -> None:

@@ -14,7 +14,6 @@ import argparse
 import copy
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -25,19 +24,12 @@ from semisparse import deploy, sparsify
 from semisparse.cli.bench_common import srigl_like_masks
 from semisparse.models import create_model
 from semisparse.runtime.cpu.layers import SparseConv, SparseLinear, deployed_layers
+from semisparse.runtime.timing import interleaved_medians
 
 
 def interleaved(fns, reps, warmup=3):
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            ts[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in ts]
+    """Medians of ``fns`` called in turn, in a fixed order (no time budget)."""
+    return interleaved_medians(fns, reps, warmup=warmup, budget_s=float("inf"), shuffle=False)
 
 
 def ort_layer(mod, x, threads):

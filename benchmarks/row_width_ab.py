@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -22,6 +20,7 @@ from semisparse.models import create_model
 from semisparse.runtime.cpu import kernels
 from semisparse.runtime.cpu.kernels import binding
 from semisparse.runtime.cpu.layers import SparseConv
+from semisparse.runtime.timing import interleaved_medians
 
 LAYERS = ["layer4.0.conv3", "layer4.1.conv1", "layer4.1.conv3", "layer4.2.conv1", "layer4.0.downsample.0"]
 
@@ -41,15 +40,7 @@ def one_layer(n: str, conv, key: str, mask, xi, libs, threads: int, reps: int) -
            for lib, Y in zip(libs, ys)]
     for lib in libs:
         lib.ss_sync_threads(threads)
-    ts = [[] for _ in fns]
-    for f in fns:
-        f()
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            ts[i].append(time.perf_counter() - t0)
-    t = [statistics.median(v) for v in ts]
+    t = interleaved_medians(fns, reps, warmup=1, budget_s=float("inf"), shuffle=False)
     same = torch.equal(ys[0], ys[1])
     print(f"{n:24s} P={g['P']:4d} rows {rows:5d} k {k:4d}  old {t[0] * 1e3:7.3f} ms  new {t[1] * 1e3:7.3f} ms  "
           f"old/new {t[0] / t[1]:5.2f}  bitwise equal {same}", flush=True)
