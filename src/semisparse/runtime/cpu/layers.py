@@ -164,6 +164,19 @@ class _Condensed(nn.Module):
         self.path = ""  # which kernel (and setting) the planner chose, e.g. "gemv/gather", "spmm/64"
         self._macs = None
 
+    def _opening(self, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """What every forward starts with: whether the condensed path runs (not while a graph is recorded; the
+        stored values re-checked), and the output where the call is answered here already (under CPU autocast,
+        or bf16 inputs the kernels take: fp32 inside, the input's dtype out)."""
+        if torch.is_autocast_enabled("cpu") and x.is_cpu:
+            return False, self._autocast_forward(x)
+        condensed = self.mode == "condensed" and not _recording_a_graph()
+        if condensed:
+            self._fresh()
+            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
+                return True, self.forward(x.float()).to(torch.bfloat16)
+        return condensed, None
+
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Under CPU autocast, ``nn.Linear``/``ConvNd`` return the autocast dtype: the layer runs in fp32 (its
         values' dtype; as exact as the masked model's low-precision product, or more) with autocast off, and
@@ -418,13 +431,9 @@ class SparseLinear(_Condensed):
                 for t in (False, True) for w, p in ((64, False), (32, False), (32, True))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu") and x.is_cpu:
-            return self._autocast_forward(x)
-        condensed = self.mode == "condensed" and not _recording_a_graph()
-        if condensed:
-            self._fresh()
-            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
-                return self.forward(x.float()).to(torch.bfloat16)
+        condensed, done = self._opening(x)
+        if done is not None:
+            return done
         bound = self.__dict__.get("_bound_gemv")
         if bound is not None and condensed and x.dim() == 2 and x.shape[0] == 1 and (
                 x.shape[1] == self.in_features and x.dtype == torch.float32 and x.is_cpu and not x.requires_grad
@@ -620,13 +629,9 @@ class SparseConv(_Condensed):
         return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu") and x.is_cpu:
-            return self._autocast_forward(x)
-        condensed = self.mode == "condensed" and not _recording_a_graph()
-        if condensed:
-            self._fresh()
-            if x.dtype == torch.bfloat16 and self._kernel_takes(x):  # bf16 values, fp32 accumulation
-                return self.forward(x.float()).to(torch.bfloat16)
+        condensed, done = self._opening(x)
+        if done is not None:
+            return done
         fast = self.__dict__.get("_fast_conv")
         if fast is not None and condensed and x.shape == fast[0] and x.dtype == torch.float32 and x.is_cpu and (
                 not x.requires_grad and x.is_contiguous()):  # fmt: skip
