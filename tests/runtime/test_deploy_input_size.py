@@ -22,7 +22,7 @@ def _net() -> nn.Module:
 
 
 def _quick(monkeypatch):
-    def first_wins(fns, reps=20, warmup=2, budget_s=1.0):  # the planner's timing, none of its cost
+    def first_wins(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5):  # the planner's timing, none of its cost
         for fn in fns:
             fn()
         return [1.0 + i for i in range(len(fns))]

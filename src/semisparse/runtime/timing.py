@@ -49,8 +49,9 @@ def capture_inputs(model: nn.Module, example_input, modules: list[tuple[str, nn.
 
 
 def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup: int = 2,
-                        budget_s: float = 1.0, shuffle: bool = True) -> list[float]:
-    """Median seconds of each of ``fns``, timed in turn within every repetition.
+                        budget_s: float = 1.0, shuffle: bool = True, min_reps: int = 5) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn within every repetition: ``reps`` repetitions, or fewer
+    (not under ``min_reps``) once they took more than ``budget_s`` per fn.
 
     Interleaving makes the comparison fair on a machine whose speed drifts (shared cores, turbo, other
     tenants): a slow spell hits every candidate alike instead of whichever ran then. ``shuffle``: each
@@ -72,7 +73,7 @@ def interleaved_medians(fns: list[Callable[[], object]], reps: int = 20, warmup:
             t = time.perf_counter()
             fns[i]()
             times[i].append(time.perf_counter() - t)
-        if len(times[0]) >= 5 and time.perf_counter() - start > budget_s * len(fns):
+        if len(times[0]) >= min_reps and time.perf_counter() - start > budget_s * len(fns):
             break
     return [statistics.median(t) for t in times]
 

@@ -92,7 +92,7 @@ def test_planner_keeps_the_faster_pooling_and_reports_it(monkeypatch):
     dep = deploy(model, plan="condensed")
     calls = []
 
-    def fake_times(fns, reps=20, warmup=2, budget_s=1.0):  # first pooling: kernel slower; second: faster
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5):  # first pooling: kernel slower; second: faster
         calls.append(1)
         for fn in fns:
             fn()

@@ -44,6 +44,10 @@ def setting_name(v: dict) -> str:
     return ",".join(parts)
 
 
+#: Fewest calls per candidate and round once a round's time budget is spent: long calls (batch 32: 10-100 ms
+#: a layer) vary little from call to call, and the rounds still take their median.
+_MIN_REPS = 3
+
 #: Attributes where a condensed layer keeps its kernel call bound to its tensors (built on first call).
 _BINDINGS = ("_bound_gemv", "_fast_conv")
 
@@ -69,14 +73,17 @@ def candidate(layer: nn.Module, mode: str, v: dict, x: torch.Tensor) -> Callable
 
 
 def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5, rounds: int = 3,
-                max_rounds: int = 7) -> None:
+                max_rounds: int = 7, prune: float | None = 1.25) -> None:
     """Time every condensed layer both ways on its real input and keep the faster mode.
 
     The candidates are timed call by call interleaved (:func:`interleaved_medians`) in ``rounds`` rounds; each
-    candidate's time is its median over the rounds, and the faster of the best dense and the best condensed is
-    kept. Each round also gives a ratio (best dense over best condensed); where the rounds disagree (some say
-    dense, some condensed), two more rounds are run, up to ``max_rounds``: a choice a busy machine could flip
-    is measured longer. ``layer.figures`` records the ratio against torch's own layer, the spread of the
+    candidate's time is its median over the rounds it ran in, and the faster of the best dense and the best
+    condensed is kept. Each round also gives a ratio (best dense over best condensed); where the rounds disagree
+    (some say dense, some condensed), two more rounds are run, up to ``max_rounds``: a choice a busy machine
+    could flip is measured longer. ``prune``: after the first round only the two fastest candidates of each side
+    (dense, condensed) are timed again, the second only if within this factor of the first (None: every
+    candidate every round): the later rounds decide between close candidates at half the cost, which with
+    fewer calls per round for long calls halves planning at batch 32. ``layer.figures`` records the ratio against torch's own layer, the spread of the
     rounds' ratios (``[lowest, highest]``) and whether every round agreed (``sure``)."""
     inputs = capture_inputs(model, example_input)
     with torch.no_grad():
@@ -94,17 +101,15 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             fns = [candidate(layer, "dense", v, x) for v in dense_vs] + \
                 [candidate(layer, "condensed", v, x) for v in sparse_vs]
             nd = len(dense_vs)
-            per_round: list[list[float]] = []
-            more = rounds
-            while more > 0:
-                for _ in range(min(more, max(rounds, max_rounds) - len(per_round))):
-                    per_round.append(interleaved_medians(fns, reps, budget_s=budget_s / rounds))
-                more = 2 if len(per_round) < max_rounds and not _agree(per_round, nd) else 0
-            medians = [statistics.median(r[i] for r in per_round) for i in range(len(fns))]
-            ratios = [min(r[:nd]) / max(min(r[nd:]), 1e-12) for r in per_round]
-            t_torch = medians[0]  # torch's own layer: the reference every ratio is against
-            t_dense, dense_best = min(zip(medians[:nd], dense_vs), key=lambda tv: tv[0])
-            t_sparse, best = min(zip(medians[nd:], sparse_vs), key=lambda tv: tv[0])
+            per_round = _timed_rounds(fns, nd, reps, budget_s / rounds, rounds, max_rounds, prune)
+            # a candidate left out after the first round has one figure, not a median over rounds: it cannot win
+            medians = {i: statistics.median(r[i] for r in per_round) for i in per_round[-1]}
+            ratios = [_side_best(r, nd, True) / max(_side_best(r, nd, False), 1e-12) for r in per_round]
+            t_torch = statistics.median(r[0] for r in per_round if 0 in r)  # the reference every ratio is against
+            i_dense = min((i for i in medians if i < nd), key=medians.__getitem__)
+            i_sparse = min((i for i in medians if i >= nd), key=medians.__getitem__)
+            t_dense, dense_best = medians[i_dense], dense_vs[i_dense]
+            t_sparse, best = medians[i_sparse], sparse_vs[i_sparse - nd]
             layer.set_mode("condensed")
             layer.use_variant(best)
             path = ""
@@ -118,16 +123,48 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             layer.figures = {"dense_us": round(t_torch * 1e6, 1), "sparse_us": round(t_sparse * 1e6, 1),
                              "ratio": round(t_torch / max(t_sparse, 1e-12), 2),
                              "spread": [round(min(ratios), 2), round(max(ratios), 2)],
-                             "sure": _agree(per_round, nd), "rounds": len(per_round)}
+                             "sure": _agree(per_round, nd), "rounds": len(per_round),
+                             "timed": [len(r) for r in per_round]}
             if nd > 1:
                 layer.figures["dense_best_us"] = round(t_dense * 1e6, 1)
             layer.use_variant(dense_best)  # what dense mode runs, now or if the whole-model check reverts
             layer.set_mode("condensed" if t_sparse < t_dense else "dense")
 
 
-def _agree(per_round: list[list[float]], nd: int) -> bool:
+def _timed_rounds(fns: list[Callable[[], object]], nd: int, reps: int, budget_s: float, rounds: int,
+                  max_rounds: int, prune: float | None) -> list[dict[int, float]]:
+    """Rounds of interleaved medians, ``{candidate index: seconds}`` each: the first round times every candidate
+    (two warm-up calls each: binding, caches), later ones the two fastest of each side (dense, condensed) in the
+    first round, the second only if within ``prune`` of the first (one warm-up call each: the bindings are kept),
+    until ``rounds`` rounds agree on a side or ``max_rounds`` were run."""
+    first = interleaved_medians(fns, reps, budget_s=budget_s, min_reps=_MIN_REPS)
+    per_round = [dict(enumerate(first))]
+    keep = list(range(len(fns)))
+    if prune is not None:
+        keep = []
+        for side in (range(nd), range(nd, len(fns))):
+            ranked = sorted(side, key=first.__getitem__)
+            keep += [i for i in ranked[:2] if first[i] <= prune * first[ranked[0]]]
+        keep.sort()
+    more = rounds - 1
+    while True:
+        for _ in range(min(more, max(rounds, max_rounds) - len(per_round))):
+            got = interleaved_medians([fns[i] for i in keep], reps, warmup=1, budget_s=budget_s,
+                                      min_reps=_MIN_REPS)
+            per_round.append(dict(zip(keep, got)))
+        if len(per_round) >= max_rounds or _agree(per_round, nd):
+            return per_round
+        more = 2
+
+
+def _side_best(r: dict[int, float], nd: int, dense: bool) -> float:
+    """The fastest dense (``dense``) or condensed candidate of one round."""
+    return min(t for i, t in r.items() if (i < nd) == dense)
+
+
+def _agree(per_round: list[dict[int, float]], nd: int) -> bool:
     """Whether every round picked the same side (dense or condensed)."""
-    sides = {min(r[:nd]) <= min(r[nd:]) for r in per_round}
+    sides = {_side_best(r, nd, True) <= _side_best(r, nd, False) for r in per_round}
     return len(sides) <= 1
 
 
@@ -195,7 +232,7 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
             restore()
             return run(model, example_input)
 
-        t_d, t_s = interleaved_medians([dense, deployed], reps, budget_s=budget_s)
+        t_d, t_s = interleaved_medians([dense, deployed], reps, budget_s=budget_s, min_reps=_MIN_REPS)
         restore()
         return t_d, t_s
 
@@ -266,7 +303,7 @@ def _channels_last_check(model: nn.Module, example_input, lays: list, pools: lis
     cl = cl.to(memory_format=torch.channels_last)
     xc = example_input.contiguous(memory_format=torch.channels_last)
     t_cl, t_dep = interleaved_medians([functools.partial(cl, xc), lambda: run(model, example_input)], reps,
-                                      budget_s=budget_s)
+                                      budget_s=budget_s, min_reps=_MIN_REPS)
     if t_cl >= t_dep:
         return t_cl, t_dep, False
     for _, m in lays:

@@ -1,0 +1,98 @@
+"""How long ``ss.deploy``'s measuring planner takes, and whether leaving out candidates far behind after the
+first round (``plan_layers(prune=1.25)``, the default) changes what it plans.
+
+ResNet-50 at SRigL-like 90% constant fan-in (the anchors' masks), 2 threads: the model deployed twice in one
+process, once timing every candidate in every round (``prune=None``, the planner before) and once with the
+default, in alternating order over ``--repeats``; prints each planning time, the layers kept condensed and where
+the two plans differ, then both deployed models timed interleaved call by call and each alone in blocks after a
+pause. ``--smoke``: ResNet-18 at 64x64.
+
+    PYTHONPATH=src python benchmarks/plan_time.py --batch 1
+    PYTHONPATH=src python benchmarks/plan_time.py --batch 32 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import torch
+
+import semisparse as ss
+from semisparse.cli.bench_common import srigl_like_masks
+from semisparse.masking.parametrization import sparse_weights
+from semisparse.models import create_model
+from semisparse.runtime import deployed_layers
+from semisparse.runtime.cpu import build, planner
+from semisparse.runtime.timing import blocked_medians, interleaved_medians
+
+
+def deploy_with(model, x, prune):
+    """``ss.deploy`` with the planner's ``prune`` set; returns the model and the planning seconds."""
+    real = build.plan_layers
+    build.plan_layers = functools.partial(planner.plan_layers, prune=prune)
+    try:
+        t = time.perf_counter()
+        dep = ss.deploy(model, example_input=x)
+        return dep, time.perf_counter() - t
+    finally:
+        build.plan_layers = real
+
+
+def choices(dep, keys: list[str]) -> dict[str, str]:
+    """Each masked weight's form: its kernel setting, "dense", or "torch" (kept dense as torch's own module)."""
+    got = {m.key: (m.path if m.mode == "condensed" else "dense") for _, m in deployed_layers(dep)}
+    return {k: got.get(k, "torch") for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="plans per setting, alternating which goes first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    name, size = ("resnet18", 64) if args.smoke else (args.model, 224)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = create_model(name).eval()
+    ss.sparsify(model, None, masks=srigl_like_masks(model, 0.9, 0.1))
+    x = torch.randn(args.batch, 3, size, size)
+    keys = [sw.key for sw in sparse_weights(model)]
+    print(f"{name} {args.batch}x3x{size}x{size}, fan-in 0.9, {args.threads} threads, load {os.getloadavg()}",
+          flush=True)
+    runs: list[dict] = []
+    deployed = {}
+    for r in range(args.repeats):
+        for prune in ((None, 1.25) if r % 2 == 0 else (1.25, None)):
+            dep, secs = deploy_with(model, x, prune)
+            ch = choices(dep, keys)
+            n = sum(v not in ("dense", "torch") for v in ch.values())
+            runs.append({"prune": prune, "plan_s": round(secs, 1), "condensed": n, "layers": len(ch), "choices": ch})
+            deployed[prune] = dep
+            print(f"prune={prune}: planned in {secs:.1f} s, {n}/{len(ch)} condensed, load {os.getloadavg()[0]:.2f}",
+                  flush=True)
+    a, b = runs[-2]["choices"], runs[-1]["choices"]
+    differ = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    print(f"last two plans differ on {len(differ)} layers: {differ}")
+    with torch.no_grad():
+        fns = [functools.partial(deployed[None], x), functools.partial(deployed[1.25], x)]
+        reps = 6 if args.batch > 8 else 30
+        inter = interleaved_medians(fns, reps, warmup=2, budget_s=1e9)
+        alone = blocked_medians(fns, 2 * reps, rounds=4 if args.batch > 8 else 8, warmup=2, settle_s=0.5)
+    out = {"interleaved_ms": [round(t * 1e3, 2) for t in inter], "alone_ms": [round(t * 1e3, 2) for t in alone]}
+    print(f"deployed ms, prune=None vs prune=1.25: interleaved {out['interleaved_ms']}, alone {out['alone_ms']}; "
+          f"load {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": name, "batch": args.batch, "runs": runs, **out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
