@@ -322,7 +322,8 @@ def test_planner_keeps_dense_where_kernel_loses(monkeypatch):
     dep = deploy(model, plan="condensed")
     calls = []
 
-    def fake_times(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5):  # first layer (16 outputs): kernel loses; second: wins
+    # first layer (16 outputs): kernel loses; second: wins
+    def fake_times(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5):
         calls.append(len(fns))
         return [1.0] + [2.0 if fns[0]().shape[-1] == 16 else 0.5] * (len(fns) - 1)
 

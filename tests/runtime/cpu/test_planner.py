@@ -4,8 +4,10 @@ noise, and the thread sizing of layers it keeps dense."""
 from __future__ import annotations
 
 import copy
+import io
 import random
 import statistics
+import sys
 
 import pytest
 import torch
@@ -229,3 +231,25 @@ def test_only_the_two_fastest_of_each_side_are_timed_after_the_first_round(monke
     assert dep.figures["timed"] == [everyone, kept, kept]
     assert dep.mode == "condensed" and dep.figures["sparse_us"] == 0.5e6
     assert {k: getattr(dep, k) for k in settings[0]} == settings[0]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@needs_kernels
+@pytest.mark.parametrize("terminal", [True, False])
+def test_planning_shows_a_progress_bar_on_a_terminal_only(monkeypatch, terminal):
+    """Planning takes 25 s at batch 1 and minutes at batch 32: on a terminal a bar counts the layers timed; in a
+    log, a pipe or a test run it writes nothing."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    ss.sparsify(model, 0.5)
+    dep = deploy(model, plan="condensed")
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(planner, "interleaved_medians", _equal_time)
+    planner.plan_layers(dep, torch.randn(1, 16))
+    assert ("semisparse: timing layers" in err.getvalue()) is terminal
+    assert terminal or err.getvalue() == ""
