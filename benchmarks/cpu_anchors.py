@@ -41,33 +41,45 @@ def lscpu_model() -> str:
     return f"{name} ({flags})"
 
 
-def _alone(r: dict) -> str:
-    """The ratio to the fastest fp32 dense runtime when each ran alone, back to back (no pool hand-over)."""
+def _alone(r: dict, bf16: bool = False) -> str:
+    """The ratio of the deployed model (fp32, or ``bf16``) to the fastest dense runtime of the same precision
+    when each ran alone, back to back (no pool hand-over)."""
     b = r.get("blocked_ms")
-    if not b:
+    mine = "deployed bf16" if bf16 else "deployed"
+    if not b or mine not in b:
         return "-"
-    dense = [(t, n) for n, t in b.items() if n != "deployed" and not n.startswith("openvino default")]
+    precision = {a: "bf16" if "bf16" in a or a.startswith("openvino default") else "fp32" for a in b}
+    dense = [(t, n) for n, t in b.items() if not n.startswith("deployed") and precision[n] == ("bf16" if bf16
+                                                                                                else "fp32")]
+    if not dense:
+        return "-"
     t, name = min(dense)
-    return f"{t / b['deployed']:.2f}x ({name})"
+    return f"{t / b[mine]:.2f}x ({name})"
 
 
 def markdown(rows: list[dict], info: dict) -> str:
     names: list[str] = []
     for r in rows:
         names += [n for n in r["dense_runtimes_ms"] if n not in names]
-    head = ["model", "pattern", "batch", "ss.deploy ms", *[f"{n} ms" for n in names], "vs fastest dense (fp32)",
-            "vs torch eager", "vs fastest dense, each alone", "others busy (CPUs)"]
+    bf16 = any("deployed_bf16_ms" in r for r in rows)
+    head = ["model", "pattern", "batch", "ss.deploy ms", *(["ss.deploy bf16 ms"] if bf16 else []),
+            *[f"{n} ms" for n in names], "vs fastest dense (fp32)", "vs torch eager", "vs fastest dense, each alone",
+            *(["bf16 vs fastest bf16 dense", "bf16, each alone"] if bf16 else []), "others busy (CPUs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pattern = "2:4" if r["masks"] == "2:4" else f"fan-in {r['sparsity']:g} ({r['masks']})"
+        r16 = ([f"{r['ratio_bf16_vs_fastest_bf16_dense']:.2f}x{bench.marks(r)} ({r['fastest_bf16_dense']})",
+                _alone(r, bf16=True)] if "deployed_bf16_ms" in r else ["-", "-"]) if bf16 else []
         cells = [r["model"], pattern, str(r["batch"]), f"{r['deployed_ms']:.1f}",
+                 *([f"{r['deployed_bf16_ms']:.1f}" if "deployed_bf16_ms" in r else "-"] if bf16 else []),
                  *[f"{r['dense_runtimes_ms'][n]:.1f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['ratio_vs_fastest_dense']:.2f}x{bench.marks(r)} ({r['fastest_dense']})",
-                 f"{r['ratio']:.2f}x{bench.marks(r)}", _alone(r), str(r.get("others_busy_cpus"))]
+                 f"{r['ratio']:.2f}x{bench.marks(r)}", _alone(r), *r16, str(r.get("others_busy_cpus"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{info['cpu_model']}, {info['threads']} threads, fp32, torch {info['torch']}; load avg "
-                 f"{info['load_before']} before, {info['load_after']} after, on {info['cpus_available']} CPUs")
+    lines.append(f"{info['cpu_model']}, {info['threads']} threads, {'fp32 and bf16' if bf16 else 'fp32'}, torch "
+                 f"{info['torch']}; load avg {info['load_before']} before, {info['load_after']} after, on "
+                 f"{info['cpus_available']} CPUs")
     lines += bench.footnotes(rows)
     return "\n".join(lines)
 
@@ -82,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--patterns", nargs="*", choices=("fan-in", "2:4"), default=["fan-in", "2:4"])
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--bf16", action="store_true",
+                   help="also ss.deploy(dtype=torch.bfloat16) against the bf16 dense runtimes (torch bf16 autocast, "
+                        "OpenVINO's default where it is bf16)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="resnet18 at 64x64, 3 reps: checks the pipeline only")
     args = p.parse_args(argv)
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in args.batch:
                 reps = args.reps if b == 1 else args.reps_batched
                 row = bench.bench_model(name, args.sparsity, b, reps, "srigl", 0.1, args.image_size, pattern,
-                                        blocked_too=True)
+                                        blocked_too=True, bf16=args.bf16)
                 rows.append(row)
                 print(bench.format_table([row]), flush=True)
                 print(f"  planned in {row['plan_s']} s; max rel err deployed {row['max_rel_err']:.2e}, runtimes "

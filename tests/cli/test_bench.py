@@ -64,6 +64,31 @@ def test_bench_model_times_the_dense_runtimes_beside_torch():
     assert "vs fastest dense" in table and "onnxruntime ms" in table
 
 
+def test_bench_model_in_bf16_against_the_bf16_dense_runtimes(monkeypatch):
+    """``--dtype bf16`` on CPU: ss.deploy(dtype=torch.bfloat16) timed beside the fp32 row, its ratio against the
+    fastest bf16 dense runtime (torch under bf16 autocast here; OpenVINO's default too on a CPU with bf16), its
+    outputs within bf16 rounding of the masked model; the fp32 figures stay against fp32 runtimes only."""
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # one ONNX runtime is enough here
+    row = bench.bench_model("digits_cnn", 0.9, batch=1, reps=3, masks="uniform", blocked_too=True, bf16=True)
+    times = row["dense_runtimes_ms"]
+    assert "torch bf16 autocast" in times and row["fastest_bf16_dense"] == "torch bf16 autocast"
+    assert row["fastest_bf16_dense_ms"] == times["torch bf16 autocast"]
+    assert row["ratio_bf16_vs_fastest_bf16_dense"] == pytest.approx(
+        row["fastest_bf16_dense_ms"] / row["deployed_bf16_ms"], rel=0.02, abs=0.01)
+    assert row["fastest_dense"] != "torch bf16 autocast"  # the fp32 ratio is against fp32 runtimes
+    assert 0 < row["max_rel_err_bf16"] <= 3e-2 and row["max_rel_err"] <= 1e-5
+    assert set(row["blocked_ms"]) == {"deployed", "deployed bf16", *times}
+    table = bench.format_table([row])
+    assert "deployed bf16 ms" in table and "(torch bf16 autocast)" in table
+    assert "deployed bf16 ms" not in bench.format_table([bench.bench_model("digits_cnn", 0.9, reps=3,
+                                                                           anchors=False)])
+
+
+def test_bench_fp16_on_cpu_is_a_one_line_error(capsys):
+    assert cli_main(["bench", "--model", "digits_cnn", "--dtype", "fp16"]) == 2
+    assert "--dtype fp16 is for --device cuda" in capsys.readouterr().err
+
+
 def test_a_missing_runtime_is_skipped_with_a_note(monkeypatch):
     import sys
 

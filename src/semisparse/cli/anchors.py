@@ -48,6 +48,18 @@ def torch_eager(model: nn.Module, x: torch.Tensor) -> Anchor:
     return Anchor("torch eager", "fp32", fn)
 
 
+def torch_bf16_autocast(model: nn.Module, x: torch.Tensor) -> Anchor:
+    """torch eager under CPU bf16 autocast (convolutions and matrix products in bf16: oneDNN's AVX512-BF16 / AMX
+    kernels where the CPU has them), thread-sized like :func:`torch_eager`: the bf16 dense side for
+    ``ss.deploy(dtype=torch.bfloat16)``."""
+
+    def fn() -> torch.Tensor:
+        with cpus.fitted_threads(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    return Anchor("torch bf16 autocast", "bf16", fn)
+
+
 def torch_channels_last(model: nn.Module, x: torch.Tensor) -> Anchor | None:
     """torch eager with weights and input channels-last (oneDNN's NHWC convolutions: often torch's fastest dense
     CNN on CPU), thread-sized like :func:`torch_eager`; None for a model without 2-D convolutions."""

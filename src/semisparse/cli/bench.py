@@ -31,7 +31,7 @@ from ..runtime import default_example_input, deploy, deployed_layers
 from ..runtime.cpu import cpus, kernels
 from ..runtime.fold import fold_batchnorm
 from ..runtime.timing import blocked_medians, interleaved_medians
-from .anchors import dense_anchors, torch_channels_last, torch_eager
+from .anchors import dense_anchors, torch_bf16_autocast, torch_channels_last, torch_eager
 from .bench_common import finish, srigl_like_masks, table
 
 
@@ -68,7 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, choices=("2:4", "fan-in"),
                    help="models: fan-in (constant fan-in at --sparsity with --masks; CPU default) or 2:4 (magnitude "
                         "2:4; --device cuda default: cuSPARSELt)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --device cuda")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="cuda: the dtype everything runs in (default bf16); cpu models and files: bf16 also times "
+                        "ss.deploy(dtype=torch.bfloat16) against the bf16 dense runtimes (torch bf16 autocast, "
+                        "OpenVINO where its default is bf16); fp32 is always timed")
     p.add_argument("--tokens", type=int, nargs="*", default=None,
                    help="with --device cuda: token counts of the layer rows (default 197 3152 12608 50432)")
     p.add_argument("--no-compile", action="store_true",
@@ -156,7 +159,7 @@ def bench_linear(out_f: int, in_f: int, sparsity: float, batch: int, reps: int, 
 
 def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20, masks: str = "uniform",
                 ablation: float = 0.0, image_size: int | None = None, pattern: str = "fan-in",
-                anchors: bool = True, blocked_too: bool = False) -> dict:
+                anchors: bool = True, blocked_too: bool = False, bf16: bool = False) -> dict:
     """A whole registry model made sparse here, deployed, against its dense self and the dense runtimes.
 
     ``pattern``: ``"fan-in"`` at ``sparsity`` with ``masks`` ``"uniform"`` (constant fan-in) or ``"srigl"``
@@ -178,13 +181,13 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
         sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
     else:
         sparsify(model, sparsity)
-    row = bench_sparse(model, x, reps, anchors=anchors, blocked_too=blocked_too)
+    row = bench_sparse(model, x, reps, anchors=anchors, blocked_too=blocked_too, bf16=bf16)
     row.update(model=name, masks=masks, sparsity=sparsity)
     return row
 
 
 def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, reps: int = 20,
-               anchors: bool = True) -> dict:
+               anchors: bool = True, bf16: bool = False) -> dict:
     """The model of a compressed file (``ss.load``), deployed, against its dense self and the dense runtimes,
     at ``input_size`` (``[C, H, W]``, or ``[H, W]`` / ``[S]`` for the recorded channels), else the input size
     the file records, else the model's own guess (with a warning)."""
@@ -207,7 +210,7 @@ def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, r
                       "(pass --input-size)", RuntimeWarning, stacklevel=2)
         x = guess
     pats = sorted({sw.parametrization.pattern_name for sw in sparse_weights(model)})
-    row = bench_sparse(model, x, reps, anchors=anchors)
+    row = bench_sparse(model, x, reps, anchors=anchors, bf16=bf16)
     arch = getattr(model, "semisparse_arch", None) or {}
     row.update(model=f"{os.path.basename(str(path))} ({arch.get('name', '?')})", masks=",".join(pats),
                sparsity=round(1.0 - row["kept_density"], 3), file=str(path))
@@ -215,13 +218,15 @@ def bench_file(path: str, input_size: list[int] | None = None, batch: int = 1, r
 
 
 def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: bool = True,
-                 blocked_too: bool = False) -> dict:
+                 blocked_too: bool = False, bf16: bool = False) -> dict:
     """A sparsified ``model`` deployed at input ``x`` and timed, call by call interleaved in one process, against
     the same model dense: torch eager (with the deployed model's thread sizing), BatchNorm-folded, the deployed
     model with every layer dense, and (``anchors``) onnxruntime and OpenVINO on the masked model exported to
     ONNX (:mod:`semisparse.cli.anchors`). The first ratio is against the fastest fp32 dense runtime.
     ``blocked_too``: also time the deployed model and each runtime alone, back to back in blocks
-    (``blocked_ms``)."""
+    (``blocked_ms``). ``bf16``: also the model deployed with ``dtype=torch.bfloat16`` (fed bf16 inputs), against
+    the fastest bf16 dense runtime: torch eager under bf16 autocast, and OpenVINO's default where that is bf16
+    (``deployed_bf16_ms``, ``ratio_bf16_vs_fastest_bf16_dense``)."""
     batch = x.shape[0]
     t0 = time.perf_counter()
     dep = deploy(model, batch_size=batch, example_input=x)
@@ -246,6 +251,12 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
     if anchors:
         more, notes = dense_anchors(model, x, threads)
         runtimes += more
+    deployed = [lambda: dep(x)]
+    if bf16:
+        x16 = x.bfloat16()
+        dep16 = deploy(model, batch_size=batch, example_input=x, dtype=torch.bfloat16)
+        deployed.append(lambda: dep16(x16))
+        runtimes.append(torch_bf16_autocast(dense, x))
     with torch.no_grad():
         ref = dense(x)
         err = float((dep(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -254,18 +265,19 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         fitted = lambda m: lambda: _fitted(m, x)  # noqa: E731
         before = load_sample()
         times = [1e3 * t for t in interleaved_medians(
-            [fitted(folded), fitted(dense_dep), lambda: dep(x), *(a.fn for a in runtimes)], reps, warmup=3,
+            [fitted(folded), fitted(dense_dep), *deployed, *(a.fn for a in runtimes)], reps, warmup=3,
             budget_s=1e9)]
         others = others_busy(before, load_sample())
         # Each runtime alone, back to back in blocks (its thread pool never hands over to another's between
         # calls): the interleaved figures include that hand-over; these show what it costs.
-        blocked = [1e3 * t for t in blocked_medians([lambda: dep(x), *(a.fn for a in runtimes)], max(10, reps),
+        blocked = [1e3 * t for t in blocked_medians([*deployed, *(a.fn for a in runtimes)], max(10, reps),
                                                     rounds=5, warmup=2, settle_s=0.5)] if blocked_too else None
+        err16 = float((dep16(x16).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if bf16 else None
     t_folded, t_dense_dep, t_dep = times[:3]
-    anchor_ms = {a.name: times[3 + i] for i, a in enumerate(runtimes)}
+    nd = len(deployed)
+    anchor_ms = {a.name: times[2 + nd + i] for i, a in enumerate(runtimes)}
     t_dense = anchor_ms["torch eager"]
-    best_name, best_ms = min(((n, t) for n, t in anchor_ms.items()
-                              if next(a for a in runtimes if a.name == n).precision == "fp32"), key=lambda nt: nt[1])
+    best_name, best_ms = _fastest(runtimes, anchor_ms, "fp32")
     rep = report(dep, x)
     sparse_rows = [r for r in rep.layers if r.sparse]
     sparse_macs = sum(r.macs or 0 for r in sparse_rows)
@@ -285,8 +297,9 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         "dense_ms": round(t_dense, 3), "ratio": round(t_dense / t_dep, 2),
         "dense_runtimes_ms": {n: round(t, 3) for n, t in anchor_ms.items()},
         "dense_runtimes_rel_err": errs, "dense_runtime_notes": notes,
-        "blocked_ms": None if blocked is None else {"deployed": round(blocked[0], 3), **{
-            a.name: round(t, 3) for a, t in zip(runtimes, blocked[1:])}},
+        "blocked_ms": None if blocked is None else {
+            **dict(zip(["deployed", "deployed bf16"], (round(t, 3) for t in blocked[:nd]))),
+            **{a.name: round(t, 3) for a, t in zip(runtimes, blocked[nd:])}},
         "dense_runtime_versions": {a.name: a.info.get("version") for a in runtimes[1:]},
         "dense_bn_folded_ms": round(t_folded, 3), "ratio_vs_bn_folded": round(t_folded / t_dep, 2),
         "dense_deployed_ms": round(t_dense_dep, 3), "ratio_vs_dense_deployed": round(t_dense_dep / t_dep, 2),
@@ -299,7 +312,20 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         "plan_s": round(plan_s, 1), "max_rel_err": err, "planner": getattr(dep, "semisparse_plan", {}),
         "per_layer": [{"layer": r.name, "kernel": r.extra.get("kernel"), "ratio": r.extra.get("ratio"),
                        "spread": r.extra.get("spread"), "macs": r.macs} for r in sparse_rows],
+        **(_bf16_figures(times[3], err16, runtimes, anchor_ms) if bf16 else {}),
     }
+
+
+def _fastest(runtimes: list, anchor_ms: dict[str, float], precision: str) -> tuple[str, float]:
+    """The name and ms of the fastest dense runtime computing in ``precision``."""
+    return min(((a.name, anchor_ms[a.name]) for a in runtimes if a.precision == precision), key=lambda nt: nt[1])
+
+
+def _bf16_figures(t_dep16: float, err: float, runtimes: list, anchor_ms: dict[str, float]) -> dict:
+    """The bf16 deployed model's row entries: its time, and its ratio against the fastest bf16 dense runtime."""
+    name, ms = _fastest(runtimes, anchor_ms, "bf16")
+    return {"deployed_bf16_ms": round(t_dep16, 3), "fastest_bf16_dense": name, "fastest_bf16_dense_ms": round(ms, 3),
+            "ratio_bf16_vs_fastest_bf16_dense": round(ms / t_dep16, 2), "max_rel_err_bf16": err}
 
 
 def _fitted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -380,11 +406,14 @@ def format_table(rows: list[dict]) -> str:
         names = []
         for r in model_rows:
             names += [n for n in r["dense_runtimes_ms"] if n not in names and n != "torch eager"]
+        bf16 = any("deployed_bf16_ms" in r for r in model_rows)
         head = ["model", "masks", "sparsity", "batch", "input", "deployed ms", "vs fastest dense", "fastest dense",
+                *(["deployed bf16 ms", "bf16 vs fastest bf16 dense"] if bf16 else []),
                 "torch eager ms", "vs eager", *[f"{n} ms" for n in names], "deployed all-dense ms",
                 "vs all-dense", "limit", "condensed layers"]
         body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), "x".join(map(str, r["input"][1:])),
                  f"{r['deployed_ms']:.2f}", f"{r['ratio_vs_fastest_dense']:.2f}x{marks(r)}", r["fastest_dense"],
+                 *([_bf16_cell(r, "deployed_bf16_ms"), _bf16_ratio_cell(r)] if bf16 else []),
                  f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x{marks(r)}",
                  *[f"{r['dense_runtimes_ms'][n]:.2f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['dense_deployed_ms']:.2f}", f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['limit']:.2f}x",
@@ -396,10 +425,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _bf16_cell(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "-"
+
+
+def _bf16_ratio_cell(r: dict) -> str:
+    if "ratio_bf16_vs_fastest_bf16_dense" not in r:
+        return "-"
+    return f"{r['ratio_bf16_vs_fastest_bf16_dense']:.2f}x{marks(r)} ({r['fastest_bf16_dense']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.pattern is None:
         args.pattern = "2:4" if args.device == "cuda" else "fan-in"
+    if args.device == "cuda" and args.dtype is None:
+        args.dtype = "bf16"
+    if args.device == "cpu" and args.dtype == "fp16":
+        raise SemisparseError("--dtype fp16 is for --device cuda; on CPU semisparse deploys fp32 (default) or bf16")
     if args.device == "cuda":
         from .bench_cuda import main_cuda
 
@@ -451,13 +494,15 @@ def _run(args: argparse.Namespace) -> int:
         for s in args.sparsity or [0.9]:
             for b in args.batch or [1]:
                 rows.append(bench_model(name, s, b, max(5, args.reps // 2), args.masks, args.ablation,
-                                        args.image_size, args.pattern, anchors=not args.no_anchors))
+                                        args.image_size, args.pattern, anchors=not args.no_anchors,
+                                        bf16=args.dtype == "bf16"))
                 print(_last_line(rows[-1]), flush=True)
             if args.pattern == "2:4":
                 break  # 2:4 has one sparsity
     for path in args.file or ():
         for b in args.batch or [1]:
-            rows.append(bench_file(path, args.input_size, b, max(5, args.reps // 2), anchors=not args.no_anchors))
+            rows.append(bench_file(path, args.input_size, b, max(5, args.reps // 2), anchors=not args.no_anchors,
+                                   bf16=args.dtype == "bf16"))
             print(_last_line(rows[-1]), flush=True)
     return finish(format_table(rows), args.json, info, rows)
 
