@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     a, b = runs[-2]["choices"], runs[-1]["choices"]
     differ = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     print(f"last two plans differ on {len(differ)} layers: {differ}")
+    for prune in (None, 1.25):  # planning twice with the same planner: how much of the plan changes
+        same = [r["choices"] for r in runs if r["prune"] == prune]
+        for a, b in zip(same, same[1:]):
+            sides = sum((a[k] in ("dense", "torch")) != (b[k] in ("dense", "torch")) for k in a)
+            print(f"prune={prune}: two plans differ on {sum(a[k] != b[k] for k in a)} of {len(a)} layers, "
+                  f"{sides} of them dense in one and condensed in the other")
     with torch.no_grad():
         fns = [functools.partial(deployed[None], x), functools.partial(deployed[1.25], x)]
         reps = 6 if args.batch > 8 else 30
