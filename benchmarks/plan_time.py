@@ -3,9 +3,10 @@ first round (``plan_layers(prune=1.25)``, the default) changes what it plans.
 
 ResNet-50 at SRigL-like 90% constant fan-in (the anchors' masks), 2 threads: the model deployed twice in one
 process, once timing every candidate in every round (``prune=None``, the planner before) and once with the
-default, in alternating order over ``--repeats``; prints each planning time, the layers kept condensed and where
-the two plans differ, then both deployed models timed interleaved call by call and each alone in blocks after a
-pause. ``--smoke``: ResNet-18 at 64x64.
+default, in alternating order over ``--repeats``; prints each planning time, the layers kept condensed, where
+the two plans differ and (``--repeats 2`` or more) how much two plans of the same planner differ, then both
+deployed models timed interleaved call by call and each alone in blocks after a pause. ``--smoke``: ResNet-18
+at 64x64.
 
     PYTHONPATH=src python benchmarks/plan_time.py --batch 1
     PYTHONPATH=src python benchmarks/plan_time.py --batch 32 --repeats 1

@@ -94,8 +94,8 @@ def _wrong_plans(prune: float | None, plans: int, seed: int) -> tuple[int, list[
 @needs_kernels
 def test_planner_fed_a_noisy_timer_picks_the_faster_form_in_repeated_runs():
     """Layer 0's kernel is 1.3x faster than dense, layer 2's 1.3x slower: under log-normal noise and 3x spikes
-    (one round in four), at most 5% of 200 plans pick a slower form (measured over 600 plans: 2.2% with
-    the candidates far behind left out after the first round, 2.5% timing every candidate every round), and
+    (one round in four), at most 5% of 200 plans pick a slower form (measured over 600 plans: 2.5% with
+    the candidates far behind left out after the first round, 3.3% timing every candidate every round), and
     leaving those candidates out is not less sure than timing them all; the report says how sure each choice was."""
     wrong, spreads = _wrong_plans(1.25, 200, seed=7)
     wrong_all, _ = _wrong_plans(None, 200, seed=7)
@@ -253,42 +253,3 @@ def test_planning_shows_a_progress_bar_on_a_terminal_only(monkeypatch, terminal)
     planner.plan_layers(dep, torch.randn(1, 16))
     assert ("semisparse: timing layers" in err.getvalue()) is terminal
     assert terminal or err.getvalue() == ""
-
-
-@needs_kernels
-@pytest.mark.parametrize(("sparse", "mode", "setting"), [
-    ([1.00, 0.99, 1.01, 1.02, 1.03, 1.04], "dense", 0),  # condensed within 3% of dense: dense, every time
-    ([0.93, 0.90, 0.92, 1.40, 1.50, 1.60], "condensed", 0),  # settings within 5% of the fastest: the first listed
-    ([0.99, 0.80, 0.95, 1.40, 1.50, 1.60], "condensed", 1),  # a setting more than 5% faster wins
-])
-def test_close_calls_go_the_same_way_in_every_plan(monkeypatch, sparse, mode, setting):
-    """Two plans of ResNet-50 on this machine differed on 14-16 of 53 layers, almost all between kernel settings
-    within a few percent of each other (and a dense/condensed flip or two at ratio ~1): under 2% noise, ten
-    plans of a layer with such close candidates are now the same plan, the one the tie rules give."""
-    torch.manual_seed(7)
-    conv = nn.Conv2d(8, 8, 3, padding=1)
-    ss.sparsify(conv, 0.5)
-    x = torch.randn(1, 8, 6, 6)
-    base = deploy(conv, plan="condensed")
-    settings = base.variants(x)
-    assert len(settings) == len(sparse) and len(base.dense_variants(x)) == 1
-    rng = random.Random(3)
-    plans = set()
-    for _ in range(10):
-        dep = copy.deepcopy(base)
-
-        def fake(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5, dep=dep):
-            out = []
-            for fn in fns:
-                fn()
-                now = {k: getattr(dep, k) for k in settings[0]}
-                t = 1.0 if dep.mode == "dense" else sparse[settings.index(now)]
-                out.append(t * rng.uniform(0.99, 1.01))
-            return out
-
-        monkeypatch.setattr(planner, "interleaved_medians", fake)
-        planner.plan_layers(dep, x)
-        chosen_mode = dep.mode
-        dep.set_mode("condensed")  # the setting kept for condensed mode, whichever mode was chosen
-        plans.add((chosen_mode, dep.path))
-    assert plans == {(mode, "spmm/" + planner.setting_name(settings[setting]))}

@@ -49,13 +49,6 @@ def setting_name(v: dict) -> str:
 #: a layer) vary little from call to call, and the rounds still take their median.
 _MIN_REPS = 3
 
-#: Close calls go one way every time, so that planning twice gives the same plan (issue 24): kernel settings
-#: (or dense forms) within 5% of the fastest of their side count as equal and the first listed is kept; the
-#: condensed form is kept only where it is more than 3% faster than the best dense one (a layer kept dense is
-#: torch's own module again: where the two are that close, the plain layer is the better one to ship).
-SETTING_TIE = 0.05
-SIDE_TIE = 0.03
-
 #: Attributes where a condensed layer keeps its kernel call bound to its tensors (built on first call).
 _BINDINGS = ("_bound_gemv", "_fast_conv")
 
@@ -91,10 +84,9 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
     could flip is measured longer. ``prune``: after the first round only the two fastest candidates of each side
     (dense, condensed) are timed again, the second only if within this factor of the first (None: every
     candidate every round): the later rounds decide between close candidates at half the cost, which with
-    fewer calls per round for long calls halves planning at batch 32. Close calls are decided one way every
-    time (:data:`SETTING_TIE`, :data:`SIDE_TIE`), so that planning twice gives the same plan. ``layer.figures``
-    records the ratio against torch's own layer, the spread of the rounds' ratios (``[lowest, highest]``),
-    whether every round agreed (``sure``) and how many candidates each round timed (``timed``)."""
+    fewer calls per round for long calls halves planning at batch 32. ``layer.figures`` records the ratio
+    against torch's own layer, the spread of the rounds' ratios (``[lowest, highest]``), whether every round
+    agreed (``sure``) and how many candidates each round timed (``timed``)."""
     inputs = capture_inputs(model, example_input)
     # a bar on a terminal only (tqdm's disable=None): planning ResNet-50 takes 25 s at batch 1, minutes at 32
     layers = tqdm(deployed_layers(model), desc="semisparse: timing layers", unit="layer", leave=False, disable=None,
@@ -119,8 +111,8 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             medians = {i: statistics.median(r[i] for r in per_round) for i in per_round[-1]}
             ratios = [_side_best(r, nd, True) / max(_side_best(r, nd, False), 1e-12) for r in per_round]
             t_torch = statistics.median(r[0] for r in per_round if 0 in r)  # the reference every ratio is against
-            i_dense = _first_within([i for i in medians if i < nd], medians, SETTING_TIE)
-            i_sparse = _first_within([i for i in medians if i >= nd], medians, SETTING_TIE)
+            i_dense = min((i for i in medians if i < nd), key=medians.__getitem__)
+            i_sparse = min((i for i in medians if i >= nd), key=medians.__getitem__)
             t_dense, dense_best = medians[i_dense], dense_vs[i_dense]
             t_sparse, best = medians[i_sparse], sparse_vs[i_sparse - nd]
             layer.set_mode("condensed")
@@ -141,27 +133,23 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             if nd > 1:
                 layer.figures["dense_best_us"] = round(t_dense * 1e6, 1)
             layer.use_variant(dense_best)  # what dense mode runs, now or if the whole-model check reverts
-            layer.set_mode("condensed" if t_sparse * (1 + SIDE_TIE) < t_dense else "dense")
+            layer.set_mode("condensed" if t_sparse < t_dense else "dense")
 
 
 def _timed_rounds(fns: list[Callable[[], object]], nd: int, reps: int, budget_s: float, rounds: int,
                   max_rounds: int, prune: float | None) -> list[dict[int, float]]:
     """Rounds of interleaved medians, ``{candidate index: seconds}`` each: the first round times every candidate
-    (two warm-up calls each: binding, caches), later ones two of each side (dense, condensed) from the first
-    round: the fastest, and the first listed within :data:`SETTING_TIE` of it (the one a tie would keep), or else
-    the second fastest if within ``prune`` (one warm-up call each: the bindings are kept); until ``rounds``
-    rounds agree on a side or ``max_rounds`` were run."""
+    (two warm-up calls each: binding, caches), later ones the two fastest of each side (dense, condensed) in the
+    first round, the second only if within ``prune`` of the first (one warm-up call each: the bindings are kept),
+    until ``rounds`` rounds agree on a side or ``max_rounds`` were run."""
     first = interleaved_medians(fns, reps, budget_s=budget_s, min_reps=_MIN_REPS)
     per_round = [dict(enumerate(first))]
     keep = list(range(len(fns)))
     if prune is not None:
         keep = []
         for side in (range(nd), range(nd, len(fns))):
-            fastest = min(side, key=first.__getitem__)
-            tied = next(i for i in side if first[i] <= first[fastest] * (1 + SETTING_TIE))  # what a tie keeps
-            runner_up = sorted(side, key=first.__getitem__)[1:2]
-            keep += {fastest, tied} if tied != fastest else [fastest] + [
-                i for i in runner_up if first[i] <= prune * first[fastest]]
+            ranked = sorted(side, key=first.__getitem__)
+            keep += [i for i in ranked[:2] if first[i] <= prune * first[ranked[0]]]
         keep.sort()
     more = rounds - 1
     while True:
@@ -172,12 +160,6 @@ def _timed_rounds(fns: list[Callable[[], object]], nd: int, reps: int, budget_s:
         if len(per_round) >= max_rounds or _agree(per_round, nd):
             return per_round
         more = 2
-
-
-def _first_within(candidates: list[int], medians: dict[int, float], tie: float) -> int:
-    """The first of ``candidates`` (in the layer's order of forms and settings) within ``tie`` of the fastest."""
-    best = min(medians[i] for i in candidates)
-    return next(i for i in candidates if medians[i] <= best * (1 + tie))
 
 
 def _side_best(r: dict[int, float], nd: int, dense: bool) -> float:
