@@ -48,9 +48,8 @@ def _alone(r: dict, bf16: bool = False) -> str:
     mine = "deployed bf16" if bf16 else "deployed"
     if not b or mine not in b:
         return "-"
-    precision = {a: "bf16" if "bf16" in a or a.startswith("openvino default") else "fp32" for a in b}
-    dense = [(t, n) for n, t in b.items() if not n.startswith("deployed") and precision[n] == ("bf16" if bf16
-                                                                                                else "fp32")]
+    want = "bf16" if bf16 else "fp32"
+    dense = [(t, n) for n, t in b.items() if r.get("dense_runtimes_precision", {}).get(n) == want]
     if not dense:
         return "-"
     t, name = min(dense)

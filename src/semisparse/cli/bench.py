@@ -296,6 +296,7 @@ def bench_sparse(model: nn.Module, x: torch.Tensor, reps: int = 20, anchors: boo
         "ratio_vs_fastest_dense": round(best_ms / t_dep, 2),
         "dense_ms": round(t_dense, 3), "ratio": round(t_dense / t_dep, 2),
         "dense_runtimes_ms": {n: round(t, 3) for n, t in anchor_ms.items()},
+        "dense_runtimes_precision": {a.name: a.precision for a in runtimes},
         "dense_runtimes_rel_err": errs, "dense_runtime_notes": notes,
         "blocked_ms": None if blocked is None else {
             **dict(zip(["deployed", "deployed bf16"], (round(t, 3) for t in blocked[:nd]))),
@@ -413,7 +414,8 @@ def format_table(rows: list[dict]) -> str:
                 "vs all-dense", "limit", "condensed layers"]
         body = [[r["model"], r["masks"], f"{r['sparsity']:g}", str(r["batch"]), "x".join(map(str, r["input"][1:])),
                  f"{r['deployed_ms']:.2f}", f"{r['ratio_vs_fastest_dense']:.2f}x{marks(r)}", r["fastest_dense"],
-                 *([_bf16_cell(r, "deployed_bf16_ms"), _bf16_ratio_cell(r)] if bf16 else []),
+                 *([f"{r['deployed_bf16_ms']:.2f}" if "deployed_bf16_ms" in r else "-", _bf16_ratio_cell(r)]
+                   if bf16 else []),
                  f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x{marks(r)}",
                  *[f"{r['dense_runtimes_ms'][n]:.2f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
                  f"{r['dense_deployed_ms']:.2f}", f"{r['ratio_vs_dense_deployed']:.2f}x", f"{r['limit']:.2f}x",
@@ -423,10 +425,6 @@ def format_table(rows: list[dict]) -> str:
         lines += [f"note: {n}" for n in notes]
     lines += footnotes(rows)
     return "\n".join(lines)
-
-
-def _bf16_cell(r: dict, key: str) -> str:
-    return f"{r[key]:.2f}" if key in r else "-"
 
 
 def _bf16_ratio_cell(r: dict) -> str:
