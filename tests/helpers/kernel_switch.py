@@ -1,4 +1,5 @@
-"""Switching the compiled kernels off inside a test, shared by the deploy and kernel-safety tests."""
+"""Switching the compiled kernels off, or to another instruction-set variant, inside a test (deploy,
+kernel-safety and kernel-variant tests)."""
 
 import contextlib
 
@@ -10,6 +11,17 @@ def kernels_off():
     """As with ``SEMISPARSE_NO_KERNELS=1``: every kernel function runs its pure-torch reference path."""
     saved = kernels.build.library
     kernels.build.library = lambda: None
+    try:
+        yield
+    finally:
+        kernels.build.library = saved
+
+
+@contextlib.contextmanager
+def kernels_of(lib):
+    """Every kernel call, and every layer deployed inside, runs the library ``lib`` (one variant's build)."""
+    saved = kernels.build.library
+    kernels.build.library = lambda: lib
     try:
         yield
     finally:

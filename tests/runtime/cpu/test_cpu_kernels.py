@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import semisparse as ss
+from helpers.kernel_switch import kernels_of
 from semisparse.errors import SemisparseError
+from semisparse.runtime import deploy
 from semisparse.runtime.cpu import kernels
 from semisparse.runtime.cpu.layers import columns, condense, expand
 
@@ -281,22 +285,30 @@ def test_transpose_and_panel_packing_are_exact(shape):
 
 
 def _variant_params():
-    names = list(kernels.VARIANTS) if kernels.build._x86() else ["native"]
-    runnable = kernels.runnable_variants()
+    names = [*kernels.VARIANTS, *kernels.EMULATED] if kernels.build._x86() else ["native"]
+    runnable = kernels.runnable_variants() + kernels.emulated_variants()
     # a variant this CPU cannot run is only compiled (slow: a compiler run)
     return [pytest.param(v, marks=() if v in runnable else pytest.mark.slow) for v in names]
 
 
-@needs_kernels
-@pytest.mark.parametrize("variant", _variant_params())
-def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant, monkeypatch, tmp_path):
-    if variant not in kernels.runnable_variants():  # compiles here, runs elsewhere
+def _variant_library(variant, tmp_path):
+    """The library of ``variant``; a variant this CPU cannot run is compiled, then the test skips."""
+    if variant in kernels.EMULATED and variant not in kernels.emulated_variants():
+        pytest.skip(f"{variant} needs an AVX2 CPU and the simde-py package")
+    if variant not in kernels.runnable_variants() + kernels.emulated_variants():  # compiles here, runs elsewhere
         built = kernels.build._compile(kernels.build._compiler(), tmp_path / "variant.so", variant)
         assert built.stat().st_size > 0
         pytest.skip(f"{variant} compiled; this CPU cannot run it")
     lib = kernels.variant_library(variant)
     if variant != "native":
         assert lib.ss_simd() == kernels.VARIANT_BITS[variant]
+    return lib
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", _variant_params())
+def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant, monkeypatch, tmp_path):
+    lib = _variant_library(variant, tmp_path)
     monkeypatch.setattr(kernels.build, "library", lambda: lib)
     rows, K, k = 13, 40, 7
     for P, PB in ((1, 8), (9, 16), (33, 32), (63, 64), (64, 64), (65, 64), (130, 64), (45, 32)):
@@ -333,6 +345,42 @@ def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant,
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("variant", _variant_params())
+def test_every_kernel_variant_deploys_layers_equal_to_the_masked_model(variant, tmp_path):
+    """Deployed layers run by each variant (the AVX-512 one emulated where the CPU lacks it) against torch:
+    conv geometries with every kernel setting the planner may pick, batch 1 and 3, ablated channels; the
+    batch-1 Linear with each gather, fp32 and bf16 values; max pooling."""
+    lib = _variant_library(variant, tmp_path)
+    g = torch.Generator().manual_seed(7)
+    with kernels_of(lib), torch.no_grad():
+        for cin, cout, k, stride, pad, dil, groups, hw in ((16, 24, 3, 1, 1, 1, 1, 15), (8, 20, 1, 2, 0, 1, 1, 17),
+                                                          (12, 12, 3, 2, 1, 2, 4, 11), (3, 70, 7, 2, 3, 1, 1, 23)):
+            conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups)
+            mask = torch.rand(conv.weight.shape, generator=g) < 0.4
+            mask[: cout // 4] = False  # ablated output channels
+            ss.sparsify(conv, None, masks={"weight": mask})
+            dep = deploy(conv, plan="condensed")
+            for n in (1, 3):
+                x = torch.randn(n, cin, hw, hw - 2, generator=g)
+                for setting in dep.variants(x):
+                    dep.use_variant(setting)
+                    torch.testing.assert_close(dep(x), conv(x), rtol=1e-5, atol=1e-5)
+        for width, dtype, tol in ((300, torch.float32, 1e-5), (70_000, torch.float32, 1e-5),
+                                  (300, torch.bfloat16, 2e-2)):
+            lin = nn.Linear(width, 37)
+            ss.sparsify(lin, 0.8)
+            dep = deploy(lin, plan="condensed", dtype=dtype)
+            x = torch.randn(1, width, generator=g)
+            for gv in kernels.GEMV_VARIANTS:
+                dep.use_variant({"gemv_variant": gv})
+                torch.testing.assert_close(dep(x.to(dtype)).float(), lin(x), rtol=tol, atol=tol)
+        pool = nn.MaxPool2d(3, stride=2, padding=1)
+        x = torch.randn(1, 16, 33, 31, generator=g)
+        want = pool(x)
+        assert torch.equal(kernels.maxpool2d(x, (3, 3), (2, 2), (1, 1), tuple(want.shape[-2:])), want)
+
+
 def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
     if not kernels.build._x86():
         pytest.skip("variants are x86-64 builds")
@@ -349,15 +397,22 @@ def test_variant_choice_follows_the_cpu_and_the_environment(monkeypatch):
         kernels.chosen_variant(zen3)
     assert "\n" not in str(info.value)
     monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "sse9")
-    with pytest.raises(SemisparseError, match="must be one of generic, avx2, avx512"):
+    with pytest.raises(SemisparseError, match="must be one of generic, avx2, avx512, avx512-emulated"):
         kernels.chosen_variant(zen3)
+    monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", "avx512-emulated")  # asked for by name only, never chosen
+    if kernels.emulated_variants(zen3):
+        assert kernels.chosen_variant(zen3) == "avx512-emulated"
+    with pytest.raises(SemisparseError, match="needs an AVX2 CPU and the simde-py package"):
+        kernels.chosen_variant(old)
+    monkeypatch.delenv("SEMISPARSE_KERNEL_ISA")
+    assert kernels.chosen_variant(xeon) == "avx512" and kernels.chosen_variant(zen3) == "avx2"
 
 
 @needs_kernels
 def test_a_forced_variant_is_the_one_loaded(monkeypatch):
     for name in ("_lib", "_path", "_variant", "_tried", "_why_not"):  # a fresh load, undone after the test
         monkeypatch.setattr(kernels.build, name, getattr(kernels.build, name))
-    for want in kernels.runnable_variants():
+    for want in kernels.runnable_variants() + kernels.emulated_variants():
         monkeypatch.setenv("SEMISPARSE_KERNEL_ISA", want)
         monkeypatch.setattr(kernels.build, "_tried", False)
         assert kernels.loaded_variant() == want and kernels.library().ss_simd() == kernels.VARIANT_BITS[want]

@@ -242,6 +242,77 @@ def test_altered_cached_library_is_rebuilt_not_used(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the kernels built with AddressSanitizer: every read and write inside the buffers torch allocated
+
+
+@pytest.fixture(scope="module")
+def asan_cache(tmp_path_factory) -> Path:
+    """One kernel cache for the sanitizer tests: each sanitized library (~8 s to compile) is built once."""
+    return tmp_path_factory.mktemp("asan-cache")
+
+
+def _asan_env(tmp_path: Path, cache: Path, variant: str) -> dict:
+    """The environment of a process whose kernel library is ``variant`` built with AddressSanitizer (its
+    runtime preloaded into Python, with libstdc++ so that C++ exceptions in torch's extensions still work)."""
+    cc = kernels.build._compiler()
+    libs = [subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in ("libasan.so", "libstdc++.so")] if cc else []
+    if len(libs) != 2 or not all(os.path.isabs(lib) and os.path.exists(lib) for lib in libs):
+        pytest.skip("the C compiler has no AddressSanitizer runtime")
+    if variant not in kernels.runnable_variants() + kernels.emulated_variants():
+        pytest.skip(f"{variant} does not run here (an emulated variant needs an AVX2 CPU and simde-py)")
+    return {"SEMISPARSE_CACHE": str(cache), "SEMISPARSE_KERNEL_ISA": variant,
+            "SEMISPARSE_KERNEL_CFLAGS": "-fsanitize=address -fno-omit-frame-pointer", "LD_PRELOAD": " ".join(libs),
+            "ASAN_OPTIONS": f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}"}
+
+
+def _asan_reports(tmp_path: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in tmp_path.glob("asan*"))
+
+
+# the AVX-512 code first (never run natively here before, checked on every run), the AVX2 code in the slow run
+_ASAN_VARIANTS = ["avx512-emulated", "avx2"] if kernels.build._x86() else ["native"]
+
+
+@needs_kernels
+def test_address_sanitizer_build_reports_a_read_past_a_buffer(tmp_path, asan_cache):
+    """The oracle of the test below works: a kernel handed a buffer one float short (behind the wrappers'
+    checks) is stopped with an AddressSanitizer report."""
+    env = _asan_env(tmp_path, asan_cache, _ASAN_VARIANTS[0])
+    r = run_python("""
+        import torch
+        from semisparse.runtime.cpu import kernels
+        lib = kernels.library()
+        src, dst = torch.zeros(63), torch.zeros(64)  # an 8x8 transpose reads 64 floats
+        lib.ss_transpose(src.data_ptr(), dst.data_ptr(), 8, 8, 8, 8)
+        print("NOT CAUGHT")
+    """, **env)
+    assert r.returncode != 0 and "NOT CAUGHT" not in r.stdout, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert "ERROR: AddressSanitizer" in _asan_reports(tmp_path)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=() if i == 0 else pytest.mark.slow)
+                                     for i, v in enumerate(_ASAN_VARIANTS)])
+@pytest.mark.parametrize("scope", ["variant", pytest.param("runtime", marks=pytest.mark.slow)])
+def test_kernels_read_and_write_only_inside_their_buffers_under_address_sanitizer(variant, scope, tmp_path,
+                                                                                   asan_cache):
+    """Kernel and deploy tests run again with the library built with AddressSanitizer, on the AVX2 code and
+    on the AVX-512 code (emulated by SIMDe where the CPU lacks it): ``variant``, every entry point on shapes
+    with tails and each kernel setting the planner may pick on deployed layers; ``runtime`` (slow), every
+    runtime test."""
+    env = _asan_env(tmp_path, asan_cache, variant)
+    tests = (["tests/runtime/cpu/test_cpu_kernels.py", "-k", f"every_kernel_variant and {variant.split('-')[-1]}"]
+             if scope == "variant" else ["tests/runtime", "--ignore", "tests/runtime/cpu/test_kernel_safety.py"])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                        *tests], cwd=paths.ROOT, env={**os.environ, "PYTHONPATH": SRC, **env},
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and not _asan_reports(tmp_path), (r.stdout[-1500:], _asan_reports(tmp_path)[:3000])
+    passed = r.stdout.strip().splitlines()[-1]
+    assert " passed" in passed and (scope == "runtime" or passed.startswith("2 passed")), passed
+
+
+# ---------------------------------------------------------------------------------------------------------
 # graphs that cannot hold a ctypes call
 
 

@@ -7,8 +7,9 @@ so these kernels and torch's intra-op pool are one pool: the kernels run as many
 has, and no more than the CPUs the process may use at the call (:mod:`..cpus`). On x86-64 the source is
 built once per instruction-set variant (:data:`VARIANTS`: generic, AVX2/FMA, AVX-512) and the fastest one
 the CPU runs is loaded, chosen once per process from the CPU's flags (``SEMISPARSE_KERNEL_ISA`` forces one;
-a variant the CPU cannot run is a one-line error). Libraries are cached per source/compiler/variant under
-``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
+a variant the CPU cannot run is a one-line error). For tests, :data:`EMULATED` builds the AVX-512 code for AVX2
+CPUs with SIMDe emulating its intrinsics, so it is checked on machines that cannot run it natively. Libraries
+are cached per source/compiler/variant under ``$SEMISPARSE_CACHE`` (default ``~/.cache/semisparse/kernels``).
 
 Where no C compiler is found (or ``SEMISPARSE_NO_KERNELS=1``) the same functions run as pure torch
 reference code, one warning is issued, and the planner then keeps dense layers wherever that is slower.
@@ -28,10 +29,12 @@ its size and sha256 match what was recorded when it was built (a sidecar file); 
 
 from .binding import BLOCK, Stale, Table, extent, table
 from .build import (
+    EMULATED,
     VARIANT_BITS,
     VARIANTS,
     available,
     chosen_variant,
+    emulated_variants,
     library,
     loaded_variant,
     runnable_variants,
@@ -59,8 +62,9 @@ from .wrappers import (
 )
 
 __all__ = [
-    "BLOCK", "GEMV_VARIANTS", "VARIANTS", "VARIANT_BITS", "Stale", "Table", "available", "chosen_variant",
-    "conv2d_binding", "extent", "fill_rows", "gemv", "gemv_binding", "gemv_reference", "library", "loaded_variant",
-    "maxpool2d", "offsets", "pack_panels", "runnable_variants", "scratch", "simd_width", "spmm", "spmm_reference",
-    "spmm_tiled", "split_by_blocks", "table", "tile", "transpose", "unavailable_reason", "variant_library",
+    "BLOCK", "EMULATED", "GEMV_VARIANTS", "VARIANTS", "VARIANT_BITS", "Stale", "Table", "available", "chosen_variant",
+    "conv2d_binding", "emulated_variants", "extent", "fill_rows", "gemv", "gemv_binding", "gemv_reference", "library",
+    "loaded_variant", "maxpool2d", "offsets", "pack_panels", "runnable_variants", "scratch", "simd_width", "spmm",
+    "spmm_reference", "spmm_tiled", "split_by_blocks", "table", "tile", "transpose", "unavailable_reason",
+    "variant_library",
 ]

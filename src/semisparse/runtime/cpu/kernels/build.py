@@ -1,6 +1,7 @@
 """Building and loading the library of ``condensed.c``: compiled on first use with the system C compiler,
 once per instruction-set variant on x86-64 (:data:`VARIANTS`: generic, AVX2/FMA, AVX-512), the fastest one
-the CPU runs loaded (``SEMISPARSE_KERNEL_ISA`` forces one; a variant the CPU cannot run is a one-line error).
+the CPU runs loaded (``SEMISPARSE_KERNEL_ISA`` forces one; a variant the CPU cannot run is a one-line error; for
+tests, :data:`EMULATED` runs the AVX-512 code on AVX2 CPUs).
 Libraries are cached per source/compiler/variant under ``$SEMISPARSE_CACHE`` (default
 ``~/.cache/semisparse/kernels``) and loaded only when their size and sha256 match what was recorded when they
 were built (a sidecar file); otherwise rebuilt. No compiler (or ``SEMISPARSE_NO_KERNELS=1``): :func:`library`
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -106,8 +108,14 @@ VARIANTS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "avx2": (("avx2", "fma"), ["-march=haswell"]),
     "avx512": (("avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"), ["-march=skylake-avx512"]),
 }
+#: Variants for tests only, never loaded unless asked for: the AVX-512 kernels built for an AVX2 CPU, SIMDe
+#: (package ``simde-py``, in the ``test`` extra) standing in for the AVX-512 intrinsics, so that the 16-wide code
+#: runs and is checked against the reference on machines without AVX-512 (``SEMISPARSE_KERNEL_ISA=avx512-emulated``).
+EMULATED: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "avx512-emulated": (("avx2", "fma"), ["-march=haswell", "-DSS_EMULATE_AVX512", "-Wno-psabi"]),
+}
 #: The vector width in bits each variant's kernels use (``ss_simd``).
-VARIANT_BITS = {"generic": 0, "avx2": 256, "avx512": 512, "native": -1}
+VARIANT_BITS = {"generic": 0, "avx2": 256, "avx512": 512, "avx512-emulated": 512, "native": -1}
 
 
 def _x86() -> bool:
@@ -122,6 +130,34 @@ def runnable_variants(flags: str | None = None) -> list[str]:
     return [name for name, (needs, _) in VARIANTS.items() if all(f in have for f in needs)]
 
 
+def emulated_variants(flags: str | None = None) -> list[str]:
+    """The test-only variants (:data:`EMULATED`) this CPU runs and this environment can build (SIMDe present)."""
+    if not _x86() or _simde_include() is None:
+        return []
+    have = set((flags if flags is not None else _cpu_flags()).split())
+    return [name for name, (needs, _) in EMULATED.items() if all(f in have for f in needs)]
+
+
+def _simde_include() -> str | None:
+    try:
+        import simde_py
+    except ImportError:
+        return None
+    return simde_py.get_include()
+
+
+def _arch_flags(variant: str) -> list[str]:
+    """The compiler flags that select ``variant``'s instruction set (SIMDe's headers for an emulated one)."""
+    if variant in EMULATED:
+        return EMULATED[variant][1] + ["-I" + (_simde_include() or "")]
+    return VARIANTS[variant][1] if variant in VARIANTS else ["-march=native"]
+
+
+def _extra_flags() -> list[str]:
+    """``SEMISPARSE_KERNEL_CFLAGS``: compiler flags added to every build (tests build with a sanitizer)."""
+    return os.environ.get("SEMISPARSE_KERNEL_CFLAGS", "").split()
+
+
 def chosen_variant(flags: str | None = None) -> str:
     """The variant to load: ``SEMISPARSE_KERNEL_ISA`` when set (a ``SemisparseError`` when it names no
     variant, or one this CPU cannot run), else the fastest this CPU runs."""
@@ -129,9 +165,14 @@ def chosen_variant(flags: str | None = None) -> str:
     forced = os.environ.get("SEMISPARSE_KERNEL_ISA", "").strip().lower()
     if not forced:
         return runnable[-1]
-    names = list(VARIANTS) if _x86() else ["native"]
+    names = [*VARIANTS, *EMULATED] if _x86() else ["native"]
     if forced not in names:
         raise SemisparseError(f"SEMISPARSE_KERNEL_ISA must be one of {', '.join(names)}; got {forced!r}")
+    if forced in EMULATED and forced not in emulated_variants(flags):
+        raise SemisparseError(f"SEMISPARSE_KERNEL_ISA={forced}: it needs an AVX2 CPU and the simde-py package "
+                              "(pip install simde-py)")
+    if forced in EMULATED:
+        return forced
     if forced not in runnable:
         need = " ".join(VARIANTS[forced][0])
         raise SemisparseError(f"SEMISPARSE_KERNEL_ISA={forced}: this CPU cannot run it (it needs {need}; "
@@ -143,8 +184,8 @@ def _compile(cc: str, out: Path, variant: str = "native") -> Path:
     """Build the library into a fresh file next to ``out``; returns that file (fsynced, not yet renamed)."""
     base = [cc, "-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", str(_SRC), "-o"]
     errors = []
-    archs = ([VARIANTS[variant][1] + ["-mtune=native"], VARIANTS[variant][1]] if variant in VARIANTS
-             else [["-march=native"], []])
+    arch = _arch_flags(variant) + _extra_flags()
+    archs = [arch + ["-mtune=native"], arch] if variant != "native" else [arch, _extra_flags()]
     for arch in archs:
         tmp = Path(tempfile.mkstemp(suffix=".so", dir=out.parent, prefix=".tmp-")[1])
         try:
@@ -188,7 +229,9 @@ def _load(variant: str) -> tuple[ctypes.CDLL, Path]:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    flags = _cpu_flags() if variant == "native" else " ".join(VARIANTS[variant][1])
+    flags = " ".join([_cpu_flags() if variant == "native" else " ".join(_arch_flags(variant)), *_extra_flags()])
+    if variant in EMULATED:  # the headers are part of the source
+        flags += " simde-py " + importlib.metadata.version("simde-py")
     key = hashlib.sha256(
         _SRC.read_bytes() + version.encode() + platform.machine().encode() + flags.encode()
     ).hexdigest()[:16]
@@ -210,9 +253,9 @@ _variants: dict[str, ctypes.CDLL] = {}
 def variant_library(variant: str) -> ctypes.CDLL:
     """The library of one variant, built if needed (tests and benchmarks compare them; each library is its own
     ctypes handle, so several load side by side). A ``SemisparseError`` for a variant this CPU cannot run."""
-    if variant not in runnable_variants():
+    if variant not in runnable_variants() + emulated_variants():
         raise SemisparseError(f"kernel variant {variant!r} does not run on this CPU (it runs "
-                              f"{', '.join(runnable_variants())})")
+                              f"{', '.join(runnable_variants() + emulated_variants())})")
     with _lock:
         if variant not in _variants:
             _variants[variant] = _load(variant)[0]

@@ -43,6 +43,12 @@
 #if defined(SS_AVX2) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
     defined(__AVX512BW__)
 #define SS_AVX512 1
+#elif defined(SS_AVX2) && defined(SS_EMULATE_AVX512)
+/* For tests on CPUs without AVX-512: the same 16-wide code, its intrinsics emulated by SIMDe (header-only)
+ * with AVX2, so that it runs, and is checked against the reference, on any AVX2 machine. */
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define SS_AVX512 1
 #endif
 
 #ifndef SS_PF
@@ -636,6 +642,9 @@ static inline float hsum256(__m256 v) {
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 #ifdef SS_AVX512
+static inline float hsum512(__m512 v) {
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
 /* 16 inputs at a time: two 8-wide gathers joined (loads), or one 16-wide hardware gather. */
 static inline __m512 gather16_u16(const float *x, const uint16_t *id) {
     return _mm512_insertf32x8(_mm512_castps256_ps512(gather8_u16(x, id)), gather8_u16(x, id + 8), 1);
@@ -656,7 +665,7 @@ static inline __m512 hwgather16_i32(const float *x, const int32_t *id) {
             z0 = _mm512_fmadd_ps(LDW16(w + j), GATHER16(x, id + j), z0);                                \
             z1 = _mm512_fmadd_ps(LDW16(w + j + 16), GATHER16(x, id + j + 16), z1);                      \
         }                                                                                               \
-        const float head = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+        const float head = hsum512(_mm512_add_ps(z0, z1));
 #define SS_LDF16(p) _mm512_loadu_ps(p)
 #define SS_LDB16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                              \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
