@@ -66,7 +66,7 @@ def markdown(rows: list[dict], info: dict) -> str:
             *(["bf16 vs fastest bf16 dense", "bf16, each alone"] if bf16 else []), "others busy (CPUs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        pattern = "2:4" if r["masks"] == "2:4" else f"fan-in {r['sparsity']:g} ({r['masks']})"
+        pattern = r["masks"] if r["masks"].startswith("2:4") else f"fan-in {r['sparsity']:g} ({r['masks']})"
         r16 = ([f"{r['ratio_bf16_vs_fastest_bf16_dense']:.2f}x{bench.marks(r)} ({r['fastest_bf16_dense']})",
                 _alone(r, bf16=True)] if "deployed_bf16_ms" in r else ["-", "-"]) if bf16 else []
         cells = [r["model"], pattern, str(r["batch"]), f"{r['deployed_ms']:.1f}",
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=40, help="interleaved repetitions (median) at batch 1")
     p.add_argument("--reps-batched", type=int, default=12, help="interleaved repetitions at batch > 1")
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--patterns", nargs="*", choices=("fan-in", "2:4"), default=["fan-in", "2:4"])
+    p.add_argument("--patterns", nargs="*", choices=("fan-in", "2:4", "2:4-rows4"), default=["fan-in", "2:4"],
+                   help="2:4-rows4: 2:4 chosen per block of 4 output channels (ss.sparsify(shared_rows=4))")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--bf16", action="store_true",
                    help="also ss.deploy(dtype=torch.bfloat16) against the bf16 dense runtimes (torch bf16 autocast, "

@@ -16,6 +16,7 @@ from semisparse.patterns import (
     is_nm,
     nm_mask,
     pattern_table,
+    shared_row_scores,
 )
 
 
@@ -115,3 +116,25 @@ def test_check_view_names_the_layer_and_row():
 def test_nm_mask_rejects_length_not_multiple_of_m():
     with pytest.raises(SemisparseError, match="multiple of M=4"):
         nm_mask(torch.randn(2, 6), 2, 4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(nm_case(), st.integers(1, 5), st.booleans())
+def test_shared_rows_keep_the_same_positions_per_block_and_the_pattern_per_row(case, shared, fanin):
+    """Each block of ``shared`` rows (the last one shorter) keeps the positions with the largest summed
+    scores of the block; every row is still N:M / constant fan-in."""
+    scores, n, m = case
+    shared_scores = shared_row_scores(scores, shared)
+    mask = fanin_mask(shared_scores, n) if fanin else nm_mask(shared_scores, n, m)
+    assert is_constant_fanin(mask, n) if fanin else is_nm(mask, n, m)
+    for start in range(0, scores.shape[0], shared):
+        block = slice(start, start + shared)
+        assert bool((mask[block] == mask[start]).all())
+        want = fanin_mask(scores[block].sum(0, keepdim=True), n) if fanin else nm_mask(
+            scores[block].sum(0, keepdim=True), n, m)
+        assert torch.equal(mask[start:start + 1], want)
+
+
+def test_shared_row_scores_of_one_row_are_the_scores():
+    scores = torch.randn(5, 8)
+    assert shared_row_scores(scores, 1) is scores

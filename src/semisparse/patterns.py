@@ -137,6 +137,20 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, k)
 
 
+def shared_row_scores(scores: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each row's scores replaced by their sum over its block of ``rows`` consecutive rows (the last block may
+    be shorter): N:M or top-k on them keeps the same columns in every row of a block, which lets a CPU kernel
+    feed one loaded input to all the block's rows. Each row still has the pattern on its own."""
+    _check_view(scores)
+    if rows == 1:
+        return scores
+    R, K = scores.shape
+    pad = -R % rows
+    padded = torch.cat([scores, scores.new_zeros(pad, K)]) if pad else scores
+    sums = padded.view(-1, rows, K).sum(1)
+    return sums.repeat_interleave(rows, 0)[:R]
+
+
 def fanin_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest ``scores`` of every row (constant fan-in). ``scores``: ``(rows, K)``."""
     _check_view(scores)

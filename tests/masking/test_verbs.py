@@ -212,6 +212,9 @@ def test_check_raises_pattern_error_naming_the_tampered_layer():
         ({"pattern": -0.1}, r"sparsity must be a float in \(0, 1\)"),
         ({"method": "topk"}, "unknown method 'topk'; expected one of magnitude, random, gumbel"),
         ({"pattern": "2:4", "seed": 1}, "unknown option"),
+        ({"pattern": "2:4", "shared_rows": 0}, "shared_rows must be an int >= 1"),
+        ({"pattern": "2:4", "shared_rows": 2.0}, "shared_rows must be an int >= 1"),
+        ({"pattern": "2:4", "method": "gumbel", "shared_rows": 4}, "shared_rows"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_leaves_model_unmodified(kwargs, match):
@@ -221,6 +224,25 @@ def test_bad_input_is_a_clear_error_and_leaves_model_unmodified(kwargs, match):
         ss.sparsify(model, **kwargs)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("pattern,method", [("2:4", "magnitude"), (0.75, "magnitude"), ("2:4", "random")])
+def test_shared_rows_give_each_block_of_4_neurons_the_same_positions_and_keep_the_pattern(pattern, method):
+    model = small_cnn()
+    ss.sparsify(model, pattern, method=method, shared_rows=4)
+    ss.check(model)  # every row still N:M / constant fan-in
+    assert len(ss.masks(model)) >= 2
+    for key, mask in ss.masks(model).items():
+        rows = mask.flatten(1)
+        for start in range(0, rows.shape[0], 4):
+            assert bool((rows[start:start + 4] == rows[start]).all()), key
+    if method == "magnitude" and pattern == "2:4":  # each block keeps its largest summed magnitudes
+        layer = model[3]  # Conv2d(8, 16, 3): groups of 4 input channels per kernel tap
+        w = layer.parametrizations.weight.original.detach().permute(0, 2, 3, 1)  # (out, kh, kw, in)
+        kept = ss.masks(model)["3.weight"].permute(0, 2, 3, 1)
+        block = w.abs().reshape(4, 4, -1, 4).sum(1)  # (blocks, groups, 4)
+        top = block.topk(2, 2).indices.sort(2).values
+        assert torch.equal(kept.reshape(4, 4, -1, 4)[:, 0].nonzero()[:, 2].view(4, -1, 2), top)
 
 
 def test_model_without_eligible_layers_is_an_error():

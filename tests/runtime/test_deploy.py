@@ -18,6 +18,7 @@ from semisparse.runtime.cpu import kernels, planner
 from semisparse.runtime.cpu.layers import SparseConv, SparseLinear
 
 RTOL = 1e-5
+ROWS4 = {"block": 24, "pairs": False, "tile_kb": 0, "rows4": True}  # rows in blocks of 4 sharing their inputs
 
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the planner times kernels: no C compiler here")
@@ -466,7 +467,8 @@ def test_any_conv2d_geometry_and_setting_equals_masked_dense(cin, cout, k, strid
     ss.sparsify(conv, None, masks={"weight": mask})
     dep = deploy(conv, plan="condensed")
     x = torch.randn(n, cin, h, w)
-    assert len(dep.variants(x)) == 6  # the strategy's range covers every setting the planner may pick
+    settings = dep.variants(x)  # the strategy's range covers the six settings of rows that differ
+    assert len(settings) == 6 or (len(settings) == 7 and settings[-1] == ROWS4)
     dep.use_variant(dep.variants(x)[setting])
     with torch.no_grad():
         assert_equal_outputs(dep(x), conv(x))
@@ -478,6 +480,8 @@ def test_kernel_settings_have_readable_names():
     assert planner.setting_name({"block": 64, "pairs": False, "tile_kb": 32}) == "64,tiles32K"
     assert planner.setting_name({"panel_width": 32, "pairs": False, "transposed_out": True}) == "32,transposed"
     assert planner.setting_name({"gemv_variant": "packed"}) == "packed"
+    assert planner.setting_name(ROWS4) == "24,rows4"
+    assert planner.setting_name({"block": 64, "pairs": False, "tile_kb": 0, "rows4": False}) == "64"
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own reference conv
@@ -683,3 +687,80 @@ def test_kept_dense_swap_leaves_condensed_layers_and_the_hooks(monkeypatch):
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert_equal_outputs(out[0](x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows in blocks of 4 that keep the same inputs (sparsify(shared_rows=4)): the rows4 kernel setting
+
+
+def _shared_conv(cin, cout, k, seed=0, **kw) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, **kw)
+    ss.sparsify(conv, "2:4", shared_rows=4)
+    return conv
+
+
+
+@needs_kernels
+def test_rows4_is_offered_only_at_batch_1_for_rows_that_share_their_inputs():
+    shared = deploy(_shared_conv(16, 24, 3, padding=1), plan="condensed")
+    x = torch.randn(1, 16, 9, 9)
+    assert shared.variants(x)[-1] == ROWS4 and len(shared.variants(x)) == 7
+    assert not any(v["rows4"] for v in shared.variants(torch.randn(2, 16, 9, 9)))
+    torch.manual_seed(0)
+    per_row = nn.Conv2d(16, 24, 3, padding=1)
+    ss.sparsify(per_row, "2:4")
+    assert not any(v["rows4"] for v in deploy(per_row, plan="condensed").variants(x))
+    grouped = nn.Conv2d(16, 8, 1, groups=2)  # 4 rows per group: each block reads one group's inputs
+    ss.sparsify(grouped, "2:4", shared_rows=4)
+    assert any(v["rows4"] for v in deploy(grouped, plan="condensed").variants(torch.randn(1, 16, 5, 5)))
+    crossing = nn.Conv2d(16, 4, 1, groups=2)  # a block of 4 rows spans both groups: other inputs, no rows4
+    ss.sparsify(crossing, "2:4", shared_rows=4)
+    assert not any(v["rows4"] for v in deploy(crossing, plan="condensed").variants(torch.randn(1, 16, 5, 5)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(cin=st.sampled_from([4, 8, 12]), blocks=st.integers(1, 5), k=st.integers(1, 3), stride=st.integers(1, 2),
+       pad=st.integers(0, 1), dil=st.integers(1, 2), h=st.integers(3, 30), w=st.integers(3, 13),
+       ablate=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_rows4_conv_equals_masked_dense_for_any_geometry(cin, blocks, k, stride, pad, dil, h, w, ablate, bias, seed):
+    """Any number of positions (partial last tiles of 24), strides, dilations, whole blocks ablated, no bias:
+    the rows4 setting computes the masked dense conv, and writes nothing past a row's positions."""
+    if (h + 2 * pad - dil * (k - 1) - 1) < 0 or (w + 2 * pad - dil * (k - 1) - 1) < 0:
+        return
+    conv = _shared_conv(cin, 4 * blocks, k, seed=seed, stride=stride, padding=pad, dilation=dil, bias=bias)
+    if ablate and blocks > 1:  # a whole block of 4 output channels ablated: the rest still in blocks
+        with torch.no_grad():
+            mask = ss.masks(conv)["weight"]
+            mask[:4] = False
+        ss.sparsify(conv, None, masks={"weight": mask}, overwrite=True)
+    dep = deploy(conv, plan="condensed")
+    x = torch.randn(1, cin, h, w)
+    assert dep.variants(x)[-1]["rows4"]
+    dep.use_variant(dep.variants(x)[-1])
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), conv(x))
+        assert_equal_outputs(dep(x), conv(x))  # the bound call
+        assert dep.__dict__["_fast_conv"] is not None
+        x2 = torch.randn(2, cin, h, w)  # a batch after planning at 1: the batched path, same setting
+        assert_equal_outputs(dep(x2), conv(x2))
+
+
+@needs_kernels
+def test_rows4_binding_refuses_rows_that_do_not_share_their_offsets():
+    dep = deploy(_shared_conv(8, 8, 1), plan="condensed")
+    x = torch.randn(1, 8, 6, 6)
+    dep.use_variant(ROWS4)
+    with torch.no_grad():
+        dep(x)
+    run_args = dep.__dict__["_fast_conv"]
+    assert run_args is not None
+    g = dep._plan_geometry(1, (6, 6))
+    off = g["off"].tensor().clone()
+    off[1, 0] += 1  # row 1 of block 0 now reads another input than row 0
+    geo = dict(C=8, H0=6, W0=6, sh=1, sw=1, H=6, W=6, pt=0, pl=0, Hp=6, Wp=6, cs=g["c_stride"], stH=1, stW=1,
+               Hq=6, Wq=6, P=g["P"], Ho=6, Wo=6)
+    tables = dep._tables()
+    with pytest.raises(ValueError, match="rows4 needs rows in blocks of 4 with the same offsets"):
+        kernels.conv2d_binding(geo, dep._rows4_values(), off, None, dep.bias_rows(), tables["orow"],
+                               tables["ablated"], torch.zeros(0), 24, 3, 8)

@@ -163,7 +163,8 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     """A whole registry model made sparse here, deployed, against its dense self and the dense runtimes.
 
     ``pattern``: ``"fan-in"`` at ``sparsity`` with ``masks`` ``"uniform"`` (constant fan-in) or ``"srigl"``
-    (:func:`srigl_like_masks` with ``ablation``), or ``"2:4"`` (magnitude 2:4; ``sparsity`` ignored).
+    (:func:`srigl_like_masks` with ``ablation``), or ``"2:4"`` (magnitude 2:4; ``sparsity`` ignored);
+    ``"2:4-rows4"``: magnitude 2:4 shared by blocks of 4 output channels (``shared_rows=4``).
     Returns one result row (:func:`bench_sparse`)."""
     torch.manual_seed(0)
     model = create_model(name).eval()
@@ -174,9 +175,9 @@ def bench_model(name: str, sparsity: float = 0.9, batch: int = 1, reps: int = 20
     x = default_example_input(model, batch)
     if image_size is not None:
         x = torch.randn(*x.shape[:2], *([image_size] * (x.dim() - 2)))
-    if pattern == "2:4":
-        sparsify(model, "2:4")
-        masks, sparsity = "2:4", 0.5
+    if pattern in ("2:4", "2:4-rows4"):
+        sparsify(model, "2:4", shared_rows=4 if pattern == "2:4-rows4" else 1)
+        masks, sparsity = pattern, 0.5
     elif masks == "srigl":
         sparsify(model, None, masks=srigl_like_masks(model, sparsity, ablation))
     else:

@@ -29,26 +29,29 @@ from torch.nn.utils import parametrize
 
 from ..errors import PatternError, SemisparseError
 from ..layout import Layout
-from ..patterns import NM, FanIn, check_view, fanin_mask, nm_mask
+from ..patterns import NM, FanIn, check_view, fanin_mask, nm_mask, shared_row_scores
 
 #: What a layer's mask must satisfy: N:M, a constant fan-in k per neuron (int), or None (unstructured).
 Target = NM | int | None
 
 
-def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn) -> tuple[torch.Tensor, Target]:
+def structured_mask(scores: torch.Tensor, layout: Layout, pattern: NM | FanIn,
+                    shared_rows: int = 1) -> tuple[torch.Tensor, Target]:
     """The weight-shaped bool mask keeping the highest ``scores`` under ``pattern``, and its target.
 
     ``scores`` has the weight's shape. For a padded (kernel-tap) layout the padding scores ``-inf`` so a
-    real weight always wins over padding.
+    real weight always wins over padding. ``shared_rows > 1``: every block of that many output rows keeps the
+    same positions, chosen by the block's summed scores (:func:`~semisparse.patterns.shared_row_scores`).
     """
     if isinstance(pattern, NM):
         if layout.mode == "taps":
             view = layout.to_view(scores.float(), pattern.m, fill=float("-inf"))
-            return layout.from_view(nm_mask(view, pattern.n, pattern.m)), pattern
-        return layout.from_view(nm_mask(layout.to_view(scores), pattern.n, pattern.m)), pattern
+        else:
+            view = layout.to_view(scores)
+        return layout.from_view(nm_mask(shared_row_scores(view, shared_rows), pattern.n, pattern.m)), pattern
     view = layout.to_view(scores)
     k = pattern.k(view.shape[1])
-    return layout.from_view(fanin_mask(view, k)), k
+    return layout.from_view(fanin_mask(shared_row_scores(view, shared_rows), k)), k
 
 
 class SparseParametrization(nn.Module):

@@ -32,7 +32,8 @@ def _target_of_given(mask: torch.Tensor, layout: Layout, pattern: NM | FanIn | N
 
 def _validate_options(method: str, options: Mapping[str, object]) -> None:
     allowed = {
-        "magnitude": set(), "random": {"seed"}, "sparsegpt": {"dampening", "blocksize", "progress"},
+        "magnitude": {"shared_rows"}, "random": {"seed", "shared_rows"},
+        "sparsegpt": {"dampening", "blocksize", "progress"},
         "wanda": {"progress"},
     }.get(method)
     if allowed is None:
@@ -41,6 +42,10 @@ def _validate_options(method: str, options: Mapping[str, object]) -> None:
     if unknown:
         extra = f" (accepted: {', '.join(sorted(allowed))})" if allowed else ""
         raise SemisparseError(f"unknown option(s) {', '.join(unknown)} for method={method!r}{extra}")
+    shared = options.get("shared_rows", 1)
+    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1:
+        raise SemisparseError(f"shared_rows must be an int >= 1 (output rows that keep the same positions), "
+                              f"got {shared!r}")
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SemisparseError(f"seed must be an int (the random masks' generator seed), got {seed!r}")
@@ -120,6 +125,9 @@ def sparsify(
     ``overwrite=True`` (masks are recomputed from the dense weights kept underneath). ``permute=True``
     (N:M only) first reorders channels so N:M keeps more magnitude, keeping the model's function
     (:mod:`semisparse.masking.permute`); the report's ``extra`` holds the kept share before/after.
+    ``shared_rows=4`` (magnitude and random masks): each block of 4 consecutive output neurons keeps the same
+    positions, chosen by the block's summed scores; every row still has the pattern (2:4 for GPU sparse tensor
+    cores too), and a batch-1 CPU conv then feeds each loaded input to 4 rows (the ``rows4`` kernel setting).
 
     **Calibrated one-shot** (``method="sparsegpt"`` or ``"wanda"``, :mod:`semisparse.masking.oneshot`) needs
     ``calibration``: an iterable of input batches (tensor, tuple or dict), a DataLoader (first element of
@@ -270,7 +278,7 @@ def sparsify(
             for c in eligible:
                 w = dense_weight(c)
                 scores = w.abs() if method == "magnitude" else torch.rand(w.shape, generator=gen).to(w.device)
-                m, target = structured_mask(scores, c.layout, pat)
+                m, target = structured_mask(scores, c.layout, pat, int(options.get("shared_rows", 1)))
                 chosen.append((c, Mask(m, c.layout, target)))
 
     # Everything is computed and valid: only now is the model modified.

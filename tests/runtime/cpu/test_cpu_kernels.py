@@ -349,8 +349,8 @@ def test_every_kernel_variant_equals_the_reference_on_shapes_with_tails(variant,
 @pytest.mark.parametrize("variant", _variant_params())
 def test_every_kernel_variant_deploys_layers_equal_to_the_masked_model(variant, tmp_path):
     """Deployed layers run by each variant (the AVX-512 one emulated where the CPU lacks it) against torch:
-    conv geometries with every kernel setting the planner may pick, batch 1 and 3, ablated channels; the
-    batch-1 Linear with each gather, fp32 and bf16 values; max pooling."""
+    conv geometries with every kernel setting the planner may pick, batch 1 and 3, ablated channels, rows4;
+    the batch-1 Linear with each gather, fp32 and bf16 values; max pooling."""
     lib = _variant_library(variant, tmp_path)
     g = torch.Generator().manual_seed(7)
     with kernels_of(lib), torch.no_grad():
@@ -366,6 +366,14 @@ def test_every_kernel_variant_deploys_layers_equal_to_the_masked_model(variant, 
                 for setting in dep.variants(x):
                     dep.use_variant(setting)
                     torch.testing.assert_close(dep(x), conv(x), rtol=1e-5, atol=1e-5)
+        for stride, hw in ((1, 13), (2, 23)):  # rows in blocks of 4 sharing their inputs: the rows4 setting
+            conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1)
+            ss.sparsify(conv, "2:4", shared_rows=4)
+            dep = deploy(conv, plan="condensed")
+            x = torch.randn(1, 16, hw, hw - 4, generator=g)
+            assert dep.variants(x)[-1]["rows4"]
+            dep.use_variant(dep.variants(x)[-1])
+            torch.testing.assert_close(dep(x), conv(x), rtol=1e-5, atol=1e-5)
         for width, dtype, tol in ((300, torch.float32, 1e-5), (70_000, torch.float32, 1e-5),
                                   (300, torch.bfloat16, 2e-2)):
             lin = nn.Linear(width, 37)

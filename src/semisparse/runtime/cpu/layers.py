@@ -248,7 +248,7 @@ class _Condensed(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the stored tensors (they may have been replaced or refilled)."""
-        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32", "_weight"):
+        for name in ("_bias_rows", "_ablated_fill", "_held", "_index_tables", "_values32", "_values_rows4", "_weight"):
             self.__dict__.pop(name, None)
         for name in ("_offsets", "_geometry"):  # hold sorted copies of the values (channel tiles)
             cache = self.__dict__.get(name)
@@ -390,7 +390,8 @@ class _Condensed(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # a bound kernel call holds raw pointers: never copied or pickled
-        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill", "_held", "_index_tables", "_weight"):
+        for name in ("_bound_gemv", "_fast_conv", "_bias_rows", "_ablated_fill", "_held", "_index_tables", "_weight",
+                     "_values_rows4"):
             state.pop(name, None)
         return state
 
@@ -541,6 +542,7 @@ class SparseConv(_Condensed):
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
         self.tile_kb = 0  # > 0: sweep input channels in tiles whose input block fits this many KiB (L1)
+        self.rows4 = False  # batch-1 2-D only: rows in blocks of 4 that read the same inputs (see _shares_rows4)
 
     def _pads(self) -> list[tuple[int, int]]:
         if self.padding == "valid":
@@ -731,7 +733,9 @@ class SparseConv(_Condensed):
         """Bind the one-call batch-1 convolution for this input shape and kernel setting; forward then calls it
         directly until the shape, the mode, the setting or the stored tensors change."""
         seg = None
-        if self.tile_kb and self.block in (32, 64):
+        if self.rows4 and self._shares_rows4(g):
+            W, off, kind, PB = self._rows4_values(), g["off"], 3, 24
+        elif self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
             kind, PB = 2, self.block
         elif self.pairs and self.block == 32:
@@ -767,11 +771,36 @@ class SparseConv(_Condensed):
             g[key] = (W, kernels.Table(off), kernels.Table(seg))
         return g[key]
 
+    def _shares_rows4(self, g: dict) -> bool:
+        """Whether the stored rows come in blocks of 4 that read the same inputs at geometry ``g`` (masks chosen
+        per block of 4 output channels, e.g. 2:4 shared by the block): then one loaded input vector feeds 4
+        rows, as in a dense GEMM microkernel, instead of 1."""
+        if "rows4" not in g:
+            off = g["off"].tensor() if isinstance(g["off"], kernels.Table) else g["off"]
+            rows, k = off.shape
+            blocks = off.view(rows // 4, 4, k) if rows and rows % 4 == 0 else None
+            g["rows4"] = blocks is not None and bool((blocks == blocks[:, :1]).all())
+        return g["rows4"]
+
+    def _rows4_values(self) -> torch.Tensor:
+        """The values of each block of 4 rows interleaved, ``[b, j, i] = values[4b + i, j]`` (cached)."""
+        v = self.__dict__.get("_values_rows4")
+        if v is None:
+            w = self._kvalues()
+            rows, k = w.shape
+            v = self.__dict__["_values_rows4"] = w.view(rows // 4, 4, k).transpose(1, 2).contiguous().view(rows, k)
+        return v
+
     def variants(self, x: torch.Tensor) -> list[dict]:
         # the settings that won somewhere on ResNet-50's layers (benchmarks: interleaved A/B on machine R)
-        return [{"block": 64, "pairs": False, "tile_kb": 0}, {"block": 32, "pairs": True, "tile_kb": 0},
-                {"block": 64, "pairs": False, "tile_kb": 32}, {"block": 64, "pairs": False, "tile_kb": 16},
-                {"block": 32, "pairs": False, "tile_kb": 16}, {"block": 32, "pairs": False, "tile_kb": 32}]
+        settings = [{"block": 64, "pairs": False, "tile_kb": 0}, {"block": 32, "pairs": True, "tile_kb": 0},
+                    {"block": 64, "pairs": False, "tile_kb": 32}, {"block": 64, "pairs": False, "tile_kb": 16},
+                    {"block": 32, "pairs": False, "tile_kb": 16}, {"block": 32, "pairs": False, "tile_kb": 32}]
+        settings = [{**v, "rows4": False} for v in settings]
+        g = self._plan_geometry(x.shape[0], tuple(x.shape[2:])) if x.dim() == self.nd + 2 else None
+        if x.shape[0] == 1 and self.nd == 2 and g is not None and self._shares_rows4(g):
+            settings.append({"block": 24, "pairs": False, "tile_kb": 0, "rows4": True})
+        return settings
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

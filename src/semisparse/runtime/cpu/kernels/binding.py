@@ -282,8 +282,12 @@ def _check_conv_plan(g: dict, W: torch.Tensor, off: Table, seg: Table | None,  #
     if (v["H"] != -(-v["H0"] // v["sh"]) or v["W"] != -(-v["W0"] // v["sw"]) or v["pl"] + v["W"] > v["Wq"] * v["stW"]
             or v["cs"] < v["stH"] * v["stW"] * plane or v["P"] > plane or v["Ho"] > v["Hq"] or v["Wo"] > v["Wq"]):
         raise _bad(f"inconsistent conv geometry: {v}")
-    if kind not in (0, 1, 2) or PB not in ((8, 16, 24, 32, 40, 48, 56, 64), (32,), (32, 64))[kind]:
+    if kind not in (0, 1, 2, 3) or PB not in ((8, 16, 24, 32, 40, 48, 56, 64), (32,), (32, 64), (24,))[kind]:
         raise _bad(f"kernel kind {kind} with PB {PB} is not a kernel setting")
+    if kind == 3:  # the kernel reads each block's offsets from its first row: they must be every row's
+        blocks = off.tensor().view(rows // 4, 4, k) if rows % 4 == 0 else None
+        if blocks is None or not bool((blocks == blocks[:, :1]).all()):
+            raise _bad("rows4 needs rows in blocks of 4 with the same offsets")
     if kind == 2:
         if seg is None or seg.dim() != 2 or seg.shape[0] != rows or seg.shape[1] < 2:
             raise _bad("channel tiles need seg (rows, tiles + 1)")

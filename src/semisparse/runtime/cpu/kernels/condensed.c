@@ -67,7 +67,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 23; }
+int ss_abi_version(void) { return 24; }
 
 int ss_simd(void) {
 #if defined(SS_AVX512)
@@ -873,11 +873,76 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
  * stride 1) in one call and one parallel region: zero-padded copy of x into xbuf, the ablated rows' constant,
  * the condensed product into ybuf (or straight into out when nothing is cropped), the crop into out.
  * Python builds the plan once per input shape and kernel setting. Returns 0, or -1 (scratch allocation). */
+/* Rows in blocks of 4 that keep the same inputs (a row-block-shared mask, e.g. 2:4 chosen per block of 4
+ * output channels): each loaded input vector feeds 4 FMAs, one per row, as in a dense GEMM microkernel, where
+ * per-row masks give 1. W4 holds block b's weights interleaved, W4[(b*k + j)*4 + i] = w[4b + i, j]; the
+ * block's offsets are its first row's, off[4b*k + j]. Tiles of 24 positions (3 vectors x 4 rows = 12
+ * accumulators), positions outer so that a 24-column slice of the input stays in L2 across all blocks. A
+ * partial last tile reads up to 23 floats past P (inside the BLOCK of slack after the input) and writes
+ * only its P - p0 positions. */
+#define SS_ROWS4_PB 24
+static void rows4_tile(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
+                       float *y0, float *y1, float *y2, float *y3, int n) {
+#ifdef SS_AVX2
+    __m256 a0 = _mm256_set1_ps(bias[0]), a1 = a0, a2 = a0, b0 = _mm256_set1_ps(bias[1]), b1 = b0, b2 = b0;
+    __m256 c0 = _mm256_set1_ps(bias[2]), c1 = c0, c2 = c0, d0 = _mm256_set1_ps(bias[3]), d1 = d0, d2 = d0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *s = xb + off[j], *wj = w + 4 * j;
+        const __m256 x0 = _mm256_loadu_ps(s), x1 = _mm256_loadu_ps(s + 8), x2 = _mm256_loadu_ps(s + 16);
+        __m256 v = _mm256_broadcast_ss(wj);
+        a0 = _mm256_fmadd_ps(v, x0, a0), a1 = _mm256_fmadd_ps(v, x1, a1), a2 = _mm256_fmadd_ps(v, x2, a2);
+        v = _mm256_broadcast_ss(wj + 1);
+        b0 = _mm256_fmadd_ps(v, x0, b0), b1 = _mm256_fmadd_ps(v, x1, b1), b2 = _mm256_fmadd_ps(v, x2, b2);
+        v = _mm256_broadcast_ss(wj + 2);
+        c0 = _mm256_fmadd_ps(v, x0, c0), c1 = _mm256_fmadd_ps(v, x1, c1), c2 = _mm256_fmadd_ps(v, x2, c2);
+        v = _mm256_broadcast_ss(wj + 3);
+        d0 = _mm256_fmadd_ps(v, x0, d0), d1 = _mm256_fmadd_ps(v, x1, d1), d2 = _mm256_fmadd_ps(v, x2, d2);
+    }
+    float t[4][SS_ROWS4_PB];
+    float *dst[4] = {y0, y1, y2, y3};
+    const int full = n == SS_ROWS4_PB;
+#define SS_ROWS4_OUT(R, A0, A1, A2)                                                                     \
+    do {                                                                                                \
+        float *o_ = full ? dst[R] : t[R];                                                               \
+        _mm256_storeu_ps(o_, A0), _mm256_storeu_ps(o_ + 8, A1), _mm256_storeu_ps(o_ + 16, A2);          \
+    } while (0)
+    SS_ROWS4_OUT(0, a0, a1, a2);
+    SS_ROWS4_OUT(1, b0, b1, b2);
+    SS_ROWS4_OUT(2, c0, c1, c2);
+    SS_ROWS4_OUT(3, d0, d1, d2);
+#undef SS_ROWS4_OUT
+    if (!full)
+        for (int r = 0; r < 4; ++r) memcpy(dst[r], t[r], sizeof(float) * (size_t)n);
+#else
+    float *dst[4] = {y0, y1, y2, y3};
+    for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < n; ++i) {
+            float a = bias[r];
+            for (int64_t j = 0; j < k; ++j) a += w[4 * j + r] * xb[off[j] + i];
+            dst[r][i] = a;
+        }
+#endif
+}
+
+static void rows4_body(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
+                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy) {
+    const int64_t nblk = rows / 4, nt = (P + SS_ROWS4_PB - 1) / SS_ROWS4_PB;
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t t = 0; t < nt; ++t)
+        for (int64_t b = 0; b < nblk; ++b) {
+            const int64_t p0 = t * SS_ROWS4_PB, r = 4 * b;
+            const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+            rows4_tile(X + p0, W4 + r * k, off + r * k, k, bias ? bias + r : zero, Y + orow[r] * ldy + p0,
+                       Y + orow[r + 1] * ldy + p0, Y + orow[r + 2] * ldy + p0, Y + orow[r + 3] * ldy + p0,
+                       (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB));
+        }
+}
+
 typedef struct {
     int64_t C, H0, W0, sh, sw;       /* input channels, input size, subsampling steps (1x1 convs) */
     int64_t H, W, pt, pl, Hp, Wp, cs; /* subsampled size, top/left padding, padded size, channel stride */
     int64_t stH, stW, Hq, Wq;        /* stride (phases), phase plane size: padded[a::stH, b::stW] */
-    const float *Wt;                 /* kept values (rows, k), in the order of off */
+    const float *Wt;                 /* kept values (rows, k), in the order of off; kind 3: rows4 layout */
     const int32_t *off, *seg;        /* offsets (rows, k); tiles (rows, nt + 1) when kind == 2 */
     const float *bias;               /* per stored row, or NULL */
     const int64_t *orow, *abl;       /* output channel of each stored row; ablated output channels */
@@ -948,7 +1013,9 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
             float *o = Y + p->abl[i] * plane;
             for (int64_t q = 0; q < plane; ++q) o[q] = p->abl_vals[i];
         }
-        if (p->kind == 2)
+        if (p->kind == 3)
+            rows4_body(xbuf, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane);
+        else if (p->kind == 2)
             tiled_body(xbuf, p->Wt, p->off, p->seg, p->nt, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1,
                        p->PB, p->PB, p->by_blocks, &failed);
         else if (p->kind == 1)

@@ -327,7 +327,8 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor | Table, s
     ``geometry``: ``C, H0, W0, sh, sw, H, W, pt, pl, Hp, Wp, cs, stH, stW, Hq, Wq, P, Ho, Wo`` (input channels
     and size, the 1x1 subsampling steps, the padded size, the stride phases and their planes, positions,
     output size). ``kind`` 0: one row per pass
-    (``PB`` 8-64), 1: row pairs (``PB`` 32), 2: channel tiles (``seg``, ``PB`` 32 or 64). None without kernels.
+    (``PB`` 8-64), 1: row pairs (``PB`` 32), 2: channel tiles (``seg``, ``PB`` 32 or 64), 3: blocks of 4 rows
+    with the same offsets (``PB`` 24; ``W`` in :func:`rows4_values` order). None without kernels.
     The plan is checked once (:func:`_check_conv_plan`) on private copies of the index tables (:class:`Table`);
     ``run`` checks ``x`` is ``(C, H0, W0)`` and ``out`` ``(out_channels, Ho, Wo)`` worth of contiguous fp32, holds
     the float tensors (:class:`_Held`), and raises :class:`Stale` once one was replaced or resized, or an index
