@@ -881,30 +881,44 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
  * partial last tile reads up to 23 floats past P (inside the BLOCK of slack after the input) and writes
  * only its P - p0 positions. */
 #define SS_ROWS4_PB 24
-static void rows4_tile(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
-                       float *y0, float *y1, float *y2, float *y3, int n) {
 #ifdef SS_AVX2
+/* One tile of NV vectors (NV = 3 full, 1-2 for a short last tile: less work on 7x7 and 14x14 planes); NV is a
+ * constant at each call, so the unused accumulators and loads compile away. */
+SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
+                             float *const *dst, int n, const int NV) {
     __m256 a0 = _mm256_set1_ps(bias[0]), a1 = a0, a2 = a0, b0 = _mm256_set1_ps(bias[1]), b1 = b0, b2 = b0;
     __m256 c0 = _mm256_set1_ps(bias[2]), c1 = c0, c2 = c0, d0 = _mm256_set1_ps(bias[3]), d1 = d0, d2 = d0;
+    const __m256 z = _mm256_setzero_ps();
     for (int64_t j = 0; j < k; ++j) {
+        if (j + SS_PF < k) { /* the first and last line of the tile's input SS_PF weights ahead */
+            const char *q = (const char *)(xb + off[j + SS_PF]);
+            _mm_prefetch(q, _MM_HINT_T0);
+            if (NV > 1) _mm_prefetch(q + 32 * NV - 4, _MM_HINT_T0);
+        }
         const float *s = xb + off[j], *wj = w + 4 * j;
-        const __m256 x0 = _mm256_loadu_ps(s), x1 = _mm256_loadu_ps(s + 8), x2 = _mm256_loadu_ps(s + 16);
-        __m256 v = _mm256_broadcast_ss(wj);
-        a0 = _mm256_fmadd_ps(v, x0, a0), a1 = _mm256_fmadd_ps(v, x1, a1), a2 = _mm256_fmadd_ps(v, x2, a2);
-        v = _mm256_broadcast_ss(wj + 1);
-        b0 = _mm256_fmadd_ps(v, x0, b0), b1 = _mm256_fmadd_ps(v, x1, b1), b2 = _mm256_fmadd_ps(v, x2, b2);
-        v = _mm256_broadcast_ss(wj + 2);
-        c0 = _mm256_fmadd_ps(v, x0, c0), c1 = _mm256_fmadd_ps(v, x1, c1), c2 = _mm256_fmadd_ps(v, x2, c2);
-        v = _mm256_broadcast_ss(wj + 3);
-        d0 = _mm256_fmadd_ps(v, x0, d0), d1 = _mm256_fmadd_ps(v, x1, d1), d2 = _mm256_fmadd_ps(v, x2, d2);
+        const __m256 x0 = _mm256_loadu_ps(s), x1 = NV > 1 ? _mm256_loadu_ps(s + 8) : z;
+        const __m256 x2 = NV > 2 ? _mm256_loadu_ps(s + 16) : z;
+#define SS_ROWS4_FMA(R, A0, A1, A2)                                                                     \
+        do {                                                                                            \
+            const __m256 v_ = _mm256_broadcast_ss(wj + (R));                                            \
+            A0 = _mm256_fmadd_ps(v_, x0, A0);                                                           \
+            if (NV > 1) A1 = _mm256_fmadd_ps(v_, x1, A1);                                               \
+            if (NV > 2) A2 = _mm256_fmadd_ps(v_, x2, A2);                                               \
+        } while (0)
+        SS_ROWS4_FMA(0, a0, a1, a2);
+        SS_ROWS4_FMA(1, b0, b1, b2);
+        SS_ROWS4_FMA(2, c0, c1, c2);
+        SS_ROWS4_FMA(3, d0, d1, d2);
+#undef SS_ROWS4_FMA
     }
     float t[4][SS_ROWS4_PB];
-    float *dst[4] = {y0, y1, y2, y3};
-    const int full = n == SS_ROWS4_PB;
+    const int full = n == 8 * NV;
 #define SS_ROWS4_OUT(R, A0, A1, A2)                                                                     \
     do {                                                                                                \
         float *o_ = full ? dst[R] : t[R];                                                               \
-        _mm256_storeu_ps(o_, A0), _mm256_storeu_ps(o_ + 8, A1), _mm256_storeu_ps(o_ + 16, A2);          \
+        _mm256_storeu_ps(o_, A0);                                                                       \
+        if (NV > 1) _mm256_storeu_ps(o_ + 8, A1);                                                       \
+        if (NV > 2) _mm256_storeu_ps(o_ + 16, A2);                                                      \
     } while (0)
     SS_ROWS4_OUT(0, a0, a1, a2);
     SS_ROWS4_OUT(1, b0, b1, b2);
@@ -913,8 +927,20 @@ static void rows4_tile(const float *xb, const float *w, const int32_t *off, int6
 #undef SS_ROWS4_OUT
     if (!full)
         for (int r = 0; r < 4; ++r) memcpy(dst[r], t[r], sizeof(float) * (size_t)n);
+}
+#endif
+
+static void rows4_tile(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
+                       float *y0, float *y1, float *y2, float *y3, int n) {
+    float *const dst[4] = {y0, y1, y2, y3};
+#ifdef SS_AVX2
+    if (n > 16)
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, 3);
+    else if (n > 8)
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, 2);
+    else
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, 1);
 #else
-    float *dst[4] = {y0, y1, y2, y3};
     for (int r = 0; r < 4; ++r)
         for (int i = 0; i < n; ++i) {
             float a = bias[r];
