@@ -764,3 +764,31 @@ def test_rows4_binding_refuses_rows_that_do_not_share_their_offsets():
     with pytest.raises(ValueError, match="rows4 needs rows in blocks of 4 with the same offsets"):
         kernels.conv2d_binding(geo, dep._rows4_values(), off, None, dep.bias_rows(), tables["orow"],
                                tables["ablated"], torch.zeros(0), 24, 3, 8)
+
+
+@pytest.mark.parametrize("batch", [24, 25, 50, 197])
+@pytest.mark.parametrize("ablate", [False, True])
+def test_rows4_linear_equals_masked_dense(batch, ablate):
+    """Panels of 24 tokens, a partial last panel, a whole block of 4 neurons ablated; smaller batches run
+    the other kernels under the same setting."""
+    torch.manual_seed(batch)
+    lin = nn.Linear(64, 40)
+    ss.sparsify(lin, "2:4", shared_rows=4)
+    if ablate:
+        mask = ss.masks(lin)["weight"]
+        mask[8:12] = False
+        ss.sparsify(lin, None, masks={"weight": mask}, overwrite=True)
+    dep = deploy(lin, plan="condensed")
+    x = torch.randn(batch, 64)
+    settings = dep.variants(x)
+    assert settings[-1] == {"panel_width": 24, "pairs": False, "transposed_out": True, "rows4": True}
+    assert not any(v.get("rows4") for v in dep.variants(torch.randn(23, 64)))
+    dep.use_variant(settings[-1])
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), lin(x))
+        x_small = torch.randn(7, 64)
+        assert_equal_outputs(dep(x_small), lin(x_small))
+    torch.manual_seed(0)
+    per_row = nn.Linear(64, 40)
+    ss.sparsify(per_row, "2:4")
+    assert not any(v.get("rows4") for v in deploy(per_row, plan="condensed").variants(x))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 import semisparse as ss
-from helpers.kernel_switch import kernels_of
+from helpers.kernel_switch import kernels_of, kernels_off
 from semisparse.errors import SemisparseError
 from semisparse.runtime import deploy
 from semisparse.runtime.cpu import kernels
@@ -42,6 +44,33 @@ def test_spmm_matches_reference_for_every_tail(P, PB, wide):
     kernels.spmm(X, W, off, bias, orow, got, P, P, PB, K * PB)
     kernels.spmm_reference(X, W, off, bias, orow, want, P, P, PB, K * PB)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("P", [1, 8, 23, 24, 25, 47, 48, 49, 100])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_spmm_rows4_matches_reference_for_every_tail(P, with_kernels):
+    """Blocks of 4 rows with the same offsets, W in rows4 order: tiles of 24 positions (partial last tile),
+    the batch-1-conv layout (one panel) and the Linear one (panels of 24), with and without the C library."""
+    if with_kernels and not kernels.available():
+        pytest.skip("no C compiler: fast kernels unavailable")
+    W, idx = _problem(12, 40, 7, seed=P)
+    idx = idx[::4].repeat_interleave(4, 0).contiguous()  # blocks of 4 rows keep the same inputs
+    bias, orow = torch.randn(12), torch.randperm(20)[:12].sort().values
+    for PB, panel in ((24, 40 * 24), (24, 24)):  # Linear panels; a conv plane read as one long panel
+        coff = torch.arange(40, dtype=torch.int64) * (PB if panel != PB else 8)
+        X = torch.randn(-(-P // PB) * panel + 40 * 8 + kernels.BLOCK)
+        off = kernels.offsets(idx, coff, torch.zeros(12, dtype=torch.int64))
+        want, got = torch.full((20, P), 7.0), torch.full((20, P), 7.0)
+        kernels.spmm_reference(X, W, off, bias, orow, want, P, P, PB, panel)
+        with contextlib.nullcontext() if with_kernels else kernels_off():
+            kernels.spmm(X, kernels.rows4_values(W), off, bias, orow, got, P, P, PB, panel, rows4=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows4 needs PB 24"):
+        kernels.spmm(X, W, off, bias, orow, got, P, P, 32, panel, rows4=True)
+    off_rows = kernels.offsets(_problem(12, 40, 7, seed=1)[1], torch.arange(40, dtype=torch.int64) * 24,
+                               torch.zeros(12, dtype=torch.int64))  # rows that read different inputs
+    with pytest.raises(ValueError, match="rows in blocks of 4 with the same offsets"):
+        kernels.spmm(X, W, off_rows, bias, orow, got, P, P, 24, 40 * 24, rows4=True)
 
 
 @needs_kernels
@@ -366,7 +395,13 @@ def test_every_kernel_variant_deploys_layers_equal_to_the_masked_model(variant, 
                 for setting in dep.variants(x):
                     dep.use_variant(setting)
                     torch.testing.assert_close(dep(x), conv(x), rtol=1e-5, atol=1e-5)
-        for stride, hw in ((1, 13), (2, 23)):  # rows in blocks of 4 sharing their inputs: the rows4 setting
+        lin = nn.Linear(48, 40)  # rows in blocks of 4 sharing their inputs: the rows4 setting, Linear and conv
+        ss.sparsify(lin, "2:4", shared_rows=4)
+        dep = deploy(lin, plan="condensed")
+        x = torch.randn(30, 48, generator=g)
+        dep.use_variant(dep.variants(x)[-1])
+        torch.testing.assert_close(dep(x), lin(x), rtol=1e-5, atol=1e-5)
+        for stride, hw in ((1, 13), (2, 23)):
             conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1)
             ss.sparsify(conv, "2:4", shared_rows=4)
             dep = deploy(conv, plan="condensed")

@@ -312,6 +312,15 @@ class _Condensed(nn.Module):
             v32 = self.__dict__["_values32"] = v.float().contiguous()
         return v32
 
+    def _rows4_values(self) -> torch.Tensor:
+        """The values in the rows4 kernels' order (cached). Rows in blocks of 4 that keep the same inputs (masks
+        chosen per block of 4 neurons, ``ss.sparsify(shared_rows=4)``) let one loaded input vector feed 4 rows,
+        as in a dense GEMM microkernel, instead of 1."""
+        v = self.__dict__.get("_values_rows4")
+        if v is None:
+            v = self.__dict__["_values_rows4"] = kernels.rows4_values(self._kvalues())
+        return v
+
     def _dtype_takes(self, x: torch.Tensor) -> bool:
         """fp32 inputs (fp32 or bf16 values), or bf16 inputs to bf16 values (run in fp32, returned in bf16)."""
         return (x.dtype == torch.float32 and self.values.dtype in (torch.float32, torch.bfloat16)) or (
@@ -420,6 +429,7 @@ class SparseLinear(_Condensed):
         self.gemv_variant = "packed"
         self.pairs = False  # two rows per kernel pass (PB 32)
         self.transposed_out = False  # batch > 1: write (out, B) and transpose, instead of strided stores
+        self.rows4 = False  # batch >= 24: rows in blocks of 4 that read the same inputs (panels of 24)
         self._offsets: dict[int, torch.Tensor] = {}  # panel width -> int32 offsets (runtime cache)
         self._batch1_macs = self.out_features * self.in_features
         self._bound_gemv = None  # the bound batch-1 kernel while condensed with no ablated rows
@@ -428,8 +438,11 @@ class SparseLinear(_Condensed):
         if x.numel() // self.in_features == 1:
             return [{"gemv_variant": v} for v in kernels.GEMV_VARIANTS]
         # (channel tiles, as SparseConv has, measured slower here: a panel row is only PB floats wide)
-        return [{"panel_width": w, "pairs": p, "transposed_out": t}
-                for t in (False, True) for w, p in ((64, False), (32, False), (32, True))]
+        settings = [{"panel_width": w, "pairs": p, "transposed_out": t, "rows4": False}
+                    for t in (False, True) for w, p in ((64, False), (32, False), (32, True))]
+        if x.numel() // self.in_features >= 24 and self._idx_table().rows_in_fours():
+            settings.append({"panel_width": 24, "pairs": False, "transposed_out": True, "rows4": True})
+        return settings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         condensed, done = self._opening(x)
@@ -480,10 +493,11 @@ class SparseLinear(_Condensed):
                                                 torch.arange(self.in_features, dtype=torch.int64) * PB,
                                                 torch.zeros(len(self.orow), dtype=torch.int64)))
             self._offsets[PB] = off
-        if self.transposed_out:  # rows of (out, B) stored as whole vectors, then one blocked transpose
+        rows4 = self.rows4 and PB == 24 and off.rows_in_fours()
+        if self.transposed_out or rows4:  # rows of (out, B) stored as whole vectors, then one blocked transpose
             yt = self._output_init((self.out_features, B), 0)
-            kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, yt, B, B, PB, self.in_features * PB,
-                         pairs=self.pairs and PB == 32, prefer_blocks=True)
+            kernels.spmm(X, self._rows4_values() if rows4 else self._kvalues(), off, self.bias_rows(), orow, yt, B,
+                         B, PB, self.in_features * PB, pairs=self.pairs and PB == 32, prefer_blocks=True, rows4=rows4)
             return kernels.transpose(yt).view(*lead, self.out_features)
         y = self._output_init((B, self.out_features), 1)  # each output element stored on its own, strided
         kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
@@ -772,24 +786,9 @@ class SparseConv(_Condensed):
         return g[key]
 
     def _shares_rows4(self, g: dict) -> bool:
-        """Whether the stored rows come in blocks of 4 that read the same inputs at geometry ``g`` (masks chosen
-        per block of 4 output channels, e.g. 2:4 shared by the block): then one loaded input vector feeds 4
-        rows, as in a dense GEMM microkernel, instead of 1."""
-        if "rows4" not in g:
-            off = g["off"].tensor() if isinstance(g["off"], kernels.Table) else g["off"]
-            rows, k = off.shape
-            blocks = off.view(rows // 4, 4, k) if rows and rows % 4 == 0 else None
-            g["rows4"] = blocks is not None and bool((blocks == blocks[:, :1]).all())
-        return g["rows4"]
-
-    def _rows4_values(self) -> torch.Tensor:
-        """The values of each block of 4 rows interleaved, ``[b, j, i] = values[4b + i, j]`` (cached)."""
-        v = self.__dict__.get("_values_rows4")
-        if v is None:
-            w = self._kvalues()
-            rows, k = w.shape
-            v = self.__dict__["_values_rows4"] = w.view(rows // 4, 4, k).transpose(1, 2).contiguous().view(rows, k)
-        return v
+        """Whether the stored rows come in blocks of 4 that read the same inputs at geometry ``g`` (a grouped
+        conv's blocks must not straddle groups)."""
+        return g["off"].rows_in_fours()
 
     def variants(self, x: torch.Tensor) -> list[dict]:
         # the settings that won somewhere on ResNet-50's layers (benchmarks: interleaved A/B on machine R)

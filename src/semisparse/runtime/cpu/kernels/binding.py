@@ -22,6 +22,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_spmm.restype = None
     lib.ss_spmm_pairs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_pairs.restype = None
+    lib.ss_spmm_rows4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
+    lib.ss_spmm_rows4.restype = None
     lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_tiled.restype = ctypes.c_int
     lib.ss_gemv_run.argtypes = [p, p, p]
@@ -66,7 +68,7 @@ class Table:
     are uint16 bit patterns (condensed column indices).
     """
 
-    __slots__ = ("_t", "lo", "hi", "unsigned16", "_ascending_within")
+    __slots__ = ("_t", "lo", "hi", "unsigned16", "_ascending_within", "_fours")
 
     def __init__(self, t: torch.Tensor, unsigned16: bool = False) -> None:
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int16, torch.int32, torch.int64):
@@ -82,6 +84,16 @@ class Table:
             lo, hi = torch.aminmax(v)
             self.lo, self.hi = int(lo), int(hi)
         self._ascending_within = None  # the k for which segment rows were checked (see _check_segments)
+        self._fours = None  # whether rows come in blocks of 4 equal rows (see rows_in_fours), once asked
+
+    def rows_in_fours(self) -> bool:
+        """Whether the rows come in blocks of 4 equal rows: the rows4 kernels read each block's first row only.
+        Measured once (nothing writes the copy)."""
+        if self._fours is None:
+            t = self._t
+            blocks = t.view(-1, 4, t.shape[1]) if t.dim() == 2 and len(t) and len(t) % 4 == 0 else None
+            self._fours = blocks is not None and bool((blocks == blocks[:, :1]).all())
+        return self._fours
 
     @property
     def dtype(self) -> torch.dtype:
@@ -284,10 +296,8 @@ def _check_conv_plan(g: dict, W: torch.Tensor, off: Table, seg: Table | None,  #
         raise _bad(f"inconsistent conv geometry: {v}")
     if kind not in (0, 1, 2, 3) or PB not in ((8, 16, 24, 32, 40, 48, 56, 64), (32,), (32, 64), (24,))[kind]:
         raise _bad(f"kernel kind {kind} with PB {PB} is not a kernel setting")
-    if kind == 3:  # the kernel reads each block's offsets from its first row: they must be every row's
-        blocks = off.tensor().view(rows // 4, 4, k) if rows % 4 == 0 else None
-        if blocks is None or not bool((blocks == blocks[:, :1]).all()):
-            raise _bad("rows4 needs rows in blocks of 4 with the same offsets")
+    if kind == 3 and not off.rows_in_fours():  # the kernel reads each block's offsets from its first row
+        raise _bad("rows4 needs rows in blocks of 4 with the same offsets")
     if kind == 2:
         if seg is None or seg.dim() != 2 or seg.shape[0] != rows or seg.shape[1] < 2:
             raise _bad("channel tiles need seg (rows, tiles + 1)")

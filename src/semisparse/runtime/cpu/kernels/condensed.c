@@ -14,8 +14,8 @@
  * of the flattened plane (panel = PB, coff = channel/phase/tap offset): positions p are vectorised,
  * weights are broadcast, no gathers and no im2col.
  *
- * Entry points: ss_spmm / ss_spmm_pairs (one or two rows per pass), ss_spmm_tiled (each row's weights
- * cut into input-channel tiles that stay in L1), ss_conv2d_run (a whole batch-1 2-D convolution: pad,
+ * Entry points: ss_spmm / ss_spmm_pairs (one or two rows per pass), ss_spmm_rows4 (blocks of 4 rows that
+ * share their inputs), ss_spmm_tiled (each row's weights cut into input-channel tiles that stay in L1), ss_conv2d_run (a whole batch-1 2-D convolution: pad,
  * product, crop, ablated channels in one parallel region), ss_gemv_* / ss_gemv_run (the batch-1 Linear:
  * y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]], packed scalar loads or AVX2 gathers), and the glue
  * ss_pack_panels / ss_transpose (8x8 register transposes) / ss_fill_rows, and ss_maxpool2d (torch's CPU max
@@ -67,7 +67,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 24; }
+int ss_abi_version(void) { return 25; }
 
 int ss_simd(void) {
 #if defined(SS_AVX512)
@@ -950,18 +950,26 @@ static void rows4_tile(const float *xb, const float *w, const int32_t *off, int6
 #endif
 }
 
+/* Tile t of 24 positions reads X + t * xstep: a conv's plane (xstep 24) or a Linear's (K, 24) panels. */
 static void rows4_body(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
-                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy) {
+                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t xstep) {
     const int64_t nblk = rows / 4, nt = (P + SS_ROWS4_PB - 1) / SS_ROWS4_PB;
 #pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < nt; ++t)
         for (int64_t b = 0; b < nblk; ++b) {
             const int64_t p0 = t * SS_ROWS4_PB, r = 4 * b;
             const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-            rows4_tile(X + p0, W4 + r * k, off + r * k, k, bias ? bias + r : zero, Y + orow[r] * ldy + p0,
+            rows4_tile(X + t * xstep, W4 + r * k, off + r * k, k, bias ? bias + r : zero, Y + orow[r] * ldy + p0,
                        Y + orow[r + 1] * ldy + p0, Y + orow[r + 2] * ldy + p0, Y + orow[r + 3] * ldy + p0,
                        (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB));
         }
+}
+
+/* ss_spmm with rows in blocks of 4 sharing their offsets (W in rows4 order, PB 24, contiguous output rows). */
+void ss_spmm_rows4(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
+                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t panel) {
+#pragma omp parallel num_threads(SS_THREADS)
+    rows4_body(X, W4, off, bias, orow, Y, rows, k, P, ldy, panel);
 }
 
 typedef struct {
@@ -1040,7 +1048,7 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
             for (int64_t q = 0; q < plane; ++q) o[q] = p->abl_vals[i];
         }
         if (p->kind == 3)
-            rows4_body(xbuf, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane);
+            rows4_body(xbuf, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, SS_ROWS4_PB);
         else if (p->kind == 2)
             tiled_body(xbuf, p->Wt, p->off, p->seg, p->nt, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1,
                        p->PB, p->PB, p->by_blocks, &failed);

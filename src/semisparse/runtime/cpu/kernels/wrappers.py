@@ -80,6 +80,7 @@ def spmm(
     ldp: int = 1,
     pairs: bool = False,
     prefer_blocks: bool = False,
+    rows4: bool = False,
 ) -> None:
     """``Y[orow[r]*ldy + p*ldp] = bias[r] + sum_j W[r, j] * X[(p//PB)*panel + off[r, j] + p%PB]``.
 
@@ -87,16 +88,27 @@ def spmm(
     ``off`` (rows, k) int32 from :func:`offsets`, ``orow`` (rows,) int64 (both tensors or :class:`Table`),
     ``Y`` fp32 with row stride ``ldy`` and position stride ``ldp``; positions ``p < P``; ``PB`` a multiple of
     8, at most ``BLOCK``. All contiguous, on CPU. ``pairs=True`` (needs ``PB == 32``) runs two rows per pass.
+    ``rows4=True`` (``PB == 24``, ``ldp == 1``, rows in blocks of 4 with the same offsets): four rows per loaded
+    input, ``W`` in :func:`rows4_values` order.
     """
     off, orow = table(off), table(orow)
     rows, k = _check_rows(W, off, bias, orow)
     if PB not in (8, 16, 24, 32, 40, 48, 56, 64) or (pairs and PB != 32):
         raise _bad(f"PB must be a multiple of 8 from 8 to 64 (32 with pairs=True), got {PB}")
+    if rows4 and (PB != 24 or ldp != 1 or pairs or not off.rows_in_fours()):
+        raise _bad("rows4 needs PB 24, contiguous output rows and rows in blocks of 4 with the same offsets")
     _check_reads(X, off, P, PB, panel, exact=False)
     _check_writes(Y, orow, P, ldy, ldp)
     lib = build.library()
     if lib is None:
+        if rows4:
+            W = W.view(rows // 4, k, 4).transpose(1, 2).reshape(rows, k)  # back to row order
         return spmm_reference(X, W, off._t, bias, orow._t, Y, P, ldy, PB, panel, ldp)
+    if rows4:
+        _threads(lib)
+        lib.ss_spmm_rows4(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
+                          rows, k, P, ldy, panel)
+        return
     by_blocks = split_by_blocks(P, PB, rows, _threads(lib), prefer_blocks)
     if pairs:
         lib.ss_spmm_pairs(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
@@ -104,6 +116,13 @@ def spmm(
         return
     lib.ss_spmm(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
                 rows, k, P, ldy, ldp, PB, panel, by_blocks)
+
+
+def rows4_values(W: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """``W (rows, k)`` with each block of 4 rows interleaved, ``[b, j, i] = W[4b + i, j]``, as the rows4
+    kernels read it (one 4-float load per kept input of a block)."""
+    rows, k = W.shape
+    return W.view(rows // 4, 4, k).transpose(1, 2).contiguous().view(rows, k)
 
 
 def tile(W: torch.Tensor, off: torch.Tensor, channel: torch.Tensor, per_tile: int):  # noqa: N803
