@@ -65,9 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # --device cuda: 2:4 through cuSPARSELt (semisparse.cli.bench_cuda)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: condensed kernels (constant fan-in); cuda: 2:4 layers through cuSPARSELt")
-    p.add_argument("--pattern", default=None, choices=("2:4", "fan-in"),
-                   help="models: fan-in (constant fan-in at --sparsity with --masks; CPU default) or 2:4 (magnitude "
-                        "2:4; --device cuda default: cuSPARSELt)")
+    p.add_argument("--pattern", default=None, choices=("2:4", "2:4-rows4", "fan-in"),
+                   help="models: fan-in (constant fan-in at --sparsity with --masks; CPU default), 2:4 (magnitude "
+                        "2:4; --device cuda default: cuSPARSELt) or 2:4-rows4 (2:4 chosen per block of 4 output "
+                        "channels, which the CPU runs 4 rows per loaded input)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="cuda: the dtype everything runs in (default bf16); cpu models and files: bf16 also times "
                         "ss.deploy(dtype=torch.bfloat16) against the bf16 dense runtimes (torch bf16 autocast, "
@@ -496,7 +497,7 @@ def _run(args: argparse.Namespace) -> int:
                                         args.image_size, args.pattern, anchors=not args.no_anchors,
                                         bf16=args.dtype == "bf16"))
                 print(_last_line(rows[-1]), flush=True)
-            if args.pattern == "2:4":
+            if args.pattern in ("2:4", "2:4-rows4"):
                 break  # 2:4 has one sparsity
     for path in args.file or ():
         for b in args.batch or [1]:
