@@ -43,8 +43,9 @@ else
   step anchors_b1 "$PY" benchmarks/cpu_anchors.py --models resnet50 vit_b_16 convnext_tiny --patterns fan-in --bf16 \
     --json "$OUT/anchors_b1.json"
   step layer "$PY" -m semisparse bench --layer 768x3072 --reps 50 --json "$OUT/layer.json"
-  step anchors_24 "$PY" benchmarks/cpu_anchors.py --models resnet50 vit_b_16 convnext_tiny --patterns 2:4 --bf16 \
-    --json "$OUT/anchors_24.json"
+  step anchors_24 "$PY" benchmarks/cpu_anchors.py --models resnet50 vit_b_16 convnext_tiny --patterns 2:4-rows4 2:4 \
+    --bf16 --json "$OUT/anchors_24.json"
+  step rows4_layers "$PY" benchmarks/rows4_layers.py --reps 30
   step anchors_b32 "$PY" benchmarks/cpu_anchors.py --models resnet50 --patterns fan-in --batch 32 \
     --json "$OUT/anchors_b32.json"
 fi

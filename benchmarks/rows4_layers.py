@@ -1,6 +1,6 @@
 """2:4 layers at batch 1 with per-row masks and with masks shared by blocks of 4 output channels (rows4).
 
-For ResNet-50's conv shapes (batch 1) and ViT-B/16's Linear shapes (197 tokens), one process, call by call
+For ResNet-50's conv shapes (batch 1) and ViT-B/16's and ConvNeXt-T's Linear shapes, one process, call by call
 interleaved: torch's dense layer (conv: NCHW and channels-last; Linear: ``F.linear``), ``ss.deploy`` of the
 layer with per-row magnitude 2:4 (its fastest kernel setting), and ``ss.deploy`` with
 ``ss.sparsify(shared_rows=4)`` masks run by the rows4 setting. Ratios against the faster torch dense form.
@@ -24,7 +24,8 @@ from semisparse.runtime import deploy, timing
 CONVS = [(64, 256, 1, 1, 56), (256, 64, 1, 1, 56), (64, 64, 3, 1, 56), (128, 128, 3, 2, 56), (512, 128, 1, 1, 28),
          (128, 512, 1, 1, 28), (128, 128, 3, 1, 28), (1024, 256, 1, 1, 14), (256, 1024, 1, 1, 14),
          (256, 256, 3, 1, 14), (2048, 512, 1, 1, 7), (512, 2048, 1, 1, 7), (512, 512, 3, 1, 7)]
-LINEARS = [(768, 2304, 197), (768, 768, 197), (768, 3072, 197), (3072, 768, 197)]
+LINEARS = [(768, 2304, 197), (768, 768, 197), (768, 3072, 197), (3072, 768, 197),  # ViT-B/16
+           (96, 384, 3136), (384, 96, 3136), (384, 1536, 196), (1536, 384, 196)]  # ConvNeXt-T stages 1 and 3
 
 
 def fastest(dep: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -556,7 +556,7 @@ class SparseConv(_Condensed):
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
         self.tile_kb = 0  # > 0: sweep input channels in tiles whose input block fits this many KiB (L1)
-        self.rows4 = False  # batch-1 2-D only: rows in blocks of 4 that read the same inputs (see _shares_rows4)
+        self.rows4 = False  # batch-1 2-D only: rows in blocks of 4 that read the same inputs (_rows4_values)
 
     def _pads(self) -> list[tuple[int, int]]:
         if self.padding == "valid":
@@ -747,7 +747,7 @@ class SparseConv(_Condensed):
         """Bind the one-call batch-1 convolution for this input shape and kernel setting; forward then calls it
         directly until the shape, the mode, the setting or the stored tensors change."""
         seg = None
-        if self.rows4 and self._shares_rows4(g):
+        if self.rows4 and g["off"].rows_in_fours():
             W, off, kind, PB = self._rows4_values(), g["off"], 3, 24
         elif self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
@@ -785,19 +785,16 @@ class SparseConv(_Condensed):
             g[key] = (W, kernels.Table(off), kernels.Table(seg))
         return g[key]
 
-    def _shares_rows4(self, g: dict) -> bool:
-        """Whether the stored rows come in blocks of 4 that read the same inputs at geometry ``g`` (a grouped
-        conv's blocks must not straddle groups)."""
-        return g["off"].rows_in_fours()
-
     def variants(self, x: torch.Tensor) -> list[dict]:
         # the settings that won somewhere on ResNet-50's layers (benchmarks: interleaved A/B on machine R)
         settings = [{"block": 64, "pairs": False, "tile_kb": 0}, {"block": 32, "pairs": True, "tile_kb": 0},
                     {"block": 64, "pairs": False, "tile_kb": 32}, {"block": 64, "pairs": False, "tile_kb": 16},
                     {"block": 32, "pairs": False, "tile_kb": 16}, {"block": 32, "pairs": False, "tile_kb": 32}]
         settings = [{**v, "rows4": False} for v in settings]
+        # rows4: the stored rows read the same inputs in blocks of 4 at this geometry (a grouped conv's blocks
+        # must not straddle groups), batch-1 2-D convs only
         g = self._plan_geometry(x.shape[0], tuple(x.shape[2:])) if x.dim() == self.nd + 2 else None
-        if x.shape[0] == 1 and self.nd == 2 and g is not None and self._shares_rows4(g):
+        if x.shape[0] == 1 and self.nd == 2 and g is not None and g["off"].rows_in_fours():
             settings.append({"block": 24, "pairs": False, "tile_kb": 0, "rows4": True})
         return settings
 
