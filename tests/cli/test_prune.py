@@ -64,9 +64,23 @@ def test_prune_writes_a_compressed_file_and_a_checkpoint_train_reads(weights, tm
         (["--calib-batches", "0"], "--calib-batches must be at least 1"),
         (["--method", "wanda", "--dampening", "0.1"], "--dampening applies to --method sparsegpt only"),
         (["-o", "model.pth"], "writes a compressed .safetensors file"),
+        (["--method", "wanda", "--shared-rows", "4"], "--shared-rows applies to --method magnitude only"),
+        (["--method", "magnitude", "--shared-rows", "0"], "--shared-rows must be at least 1"),
     ],
 )
 def test_prune_bad_flags_are_one_line(weights, capsys, extra, message):
     assert cli(["prune", *COMMON, "--weights", str(weights), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_prune_magnitude_with_shared_rows_keeps_2_4_shared_by_blocks_of_4(weights, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert cli(["prune", *COMMON, "--weights", str(weights), "--method", "magnitude", "--pattern", "2:4",
+                "--shared-rows", "4", "-o", str(out)]) == 0
+    model = ss.load(out)
+    ss.check(model)
+    for key, m in ss.masks(model).items():
+        rows = m.flatten(1)
+        for start in range(0, rows.shape[0], 4):
+            assert bool((rows[start:start + 4] == rows[start]).all()), key

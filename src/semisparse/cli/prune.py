@@ -45,6 +45,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--method", default="sparsegpt", choices=METHODS, help="one-shot method (default: sparsegpt)")
     a("--calib-batches", default=16, type=int, help="training batches of calibration inputs (default: 16)")
     a("--dampening", default=None, type=float, help="sparsegpt: share of the Hessian's mean diagonal added (0.01)")
+    a("--shared-rows", default=None, type=int,
+      help="magnitude: each block of this many output neurons keeps the same positions (4: the CPU deploy's rows4 "
+           "kernels read each input once for the block)")
     a("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the calibration batches")
     a("-o", "--output", default=None, help="write the compressed model here (.safetensors)")
     a("--output-dir", default=None, help="write checkpoint.pth here (for `semisparse train --weights`)")
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SemisparseError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
     if args.method != "sparsegpt" and args.dampening is not None:
         raise SemisparseError("--dampening applies to --method sparsegpt only")
+    if args.shared_rows is not None and args.method != "magnitude":
+        raise SemisparseError("--shared-rows applies to --method magnitude only")
+    if args.shared_rows is not None and args.shared_rows < 1:
+        raise SemisparseError(f"--shared-rows must be at least 1, got {args.shared_rows}")
     if args.output is not None and not args.output.endswith(".safetensors"):
         raise SemisparseError(f"-o/--output writes a compressed .safetensors file, got {args.output}")
     if not args.output and not args.output_dir:
@@ -132,6 +139,8 @@ def _prune(args: argparse.Namespace, pattern, folder) -> int:
         opts["progress"] = _Bar(not args.quiet)
     if args.dampening is not None:
         opts["dampening"] = args.dampening
+    if args.shared_rows is not None:
+        opts["shared_rows"] = args.shared_rows
     needs_data = args.method != "magnitude" or args.recalibrate_bn
     example = next(iter(val_loader))[0][:1].to(device)
     rep = sparsify(
