@@ -2,7 +2,8 @@
 
 The narrow CNN of ``gumbel_digits.py`` is trained densely; then, without any weight fine-tuning:
 
-* magnitude, magnitude + BatchNorm recalibration, Wanda and SparseGPT-style one-shot masks for 2:4, 1:4 and
+* magnitude (per row, and shared by blocks of 4 output channels: ``shared_rows=4``, the CPU's rows4 kernels),
+  magnitude + BatchNorm recalibration, Wanda and SparseGPT-style one-shot masks for 2:4, 1:4 and
   75% constant fan-in (the 1-channel stem left dense, as N:M leaves it), calibrated on 512 unlabeled
   training images;
 * learned 2:4 / 1:4 masks started from the SparseGPT mask (``method="gumbel", prior_from="sparsegpt"``,
@@ -50,6 +51,9 @@ def run_seed(seed: int, args) -> dict[str, float]:
         for label, kw in (
             ("magnitude", {}),
             ("magnitude + BN recalibration", {"recalibrate_bn": True, "calibration": calib}),
+            ("magnitude, shared by 4 rows", {"shared_rows": 4}),
+            ("magnitude, shared by 4 rows + BN recalibration", {"shared_rows": 4, "recalibrate_bn": True,
+                                                               "calibration": calib}),
             ("wanda", {"method": "wanda", "calibration": calib}),
             ("sparsegpt", {"method": "sparsegpt", "calibration": calib}),
             ("sparsegpt + BN recalibration", {"method": "sparsegpt", "calibration": calib, "recalibrate_bn": True}),
@@ -60,6 +64,14 @@ def run_seed(seed: int, args) -> dict[str, float]:
             ss.sparsify(m, pat, **kw)
             ss.check(m)
             res[f"{label} {name(pat)}"] = accuracy(m, xva, yva)
+    for pat in ("2:4", "1:4") if args.finetune_epochs else ():  # the weights fine-tuned under fixed masks
+        for label, shared in (("magnitude", 1), ("magnitude, shared by 4 rows", 4)):
+            m = copy.deepcopy(dense)
+            ss.sparsify(m, pat, shared_rows=shared)
+            torch.manual_seed(seed)
+            train(m, xtr, ytr, args.finetune_epochs, 1e-3, 32, seed, wd=1e-4)
+            ss.check(m)
+            res[f"{label} {pat} + {args.finetune_epochs} epochs fine-tune"] = accuracy(m, xva, yva)
     steps = args.mask_epochs * ((len(ytr) + args.bs - 1) // args.bs)
     for pat in ("2:4", "1:4") if args.mask_epochs else ():
         m = copy.deepcopy(dense)
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense-epochs", type=int, default=15)
     p.add_argument("--calib", type=int, default=512, help="calibration images (unlabeled, from the train split)")
     p.add_argument("--mask-epochs", type=int, default=2, help="0: no learned-mask rows")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="> 0: also magnitude masks (per row and shared by 4 rows) with the weights fine-tuned")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bs", type=int, default=16)
     p.add_argument("--prior", type=float, default=3.0)
@@ -115,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"Digits (sklearn load_digits, 80/20 split, 359 validation images), narrow CNN width {args.width} "
         f"(BatchNorm), seeds {seeds}, {args.dense_epochs} dense epochs; calibration: {args.calib} unlabeled "
-        f"training images; no weight fine-tuning; learned masks: {args.mask_epochs} epochs, masks only, AdamW lr "
+        f"training images; no weight fine-tuning except the rows that say so ({args.finetune_epochs} epochs, AdamW "
+        f"lr 1e-3, batch 32, masks fixed); learned masks: {args.mask_epochs} epochs, masks only, AdamW lr "
         f"{args.lr}, batch {args.bs}, prior {args.prior}. {time.time() - t0:.0f} s of runs, {args.threads} "
         "thread(s) each.",
         "",
