@@ -425,17 +425,22 @@ def test_bound_batch1_call_is_never_shared_or_stale():
         assert_equal_outputs(twin(x), 2 * ref)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "linear-rows4", "conv-rows4"])
 def test_new_weights_reach_every_cached_kernel_form(kind):
-    """Tiles hold sorted copies of the values: loading new weights must rebuild them."""
+    """Tiles and the rows4 order hold copies of the values: loading new weights must rebuild them."""
     torch.manual_seed(5)
-    if kind == "linear":
+    if kind.startswith("linear"):
         layer, xs = nn.Linear(64, 24), [torch.randn(1, 64), torch.randn(40, 64)]
         variant = {"panel_width": 32, "pairs": True}
     else:
         layer, xs = nn.Conv2d(16, 12, 3, padding=1), [torch.randn(1, 16, 9, 9), torch.randn(2, 16, 9, 9)]
         variant = {"block": 32, "pairs": False, "tile_kb": 1}
-    ss.sparsify(layer, 0.75)
+    if kind.endswith("rows4"):
+        ss.sparsify(layer, "2:4", shared_rows=4)
+        variant = ({"panel_width": 24, "pairs": False, "transposed_out": True, "rows4": True}
+                   if kind.startswith("linear") else ROWS4)
+    else:
+        ss.sparsify(layer, 0.75)
     dep = ss.deploy(copy.deepcopy(layer), plan="condensed")
     dep.use_variant(variant)
     with torch.no_grad():
