@@ -168,10 +168,10 @@ def chosen_variant(flags: str | None = None) -> str:
     names = [*VARIANTS, *EMULATED] if _x86() else ["native"]
     if forced not in names:
         raise SemisparseError(f"SEMISPARSE_KERNEL_ISA must be one of {', '.join(names)}; got {forced!r}")
-    if forced in EMULATED and forced not in emulated_variants(flags):
-        raise SemisparseError(f"SEMISPARSE_KERNEL_ISA={forced}: it needs an AVX2 CPU and the simde-py package "
-                              "(pip install simde-py)")
     if forced in EMULATED:
+        if forced not in emulated_variants(flags):
+            raise SemisparseError(f"SEMISPARSE_KERNEL_ISA={forced}: it needs an AVX2 CPU and the simde-py package "
+                                  "(pip install simde-py)")
         return forced
     if forced not in runnable:
         need = " ".join(VARIANTS[forced][0])
