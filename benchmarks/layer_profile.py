@@ -6,6 +6,9 @@ forward hook), interleaved call by call with the same layer dense: torch NCHW, t
 (kept MACs x 2 / time) and the share of the model's time, plus the time outside the timed layers.
 
     PYTHONPATH=src python benchmarks/layer_profile.py --model resnet50 --pattern 2:4 --ort
+
+``--pattern``: ``fan-in`` (SRigL-like, ``--sparsity``), ``2:4`` (per-row magnitude) or ``2:4-rows4`` (magnitude
+2:4 shared by blocks of 4 output channels).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ def build(name: str, pattern: str, sparsity: float):
     torch.manual_seed(0)
     model = create_model(name).eval()
     x = torch.randn(1, 3, 224, 224)
-    if pattern == "2:4":
-        sparsify(model, "2:4")
+    if pattern in ("2:4", "2:4-rows4"):
+        sparsify(model, "2:4", shared_rows=4 if pattern == "2:4-rows4" else 1)
     else:
         sparsify(model, None, masks=srigl_like_masks(model, sparsity, 0.1))
     return model, x

@@ -771,6 +771,29 @@ def test_rows4_binding_refuses_rows_that_do_not_share_their_offsets():
                                tables["ablated"], torch.zeros(0), 24, 3, 8)
 
 
+@needs_kernels
+def test_rows4_conv_reads_each_blocks_inputs_in_memory_order():
+    """A 3x3 conv's kept inputs come tap by tap; the bound rows4 call takes them sorted by offset (neighbouring
+    taps share cache lines), each block's weights moved with their inputs: the same conv, in another order."""
+    conv = _shared_conv(16, 16, 3, padding=1)
+    dep = deploy(conv, plan="condensed")
+    x = torch.randn(1, 16, 9, 9)
+    dep.use_variant(ROWS4)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), conv(x))
+    g = dep._plan_geometry(1, (9, 9))
+    W, off = dep.__dict__["_fast_conv"][4][:2]
+    assert off is g["rows4"][1] and not torch.equal(off.tensor(), g["off"].tensor())
+    off = off.tensor()
+    assert bool((off[:, 1:] > off[:, :-1]).all())
+    view = g["off"].tensor()
+    w4 = dep._rows4_values()
+    for b in range(4):  # every (offset, 4 weights) pair of the block is one of the view order's pairs
+        before = {(int(o), tuple(w4[4 * b:4 * b + 4].view(-1, 4)[j].tolist())) for j, o in enumerate(view[4 * b])}
+        after = {(int(o), tuple(W[4 * b:4 * b + 4].view(-1, 4)[j].tolist())) for j, o in enumerate(off[4 * b])}
+        assert before == after
+
+
 @pytest.mark.parametrize("batch", [24, 25, 50, 197])
 @pytest.mark.parametrize("ablate", [False, True])
 def test_rows4_linear_equals_masked_dense(batch, ablate):

@@ -748,7 +748,9 @@ class SparseConv(_Condensed):
         directly until the shape, the mode, the setting or the stored tensors change."""
         seg = None
         if self.rows4 and g["off"].rows_in_fours():
-            W, off, kind, PB = self._rows4_values(), g["off"], 3, 24
+            if "rows4" not in g:
+                g["rows4"] = kernels.rows4_by_offset(self._rows4_values(), g["off"])
+            (W, off), kind, PB = g["rows4"], 3, 24
         elif self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
             kind, PB = 2, self.block
