@@ -3,9 +3,9 @@
 The narrow CNN of ``gumbel_digits.py`` is trained densely; then, without any weight fine-tuning:
 
 * magnitude (per row, and shared by blocks of 4 output channels: ``shared_rows=4``, the CPU's rows4 kernels),
-  magnitude + BatchNorm recalibration, Wanda and SparseGPT-style one-shot masks for 2:4, 1:4 and
-  75% constant fan-in (the 1-channel stem left dense, as N:M leaves it), calibrated on 512 unlabeled
-  training images;
+  magnitude + BatchNorm recalibration, Wanda and SparseGPT-style one-shot masks (per row and shared by 4 rows,
+  each with and without BatchNorm recalibration) for 2:4, 1:4 and 75% constant fan-in (the 1-channel stem
+  left dense, as N:M leaves it), calibrated on 512 unlabeled training images;
 * learned 2:4 / 1:4 masks started from the SparseGPT mask (``method="gumbel", prior_from="sparsegpt"``,
   masks only, 2 epochs) - the start is exactly the one-shot SparseGPT model.
 
@@ -38,6 +38,16 @@ def name(pat: object) -> str:
     return "fan-in 75%" if isinstance(pat, float) else str(pat)
 
 
+def shared_calibrated(calib: list[torch.Tensor]) -> list[tuple[str, dict]]:
+    """Wanda and SparseGPT with masks shared by blocks of 4 output channels, with and without BN recalibration."""
+    rows = []
+    for method in ("wanda", "sparsegpt"):
+        kw = {"method": method, "calibration": calib, "shared_rows": 4}
+        rows += [(f"{method}, shared by 4 rows", kw),
+                 (f"{method}, shared by 4 rows + BN recalibration", {**kw, "recalibrate_bn": True})]
+    return rows
+
+
 def run_seed(seed: int, args) -> dict[str, float]:
     torch.manual_seed(seed)
     xtr, ytr, xva, yva = digits(seed)
@@ -57,6 +67,7 @@ def run_seed(seed: int, args) -> dict[str, float]:
             ("wanda", {"method": "wanda", "calibration": calib}),
             ("sparsegpt", {"method": "sparsegpt", "calibration": calib}),
             ("sparsegpt + BN recalibration", {"method": "sparsegpt", "calibration": calib, "recalibrate_bn": True}),
+            *shared_calibrated(calib),
         ):
             m = copy.deepcopy(dense)
             if isinstance(pat, float):

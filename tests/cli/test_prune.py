@@ -64,7 +64,6 @@ def test_prune_writes_a_compressed_file_and_a_checkpoint_train_reads(weights, tm
         (["--calib-batches", "0"], "--calib-batches must be at least 1"),
         (["--method", "wanda", "--dampening", "0.1"], "--dampening applies to --method sparsegpt only"),
         (["-o", "model.pth"], "writes a compressed .safetensors file"),
-        (["--method", "wanda", "--shared-rows", "4"], "--shared-rows applies to --method magnitude only"),
         (["--method", "magnitude", "--shared-rows", "0"], "--shared-rows must be at least 1"),
     ],
 )
@@ -74,10 +73,21 @@ def test_prune_bad_flags_are_one_line(weights, capsys, extra, message):
     assert message in err and "\n" not in err
 
 
-def test_prune_magnitude_with_shared_rows_keeps_2_4_shared_by_blocks_of_4(weights, tmp_path, capsys):
+def test_shared_rows_is_refused_for_a_method_that_cannot_share(weights, capsys, monkeypatch):
+    from semisparse.cli import prune
+
+    monkeypatch.setattr(prune, "SHARED_ROWS_METHODS", ("magnitude", "sparsegpt"))
+    assert cli(["prune", *COMMON, "--weights", str(weights), "--method", "wanda", "--shared-rows", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--shared-rows applies to --method magnitude, sparsegpt, not wanda" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda"])
+def test_prune_with_shared_rows_keeps_2_4_shared_by_blocks_of_4(weights, tmp_path, capsys, method):
     out = tmp_path / "m.safetensors"
-    assert cli(["prune", *COMMON, "--weights", str(weights), "--method", "magnitude", "--pattern", "2:4",
-                "--shared-rows", "4", "-o", str(out)]) == 0
+    assert cli(["prune", *COMMON, "--weights", str(weights), "--method", method, "--pattern", "2:4",
+                "--calib-batches", "2", "--shared-rows", "4", "-o", str(out)]) == 0
+    assert method in capsys.readouterr().out
     model = ss.load(out)
     ss.check(model)
     for key, m in ss.masks(model).items():

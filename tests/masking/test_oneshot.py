@@ -14,8 +14,18 @@ from semisparse.masking.obs import column_sweep
 from semisparse.patterns import NM
 
 
-def obs_reference(w: np.ndarray, h: np.ndarray, target, damp: float = 0.01, block: int | None = None):
-    """SparseGPT's sweep written out: a fresh inverse of H[i:, i:] at every column, one row at a time."""
+def _block_sums(score: np.ndarray, shared: int) -> np.ndarray:
+    """Each row's scores replaced by their sum over its block of ``shared`` rows (the last may be shorter)."""
+    out = score.copy()
+    for start in range(0, len(score), shared):
+        out[start:start + shared] = score[start:start + shared].sum(0)
+    return out
+
+
+def obs_reference(w: np.ndarray, h: np.ndarray, target, damp: float = 0.01, block: int | None = None,
+                  shared: int = 1):
+    """SparseGPT's sweep written out: a fresh inverse of H[i:, i:] at every column, one row at a time.
+    ``shared``: the saliency summed over blocks of that many rows before each row picks its columns."""
     w = w.astype(np.float64).copy()
     h = h.astype(np.float64).copy()
     rows, k = w.shape
@@ -29,17 +39,17 @@ def obs_reference(w: np.ndarray, h: np.ndarray, target, damp: float = 0.01, bloc
         inv = np.linalg.inv(h[i:, i:])
         if isinstance(target, NM) and i % target.m == 0:
             diag = [np.linalg.inv(h[j:, j:])[0, 0] for j in range(i, i + target.m)]
+            scores = _block_sums(w[:, i:i + target.m] ** 2 / np.array(diag), shared)  # OBS saliency w^2 / [inv H]_qq
             for r in range(rows):
-                score = w[r, i:i + target.m] ** 2 / np.array(diag)  # OBS saliency w^2 / [inv H]_qq
-                for j in np.argsort(score, kind="stable")[: target.m - target.n]:
+                for j in np.argsort(scores[r], kind="stable")[: target.m - target.n]:
                     keep[r, i + j] = False
         if not isinstance(target, NM) and i % block == 0:
             stop = min(i + block, k)
             count = round(stop * (k - target) / k) - round(i * (k - target) / k)
             diag = [np.linalg.inv(h[j:, j:])[0, 0] for j in range(i, stop)]
+            scores = _block_sums(w[:, i:stop] ** 2 / np.array(diag), shared)
             for r in range(rows):
-                score = w[r, i:stop] ** 2 / np.array(diag)
-                for j in np.argsort(score, kind="stable")[:count]:
+                for j in np.argsort(scores[r], kind="stable")[:count]:
                     keep[r, i + j] = False
         for r in range(rows):
             if not keep[r, i]:
@@ -75,6 +85,30 @@ def test_column_sweep_equals_explicit_obs_with_a_fresh_inverse_per_step(target, 
         assert bool((got_mask.reshape(6, -1, target.m).sum(-1) == target.n).all())
     else:
         assert bool((got_mask.sum(1) == target).all())
+
+
+@pytest.mark.parametrize("target", [NM(2, 4), NM(1, 4), 5], ids=str)
+@pytest.mark.parametrize("blocksize", [4, 128])
+@pytest.mark.parametrize("rows", [8, 10])
+def test_column_sweep_with_shared_rows_equals_explicit_obs_with_summed_saliency(target, blocksize, rows):
+    """Blocks of 4 rows (10 rows: the last block has 2) prune the same columns; each row is still N:M / k."""
+    torch.manual_seed(0)
+    w = torch.randn(rows, 16, dtype=torch.float64)
+    h = _hessian(16, 1)
+    got_w, got_mask = column_sweep(w, h, target, blocksize=blocksize, shared_rows=4)
+    block_ref = blocksize if not isinstance(target, NM) and blocksize < 16 else None
+    ref_w, ref_mask = obs_reference(w.numpy(), h.numpy(), target, block=block_ref, shared=4)
+    assert np.array_equal(got_mask.numpy(), ref_mask)
+    np.testing.assert_allclose(got_w.numpy(), ref_w, rtol=1e-9, atol=1e-9)
+    for start in range(0, rows, 4):
+        assert bool((got_mask[start:start + 4] == got_mask[start]).all())
+    if isinstance(target, NM):
+        assert bool((got_mask.reshape(rows, -1, target.m).sum(-1) == target.n).all())
+    else:
+        assert bool((got_mask.sum(1) == target).all())
+    per_row_mask = column_sweep(w, h, target, blocksize=blocksize)[1]
+    assert not torch.equal(per_row_mask, got_mask)  # sharing changed the choice (the test sees a difference)
+    assert torch.equal(column_sweep(w, h, target, blocksize=blocksize, shared_rows=1)[1], per_row_mask)
 
 
 def _net() -> nn.Module:

@@ -89,3 +89,22 @@ def test_prior_from_needs_calibration_and_a_known_method():
     with pytest.raises(ss.SemisparseError, match=r"prior_from='sparsegpt' needs calibration"):
         ss.sparsify(model, "2:4", method="gumbel", prior_from="sparsegpt", total_steps=5)
     assert not ss.masks(model)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("value", [0, -4, 2.0, True, "4"], ids=repr)
+def test_bad_shared_rows_is_one_line_before_any_calibration(method, value):
+    model = _net()
+    before = _snapshot(model)
+    with pytest.raises(ss.SemisparseError, match=r"^shared_rows must be an int >= 1 .*, got ") as e:
+        ss.sparsify(model, "2:4", method=method, calibration=POSITIVE, shared_rows=value)
+    assert "\n" not in str(e.value)
+    _unchanged(model, before)
+
+
+def test_learned_masks_still_refuse_shared_rows_with_a_calibrated_prior():
+    model = _net()
+    with pytest.raises(ss.SemisparseError, match="shared_rows"):
+        ss.sparsify(model, "2:4", method="gumbel", prior_from="sparsegpt", calibration=POSITIVE, total_steps=5,
+                    shared_rows=4)
+    assert not ss.masks(model)

@@ -27,6 +27,8 @@ from ..train.run_folder import claim_output_dir
 from . import train as train_cli
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+#: Methods whose masks can be shared by blocks of output rows (``--shared-rows``).
+SHARED_ROWS_METHODS = ("sparsegpt", "wanda", "magnitude")
 #: ``train`` flags that mean the same here (data, model, device).
 SHARED = ("data_path", "model", "weights", "device", "batch_size", "workers", "seed", "train_crop_size",
           "val_resize_size", "val_crop_size", "interpolation", "cache_dataset", "skip_bad_images", "aug_for_2x4",
@@ -46,8 +48,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--calib-batches", default=16, type=int, help="training batches of calibration inputs (default: 16)")
     a("--dampening", default=None, type=float, help="sparsegpt: share of the Hessian's mean diagonal added (0.01)")
     a("--shared-rows", default=None, type=int,
-      help="magnitude: each block of this many output neurons keeps the same positions (4: the CPU deploy's rows4 "
-           "kernels read each input once for the block)")
+      help="each block of this many output neurons keeps the same positions (4: the CPU deploy's rows4 kernels "
+           "read each input once for the block)")
     a("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the calibration batches")
     a("-o", "--output", default=None, help="write the compressed model here (.safetensors)")
     a("--output-dir", default=None, help="write checkpoint.pth here (for `semisparse train --weights`)")
@@ -101,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SemisparseError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
     if args.method != "sparsegpt" and args.dampening is not None:
         raise SemisparseError("--dampening applies to --method sparsegpt only")
-    if args.shared_rows is not None and args.method != "magnitude":
-        raise SemisparseError("--shared-rows applies to --method magnitude only")
+    if args.shared_rows is not None and args.method not in SHARED_ROWS_METHODS:
+        raise SemisparseError(f"--shared-rows applies to --method {', '.join(SHARED_ROWS_METHODS)}, "
+                              f"not {args.method}")
     if args.shared_rows is not None and args.shared_rows < 1:
         raise SemisparseError(f"--shared-rows must be at least 1, got {args.shared_rows}")
     if args.output is not None and not args.output.endswith(".safetensors"):

@@ -9,7 +9,9 @@ row's error is spread over the columns not yet visited by the Optimal Brain Surg
 (the rows of every ``inv(H[i:, i:])`` come at once from the upper Cholesky factor of ``inv(H)``). The mask
 is chosen as the sweep goes: at the start of each group of M columns (N:M) the ``M - N`` weights with the
 smallest ``w^2 / [inv(H[j:, j:])]_00`` are pruned in every row; for constant fan-in every row prunes the same
-number of weights in each block of columns, so each row keeps exactly ``k`` in the end.
+number of weights in each block of columns, so each row keeps exactly ``k`` in the end. With ``shared_rows``
+the saliency is summed over each block of that many consecutive rows before choosing (the pruned outputs' error
+adds up over the block), so the block prunes the same columns; each row's reconstruction stays its own.
 
 Dampening and dead inputs as SparseGPT: an input that is always zero gets ``H_ii = 1`` and weight 0 (it
 cannot affect the outputs on the calibration data); ``dampening * mean(diag H)`` is added to the diagonal.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SemisparseError
-from ..patterns import NM
+from ..patterns import NM, shared_row_scores
 
 
 class NotFactorable(SemisparseError):
@@ -62,11 +64,13 @@ def column_sweep(
     dampening: float = 0.01,
     blocksize: int = 128,
     pad_cols: torch.Tensor | None = None,
+    shared_rows: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructed weights, bool keep-mask), both ``(rows, K)``, for ``w`` under ``target``.
 
     ``target``: an :class:`NM` (groups of M consecutive columns) or the fan-in ``k`` kept per row.
     ``pad_cols`` (K,) marks padding columns (kernel-tap layouts): pruned before any real weight.
+    ``shared_rows``: blocks of that many consecutive rows (the last may be shorter) keep the same columns.
     Raises :class:`NotFactorable` when the dampened Hessian has no Cholesky factor.
     """
     rows, width = w.shape
@@ -90,7 +94,7 @@ def column_sweep(
         if not isinstance(target, NM):
             count = _prune_counts(width, pruned, i1, i2)
             if count:
-                score = w1.square() / d1.square()
+                score = shared_row_scores(w1.square() / d1.square(), shared_rows)
                 score[:, never[i1:i2]] = float("-inf")
                 idx = torch.sort(score, dim=1, stable=True).indices[:, :count]
                 mask[:, i1:i2].scatter_(1, idx, False)
@@ -101,7 +105,7 @@ def column_sweep(
             col = i1 + i
             j2 = min(i + step, i2 - i1)
             if isinstance(target, NM):
-                score = w1[:, i:j2].square() / d1[i:j2].square()
+                score = shared_row_scores(w1[:, i:j2].square() / d1[i:j2].square(), shared_rows)
                 score[:, never[col:col + j2 - i]] = float("-inf")
                 idx = torch.sort(score, dim=1, stable=True).indices[:, :prune_n]
                 mask[:, col:col + j2 - i].scatter_(1, idx, False)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout
-from ..patterns import NM, FanIn, fanin_mask, nm_mask
+from ..patterns import NM, FanIn, fanin_mask, nm_mask, shared_row_scores
 from .calibration import Calibration
 from .obs import NotFactorable, column_sweep, output_error
 from .parametrization import Target, detach, sparse_weights, structured_mask
@@ -167,7 +167,10 @@ class _Probe:
         return [(slice(g * opg, (g + 1) * opg), h[g]) for g in range(m.groups)]
 
 
-def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, blocksize: int) -> LayerResult:
+def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, blocksize: int,
+           shared_rows: int = 1) -> LayerResult:
+    """One layer's mask and weights. ``shared_rows`` blocks are counted within each Hessian block (a conv group,
+    one of q / k / v): rows of different blocks read different inputs, so sharing across them buys nothing."""
     c = probe.c
     layout: Layout = c.layout
     w = probe.weight()
@@ -186,7 +189,8 @@ def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, bl
     if method == "wanda":
         score = torch.empty_like(view)
         for rows, h in blocks:
-            score[rows] = view[rows].abs() * torch.diagonal(h).clamp_min(0).sqrt()[None, :]
+            own = view[rows].abs() * torch.diagonal(h).clamp_min(0).sqrt()[None, :]
+            score[rows] = shared_row_scores(own, shared_rows)
         if pad_cols is not None:
             score[:, pad_cols] = float("-inf")
         keep = nm_mask(score, pattern.n, pattern.m) if isinstance(pattern, NM) else fanin_mask(score, target)
@@ -195,7 +199,8 @@ def _prune(probe: _Probe, method: str, pattern: NM | FanIn, dampening: float, bl
         if method == "sparsegpt":
             try:
                 wb, kb = column_sweep(
-                    view[rows], h, target, dampening=dampening, blocksize=blocksize, pad_cols=pad_cols
+                    view[rows], h, target, dampening=dampening, blocksize=blocksize, pad_cols=pad_cols,
+                    shared_rows=shared_rows,
                 )
             except NotFactorable:
                 raise SemisparseError(
@@ -247,10 +252,13 @@ def calibrated_masks(
     dampening: float = 0.01,
     blocksize: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
+    shared_rows: int = 1,
 ) -> tuple[dict[str, LayerResult], list[str]]:
     """``{weight key: LayerResult}`` for every candidate that ran, and report notes; the model is not touched.
 
     Layers the model never calls on the calibration inputs get magnitude masks (named in the notes).
+    ``shared_rows``: each block of that many consecutive output rows (within a conv group or one of the packed
+    q / k / v) keeps the same positions.
     ``progress(key, done, total)`` is called after each layer.
     """
     try:
@@ -286,7 +294,7 @@ def calibrated_masks(
         active.discard(key)
         if not probe.seen:  # not reached in its pass: a magnitude mask below, named in the notes
             return
-        results[key] = _prune(probe, method, pattern, dampening, blocksize)
+        results[key] = _prune(probe, method, pattern, dampening, blocksize, shared_rows)
         probe.set_weight(results[key].weight)
         probe.hessians.clear()
         active.discard(key)
@@ -401,7 +409,7 @@ def calibrated_masks(
     for key in unseen:
         p = probes[key]
         w = p.weight()
-        mask, target = structured_mask(w.abs(), p.c.layout, pattern)
+        mask, target = structured_mask(w.abs(), p.c.layout, pattern, shared_rows)
         results[key] = LayerResult(mask, w * mask, target, float("nan"))
     if unseen:
         notes.append(f"not called on the calibration inputs, magnitude masks instead: {', '.join(unseen)}")

@@ -33,8 +33,8 @@ def _target_of_given(mask: torch.Tensor, layout: Layout, pattern: NM | FanIn | N
 def _validate_options(method: str, options: Mapping[str, object]) -> None:
     allowed = {
         "magnitude": {"shared_rows"}, "random": {"seed", "shared_rows"},
-        "sparsegpt": {"dampening", "blocksize", "progress"},
-        "wanda": {"progress"},
+        "sparsegpt": {"dampening", "blocksize", "progress", "shared_rows"},
+        "wanda": {"progress", "shared_rows"},
     }.get(method)
     if allowed is None:
         return  # gumbel validates its own options
@@ -125,9 +125,11 @@ def sparsify(
     ``overwrite=True`` (masks are recomputed from the dense weights kept underneath). ``permute=True``
     (N:M only) first reorders channels so N:M keeps more magnitude, keeping the model's function
     (:mod:`semisparse.masking.permute`); the report's ``extra`` holds the kept share before/after.
-    ``shared_rows=4`` (magnitude and random masks): each block of 4 consecutive output neurons keeps the same
-    positions, chosen by the block's summed scores; every row still has the pattern (2:4 for GPU sparse tensor
-    cores too), and a batch-1 CPU conv then feeds each loaded input to 4 rows (the ``rows4`` kernel setting).
+    ``shared_rows=4`` (magnitude, random, wanda and sparsegpt; not gumbel): each block of 4 consecutive output
+    neurons keeps the same positions, chosen by the block's summed scores (sparsegpt: summed OBS saliency, each
+    row still reconstructed on its own; blocks counted within a conv group / q, k, v); every row still has the
+    pattern (2:4 for GPU sparse tensor cores too), and a batch-1 CPU conv then feeds each loaded input to 4 rows
+    (the ``rows4`` kernel setting).
 
     **Calibrated one-shot** (``method="sparsegpt"`` or ``"wanda"``, :mod:`semisparse.masking.oneshot`) needs
     ``calibration``: an iterable of input batches (tensor, tuple or dict), a DataLoader (first element of
@@ -176,7 +178,7 @@ def sparsify(
     if method == "gumbel":
         _validate_options("sparsegpt", calib_opts)
     else:
-        calib_opts = {k: options[k] for k in ("dampening", "blocksize", "progress") if k in options}
+        calib_opts = {k: options[k] for k in ("dampening", "blocksize", "progress", "shared_rows") if k in options}
     if method == "gumbel" and prior_from in CALIBRATED:  # fail before the calibration's work, not after
         from .gumbel import validate_options
 
