@@ -73,15 +73,6 @@ def test_prune_bad_flags_are_one_line(weights, capsys, extra, message):
     assert message in err and "\n" not in err
 
 
-def test_shared_rows_is_refused_for_a_method_that_cannot_share(weights, capsys, monkeypatch):
-    from semisparse.cli import prune
-
-    monkeypatch.setattr(prune, "SHARED_ROWS_METHODS", ("magnitude", "sparsegpt"))
-    assert cli(["prune", *COMMON, "--weights", str(weights), "--method", "wanda", "--shared-rows", "4"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--shared-rows applies to --method magnitude, sparsegpt, not wanda" in err and "\n" not in err
-
-
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda"])
 def test_prune_with_shared_rows_keeps_2_4_shared_by_blocks_of_4(weights, tmp_path, capsys, method):
     out = tmp_path / "m.safetensors"

@@ -27,8 +27,6 @@ from ..train.run_folder import claim_output_dir
 from . import train as train_cli
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
-#: Methods whose masks can be shared by blocks of output rows (``--shared-rows``).
-SHARED_ROWS_METHODS = ("sparsegpt", "wanda", "magnitude")
 #: ``train`` flags that mean the same here (data, model, device).
 SHARED = ("data_path", "model", "weights", "device", "batch_size", "workers", "seed", "train_crop_size",
           "val_resize_size", "val_crop_size", "interpolation", "cache_dataset", "skip_bad_images", "aug_for_2x4",
@@ -103,9 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SemisparseError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
     if args.method != "sparsegpt" and args.dampening is not None:
         raise SemisparseError("--dampening applies to --method sparsegpt only")
-    if args.shared_rows is not None and args.method not in SHARED_ROWS_METHODS:
-        raise SemisparseError(f"--shared-rows applies to --method {', '.join(SHARED_ROWS_METHODS)}, "
-                              f"not {args.method}")
     if args.shared_rows is not None and args.shared_rows < 1:
         raise SemisparseError(f"--shared-rows must be at least 1, got {args.shared_rows}")
     if args.output is not None and not args.output.endswith(".safetensors"):
