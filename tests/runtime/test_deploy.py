@@ -794,6 +794,31 @@ def test_rows4_conv_reads_each_blocks_inputs_in_memory_order():
         assert before == after
 
 
+@needs_kernels
+@pytest.mark.parametrize("k, pad, h, w, in_place", [
+    (1, 0, 8, 8, True), (1, 0, 4, 4, True), (1, 0, 12, 2, False),  # 24 positions: cs (32) != H*W
+    (1, 0, 7, 7, False),  # 49 positions: the last vector would read 7 floats past x
+    (1, 1, 8, 8, False), (3, 0, 8, 8, False), (3, 1, 8, 8, False)])
+def test_rows4_1x1_conv_reads_its_input_in_place_only_where_every_read_lies_inside_it(k, pad, h, w, in_place):
+    """An unpadded 1x1 conv of stride 1 whose planes are whole vectors reads x itself instead of a copy of it;
+    any padding, tap shift or read past the last plane takes the copy."""
+    conv = _shared_conv(32, 16, k, padding=pad)
+    dep = deploy(conv, plan="condensed")
+    x = torch.randn(1, 32, h, w)
+    x0 = x.clone()
+    dep.use_variant(ROWS4)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), conv(x))
+        assert_equal_outputs(dep(x), conv(x))
+    assert torch.equal(x, x0)
+    g = dep._plan_geometry(1, (h, w))
+    geo = dict(C=32, H0=h, W0=w, sh=1, sw=1, H=h, W=w, pt=pad, pl=pad, Hp=g["padded"][0], Wp=g["padded"][1],
+               cs=g["c_stride"], stH=1, stW=1, Hq=g["planes"][0], Wq=g["planes"][1], P=g["P"], Ho=g["outs"][0],
+               Wo=g["outs"][1])
+    assert kernels.reads_input_as_is(geo, g["rows4"][1], 3) is in_place
+    assert not kernels.reads_input_as_is(geo, g["off"], 0)
+
+
 @pytest.mark.parametrize("batch", [24, 25, 50, 197])
 @pytest.mark.parametrize("ablate", [False, True])
 def test_rows4_linear_equals_masked_dense(batch, ablate):

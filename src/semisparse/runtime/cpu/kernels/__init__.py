@@ -27,7 +27,7 @@ to run (:class:`Stale`) once one of them was replaced or resized. The library it
 its size and sha256 match what was recorded when it was built (a sidecar file); otherwise it is rebuilt.
 """
 
-from .binding import BLOCK, Stale, Table, extent, table
+from .binding import BLOCK, Stale, Table, extent, reads_input_as_is, table
 from .build import (
     EMULATED,
     VARIANT_BITS,
@@ -66,7 +66,7 @@ from .wrappers import (
 __all__ = [
     "BLOCK", "EMULATED", "GEMV_VARIANTS", "VARIANTS", "VARIANT_BITS", "Stale", "Table", "available", "chosen_variant",
     "conv2d_binding", "emulated_variants", "extent", "fill_rows", "gemv", "gemv_binding", "gemv_reference", "library",
-    "loaded_variant", "maxpool2d", "offsets", "pack_panels", "rows4_by_offset", "rows4_values", "runnable_variants",
-    "scratch", "simd_width", "spmm", "spmm_reference", "spmm_tiled", "split_by_blocks", "table", "tile", "transpose",
-    "unavailable_reason", "variant_library",
+    "loaded_variant", "maxpool2d", "offsets", "pack_panels", "reads_input_as_is", "rows4_by_offset", "rows4_values",
+    "runnable_variants", "scratch", "simd_width", "spmm", "spmm_reference", "spmm_tiled", "split_by_blocks", "table",
+    "tile", "transpose", "unavailable_reason", "variant_library",
 ]
