@@ -12,7 +12,7 @@ from torch import nn
 
 import semisparse as ss
 from semisparse.layout import Layout
-from semisparse.masking import gumbel
+from semisparse.masking import gumbel, sampling_triton
 from semisparse.masking.gumbel import GumbelMask, learned_masks, mask_logits, prior_logits, set_step
 from semisparse.patterns import NM, is_nm, pattern_table
 from semisparse.runtime import deploy, deployed_layers
@@ -55,7 +55,8 @@ def model_masks_shared(model: nn.Module, s: int) -> None:
         assert_shared(getattr(sw.module, sw.param).ne(0), p.layout, s, p.target)
 
 
-BACKENDS = ["torch", "compiled"] + (["numba"] if gumbel.HAVE_NUMBA else [])
+BACKENDS = ["torch", "compiled"] + (["numba"] if gumbel.HAVE_NUMBA else []) + (
+    ["triton"] if sampling_triton.available() and sampling_triton.interpreting() else [])  # CPU tensors: interpreted
 
 
 @pytest.fixture
@@ -86,6 +87,7 @@ def test_sampled_and_argmax_masks_are_the_same_in_every_row_of_a_block(backend, 
                    total_steps=10, tau=(2.0, 2.0), scale=(1.0, 1.0), hard=hard, allowed=allowed, shared_rows=4)
     p.train()
     ones = torch.ones(shape, requires_grad=True)
+    assert p.sampler(ones) == (backend if hard and mode != "taps" else "planes")
     for _ in range(5):  # weak prior, hot samples: rows would differ if each drew its own
         sample = p(ones)
         assert_shared(sample.detach(), layout, 4, nm if hard else None)
@@ -258,3 +260,13 @@ def test_learned_shared_masks_deploy_with_the_rows4_kernels():
         conv.use_variant(conv.variants(many)[0])
         lin.use_variant(lin.variants(torch.randn(30, lin.in_features))[-1])
         torch.testing.assert_close(dep(many), model(many), rtol=1e-5, atol=1e-5)
+
+
+def test_a_calibrated_prior_starts_shared_masks_from_the_blocks_most_kept_patterns():
+    model = small_cnn()
+    calibration = [torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ss.sparsify(model, "2:4", method="gumbel", total_steps=4, shared_rows=4, prior_from="sparsegpt",
+                calibration=calibration)
+    model.eval()
+    ss.check(model)
+    model_masks_shared(model, 4)
