@@ -270,3 +270,29 @@ def test_a_calibrated_prior_starts_shared_masks_from_the_blocks_most_kept_patter
     model.eval()
     ss.check(model)
     model_masks_shared(model, 4)
+
+
+def test_magnitude_regularizer_gradient_counts_every_row_of_a_block():
+    """Closed-form gradient against autograd of ``-lam * sum(softmax(z) @ table * w^2) / sum(w^2)`` with each
+    block's probabilities broadcast to its rows."""
+    from semisparse.masking.sampling import to_slots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 10, 3))  # 10 rows: blocks of 4, 4, 2
+    ss.sparsify(model, "2:4", method="gumbel", total_steps=5, trainable="all", prior=0.5, shared_rows=4)
+    p, w = model[0].parametrizations.weight[0], model[0].parametrizations.weight.original
+    x = torch.randn(2, 8, 5, 5)
+    grads = []
+    for reg in (None, ("magnitude", 0.3)):
+        p.regularizer, p.logits.grad = reg, None
+        set_step(model, 0)
+        torch.manual_seed(1)
+        model.train()(x).square().sum().backward()
+        grads.append(p.logits.grad.clone())
+    leaf = p.logits.detach().clone().requires_grad_(True)
+    sq = to_slots(p.layout, w.detach(), 4).square()  # (M, 10, G)
+    prob = torch.softmax(leaf, 0).repeat_interleave(4, 1)[:, :10]
+    kept = torch.einsum("prg,pm->mrg", prob, pattern_table(2, 4).float())
+    (ref,) = torch.autograd.grad(-0.3 * (kept * sq).sum() / sq.sum(), leaf)
+    torch.testing.assert_close(grads[1] - grads[0], ref, rtol=1e-4, atol=1e-6)
+    assert ref.abs().sum() > 0
