@@ -5,7 +5,9 @@ A narrow CNN is trained densely; then, with the dense weights frozen (no weight 
 * one-shot magnitude N:M (and the same with channel permutation first),
 * learned N:M masks (``ss.sparsify(method="gumbel", trainable="mask")``), at most 2 epochs of mask training,
 
-for 2:4 and 1:4, over several seeds; prints a markdown table (mean, spread) and writes it with ``--out``.
+for 2:4 and 1:4 (``--patterns``), over several seeds; prints a markdown table (mean, spread) and writes it with
+``--out``. ``--shared-rows 1 4`` also runs the magnitude and learned masks shared by blocks of 4 output channels
+(``shared_rows=4``: the CPU deploy's rows4 kernels), on the same dense models.
 
     OMP_NUM_THREADS=2 python benchmarks/gumbel_digits.py --seeds 5 --out benchmarks/results/gumbel.md
 """
@@ -114,40 +116,60 @@ def random_matrices(seeds: int = 5) -> list[str]:
     return lines
 
 
+def shared(pat: str, rows: int) -> str:
+    """``pat`` as the table names it: ``"2:4"``, or ``"2:4 shared by 4 rows"``."""
+    return pat if rows == 1 else f"{pat} shared by {rows} rows"
+
+
 def run_seed(seed: int, args) -> dict[str, float]:
     torch.manual_seed(seed)
     xtr, ytr, xva, yva = digits(seed)
     dense = narrow_cnn(args.width)
     train(dense, xtr, ytr, args.dense_epochs, 3e-3, 32, seed, wd=1e-4)
     res = {"dense": accuracy(dense, xva, yva)}
+    for pat in args.patterns:
+        for rows in args.shared_rows:
+            res.update(run_pattern(dense, pat, rows, seed, args, (xtr, ytr, xva, yva)))
+    return res
+
+
+def run_pattern(dense: nn.Module, pat: str, rows: int, seed: int, args, data) -> dict[str, float]:
+    """One pattern, masks shared by ``rows`` output channels: magnitude (+ permutation, per-row masks only;
+    + BN recalibration) and learned masks over the frozen dense weights."""
+    xtr, ytr, xva, yva = data
+    name, res = shared(pat, rows), {}
     steps = args.mask_epochs * ((len(ytr) + args.bs - 1) // args.bs)
-    for pat in ("2:4", "1:4"):
-        m = copy.deepcopy(dense)
-        ss.sparsify(m, pat)
-        res[f"magnitude {pat}"] = accuracy(m, xva, yva)
+    m = copy.deepcopy(dense)
+    ss.sparsify(m, pat, shared_rows=rows)
+    res[f"magnitude {name}"] = accuracy(m, xva, yva)
+    if rows == 1:
         m = copy.deepcopy(dense)
         rep = ss.sparsify(m, pat, permute=True)
         res[f"magnitude {pat} + permutation"] = accuracy(m, xva, yva)
         for r in rep.layers:
             if "kept_after_perm" in r.extra:
-                KEPT.setdefault(f"{pat} {r.name}", []).append((r.extra["kept_before_perm"], r.extra["kept_after_perm"]))
-        m = copy.deepcopy(dense)
-        ss.sparsify(m, pat)
-        recalibrate_bn(m, xtr)
-        res[f"magnitude {pat} + BN recalibration"] = accuracy(m, xva, yva)
-        m = copy.deepcopy(dense)
-        ss.sparsify(m, pat, method="gumbel", trainable="mask", total_steps=steps, prior=args.prior,
-                    tau=tuple(args.tau), scale=tuple(args.scale))
-        before = {k: v.clone() for k, v in m.state_dict().items() if k.endswith("original")}
-        torch.manual_seed(seed)
-        train(m, xtr, ytr, args.mask_epochs, args.lr, args.bs, seed)
-        after = m.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), "frozen weights changed"
-        ss.check(m)
-        acc = accuracy(m, xva, yva)
-        ss.finalize(m)
-        assert accuracy(m, xva, yva) == acc
-        res[f"learned {pat}, frozen weights"] = acc
+                KEPT.setdefault(f"{pat} {r.name}", []).append((r.extra["kept_before_perm"],
+                                                               r.extra["kept_after_perm"]))
+    m = copy.deepcopy(dense)
+    ss.sparsify(m, pat, shared_rows=rows)
+    recalibrate_bn(m, xtr)
+    res[f"magnitude {name} + BN recalibration"] = accuracy(m, xva, yva)
+    m = copy.deepcopy(dense)
+    ss.sparsify(m, pat, method="gumbel", trainable="mask", total_steps=steps, prior=args.prior,
+                tau=tuple(args.tau), scale=tuple(args.scale), shared_rows=rows)
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.endswith("original")}
+    torch.manual_seed(seed)
+    train(m, xtr, ytr, args.mask_epochs, args.lr, args.bs, seed)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "frozen weights changed"
+    ss.check(m)
+    for mask in ss.masks(m).values():  # every block of `rows` output channels keeps the same positions
+        v = mask.reshape(mask.shape[0], -1)
+        assert all(torch.equal(v[b : b + rows], v[b].expand_as(v[b : b + rows])) for b in range(0, len(v), rows))
+    acc = accuracy(m, xva, yva)
+    ss.finalize(m)
+    assert accuracy(m, xva, yva) == acc
+    res[f"learned {name}, frozen weights"] = acc
     return res
 
 
@@ -163,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.05))
     p.add_argument("--scale", type=float, nargs=2, default=(2.0, 20.0))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--patterns", nargs="+", default=["2:4", "1:4"])
+    p.add_argument("--shared-rows", type=int, nargs="+", default=[1],
+                   help="masks shared by blocks of this many output channels (each value a run; 1: per row)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,12 +212,14 @@ def main(argv: list[str] | None = None) -> None:
         diff = statistics.mean(a - b for a, b in zip(v, dense))
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         lines.append(f"| {k} | {statistics.mean(v):.2f} | {min(v):.2f} | {max(v):.2f} | {sd:.2f} | {diff:+.2f} |")
-    for pat in ("2:4", "1:4"):
-        gain = [a - b for a, b in zip(rows[f"learned {pat}, frozen weights"], rows[f"magnitude {pat}"])]
-        lines.append(
-            f"\nlearned {pat} - magnitude {pat}: mean {statistics.mean(gain):+.2f} pp, "
-            f"per seed {', '.join(f'{g:+.2f}' for g in gain)}"
-        )
+    for pat in args.patterns:
+        for n in args.shared_rows:
+            name = shared(pat, n)
+            gain = [a - b for a, b in zip(rows[f"learned {name}, frozen weights"], rows[f"magnitude {name}"])]
+            lines.append(
+                f"\nlearned {name} - magnitude {name}: mean {statistics.mean(gain):+.2f} pp, "
+                f"per seed {', '.join(f'{g:+.2f}' for g in gain)}"
+            )
     lines += ["", f"Kept |w| share of magnitude masks on the CNN's layers, mean over {args.seeds} seeds "
               "(channel permutation before / after):", "", "| layer | before | after |", "|---|---|---|"]
     for k, v in KEPT.items():

@@ -214,7 +214,7 @@ def test_check_raises_pattern_error_naming_the_tampered_layer():
         ({"pattern": "2:4", "seed": 1}, "unknown option"),
         ({"pattern": "2:4", "shared_rows": 0}, "shared_rows must be an int >= 1"),
         ({"pattern": "2:4", "shared_rows": 2.0}, "shared_rows must be an int >= 1"),
-        ({"pattern": "2:4", "method": "gumbel", "shared_rows": 4}, "shared_rows"),
+        ({"pattern": "2:4", "method": "gumbel", "total_steps": 4, "shared_rows": 0}, "shared_rows must be an int >= 1"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_leaves_model_unmodified(kwargs, match):

@@ -136,6 +136,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     a("--mask-tau", default=None, nargs=2, type=float, metavar=("START", "END"),
       help="gumbel_2x4 temperature, annealed from START to END")
     a("--mask-prior", default=None, type=float, help="gumbel_2x4 magnitude prior strength of the mask logits")
+    a("--mask-shared-rows", default=None, type=int, metavar="N",
+      help="gumbel_2x4: each block of N consecutive output neurons learns one mask (4: the CPU deploy's rows4 "
+      "kernels read each input once for the block)")
     a("--mask-prior-from", default=None, choices=("magnitude", "wanda", "sparsegpt"),
       help="gumbel_2x4: the masks start as this one-shot mask (wanda/sparsegpt calibrate on 16 training batches; "
       "sparsegpt also starts from its reconstructed weights) (default: magnitude)")
@@ -219,6 +222,7 @@ def _help_defaults() -> dict:
 
     dst = {dest: getattr(DSTSettings, name) for dest, name in DST_ARGS.items()}
     return {"mask_tau": " ".join(f"{t:g}" for t in GUMBEL["tau"]), "mask_prior": GUMBEL["prior"],
+            "mask_shared_rows": GUMBEL["shared_rows"],
             "pattern": SRSTE_PATTERN, "ablation": DSTSettings.ablation, "world_size": "torchrun's", "config": "none",
             "dst": "none (dense or --sparsity)", **dst}
 
@@ -452,6 +456,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "world_size": (1, 2**16), "model_ema_steps": (1, 2**31), "model_ema_decay": (0.0, 1.0),
     "val_resize_size": (1, 8192), "val_crop_size": (1, 8192), "train_crop_size": (1, 8192),
     "clip_grad_norm": (0.0, 1e6), "ra_reps": (1, 16), "seed": (0, 2**32 - 1), "mask_prior": (0.0, 1e4),
+    "mask_shared_rows": (1, 2**16),
     "keep_last": (1, 10**6),
 }  # fmt: skip
 # (the --dst options are checked by DSTSettings, see dst_settings)
@@ -547,7 +552,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     n(args, ("pattern",), args.sparsity != "none" or args.dst in ("srigl", "sr-ste"),
       "needs --sparsity sparse_2x4 (magnitude) or gumbel_2x4 (learned), or --dst srigl|sr-ste")
     n(args, ("permute",), args.sparsity != "none", "needs --sparsity sparse_2x4|gumbel_2x4 or --enable-apex")
-    n(args, ("mask_tau", "mask_prior", "mask_prior_from"), args.sparsity == "gumbel_2x4", "needs --sparsity gumbel_2x4")
+    n(args, ("mask_tau", "mask_prior", "mask_prior_from", "mask_shared_rows"), args.sparsity == "gumbel_2x4",
+      "needs --sparsity gumbel_2x4")
     refuse_masks(args.dst, args.sparsity)
     n(args, ("sparsity_level", "distribution", "dense_layers"), args.dst in ("rigl", "srigl", "static"),
       "needs --dst rigl, srigl or static")
@@ -728,7 +734,7 @@ def _sparsity_config(args, given: WeightsInfo | None = None) -> SparsityConfig:
         method=method, pattern=pattern,
         trainable="mask" if args.trainable == "gumbel_2x4" else "all",
         tau=tuple(args.mask_tau) if args.mask_tau else None, prior=args.mask_prior, permute=args.permute,
-        prior_from=args.mask_prior_from, pad=args.aug_for_2x4,
+        prior_from=args.mask_prior_from, shared_rows=args.mask_shared_rows, pad=args.aug_for_2x4,
         layers=LayerSelection(ignore_linear=args.ignore_linear, ignore_grouped=args.ignore_grouped),
         dst=args.dst_settings,
     )  # fmt: skip

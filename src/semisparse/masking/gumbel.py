@@ -10,6 +10,9 @@ and live in the state_dict next to the dense weight, with the schedule position:
     conv1.parametrizations.weight.0.logits    # (C(M, N), rows, K // M), trained
     conv1.parametrizations.weight.0.step      # schedule position (int64 scalar buffer)
 
+With ``shared_rows=s`` the logits are ``(C(M, N), ceil(rows / s), K // M)``: one row of logits per block of s
+rows, whose sampled pattern every row of the block takes.
+
 In training mode (with grad enabled) a pattern is sampled per group: hard straight-through samples of
 ``softmax((scale * logits + g) / tau)``, ``g`` Gumbel noise; in eval mode (or without grad) the mask is
 the deterministic argmax pattern, and that is what ``ss.masks``, ``ss.check``, ``ss.report`` and
@@ -26,7 +29,9 @@ is saved, so a resumed run continues the same annealing.
 ``trainable`` "mask" (default: only the logits train; dense weights, and everything else, frozen) | "all";
 ``total_steps`` (required, > 0); ``tau=(start, end)`` (4, 0.05), never rising; ``scale`` a number or
 ``(start, end)`` multiplying the logits (2 -> 20: late samples approach the argmax, as MaskLLM's kappa);
-``prior`` prior strength (3; 0 = uniform); ``prior_from`` "magnitude" (default) | "wanda" | "sparsegpt" (the
+``prior`` prior strength (3; 0 = uniform); ``shared_rows`` (1) one set of logits per block of that many
+consecutive rows of the view, so every sampled and final mask is the same in each row of a block (4: the CPU
+deploy's rows4 kernels; every row is still N:M); ``prior_from`` "magnitude" (default) | "wanda" | "sparsegpt" (the
 argmax starts as that one-shot mask; needs ``calibration=``); ``hard`` straight-through 0/1 samples (True) or soft
 masks; ``regularizer`` None | "entropy" | "magnitude" | (name, weight), applied through the logits'
 gradient (no extra loss term to add); ``train_bias`` (False); ``bn`` "recalibrate" | "freeze" | "train"
@@ -51,7 +56,7 @@ from torch import nn
 
 from ..errors import SemisparseError
 from ..layout import Candidate, Layout
-from ..patterns import MAX_PATTERNS, NM, FanIn, pattern_table
+from ..patterns import MAX_PATTERNS, NM, FanIn, pattern_table, shared_row_scores
 from . import sampling_triton
 from .parametrization import SparseParametrization, sparse_weights
 from .sampling import (
@@ -84,6 +89,7 @@ DEFAULTS: dict[str, object] = {
     "regularizer": None,
     "train_bias": False,
     "bn": "recalibrate",
+    "shared_rows": 1,
 }
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -147,6 +153,9 @@ class GumbelMask(SparseParametrization):
     is a ``(P, 1, G)`` bool table of the patterns that never keep a padding slot in preference to a real
     weight; the same for every row.
 
+    ``shared_rows > 1``: the logits' rows are blocks of that many consecutive rows of the view; each block's
+    pattern (sampled or argmax) is broadcast to its rows, so the gradient of a block's logits sums its rows'.
+
     The schedule position lives in the ``step`` buffer (saved) and, for the eager forward, in a host-side
     copy ``_host_step`` kept equal to it by every writer here (backward, :func:`set_step`, loading a
     state_dict; None = read the buffer once): reading the buffer itself would synchronise a GPU per layer.
@@ -165,8 +174,16 @@ class GumbelMask(SparseParametrization):
         regularizer: tuple[str, float] | None = None,
         allowed: torch.Tensor | None = None,
         original_requires_grad: bool | None = None,
+        shared_rows: int = 1,
     ) -> None:
         super().__init__(layout, nm)
+        self.shared_rows = int(shared_rows)
+        blocks = -(-_view_rows(layout) // self.shared_rows)
+        if logits.shape[1] != blocks:
+            raise SemisparseError(f"logits have {logits.shape[1]} rows; expected {blocks} (rows of the view in blocks "
+                                  f"of shared_rows={self.shared_rows})")  # fmt: skip
+        # the shape the sampled block masks take ("rows"/"conv" layouts): the weight's, with one row per block
+        self.block_shape = (blocks, *layout.shape[1:])
         table = pattern_table(nm.n, nm.m)
         npat = table.shape[0]
         self.register_buffer("table", table.to(logits.device, logits.dtype), persistent=False)
@@ -180,7 +197,7 @@ class GumbelMask(SparseParametrization):
         offsets = (torch.arange(nm.m, device=logits.device) * npat).reshape(nm.m, 1)
         self.register_buffer("slot_offsets", offsets, persistent=False)
         self.kept_slots = kept_slots(table)
-        self.geometry = Geometry.of(layout, nm.m) if layout.mode != "taps" else None
+        self.geometry = Geometry.of(Layout(layout.mode, self.block_shape), nm.m) if layout.mode != "taps" else None
         self.total_steps = int(total_steps)
         self.tau = (float(tau[0]), float(tau[1]))
         self.scale = (float(scale[0]), float(scale[1]))
@@ -195,6 +212,7 @@ class GumbelMask(SparseParametrization):
         return (
             f"{self.target}, logits={tuple(self.logits.shape)}, tau={self.tau}, scale={self.scale}, "
             f"total_steps={self.total_steps}, hard={self.hard}"
+            + (f", shared_rows={self.shared_rows}" if self.shared_rows > 1 else "")
         )
 
     def schedule(self, step: int | None = None) -> tuple[float, float]:
@@ -225,14 +243,33 @@ class GumbelMask(SparseParametrization):
         return logits.masked_fill(~self.allowed, float("-inf"))
 
     def pattern_index(self) -> torch.Tensor:
-        """The argmax pattern of every group, ``(rows, G)`` int64 (ties: the lower index)."""
+        """The argmax pattern of every group, ``(rows, G)`` int64 (ties: the lower index); with ``shared_rows``
+        one row per block, ``(ceil(rows / shared_rows), G)``."""
         return first_argmax0(self._masked_logits(self.logits.detach()))
 
     def hard_mask(self) -> torch.Tensor:
         idx = self.pattern_index()
         if self.geometry is not None:
-            return gather_mask(idx, self.table_t, self.slot_offsets, self.geometry).view(self.layout.shape).bool()
-        return from_slots(self.layout, patterns_to_slots(idx, self.kept_slots, self.target.m, torch.bool))
+            block = gather_mask(idx, self.table_t, self.slot_offsets, self.geometry).view(self.block_shape).bool()
+            return self._to_rows(block, 0)
+        planes = patterns_to_slots(idx, self.kept_slots, self.target.m, torch.bool)
+        return from_slots(self.layout, self._to_rows(planes, 1))
+
+    def _to_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Block rows (``dim``) -> the view's rows: each block's row repeated ``shared_rows`` times (as is for 1)."""
+        if self.shared_rows == 1:
+            return x
+        rows = x.repeat_interleave(self.shared_rows, dim)
+        return rows.narrow(dim, 0, _view_rows(self.layout))
+
+    def _times_block_mask(self, weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """``weight * mask`` with the block mask ``(blocks, ...)`` broadcast to each block's rows (no copy of the
+        mask when the blocks tile the rows); autograd sums the rows' gradients into the block mask's."""
+        s, rows = self.shared_rows, weight.shape[0]
+        block = block.to(weight.dtype)
+        if rows % s:
+            return weight * self._to_rows(block, 0)
+        return (weight.view(rows // s, s, *weight.shape[1:]) * block.unsqueeze(1)).reshape(weight.shape)
 
     def sampler(self, weight: torch.Tensor) -> str:
         """Which implementation a training forward uses for ``weight`` (see ``BACKENDS``)."""
@@ -287,12 +324,23 @@ class GumbelMask(SparseParametrization):
             kept, total = None, 1.0
             if kind == "magnitude":
                 sq = to_slots(self.layout, weight.detach().to(self.logits.dtype), self.target.m).square()
-                kept, total = slot_weighted(sq, self.kept_slots), sq.sum().clamp_min(1e-12)
+                total = sq.sum().clamp_min(1e-12)
+                kept = slot_weighted(_block_sums(sq, self.shared_rows), self.kept_slots)
             out = RegularizerGrad.apply(out, self.logits, self.allowed, kind, lam, kept, total)
         return out
 
     def _sample(self, weight: torch.Tensor, path: str) -> torch.Tensor:
-        """``weight * sampled mask`` by ``path`` (:meth:`sampler`), advancing the position in backward."""
+        """``weight * sampled mask`` by ``path`` (:meth:`sampler`), advancing the position in backward.
+
+        Shared rows: the samplers see a block-level weight of ones, so what they return is the sampled block
+        mask, with their straight-through gradient; it is then broadcast to the block's rows."""
+        if self.shared_rows == 1 or path == "planes":  # the planes path broadcasts its block planes itself
+            return self._sample_blocks(weight, path)
+        block = self._sample_blocks(weight.new_ones(self.block_shape), path)
+        return self._times_block_mask(weight, block)
+
+    def _sample_blocks(self, weight: torch.Tensor, path: str) -> torch.Tensor:
+        """:meth:`_sample` for a weight with one row per row of logits (block-level with ``shared_rows``)."""
         g = self.geometry
         compiling = torch.compiler.is_compiling()
         if compiling:
@@ -323,7 +371,7 @@ class GumbelMask(SparseParametrization):
             self.logits, self.step, self.table, self.kept_slots, self.allowed, scale, tau, self.hard, owner
         )
         # (M, rows, G); with hard=True exactly the sampled 0/1 patterns, straight-through gradient
-        return weight * from_slots(self.layout, planes.to(weight.dtype))
+        return weight * from_slots(self.layout, self._to_rows(planes, 1).to(weight.dtype))
 
 
 def _pair(value: object, name: str) -> tuple[float, float]:
@@ -369,6 +417,9 @@ def validate_options(options: Mapping[str, object]) -> dict[str, object]:
     for flag in ("hard", "train_bias"):
         if not isinstance(o[flag], bool):
             raise SemisparseError(f"{flag} must be True or False, got {o[flag]!r}")
+    shared = o["shared_rows"]
+    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1:
+        raise SemisparseError(f"shared_rows must be an int >= 1 (consecutive rows that learn one mask), got {shared!r}")
     if o["bn"] not in BN_MODES:
         raise SemisparseError(f"bn must be one of {', '.join(map(repr, BN_MODES))}, got {o['bn']!r}")
     reg = o["regularizer"]
@@ -397,14 +448,40 @@ def _allowed_patterns(layout: Layout, nm: NM, table: torch.Tensor) -> torch.Tens
     return (kept_real == real.sum(-1, keepdim=True).clamp(max=nm.n)).T[:, None, :]
 
 
-def prior_logits(w: torch.Tensor, layout: Layout, nm: NM, strength: float) -> torch.Tensor:
+def _view_rows(layout: Layout) -> int:
+    """Rows of the layout's ``(rows, K)`` view (a padded layout's are (output, input) channel pairs)."""
+    return layout.shape[0] * (layout.shape[1] if layout.mode == "taps" else 1)
+
+
+def _block_sums(planes: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(C, R, G)`` -> ``(C, ceil(R / rows), G)``: sums over each block of ``rows`` consecutive rows, as
+    :func:`~semisparse.patterns.shared_row_scores` adds them for the one-shot shared masks."""
+    if rows == 1:
+        return planes
+    c, r, g = planes.shape
+    flat = planes.permute(1, 0, 2).reshape(r, c * g)
+    return shared_row_scores(flat, rows)[::rows].reshape(-1, c, g).permute(1, 0, 2)
+
+
+def _block_means(planes: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`_block_sums` divided by each block's number of rows (the last block may be shorter): a prior
+    keeps the strength per row it has without sharing."""
+    if rows == 1:
+        return planes
+    counts = _block_sums(planes.new_ones(1, planes.shape[1], 1), rows)
+    return _block_sums(planes, rows) / counts
+
+
+def prior_logits(w: torch.Tensor, layout: Layout, nm: NM, strength: float, shared_rows: int = 1) -> torch.Tensor:
     """Initial logits ``(P, rows, G)`` from the magnitude the patterns keep, centred per group.
 
     Scored as ``strength * kept |w| / (N * mean |w|)``: the argmax is the magnitude N:M mask when
-    ``strength > 0`` (ties aside); ``strength == 0`` gives uniform logits.
+    ``strength > 0`` (ties aside); ``strength == 0`` gives uniform logits. ``shared_rows > 1``: one row of
+    logits per block of rows, from the block's mean magnitude (its argmax is the shared magnitude mask).
     """
     table = pattern_table(nm.n, nm.m).float().to(w.device)
     planes = to_slots(layout, w.detach().float().abs(), nm.m)  # (M, rows, G)
+    planes = _block_means(planes, shared_rows)
     if strength == 0:
         return torch.zeros(table.shape[0], *planes.shape[1:], device=w.device)
     kept = slot_weighted(planes, kept_slots(table))  # (P, rows, G)
@@ -412,14 +489,16 @@ def prior_logits(w: torch.Tensor, layout: Layout, nm: NM, strength: float) -> to
     return strength * (kept - kept.mean(0, keepdim=True))
 
 
-def mask_logits(mask: torch.Tensor, layout: Layout, nm: NM, strength: float) -> torch.Tensor:
+def mask_logits(mask: torch.Tensor, layout: Layout, nm: NM, strength: float, shared_rows: int = 1) -> torch.Tensor:
     """Initial logits ``(P, rows, G)`` whose argmax is the given N:M ``mask`` (a calibrated one-shot mask).
 
     Each pattern scores ``strength`` times the share of the mask's kept slots it keeps, centred per group:
-    the mask's own pattern is the only one keeping all N.
+    the mask's own pattern is the only one keeping all N. ``shared_rows > 1``: per block of rows, the share
+    of the block's rows keeping each slot (the argmax is a mask shared by the block as is; a per-row mask
+    gives each block the pattern its rows keep most).
     """
     table = pattern_table(nm.n, nm.m).float().to(mask.device)
-    planes = to_slots(layout, mask.float(), nm.m)  # (M, rows, G)
+    planes = _block_means(to_slots(layout, mask.float(), nm.m), shared_rows)  # (M, rows, G)
     if strength == 0:
         return torch.zeros(table.shape[0], *planes.shape[1:], device=mask.device)
     kept = slot_weighted(planes, kept_slots(table)) / nm.n  # (P, rows, G)
@@ -450,10 +529,11 @@ def gumbel_parametrizations(
     out = []
     for c in candidates:
         w = dense_weight_fn(c)
+        shared = o["shared_rows"]
         if prior_masks is not None:
-            logits = mask_logits(prior_masks[c.key][0].to(w.device), c.layout, pattern, float(o["prior"]))
+            logits = mask_logits(prior_masks[c.key][0].to(w.device), c.layout, pattern, float(o["prior"]), shared)
         else:
-            logits = prior_logits(w, c.layout, pattern, float(o["prior"]))
+            logits = prior_logits(w, c.layout, pattern, float(o["prior"]), shared)
         allowed = _allowed_patterns(c.layout, pattern, table)
         if allowed is not None:
             allowed = allowed.to(w.device)
@@ -462,7 +542,7 @@ def gumbel_parametrizations(
             c.layout, pattern, logits,
             total_steps=o["total_steps"], tau=o["tau"], scale=o["scale"], hard=o["hard"],
             regularizer=o["regularizer"], allowed=allowed,
-            original_requires_grad=bool(getattr(c.module, c.param).requires_grad),
+            original_requires_grad=bool(getattr(c.module, c.param).requires_grad), shared_rows=shared,
         )
         out.append((c, p))
     return out
@@ -514,6 +594,7 @@ def apply_trainable(model: nn.Module, options: Mapping[str, object]) -> list[str
     notes.append(
         f"tau {tau[0]:g} -> {tau[1]:g}, scale {scale[0]:g} -> {scale[1]:g} over {o['total_steps']} steps, "
         f"{'hard straight-through' if o['hard'] else 'soft'} samples, prior {o['prior']:g}"
+        + (f", one mask per block of {o['shared_rows']} rows" if o["shared_rows"] > 1 else "")
     )
     return notes
 

@@ -143,6 +143,7 @@ def sparsify(
     then re-estimates BatchNorm statistics on the same calibration (:func:`recalibrate_bn`).
     ``method="gumbel"`` takes ``prior_from="magnitude" | "wanda" | "sparsegpt"``: the learned masks start
     with that method's mask as their argmax (with ``"sparsegpt"``, on its reconstructed weights).
+    Learned masks take ``shared_rows`` too: one mask learned per block of rows (:mod:`~semisparse.masking.gumbel`).
 
     Everything is validated before the model is touched: on error the model is unchanged.
     Returns the coverage :class:`Report` (MACs too when ``example_input`` is given).

@@ -49,6 +49,7 @@ class SparsityConfig:
     tau: tuple[float, float] | None = None
     prior: float | None = None
     prior_from: str | None = None  # gumbel: "magnitude" | "wanda" | "sparsegpt" (the masks' starting argmax)
+    shared_rows: int | None = None  # gumbel: consecutive output rows that learn one mask (None: the library's 1)
     permute: bool = False
     pad: bool = False
     layers: LayerSelection = field(default_factory=LayerSelection)
@@ -62,6 +63,9 @@ class SparsityConfig:
         refuse_masks(self.dst and self.dst.method, {"magnitude": "sparse_2x4", "gumbel": "gumbel_2x4"}.get(self.method))
         if self.prior_from is not None and self.method != "gumbel":
             raise SemisparseError("--mask-prior-from sets where learned masks start: it needs --sparsity gumbel_2x4")
+        if self.shared_rows is not None and self.method != "gumbel":
+            raise SemisparseError("--mask-shared-rows shares learned masks by blocks of rows: it needs --sparsity "
+                                  "gumbel_2x4")
         if self.trainable not in ("mask", "all"):
             raise SemisparseError(f"trainable must be 'mask' or 'all', got {self.trainable!r}")
 
@@ -77,7 +81,8 @@ class SparsityConfig:
         """Plain values (what a checkpoint stores), the DST settings under ``dst``."""
         return {"method": self.method, "pattern": self.pattern, "trainable": self.trainable,
                 "tau": None if self.tau is None else list(self.tau), "prior": self.prior,
-                "prior_from": self.prior_from, "permute": self.permute, "pad": self.pad,
+                "prior_from": self.prior_from, "shared_rows": self.shared_rows, "permute": self.permute,
+                "pad": self.pad,
                 "layers": self.layers.to_dict(),
                 "dst": None if self.dst is None else self.dst.to_dict()}  # fmt: skip
 
@@ -123,6 +128,8 @@ class TrainingSparsity:
             opts["tau"] = tuple(c.tau)
         if c.prior is not None:
             opts["prior"] = c.prior
+        if c.shared_rows is not None:
+            opts["shared_rows"] = c.shared_rows
         if c.prior_from is not None:
             opts["prior_from"] = c.prior_from
             if c.prior_from != "magnitude":
