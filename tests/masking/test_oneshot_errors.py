@@ -100,11 +100,3 @@ def test_bad_shared_rows_is_one_line_before_any_calibration(method, value):
         ss.sparsify(model, "2:4", method=method, calibration=POSITIVE, shared_rows=value)
     assert "\n" not in str(e.value)
     _unchanged(model, before)
-
-
-def test_learned_masks_still_refuse_shared_rows_with_a_calibrated_prior():
-    model = _net()
-    with pytest.raises(ss.SemisparseError, match="shared_rows"):
-        ss.sparsify(model, "2:4", method="gumbel", prior_from="sparsegpt", calibration=POSITIVE, total_steps=5,
-                    shared_rows=4)
-    assert not ss.masks(model)

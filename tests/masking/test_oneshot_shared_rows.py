@@ -170,3 +170,22 @@ def test_deployed_conv_and_linear_use_rows4_on_reconstructed_weights(method):
     per_row = nn.Conv2d(16, 24, 3, padding=1)
     ss.sparsify(per_row, "2:4", method=method, calibration=[x])
     assert not any(v.get("rows4") for v in deploy(per_row, plan="condensed").variants(x[:1]))
+
+
+def test_learned_shared_masks_start_from_the_shared_sparsegpt_mask():
+    """``prior_from="sparsegpt"`` with ``shared_rows``: the calibrated prior is itself chosen per block (summed
+    saliency), so the learned masks' starting argmax is exactly the one-shot shared mask, not each block's
+    most-kept pattern of a per-row mask."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    torch.manual_seed(1)
+    calib = [torch.randn(64, 4) @ torch.randn(4, 32) + 0.1 * torch.randn(64, 32) for _ in range(2)]
+    one_shot = net()
+    ss.sparsify(one_shot, "2:4", method="sparsegpt", calibration=calib, shared_rows=4)
+    learned = net()
+    ss.sparsify(learned, "2:4", method="gumbel", prior_from="sparsegpt", calibration=calib, total_steps=5,
+                shared_rows=4)
+    want, got = ss.masks(one_shot), ss.masks(learned)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)

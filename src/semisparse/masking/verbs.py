@@ -125,7 +125,7 @@ def sparsify(
     ``overwrite=True`` (masks are recomputed from the dense weights kept underneath). ``permute=True``
     (N:M only) first reorders channels so N:M keeps more magnitude, keeping the model's function
     (:mod:`semisparse.masking.permute`); the report's ``extra`` holds the kept share before/after.
-    ``shared_rows=4`` (magnitude, random, wanda and sparsegpt; not gumbel): each block of 4 consecutive output
+    ``shared_rows=4`` (every method): each block of 4 consecutive output
     neurons keeps the same positions, chosen by the block's summed scores (sparsegpt: summed OBS saliency, each
     row still reconstructed on its own; blocks counted within a conv group / q, k, v); every row still has the
     pattern (2:4 for GPU sparse tensor cores too), and a batch-1 CPU conv then feeds each loaded input to 4 rows
@@ -178,6 +178,8 @@ def sparsify(
     _validate_options(method, options)
     if method == "gumbel":
         _validate_options("sparsegpt", calib_opts)
+        if "shared_rows" in options:  # a calibrated prior for shared learned masks is itself shared
+            calib_opts["shared_rows"] = options["shared_rows"]
     else:
         calib_opts = {k: options[k] for k in ("dampening", "blocksize", "progress", "shared_rows") if k in options}
     if method == "gumbel" and prior_from in CALIBRATED:  # fail before the calibration's work, not after
