@@ -67,12 +67,13 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pattern = r["masks"] if r["masks"].startswith("2:4") else f"fan-in {r['sparsity']:g} ({r['masks']})"
-        r16 = ([f"{r['ratio_bf16_vs_fastest_bf16_dense']:.2f}x{bench.marks(r)} ({r['fastest_bf16_dense']})",
-                _alone(r, bf16=True)] if "deployed_bf16_ms" in r else ["-", "-"]) if bf16 else []
+        fast, fast16 = r["ratio_vs_fastest_dense"], r.get("ratio_bf16_vs_fastest_bf16_dense")
+        r16 = ([f"{fast16:.2f}x{bench.marks(r, fast16)} ({r['fastest_bf16_dense']})", _alone(r, bf16=True)]
+               if "deployed_bf16_ms" in r else ["-", "-"]) if bf16 else []
         cells = [r["model"], pattern, str(r["batch"]), f"{r['deployed_ms']:.1f}",
                  *([f"{r['deployed_bf16_ms']:.1f}" if "deployed_bf16_ms" in r else "-"] if bf16 else []),
                  *[f"{r['dense_runtimes_ms'][n]:.1f}" if n in r["dense_runtimes_ms"] else "-" for n in names],
-                 f"{r['ratio_vs_fastest_dense']:.2f}x{bench.marks(r)} ({r['fastest_dense']})",
+                 f"{fast:.2f}x{bench.marks(r, fast)} ({r['fastest_dense']})",
                  f"{r['ratio']:.2f}x{bench.marks(r)}", _alone(r), *r16, str(r.get("others_busy_cpus"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -131,6 +131,20 @@ def test_bench_model_2of4_on_cpu():
     assert row["kept_density"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_a_stalled_torch_eager_flags_only_the_ratio_against_it():
+    """The limit bounds every ratio, but only one above it is impossible: 2.03x against a stalled torch eager
+    is flagged, 1.38x against OpenVINO in the same row is a result (both were flagged)."""
+    row = {"kind": "model", "model": "resnet50", "masks": "2:4-rows4", "sparsity": 0.5, "batch": 1,
+           "input": [1, 3, 224, 224], "deployed_ms": 35.7, "ratio_vs_fastest_dense": 1.38,
+           "fastest_dense": "openvino",
+           "dense_ms": 72.4, "ratio": 2.03, "dense_runtimes_ms": {"torch eager": 72.4, "openvino": 49.2},
+           "dense_deployed_ms": 63.8, "ratio_vs_dense_deployed": 1.79, "limit": 1.94, "condensed_layers": 53,
+           "layers": 53, "above_limit": True, "loaded": False}
+    line = bench.format_table([row]).splitlines()[2]
+    assert " 1.38x " in line and "2.03x!" in line
+    assert bench.marks(row, 1.38) == "" and bench.marks(row, 1.99) == "!" and bench.marks(row) == "!"
+
+
 def test_impossible_or_loaded_ratios_are_flagged():
     """A ratio above the byte limit (batch 1) or FLOP limit, or measured while others took the CPUs, carries a
     marker and a footnote: the demo printed 10.84x and `bench --layer` 75.26x beside a byte limit of 6.69x."""
