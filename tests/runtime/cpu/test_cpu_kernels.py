@@ -65,6 +65,17 @@ def test_spmm_rows4_matches_reference_for_every_tail(P, with_kernels):
         with contextlib.nullcontext() if with_kernels else kernels_off():
             kernels.spmm(X, kernels.rows4_values(W), off, bias, orow, got, P, P, PB, panel, rows4=True)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # positions contiguous, each block's 4 output rows adjacent (a Linear's (B, out) output, no transpose)
+    orow_t = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19])
+    X = torch.randn(-(-P // 24) * 40 * 24 + kernels.BLOCK)
+    off = kernels.offsets(idx, torch.arange(40, dtype=torch.int64) * 24, torch.zeros(12, dtype=torch.int64))
+    want, got = torch.full((P, 21), 7.0), torch.full((P, 21), 7.0)
+    kernels.spmm_reference(X, W, off, bias, orow_t, want, P, 1, 24, 40 * 24, ldp=21)
+    with contextlib.nullcontext() if with_kernels else kernels_off():
+        kernels.spmm(X, kernels.rows4_values(W), off, bias, orow_t, got, P, 1, 24, 40 * 24, ldp=21, rows4=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="each block's 4 output rows adjacent"):  # rows 4 and 6 apart
+        kernels.spmm(X, W, off, bias, orow, got, P, 1, 24, 40 * 24, ldp=21, rows4=True)
     with pytest.raises(ValueError, match="rows4 needs PB 24"):
         kernels.spmm(X, W, off, bias, orow, got, P, P, 32, panel, rows4=True)
     off_rows = kernels.offsets(_problem(12, 40, 7, seed=1)[1], torch.arange(40, dtype=torch.int64) * 24,

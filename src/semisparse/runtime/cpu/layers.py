@@ -494,6 +494,11 @@ class SparseLinear(_Condensed):
                                                 torch.zeros(len(self.orow), dtype=torch.int64)))
             self._offsets[PB] = off
         rows4 = self.rows4 and PB == 24 and off.rows_in_fours()
+        if rows4 and orow.adjacent_in_fours():  # (B, out) stored directly: a block's 4 outputs are adjacent
+            y = self._output_init((B, self.out_features), 1)
+            kernels.spmm(X, self._rows4_values(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
+                         ldp=self.out_features, rows4=True)
+            return y.view(*lead, self.out_features)
         if self.transposed_out or rows4:  # rows of (out, B) stored as whole vectors, then one blocked transpose
             yt = self._output_init((self.out_features, B), 0)
             kernels.spmm(X, self._rows4_values() if rows4 else self._kvalues(), off, self.bias_rows(), orow, yt, B,

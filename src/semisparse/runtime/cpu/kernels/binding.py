@@ -22,7 +22,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_spmm.restype = None
     lib.ss_spmm_pairs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_pairs.restype = None
-    lib.ss_spmm_rows4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
+    lib.ss_spmm_rows4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_rows4.restype = None
     lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_tiled.restype = ctypes.c_int
@@ -68,7 +68,7 @@ class Table:
     are uint16 bit patterns (condensed column indices).
     """
 
-    __slots__ = ("_t", "lo", "hi", "unsigned16", "_ascending_within", "_fours")
+    __slots__ = ("_t", "lo", "hi", "unsigned16", "_ascending_within", "_fours", "_steps")
 
     def __init__(self, t: torch.Tensor, unsigned16: bool = False) -> None:
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int16, torch.int32, torch.int64):
@@ -85,6 +85,7 @@ class Table:
             self.lo, self.hi = int(lo), int(hi)
         self._ascending_within = None  # the k for which segment rows were checked (see _check_segments)
         self._fours = None  # whether rows come in blocks of 4 equal rows (see rows_in_fours), once asked
+        self._steps = None  # whether a 1-D table counts up by one within each block of 4 (adjacent_in_fours)
 
     def rows_in_fours(self) -> bool:
         """Whether the rows come in blocks of 4 equal rows: the rows4 kernels read each block's first row only.
@@ -94,6 +95,15 @@ class Table:
             blocks = t.view(-1, 4, t.shape[1]) if t.dim() == 2 and len(t) and len(t) % 4 == 0 else None
             self._fours = blocks is not None and bool((blocks == blocks[:, :1]).all())
         return self._fours
+
+    def adjacent_in_fours(self) -> bool:
+        """Whether a 1-D table (output rows) comes in blocks of 4 consecutive values: the rows4 kernels then
+        store a block's 4 outputs of one position as one vector. Measured once."""
+        if self._steps is None:
+            t = self._t
+            ok = t.dim() == 1 and len(t) % 4 == 0
+            self._steps = ok and bool((t.view(-1, 4) - t.view(-1, 4)[:, :1] == torch.arange(4)).all())
+        return self._steps
 
     @property
     def dtype(self) -> torch.dtype:

@@ -67,7 +67,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 26; }
+int ss_abi_version(void) { return 27; }
 
 int ss_simd(void) {
 #if defined(SS_AVX512)
@@ -885,7 +885,7 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
 /* One tile of NV vectors (NV = 3 full, 1-2 for a short last tile: less work on 7x7 and 14x14 planes); NV is a
  * constant at each call, so the unused accumulators and loads compile away. */
 SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
-                             float *const *dst, int n, const int NV) {
+                             float *const *dst, int n, int64_t ldp, const int NV) {
     __m256 a0 = _mm256_set1_ps(bias[0]), a1 = a0, a2 = a0, b0 = _mm256_set1_ps(bias[1]), b1 = b0, b2 = b0;
     __m256 c0 = _mm256_set1_ps(bias[2]), c1 = c0, c2 = c0, d0 = _mm256_set1_ps(bias[3]), d1 = d0, d2 = d0;
     const __m256 z = _mm256_setzero_ps();
@@ -911,6 +911,26 @@ SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off
         SS_ROWS4_FMA(3, d0, d1, d2);
 #undef SS_ROWS4_FMA
     }
+    if (ldp != 1) { /* (positions, rows) output, the block's 4 rows adjacent: 4x8 transposes, 16-byte stores */
+        float *y = dst[0];
+#define SS_ROWS4_T(V, A, B, C, D)                                                                       \
+        do {                                                                                            \
+            const __m256 t0_ = _mm256_unpacklo_ps(A, B), t1_ = _mm256_unpackhi_ps(A, B);                \
+            const __m256 t2_ = _mm256_unpacklo_ps(C, D), t3_ = _mm256_unpackhi_ps(C, D);                \
+            const __m256 u_[4] = {_mm256_shuffle_ps(t0_, t2_, 0x44), _mm256_shuffle_ps(t0_, t2_, 0xEE),   \
+                                  _mm256_shuffle_ps(t1_, t3_, 0x44), _mm256_shuffle_ps(t1_, t3_, 0xEE)};  \
+            for (int q_ = 0; q_ < 4; ++q_) { /* u_[q] holds positions 8V + q and 8V + q + 4 */          \
+                if (8 * (V) + q_ < n) _mm_storeu_ps(y + (8 * (V) + q_) * ldp, _mm256_castps256_ps128(u_[q_])); \
+                if (8 * (V) + q_ + 4 < n)                                                               \
+                    _mm_storeu_ps(y + (8 * (V) + q_ + 4) * ldp, _mm256_extractf128_ps(u_[q_], 1));      \
+            }                                                                                           \
+        } while (0)
+        SS_ROWS4_T(0, a0, b0, c0, d0);
+        if (NV > 1) SS_ROWS4_T(1, a1, b1, c1, d1);
+        if (NV > 2) SS_ROWS4_T(2, a2, b2, c2, d2);
+#undef SS_ROWS4_T
+        return;
+    }
     float t[4][SS_ROWS4_PB];
     const int full = n == 8 * NV;
 #define SS_ROWS4_OUT(R, A0, A1, A2)                                                                     \
@@ -930,46 +950,49 @@ SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off
 }
 #endif
 
+/* Row r's position i goes to dst[r][i * ldp] (ldp 1: (rows, positions) output; else dst[r] = dst[0] + r). */
 static void rows4_tile(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
-                       float *y0, float *y1, float *y2, float *y3, int n) {
+                       float *y0, float *y1, float *y2, float *y3, int n, int64_t ldp) {
     float *const dst[4] = {y0, y1, y2, y3};
 #ifdef SS_AVX2
     if (n > 16)
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, 3);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 3);
     else if (n > 8)
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, 2);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 2);
     else
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, 1);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 1);
 #else
     for (int r = 0; r < 4; ++r)
         for (int i = 0; i < n; ++i) {
             float a = bias[r];
             for (int64_t j = 0; j < k; ++j) a += w[4 * j + r] * xb[off[j] + i];
-            dst[r][i] = a;
+            dst[r][i * ldp] = a;
         }
 #endif
 }
 
-/* Tile t of 24 positions reads X + t * xstep: a conv's plane (xstep 24) or a Linear's (K, 24) panels. */
+/* Tile t of 24 positions reads X + t * xstep: a conv's plane (xstep 24) or a Linear's (K, 24) panels. Row r,
+ * position p is written to Y[orow[r] * ldy + p * ldp]; ldp != 1 needs ldy 1 and orow[4b + i] = orow[4b] + i. */
 static void rows4_body(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
-                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t xstep) {
+                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t xstep) {
     const int64_t nblk = rows / 4, nt = (P + SS_ROWS4_PB - 1) / SS_ROWS4_PB;
 #pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < nt; ++t)
         for (int64_t b = 0; b < nblk; ++b) {
             const int64_t p0 = t * SS_ROWS4_PB, r = 4 * b;
             const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-            rows4_tile(X + t * xstep, W4 + r * k, off + r * k, k, bias ? bias + r : zero, Y + orow[r] * ldy + p0,
-                       Y + orow[r + 1] * ldy + p0, Y + orow[r + 2] * ldy + p0, Y + orow[r + 3] * ldy + p0,
-                       (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB));
+            rows4_tile(X + t * xstep, W4 + r * k, off + r * k, k, bias ? bias + r : zero,
+                       Y + orow[r] * ldy + p0 * ldp, Y + orow[r + 1] * ldy + p0 * ldp, Y + orow[r + 2] * ldy + p0 * ldp,
+                       Y + orow[r + 3] * ldy + p0 * ldp, (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB), ldp);
         }
 }
 
-/* ss_spmm with rows in blocks of 4 sharing their offsets (W in rows4 order, PB 24, contiguous output rows). */
+/* ss_spmm with rows in blocks of 4 sharing their offsets (W in rows4 order, PB 24): output rows contiguous
+ * (ldp 1), or positions contiguous (ldy 1) with each block's 4 output rows adjacent. */
 void ss_spmm_rows4(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
-                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t panel) {
+                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel) {
 #pragma omp parallel num_threads(SS_THREADS)
-    rows4_body(X, W4, off, bias, orow, Y, rows, k, P, ldy, panel);
+    rows4_body(X, W4, off, bias, orow, Y, rows, k, P, ldy, ldp, panel);
 }
 
 typedef struct {
@@ -1052,7 +1075,7 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
             for (int64_t q = 0; q < plane; ++q) o[q] = p->abl_vals[i];
         }
         if (p->kind == 3)
-            rows4_body(X, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, SS_ROWS4_PB);
+            rows4_body(X, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1, SS_ROWS4_PB);
         else if (p->kind == 2)
             tiled_body(X, p->Wt, p->off, p->seg, p->nt, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1,
                        p->PB, p->PB, p->by_blocks, &failed);

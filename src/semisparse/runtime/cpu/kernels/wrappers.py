@@ -89,15 +89,17 @@ def spmm(
     ``off`` (rows, k) int32 from :func:`offsets`, ``orow`` (rows,) int64 (both tensors or :class:`Table`),
     ``Y`` fp32 with row stride ``ldy`` and position stride ``ldp``; positions ``p < P``; ``PB`` a multiple of
     8, at most ``BLOCK``. All contiguous, on CPU. ``pairs=True`` (needs ``PB == 32``) runs two rows per pass.
-    ``rows4=True`` (``PB == 24``, ``ldp == 1``, rows in blocks of 4 with the same offsets): four rows per loaded
-    input, ``W`` in :func:`rows4_values` order.
+    ``rows4=True`` (``PB == 24``, rows in blocks of 4 with the same offsets; ``ldp == 1``, or ``ldy == 1`` with
+    each block's 4 ``orow`` adjacent): four rows per loaded input, ``W`` in :func:`rows4_values` order.
     """
     off, orow = table(off), table(orow)
     rows, k = _check_rows(W, off, bias, orow)
     if PB not in (8, 16, 24, 32, 40, 48, 56, 64) or (pairs and PB != 32):
         raise _bad(f"PB must be a multiple of 8 from 8 to 64 (32 with pairs=True), got {PB}")
-    if rows4 and (PB != 24 or ldp != 1 or pairs or not off.rows_in_fours()):
-        raise _bad("rows4 needs PB 24, contiguous output rows and rows in blocks of 4 with the same offsets")
+    if rows4 and (PB != 24 or pairs or not off.rows_in_fours()
+                  or (ldp != 1 and (ldy != 1 or not orow.adjacent_in_fours()))):
+        raise _bad("rows4 needs PB 24, rows in blocks of 4 with the same offsets, and contiguous output rows or "
+                   "(ldy 1) each block's 4 output rows adjacent")
     _check_reads(X, off, P, PB, panel, exact=False)
     _check_writes(Y, orow, P, ldy, ldp)
     lib = build.library()
@@ -108,7 +110,7 @@ def spmm(
     if rows4:
         _threads(lib)
         lib.ss_spmm_rows4(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
-                          rows, k, P, ldy, panel)
+                          rows, k, P, ldy, ldp, panel)
         return
     by_blocks = split_by_blocks(P, PB, rows, _threads(lib), prefer_blocks)
     if pairs:
