@@ -815,8 +815,10 @@ def test_rows4_1x1_conv_reads_its_input_in_place_only_where_every_read_lies_insi
     geo = dict(C=32, H0=h, W0=w, sh=1, sw=1, H=h, W=w, pt=pad, pl=pad, Hp=g["padded"][0], Wp=g["padded"][1],
                cs=g["c_stride"], stH=1, stW=1, Hq=g["planes"][0], Wq=g["planes"][1], P=g["P"], Ho=g["outs"][0],
                Wo=g["outs"][1])
-    assert kernels.reads_input_as_is(geo, g["rows4"][1], 3) is in_place
-    assert not kernels.reads_input_as_is(geo, g["off"], 0)
+    assert kernels.reads_input_as_is(geo, g["rows4"][1], 3, 24) is in_place
+    # the other kernels read whole blocks of PB positions: in place only where P is a multiple of PB
+    assert kernels.reads_input_as_is(geo, g["off"], 0, 64) is (in_place and g["P"] % 64 == 0)
+    assert kernels.reads_input_as_is(geo, g["off"], 0, 16) is (in_place and g["P"] % 16 == 0)
 
 
 @pytest.mark.parametrize("batch", [24, 25, 50, 197])

@@ -283,16 +283,23 @@ _CONV_GEOMETRY = ("C", "H0", "W0", "sh", "sw", "H", "W", "pt", "pl", "Hp", "Wp",
                   "P", "Ho", "Wo")
 
 
-def reads_input_as_is(g: dict, off: Table, kind: int) -> bool:
+def reads_input_as_is(g: dict, off: Table, kind: int, PB: int) -> bool:  # noqa: N803
     """Whether ``ss_conv2d_run`` may read ``x`` itself instead of its padded copy: the copy would equal ``x``
-    (stride 1, no subsampling, no padding, channels ``cs == H0 * W0`` apart) and the rows4 product (kind 3: tiles
-    of 24 positions, the last one read in whole vectors of 8) reads nothing past ``x``'s ``C * cs`` floats."""
-    if kind != 3 or off.numel() == 0 or g["P"] == 0:
+    (stride 1, no subsampling, no padding, channels ``cs == H0 * W0`` apart) and the product reads nothing past
+    ``x``'s ``C * cs`` floats. The rows4 kernels (kind 3) read tiles of 24 positions, the last one in whole
+    vectors of 8; the others read whole blocks of ``PB``, so only when ``P`` is a multiple of ``PB``."""
+    P = g["P"]
+    if off.numel() == 0 or P == 0:
         return False
     same = (g["stH"] == g["stW"] == g["sh"] == g["sw"] == 1 and g["pt"] == g["pl"] == 0 and g["H"] == g["Hq"] == g["H0"]
             and g["W"] == g["Wq"] == g["W0"] and g["cs"] == g["H0"] * g["W0"])
-    last = (g["P"] - 1) // 24 * 24
-    end = off.hi + last + -(-(g["P"] - last) // 8) * 8  # one past the last float the product reads
+    if kind == 3:
+        last = (P - 1) // 24 * 24
+        end = off.hi + last + -(-(P - last) // 8) * 8  # one past the last float the product reads
+    elif P % PB == 0:
+        end = off.hi + P
+    else:
+        return False
     return same and off.lo >= 0 and end <= g["C"] * g["cs"]
 
 

@@ -383,7 +383,7 @@ def conv2d_binding(geometry: dict, W: torch.Tensor, off: torch.Tensor | Table, s
                          "Wq")),
         W.data_ptr(), off.data_ptr(), _ptr(seg), _ptr(bias), orow.data_ptr(), ablated.data_ptr(),
         ablated_vals.data_ptr(), rows, k, 1 if seg is None else seg.shape[1] - 1, g["P"], PB, kind,
-        0, out_channels, g["Ho"], g["Wo"], len(ablated), int(reads_input_as_is(g, off, kind)))
+        0, out_channels, g["Ho"], g["Wo"], len(ablated), int(reads_input_as_is(g, off, kind, PB)))
     plan_ref, fn, split_for = ctypes.byref(plan), lib.ss_conv2d_run, [0]
     nx, ny = g["C"] * g["H0"] * g["W0"], out_channels * g["Ho"] * g["Wo"]
     held = tuple(_Held(t) for t in (W, bias, ablated_vals) if t is not None)
