@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import semisparse as ss
+from helpers.oneshot_net import calibration_batches, oneshot_net
 from semisparse.layout import Layout
 from semisparse.masking import sparse_weights
 from semisparse.masking.obs import column_sweep
@@ -111,24 +112,6 @@ def test_column_sweep_with_shared_rows_equals_explicit_obs_with_summed_saliency(
     assert torch.equal(column_sweep(w, h, target, blocksize=blocksize, shared_rows=1)[1], per_row_mask)
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),        # pad=True: N:M along kernel taps
-        nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4),
-    )
-
-
-def _batches(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(n)]
-
-
 def _counts_ok(model: nn.Module, pattern) -> None:
     """Every mask checked by hand on its layout's view (padded taps keep min(N, real) real weights)."""
     for sw in sparse_weights(model):
@@ -149,8 +132,8 @@ def _counts_ok(model: nn.Module, pattern) -> None:
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", 0.75], ids=str)
 def test_calibrated_masks_are_exactly_the_pattern_on_every_layer_kind(method, pattern):
-    model = _net()
-    rep = ss.sparsify(model, pattern, method=method, calibration=_batches(), pad=True)
+    model = oneshot_net()
+    rep = ss.sparsify(model, pattern, method=method, calibration=calibration_batches(), pad=True)
     pat = ss.parse_pattern(pattern)
     assert len(rep.sparse_layers) == (4 if pattern == "2:8" else 5)  # 2:8: the last Linear has 12 inputs
     _counts_ok(model, pat)
@@ -158,7 +141,7 @@ def test_calibrated_masks_are_exactly_the_pattern_on_every_layer_kind(method, pa
     assert all(r.extra["method"] == method and 0 <= r.extra["rel_err"] < 1.5 for r in rep.sparse_layers)
     assert "rel_err" in str(ss.report(model))
     with torch.no_grad():
-        assert torch.isfinite(model(_batches(1)[0])).all()
+        assert torch.isfinite(model(calibration_batches(1)[0])).all()
 
 
 def test_multihead_attention_packed_qkv_and_out_projection_are_calibrated():
@@ -267,12 +250,12 @@ def test_calibration_in_every_form_gives_the_same_masks():
 
 
 def test_recalibrate_bn_re_estimates_statistics_from_the_pruned_model_and_restores_modes():
-    model = _net()
+    model = oneshot_net()
     ss.sparsify(model, "2:4", pad=True)
     model.train()
     model[0].eval()  # an odd mix of modes, restored exactly
     modes = [m.training for m in model.modules()]
-    xs = _batches(3)
+    xs = calibration_batches(3)
     ss.recalibrate_bn(model, xs)
     with torch.no_grad():
         ys = [model[0](x) for x in xs]
@@ -285,8 +268,8 @@ def test_recalibrate_bn_re_estimates_statistics_from_the_pruned_model_and_restor
 
 
 def test_sparsify_recalibrate_bn_matches_calling_it_after():
-    xs = _batches(2)
-    a, b = _net(), _net()
+    xs = calibration_batches(2)
+    a, b = oneshot_net(), oneshot_net()
     ss.sparsify(a, "2:4", pad=True, recalibrate_bn=True, calibration=xs)
     ss.sparsify(b, "2:4", pad=True)
     ss.recalibrate_bn(b, xs)
@@ -295,8 +278,8 @@ def test_sparsify_recalibrate_bn_matches_calling_it_after():
 
 @pytest.mark.parametrize("prior_from", ["sparsegpt", "wanda"])
 def test_learned_masks_start_from_the_calibrated_mask(prior_from):
-    xs = _batches(2)
-    oneshot, learned = _net(), _net()
+    xs = calibration_batches(2)
+    oneshot, learned = oneshot_net(), oneshot_net()
     ss.sparsify(oneshot, "2:4", method=prior_from, calibration=xs, pad=True)
     ss.sparsify(learned, "2:4", method="gumbel", prior_from=prior_from, calibration=xs, pad=True, total_steps=10)
     want, got = ss.masks(oneshot), ss.masks(learned)

@@ -7,31 +7,13 @@ import torch
 from torch import nn
 
 import semisparse as ss
+from helpers.oneshot_net import calibration_batches, oneshot_net
 from semisparse.masking import sparse_weights
 from semisparse.runtime import deploy
 from semisparse.runtime.cpu import kernels
 
 METHODS = ["sparsegpt", "wanda"]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the planner times kernels: no C compiler here")
-
-
-def _net() -> nn.Module:
-    """Every layer's rows a multiple of 4 (the grouped conv: 4 rows per group)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),        # pad=True: N:M along kernel taps
-        nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4),
-    )
-
-
-def _batches(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(n)]
 
 
 def _assert_blocks(mask: torch.Tensor, starts, size: int, key: str) -> None:
@@ -42,8 +24,8 @@ def _assert_blocks(mask: torch.Tensor, starts, size: int, key: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("pattern", ["2:4", 0.75], ids=str)
 def test_every_block_of_4_rows_keeps_the_same_positions_and_each_row_the_pattern(method, pattern):
-    model = _net()
-    rep = ss.sparsify(model, pattern, method=method, calibration=_batches(), pad=True, shared_rows=4)
+    model = oneshot_net()
+    rep = ss.sparsify(model, pattern, method=method, calibration=calibration_batches(), pad=True, shared_rows=4)
     ss.check(model)  # each row on its own: N:M (min(N, real) along padded taps) / exactly k
     assert len(rep.sparse_layers) == 5
     for sw in sparse_weights(model):
@@ -51,17 +33,17 @@ def test_every_block_of_4_rows_keeps_the_same_positions_and_each_row_the_pattern
         _assert_blocks(mask, range(0, mask.shape[0], 4), 4, sw.key)
         if not isinstance(ss.parse_pattern(pattern), ss.NM):
             assert bool((mask.sum(1) == mask.sum(1)[0]).all()), sw.key
-    per_row = _net()
-    ss.sparsify(per_row, pattern, method=method, calibration=_batches(), pad=True)
+    per_row = oneshot_net()
+    ss.sparsify(per_row, pattern, method=method, calibration=calibration_batches(), pad=True)
     assert any(not torch.equal(a, b) for a, b in zip(ss.masks(per_row).values(), ss.masks(model).values()))
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("pattern", ["2:4", 0.75], ids=str)
 def test_shared_rows_1_is_the_default_exactly(method, pattern):
-    a, b = _net(), _net()
-    ss.sparsify(a, pattern, method=method, calibration=_batches(), pad=True)
-    ss.sparsify(b, pattern, method=method, calibration=_batches(), pad=True, shared_rows=1)
+    a, b = oneshot_net(), oneshot_net()
+    ss.sparsify(a, pattern, method=method, calibration=calibration_batches(), pad=True)
+    ss.sparsify(b, pattern, method=method, calibration=calibration_batches(), pad=True, shared_rows=1)
     ma, mb = ss.masks(a), ss.masks(b)
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     sa, sb = a.state_dict(), b.state_dict()
