@@ -821,6 +821,24 @@ def test_rows4_1x1_conv_reads_its_input_in_place_only_where_every_read_lies_insi
     assert kernels.reads_input_as_is(geo, g["off"], 0, 16) is (in_place and g["P"] % 16 == 0)
 
 
+def test_rows4_linear_whose_blocks_are_not_adjacent_outputs_takes_the_transposed_path():
+    """Blocks of 4 stored rows with the same inputs but output rows apart (ablated neurons in between): rows4
+    still runs, writing (out, B) and transposing, since a block's 4 outputs of a token are not adjacent."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    mask = torch.zeros(12, 16, dtype=torch.bool)
+    mask[:, ::2] = True  # every row keeps the same 8 inputs (2:4)
+    mask[[1, 6, 10, 11]] = False  # stored rows 0, 2, 3, 4 | 5, 7, 8, 9
+    ss.sparsify(lin, None, masks={"weight": mask})
+    dep = deploy(lin, plan="condensed")
+    x = torch.randn(30, 16)
+    setting = dep.variants(x)[-1]
+    assert setting["rows4"] and not dep._tables()["orow"].adjacent_in_fours()
+    dep.use_variant(setting)
+    with torch.no_grad():
+        assert_equal_outputs(dep(x), lin(x))
+
+
 @pytest.mark.parametrize("batch", [24, 25, 50, 197])
 @pytest.mark.parametrize("ablate", [False, True])
 def test_rows4_linear_equals_masked_dense(batch, ablate):
