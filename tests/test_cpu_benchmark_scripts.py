@@ -37,7 +37,7 @@ def test_plan_time_smoke_compares_the_two_planners(tmp_path):
     out = tmp_path / "p.json"
     _run("plan_time.py", "--smoke", "--json", str(out))
     data = json.loads(out.read_text())
-    assert [r["prune"] for r in data["runs"]] == [None, 1.25]
+    assert [r["setting"] for r in data["runs"]] == ["{'prune': None}", "{'prune': 1.25}"]
     assert all(r["plan_s"] > 0 and r["condensed"] <= r["layers"] for r in data["runs"])
     assert len(data["interleaved_ms"]) == len(data["alone_ms"]) == 2
 

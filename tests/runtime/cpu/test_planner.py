@@ -110,6 +110,32 @@ def test_planner_fed_a_noisy_timer_picks_the_faster_form_in_repeated_runs():
 
 
 @needs_kernels
+def test_the_first_round_only_ranks_and_gets_a_third_of_a_later_rounds_budget(monkeypatch):
+    """ViT-B/16's Linears take 4-6 ms a call: 8 candidates x 20 calls made the first round half of a 100 s plan.
+    The first round (every candidate) runs on a third of the time budget of the rounds after it."""
+    budgets = []
+
+    def fake(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5):
+        budgets.append((len(fns), budget_s))
+        for fn in fns:
+            fn()
+        return [1.0] + [0.5 + 0.01 * i for i in range(len(fns) - 1)]
+
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 8)
+    ss.sparsify(lin, 0.5)
+    dep = deploy(lin, plan="condensed")
+    monkeypatch.setattr(planner, "interleaved_medians", fake)
+    planner.plan_layers(dep, torch.randn(1, 16), budget_s=0.6, rounds=3)
+    (_, first), *later = budgets
+    assert len(later) == 2
+    assert first == pytest.approx(0.2 / 3) and all(b == pytest.approx(0.2) for _, b in later)
+    budgets.clear()
+    planner.plan_layers(dep, torch.randn(1, 16), budget_s=0.6, rounds=3, first_share=1.0)
+    assert budgets[0][1] == pytest.approx(0.2)
+
+
+@needs_kernels
 def test_rounds_that_disagree_are_measured_longer(monkeypatch):
     calls = []
 

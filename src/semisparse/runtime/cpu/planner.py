@@ -74,7 +74,7 @@ def candidate(layer: nn.Module, mode: str, v: dict, x: torch.Tensor) -> Callable
 
 
 def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5, rounds: int = 3,
-                max_rounds: int = 7, prune: float | None = 1.25) -> None:
+                max_rounds: int = 7, prune: float | None = 1.25, first_share: float = 1 / 3) -> None:
     """Time every condensed layer both ways on its real input and keep the faster mode.
 
     The candidates are timed call by call interleaved (:func:`interleaved_medians`) in ``rounds`` rounds; each
@@ -84,7 +84,10 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
     could flip is measured longer. ``prune``: after the first round only the two fastest candidates of each side
     (dense, condensed) are timed again, the second only if within this factor of the first (None: every
     candidate every round): the later rounds decide between close candidates at half the cost, which with
-    fewer calls per round for long calls halves planning at batch 32. ``layer.figures`` records the ratio
+    fewer calls per round for long calls halves planning at batch 32. ``first_share``: the first round, which
+    only ranks, gets this share of a later round's time budget per candidate (long calls: ViT-B/16's Linears
+    take 4-6 ms, and 8 candidates x 20 calls made the first round half of a 100 s plan; calls under ~3 ms
+    still get all ``reps``). ``layer.figures`` records the ratio
     against torch's own layer, the spread of the rounds' ratios (``[lowest, highest]``), whether every round
     agreed (``sure``) and how many candidates each round timed (``timed``)."""
     inputs = capture_inputs(model, example_input)
@@ -106,7 +109,7 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
             fns = [candidate(layer, "dense", v, x) for v in dense_vs] + \
                 [candidate(layer, "condensed", v, x) for v in sparse_vs]
             nd = len(dense_vs)
-            per_round = _timed_rounds(fns, nd, reps, budget_s / rounds, rounds, max_rounds, prune)
+            per_round = _timed_rounds(fns, nd, reps, budget_s / rounds, rounds, max_rounds, prune, first_share)
             # a candidate left out after the first round has one figure, not a median over rounds: it cannot win
             medians = {i: statistics.median(r[i] for r in per_round) for i in per_round[-1]}
             ratios = [_side_best(r, nd, True) / max(_side_best(r, nd, False), 1e-12) for r in per_round]
@@ -137,12 +140,12 @@ def plan_layers(model: nn.Module, example_input, reps: int = 20, budget_s: float
 
 
 def _timed_rounds(fns: list[Callable[[], object]], nd: int, reps: int, budget_s: float, rounds: int,
-                  max_rounds: int, prune: float | None) -> list[dict[int, float]]:
+                  max_rounds: int, prune: float | None, first_share: float = 1.0) -> list[dict[int, float]]:
     """Rounds of interleaved medians, ``{candidate index: seconds}`` each: the first round times every candidate
     (two warm-up calls each: binding, caches), later ones the two fastest of each side (dense, condensed) in the
     first round, the second only if within ``prune`` of the first (one warm-up call each: the bindings are kept),
     until ``rounds`` rounds agree on a side or ``max_rounds`` were run."""
-    first = interleaved_medians(fns, reps, budget_s=budget_s, min_reps=_MIN_REPS)
+    first = interleaved_medians(fns, reps, budget_s=budget_s * first_share, min_reps=_MIN_REPS)
     per_round = [dict(enumerate(first))]
     keep = list(range(len(fns)))
     if prune is not None:
