@@ -707,11 +707,11 @@ def _shared_conv(cin, cout, k, seed=0, **kw) -> nn.Conv2d:
 
 
 @needs_kernels
-def test_rows4_is_offered_only_at_batch_1_for_rows_that_share_their_inputs():
+def test_rows4_is_offered_for_rows_that_share_their_inputs_at_any_batch():
     shared = deploy(_shared_conv(16, 24, 3, padding=1), plan="condensed")
     x = torch.randn(1, 16, 9, 9)
     assert shared.variants(x)[-1] == ROWS4 and len(shared.variants(x)) == 7
-    assert not any(v["rows4"] for v in shared.variants(torch.randn(2, 16, 9, 9)))
+    assert shared.variants(torch.randn(2, 16, 9, 9))[-1] == ROWS4  # the batched path runs it too
     torch.manual_seed(0)
     per_row = nn.Conv2d(16, 24, 3, padding=1)
     ss.sparsify(per_row, "2:4")
@@ -747,8 +747,9 @@ def test_rows4_conv_equals_masked_dense_for_any_geometry(cin, blocks, k, stride,
         assert_equal_outputs(dep(x), conv(x))
         assert_equal_outputs(dep(x), conv(x))  # the bound call
         assert dep.__dict__["_fast_conv"] is not None
-        x2 = torch.randn(2, cin, h, w)  # a batch after planning at 1: the batched path, same setting
+        x2 = torch.randn(2, cin, h, w)  # a batch after planning at 1: the batched path, the rows4 kernel too
         assert_equal_outputs(dep(x2), conv(x2))
+        assert "rows4" in dep._plan_geometry(2, (h, w))
 
 
 @needs_kernels

@@ -561,7 +561,7 @@ class SparseConv(_Condensed):
         self.block = kernels.BLOCK  # positions per kernel block: narrower keeps a block's input in L1
         self.pairs = False  # two rows per kernel pass (block 32)
         self.tile_kb = 0  # > 0: sweep input channels in tiles whose input block fits this many KiB (L1)
-        self.rows4 = False  # batch-1 2-D only: rows in blocks of 4 that read the same inputs (_rows4_values)
+        self.rows4 = False  # 2-D convs: rows in blocks of 4 that read the same inputs (_rows4_values)
 
     def _pads(self) -> list[tuple[int, int]]:
         if self.padding == "valid":
@@ -733,7 +733,10 @@ class SparseConv(_Condensed):
         uncropped = n == 1 and list(g["planes"]) == list(g["outs"])  # 1x1, no padding: y is the output
         y = self._output_init((self.out_channels, full), 0,
                               None if uncropped else kernels.scratch("conv-output", self.out_channels * full))
-        if self.tile_kb and self.block in (32, 64):
+        if self.rows4 and g["off"].rows_in_fours():
+            W, off = self._rows4_tables(g)
+            kernels.spmm(X, W, off, self.bias_rows(), self._tables()["orow"], y, g["P"], full, 24, 24, rows4=True)
+        elif self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
             kernels.spmm_tiled(X, W, off, seg, self.bias_rows(), self._tables()["orow"], y, g["P"], full, self.block,
                                self.block)
@@ -753,9 +756,7 @@ class SparseConv(_Condensed):
         directly until the shape, the mode, the setting or the stored tensors change."""
         seg = None
         if self.rows4 and g["off"].rows_in_fours():
-            if "rows4" not in g:
-                g["rows4"] = kernels.rows4_by_offset(self._rows4_values(), g["off"])
-            (W, off), kind, PB = g["rows4"], 3, 24
+            (W, off), kind, PB = self._rows4_tables(g), 3, 24
         elif self.tile_kb and self.block in (32, 64):
             W, off, seg = self._tiles(g)
             kind, PB = 2, self.block
@@ -776,6 +777,12 @@ class SparseConv(_Condensed):
         fast = (x.shape, run, out_shape, math.prod(out_shape) * math.prod(self.shape[1:]), (W, off, seg, bias, fill))
         self.__dict__["_fast_conv"] = fast
         return fast
+
+    def _rows4_tables(self, g: dict) -> tuple[torch.Tensor, kernels.Table]:
+        """The rows4 values and offsets of geometry ``g``, each block's inputs in memory order (cached in ``g``)."""
+        if "rows4" not in g:
+            g["rows4"] = kernels.rows4_by_offset(self._rows4_values(), g["off"])
+        return g["rows4"]
 
     def _tiles(self, g: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights sorted by input offset and cut into channel tiles whose block input fits ``tile_kb``."""
@@ -799,9 +806,9 @@ class SparseConv(_Condensed):
                     {"block": 32, "pairs": False, "tile_kb": 16}, {"block": 32, "pairs": False, "tile_kb": 32}]
         settings = [{**v, "rows4": False} for v in settings]
         # rows4: the stored rows read the same inputs in blocks of 4 at this geometry (a grouped conv's blocks
-        # must not straddle groups), batch-1 2-D convs only
+        # must not straddle groups), 2-D convs
         g = self._plan_geometry(x.shape[0], tuple(x.shape[2:])) if x.dim() == self.nd + 2 else None
-        if x.shape[0] == 1 and self.nd == 2 and g is not None and g["off"].rows_in_fours():
+        if self.nd == 2 and g is not None and g["off"].rows_in_fours():
             settings.append({"block": 24, "pairs": False, "tile_kb": 0, "rows4": True})
         return settings
 
