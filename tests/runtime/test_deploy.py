@@ -747,9 +747,9 @@ def test_rows4_conv_equals_masked_dense_for_any_geometry(cin, blocks, k, stride,
         assert_equal_outputs(dep(x), conv(x))
         assert_equal_outputs(dep(x), conv(x))  # the bound call
         assert dep.__dict__["_fast_conv"] is not None
-        x2 = torch.randn(2, cin, h, w)  # a batch after planning at 1: the batched path, the rows4 kernel too
+        x2 = torch.randn(2, cin, h, w)  # a batch after planning at 1: the bound batch-1 call, sample by sample
         assert_equal_outputs(dep(x2), conv(x2))
-        assert "rows4" in dep._plan_geometry(2, (h, w))
+        assert dep.__dict__["_fast_conv"][0] == (1, cin, h, w)
 
 
 @needs_kernels
@@ -820,6 +820,23 @@ def test_rows4_1x1_conv_reads_its_input_in_place_only_where_every_read_lies_insi
     # the other kernels read whole blocks of PB positions: in place only where P is a multiple of PB
     assert kernels.reads_input_as_is(geo, g["off"], 0, 64) is (in_place and g["P"] % 64 == 0)
     assert kernels.reads_input_as_is(geo, g["off"], 0, 16) is (in_place and g["P"] % 16 == 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", [ROWS4, {"block": 64, "pairs": False, "tile_kb": 0, "rows4": False},
+                                     {"block": 32, "pairs": False, "tile_kb": 16, "rows4": False}])
+def test_a_batched_conv_runs_the_bound_batch_1_call_sample_by_sample(setting):
+    """Batch 3 (never called at batch 1 before) runs one bound batch-1 call per sample: no (C, N, H, W) copy of
+    the input, no transpose of the output (1.0-4.0x at batch 32); another input size binds again."""
+    conv = _shared_conv(16, 24, 3, padding=1, stride=2)
+    dep = deploy(conv, plan="condensed")
+    dep.use_variant(setting)
+    with torch.no_grad():
+        for h, w in ((11, 9), (6, 13)):
+            x = torch.randn(3, 16, h, w)
+            assert_equal_outputs(dep(x), conv(x))
+            assert dep.__dict__["_fast_conv"][0] == (1, 16, h, w)
+            assert_equal_outputs(dep(x[1:2]), conv(x[1:2]))
 
 
 def test_rows4_linear_whose_blocks_are_not_adjacent_outputs_takes_the_transposed_path():
