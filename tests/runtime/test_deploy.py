@@ -839,6 +839,23 @@ def test_a_batched_conv_runs_the_bound_batch_1_call_sample_by_sample(setting):
             assert_equal_outputs(dep(x[1:2]), conv(x[1:2]))
 
 
+@needs_kernels
+def test_a_batched_conv_sees_values_replaced_between_calls():
+    """The batch-1 call bound for sample-by-sample batches is not reused once the values were replaced (``.data =``),
+    and runs under inference_mode."""
+    conv = _shared_conv(16, 24, 3, padding=1)
+    dep = deploy(conv, plan="condensed")
+    dep.use_variant(ROWS4)
+    x = torch.randn(3, 16, 9, 9)
+    with torch.no_grad():
+        dep(x)
+        dep.values.data = dep.values.data * 2
+        bias = conv.bias[None, :, None, None]
+        assert_equal_outputs(dep(x), 2 * (conv(x) - bias) + bias)
+    with torch.inference_mode():
+        assert_equal_outputs(dep(x), 2 * (conv(x) - bias) + bias)
+
+
 def test_rows4_linear_whose_blocks_are_not_adjacent_outputs_takes_the_transposed_path():
     """Blocks of 4 stored rows with the same inputs but output rows apart (ablated neurons in between): rows4
     still runs, writing (out, B) and transposing, since a block's 4 outputs of a token are not adjacent."""
