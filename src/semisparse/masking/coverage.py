@@ -251,6 +251,10 @@ def report(model: nn.Module, example_input: torch.Tensor | None = None) -> Repor
     if planned is not None:
         shown = "x".join(map(str, planned)) if isinstance(planned, list) else str(planned)
         rep.notes.append(f"planned (timed) at input {shown}: the measured times and ratios are for that shape")
+        batch = plan.get("batch") or {}
+        if batch.get("per_sample"):
+            rep.notes.append(f"runs a batch sample by sample, its layers planned at one sample: measured "
+                             f"{batch['per_sample_ms']:.1f} ms against {batch['whole_ms']:.1f} ms whole at {shown}")
         other = isinstance(example_input, torch.Tensor) and list(example_input.shape) != planned
         if other and isinstance(planned, list):
             got = "x".join(map(str, example_input.shape))

@@ -23,8 +23,10 @@ from helpers import paths
 from helpers.kernel_switch import kernels_off
 from semisparse.errors import SemisparseError
 from semisparse.indices import columns
-from semisparse.runtime import deploy
+from semisparse.runtime import deploy, deployed_layers
 from semisparse.runtime.cpu import kernels
+from semisparse.runtime.cpu.kept import _KeptDense, as_torch_layer
+from semisparse.runtime.swap import replace_everywhere
 from semisparse.runtime.cpu.layers import condense
 
 SRC = str(paths.SRC)
@@ -354,6 +356,21 @@ def test_jit_script_of_a_deployed_model_compiles_torchs_layers_and_leaves_the_mo
         x2 = torch.randn(2, 3, 8, 8)
         torch.testing.assert_close(scripted(x2), m.eval()(x2), rtol=1e-5, atol=1e-5)
     assert [type(mod) for mod in dep.modules()] == before and dep._forward_pre_hooks  # dep keeps its layers
+
+
+def test_jit_script_of_a_deployed_model_with_layers_kept_dense():
+    """A layer the planner keeps dense is torch's own layer carrying its report row; TorchScript failed on that
+    row's class annotation ("Unknown type annotation: 'LayerReport'")."""
+    m, x = _small_model()
+    dep = deploy(m, plan="condensed")
+    for name, layer in deployed_layers(dep):
+        kept = as_torch_layer(layer)
+        dep = replace_everywhere(dep, [name], kept)
+    assert any(isinstance(mod, _KeptDense) for mod in dep.modules())
+    with torch.no_grad():
+        scripted = torch.jit.script(dep)
+        x2 = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(scripted(x2), m.eval()(x2), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_traces_and_exports_with_torch_ops_and_refuses_script_in_one_line():

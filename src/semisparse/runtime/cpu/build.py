@@ -22,10 +22,10 @@ from ..fold import fold_ablated, fold_batchnorm
 from ..plain import carry_hooks, why_not_plain
 from ..swap import masked_layers, registered_names, replace_everywhere
 from ..timing import run
-from . import cpus, kernels
+from . import batches, cpus, kernels
 from .kept import as_torch_layer
 from .layers import SparseConv, SparseLinear, deployed_layers
-from .planner import plan_layers, plan_model, plan_pools
+from .planner import plan_batch, plan_layers, plan_model, plan_pools
 from .pool import MaxPool2d, is_supported
 from .transformer import deploy_transformers
 from .verify import Checks, reference
@@ -144,8 +144,7 @@ def deploy_cpu(
         summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
         try:
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
-                plan_layers(m, x, reps=reps)
-                pools = plan_pools(m, x, reps=reps)
+                pools = _plan_layers_and_batch(m, x, reps, summary)
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             if example_input is not None:
                 raise
@@ -160,6 +159,8 @@ def deploy_cpu(
         if pools:
             summary["pools"] = pools
         m, summary["torch_layers"] = _kept_dense_to_torch(m)
+        if "batch" in summary:  # a root that was itself a layer kept dense is torch's module now
+            summary["batch"]["per_sample"] = batches.installed(m) is not None
         if summary.get("channels_last"):  # the planner measured torch's channels-last dense model fastest
             m = m.to(memory_format=torch.channels_last)
         # The thread hooks stay even where every layer is torch's own (a microsecond or two a call): without them
@@ -171,6 +172,25 @@ def deploy_cpu(
         cpus.scriptable(m)
     m.semisparse_plan = summary
     return m
+
+
+def _plan_layers_and_batch(m: nn.Module, x, reps: int, summary: dict) -> dict:
+    """Plan the layers and pooling; a batch of images or sequences is first planned at one sample and timed
+    whole against sample by sample (:func:`.planner.plan_batch`): where whole batches are faster, the layers are
+    planned again at the batch they then see. Returns the pooling choices."""
+    if batches.why_not_split(m, x):
+        plan_layers(m, x, reps=reps)
+        return plan_pools(m, x, reps=reps)
+    modes = [(layer, layer.mode) for _, layer in deployed_layers(m)]
+    plan_layers(m, x[:1], reps=reps)
+    pools = plan_pools(m, x[:1], reps=reps)
+    summary["batch"] = plan_batch(m, x, reps=reps)
+    if summary["batch"]["per_sample"]:
+        return pools
+    for layer, mode in modes:
+        layer.set_mode(mode)
+    plan_layers(m, x, reps=reps)
+    return plan_pools(m, x, reps=reps)
 
 
 def _kept_dense_to_torch(m: nn.Module) -> tuple[nn.Module, int]:

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import batches
+
 __all__ = ["usable", "refresh", "threads_now", "fitted_threads", "attach", "affinity_set", "openmp_places"]
 
 AFFINITY_EVERY_S = 0.01
@@ -310,6 +312,7 @@ def script_copy(model: nn.Module) -> nn.Module:
     torch's own): the deployed model is left as it is."""
     twin = copy.deepcopy(model)
     twin.__dict__.pop("__prepare_scriptable__", None)
+    batches.uninstall(twin)  # the per-sample loop is Python too: the scripted model takes whole batches
     for table in (twin._forward_pre_hooks, twin._forward_hooks):
         for key in [k for k, fn in table.items() if fn in (_enter, _leave)]:
             del table[key]

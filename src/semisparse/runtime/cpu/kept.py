@@ -24,7 +24,8 @@ __all__ = ["KeptDenseLinear", "KeptDenseConv1d", "KeptDenseConv2d", "KeptDenseCo
 class _KeptDense:
     """Mixin: the planner's report row of the layer this module replaced (``ss.report`` reads it)."""
 
-    semisparse_row: LayerReport
+    # torch.jit.script compiles the layer without its report row (a class annotation made it fail)
+    __jit_ignored_attributes__ = ["semisparse_row"]
 
     def semisparse_layer_report(self, name: str) -> LayerReport:
         return copy.copy(self.semisparse_row)

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from .. import timing
 from ..timing import interleaved_medians, run
+from . import batches
 from .layers import SparseConv, SparseLinear, deployed_layers
 from .pool import MaxPool2d
+from .verify import difference
 
 
 def capture_inputs(model: nn.Module, example_input, modules: list[tuple[str, nn.Module]] | None = None
@@ -209,6 +211,7 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
     lays = deployed_layers(model)
     chosen = [(n, m) for n, m in lays if m.mode == "condensed"]
     pools = [m for m in model.modules() if isinstance(m, MaxPool2d)]
+    split = batches.installed(model)  # the dense model a user would run takes the whole batch
 
     def timed_pair() -> tuple[float, float]:
         current = [(m, m.mode, m.dense_gemm) for _, m in lays]
@@ -223,6 +226,8 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                     m.__dict__.update(bound[id(m)])
             for p, flag in pooled:
                 p.use_kernel = flag
+            if split is not None:
+                split.on = True
 
         def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
             for _, m in lays:
@@ -234,6 +239,8 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                 m.dense_gemm = False
             for p in pools:
                 p.use_kernel = False
+            if split is not None:
+                split.on = False
             return run(model, example_input)
 
         def deployed():
@@ -257,7 +264,9 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                 reverted.append(n)
             order = order[cut:]
             t_dense, t_dep = timed_pair()
-        if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers too
+        if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers, whole batches
+            batches.uninstall(model)
+            split = None
             for _, m in lays:
                 if m.dense_gemm:
                     m.dense_gemm = False
@@ -284,6 +293,37 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
 _CL_WHY = "reverted: torch's channels-last dense model was faster"
 
 
+def plan_batch(model: nn.Module, example_input, reps: int = 20, budget_s: float = 2.0) -> dict:
+    """Whether ``model`` runs ``example_input``'s batch faster sample by sample (:mod:`.batches`) than whole,
+    timed call by call interleaved; kept (installed) only where faster and where the outputs equal the whole
+    batch's. Returns ``{"per_sample": bool, "whole_ms", "per_sample_ms"}``, or ``{"per_sample": False, "why"}``
+    where it was not tried."""
+    why = batches.why_not_split(model, example_input)
+    if why:
+        return {"per_sample": False, "why": why}
+    split = batches.install(model)
+
+    def whole():
+        split.on = False
+        return run(model, example_input)
+
+    def per_sample():
+        split.on = True
+        return run(model, example_input)
+
+    with torch.no_grad():
+        why = difference(per_sample(), whole())
+        if why:
+            batches.uninstall(model)
+            return {"per_sample": False, "why": f"sample by sample, {why.replace('the masked model', 'the batch')}"}
+        t_whole, t_split = interleaved_medians([whole, per_sample], reps, budget_s=budget_s, min_reps=_MIN_REPS)
+    split.on = True
+    if t_split >= t_whole:
+        batches.uninstall(model)
+    return {"per_sample": t_split < t_whole, "whole_ms": round(t_whole * 1e3, 3),
+            "per_sample_ms": round(t_split * 1e3, 3)}
+
+
 def channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook of a model kept dense in channels-last form: a 4-D input goes in channels-last."""
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
@@ -302,6 +342,7 @@ def _channels_last_check(model: nn.Module, example_input, lays: list, pools: lis
             and any(isinstance(m, (nn.Conv2d, SparseConv)) for m in model.modules())):
         return None
     cl = copy.deepcopy(model)
+    batches.uninstall(cl)  # torch's dense model takes the whole batch
     for _, m in deployed_layers(cl):
         m.set_mode("dense")
         m.dense_gemm = False
@@ -321,6 +362,7 @@ def _channels_last_check(model: nn.Module, example_input, lays: list, pools: lis
         m.dense_gemm = False
     for p in pools:
         p.use_kernel = False
+    batches.uninstall(model)
     model.to(memory_format=torch.channels_last)
     model.register_forward_pre_hook(channels_last_input)
     return t_cl, t_dep, True
