@@ -26,8 +26,8 @@ from semisparse.indices import columns
 from semisparse.runtime import deploy, deployed_layers
 from semisparse.runtime.cpu import kernels
 from semisparse.runtime.cpu.kept import _KeptDense, as_torch_layer
-from semisparse.runtime.swap import replace_everywhere
 from semisparse.runtime.cpu.layers import condense
+from semisparse.runtime.swap import replace_everywhere
 
 SRC = str(paths.SRC)
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fast kernels unavailable")
