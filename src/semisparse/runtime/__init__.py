@@ -48,16 +48,20 @@ def deploy(
     guessed from the first conv with a one-line warning; ``semisparse_plan["input_shape"]`` says which), keep
     dense where the kernel is not faster, then check the whole model is not slower than torch's dense model,
     NCHW or channels-last), ``"condensed"`` (every sparse layer condensed, no timing) or ``"dense"``.
+    A batch of images or sequences (one tensor input of 3+ dimensions, batch 2 or more, no forward hooks on
+    submodules) is planned at one sample first and timed whole against sample by sample, where activations
+    stay in cache; the faster is kept if it computes the same outputs (``semisparse_plan["batch"]``; where whole
+    batches win, the layers are planned again at the batch).
     ``fold``: ablated neurons of a Linear that is followed (in an ``nn.Sequential``) only by elementwise
     modules and another Linear are removed, and the next Linear drops the matching input columns (their
     constant contribution goes into its bias).
     ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
-    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` becomes :class:`.cpu.pool.MaxPool2d`, which runs
-    semisparse's pooling kernel where the planner measured it faster than torch's. After ``"measure"``, a
+    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` and exact ``nn.GELU`` becomes its :mod:`.cpu.ops`
+    form, which runs semisparse's kernel where the planner measured it faster than torch's. After ``"measure"``, a
     layer kept plain dense is torch's own module again (``nn.Linear``/``ConvNd`` subclasses that carry the
-    planner's report row, :mod:`.cpu.kept`), pooling left to torch is ``nn.MaxPool2d``, and a model left with
+    planner's report row, :mod:`.cpu.kept`), an op left to torch is torch's module, and a model left with
     no semisparse code has no hooks: what it keeps dense costs what the original costs.
     ``deployed_layers`` lists the layers that run semisparse code.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``

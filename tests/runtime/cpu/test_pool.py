@@ -99,7 +99,7 @@ def test_planner_keeps_the_faster_pooling_and_reports_it(monkeypatch):
         return [1.0, 2.0] if len(calls) == 1 else [2.0, 1.0]
 
     monkeypatch.setattr(planner, "interleaved_medians", fake_times)
-    out = planner.plan_pools(dep, torch.randn(1, 3, 19, 19))
+    out = planner.plan_ops(dep, torch.randn(1, 3, 19, 19))
     assert [v["kernel"] for v in out.values()] == ["torch", "semisparse"]
     assert [m.use_kernel for m in dep.modules() if isinstance(m, MaxPool2d)] == [False, True]
 
@@ -110,7 +110,7 @@ def test_deploy_plan_records_pooling_choice():
     model = _net()
     ss.sparsify(model, 0.75)
     dep = deploy(model, example_input=torch.randn(1, 3, 19, 19), reps=3)
-    pools = dep.semisparse_plan["pools"]
+    pools = dep.semisparse_plan["ops"]
     assert set(pools) == {"2", "5"}
     for name, v in pools.items():
         pool = dep.get_submodule(name)  # pooling left to torch is torch's own nn.MaxPool2d
