@@ -58,11 +58,11 @@ def deploy(
     ``fold_bn``: every eval BatchNorm fed only by a Conv (sparse or dense) is folded into that conv's weight
     and bias and becomes ``nn.Identity`` (:mod:`.fold`; nothing folded if ``torch.fx`` cannot trace the model).
     Dense-mode layers run the best dense form the planner measured (a 1x1 conv may run as one matrix
-    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` and exact ``nn.GELU`` becomes its :mod:`.cpu.ops`
-    form, which runs semisparse's kernel where the planner measured it faster than torch's. After ``"measure"``, a
+    product, ``dense-gemm``), and each plain ``nn.MaxPool2d`` becomes :class:`.cpu.pool.MaxPool2d`, which runs
+    semisparse's pooling kernel where the planner measured it faster than torch's. After ``"measure"``, a
     layer kept plain dense is torch's own module again (``nn.Linear``/``ConvNd`` subclasses that carry the
-    planner's report row, :mod:`.cpu.kept`), an op left to torch is torch's module, and a model left with
-    no semisparse code has no hooks: what it keeps dense costs what the original costs.
+    planner's report row, :mod:`.cpu.kept`), pooling left to torch is ``nn.MaxPool2d`` (hooks kept), and a
+    model left with no semisparse code has no hooks: what it keeps dense costs what the original costs.
     ``deployed_layers`` lists the layers that run semisparse code.
     ``ss.report(deployed)`` shows each layer's kernel and measured ratio; ``deployed.semisparse_plan``
     holds the whole-model timing and the pooling choices.

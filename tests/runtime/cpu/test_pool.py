@@ -99,7 +99,7 @@ def test_planner_keeps_the_faster_pooling_and_reports_it(monkeypatch):
         return [1.0, 2.0] if len(calls) == 1 else [2.0, 1.0]
 
     monkeypatch.setattr(planner, "interleaved_medians", fake_times)
-    out = planner.plan_ops(dep, torch.randn(1, 3, 19, 19))
+    out = planner.plan_pools(dep, torch.randn(1, 3, 19, 19))
     assert [v["kernel"] for v in out.values()] == ["torch", "semisparse"]
     assert [m.use_kernel for m in dep.modules() if isinstance(m, MaxPool2d)] == [False, True]
 
@@ -110,10 +110,35 @@ def test_deploy_plan_records_pooling_choice():
     model = _net()
     ss.sparsify(model, 0.75)
     dep = deploy(model, example_input=torch.randn(1, 3, 19, 19), reps=3)
-    pools = dep.semisparse_plan["ops"]
+    pools = dep.semisparse_plan["pools"]
     assert set(pools) == {"2", "5"}
     for name, v in pools.items():
         pool = dep.get_submodule(name)  # pooling left to torch is torch's own nn.MaxPool2d
         assert v["kernel"] == ("semisparse" if getattr(pool, "use_kernel", False) else "torch")
         assert isinstance(pool, MaxPool2d) == (v["kernel"] == "semisparse")
         assert v["torch_us"] > 0 and v["kernel_us"] > 0 and math.isfinite(v["torch_us"])
+
+
+@needs_kernels
+def test_pooling_left_to_torch_keeps_its_forward_hooks(monkeypatch):
+    """Pooling the planner left to torch became a plain nn.MaxPool2d without the forward hooks the model had on
+    it: the deployed model silently stopped calling them."""
+    def torch_faster(fns, reps=20, warmup=2, budget_s=1.0, min_reps=5, **kw):
+        for fn in fns:
+            fn()
+        return [0.5] + [1.0] * (len(fns) - 1)  # the first candidate: torch's pooling, a dense layer
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    ss.sparsify(model, 0.5)
+    seen = []
+    model[1].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    monkeypatch.setattr(planner, "interleaved_medians", torch_faster)
+    x = torch.randn(1, 3, 8, 8)
+    dep = deploy(model, example_input=x, reps=2)
+    assert type(dep[1]) is nn.MaxPool2d
+    with torch.no_grad():
+        want = model(x)
+        seen.clear()
+        torch.testing.assert_close(dep(x), want, rtol=1e-5, atol=1e-5)
+    assert seen == [torch.Size([1, 8, 4, 4])]

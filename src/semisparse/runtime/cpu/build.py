@@ -22,10 +22,11 @@ from ..fold import fold_ablated, fold_batchnorm
 from ..plain import carry_hooks, why_not_plain
 from ..swap import masked_layers, registered_names, replace_everywhere
 from ..timing import run
-from . import batches, cpus, kernels, ops
+from . import batches, cpus, kernels
 from .kept import as_torch_layer
 from .layers import SparseConv, SparseLinear, deployed_layers
-from .planner import plan_batch, plan_layers, plan_model, plan_ops
+from .planner import plan_batch, plan_layers, plan_model, plan_pools
+from .pool import MaxPool2d, is_supported
 from .transformer import deploy_transformers
 from .verify import Checks, reference
 
@@ -134,16 +135,16 @@ def deploy_cpu(
     if plan == "dense":
         for _, layer in deployed_layers(m):
             layer.set_mode("dense")
-        for op in m.modules():
-            if isinstance(op, ops.KERNEL_OPS):
-                op.use_kernel = False
+        for pool in m.modules():
+            if isinstance(pool, MaxPool2d):
+                pool.use_kernel = False
     elif plan == "measure":
         x = cast_example(x, dtype)
         # what the timings and ratios are for (ss.report says so, and warns when counting at another shape)
         summary["input_shape"] = list(x.shape) if isinstance(x, torch.Tensor) else describe_example(x)
         try:
             with cpus.fitted_threads():  # each layer timed on the CPUs the model will run on
-                chosen_ops = _plan_layers_and_batch(m, x, reps, summary)
+                pools = _plan_layers_and_batch(m, x, reps, summary)
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             if example_input is not None:
                 raise
@@ -152,12 +153,11 @@ def deploy_cpu(
                 "example_input=torch.randn(...) with the model's real input shape"
             ) from exc
         summary.update(plan_model(m, x, reps=reps))
-        for name, op in m.named_modules():
-            if name in chosen_ops:  # the whole-model check may have handed them back to torch
-                chosen_ops[name]["kernel"] = "semisparse" if op.use_kernel else "torch"
-        if chosen_ops:
-            summary["ops"] = chosen_ops
-        summary["fused_gelu"] = ops.fuse_gelus(m)  # before: a GELU torch runs faster alone is fused too
+        for name, pool in m.named_modules():
+            if name in pools:  # the whole-model check may have handed pooling back to torch
+                pools[name]["kernel"] = "semisparse" if pool.use_kernel else "torch"
+        if pools:
+            summary["pools"] = pools
         m, summary["torch_layers"] = _kept_dense_to_torch(m)
         if "batch" in summary:  # a root that was itself a layer kept dense is torch's module now
             summary["batch"]["per_sample"] = batches.installed(m) is not None
@@ -166,8 +166,6 @@ def deploy_cpu(
         # The thread hooks stay even where every layer is torch's own (a microsecond or two a call): without them
         # a layer kept dense runs torch's full thread count on a busy machine and stalls (50x on 2 busy CPUs).
         summary["thread_hooks"] = bool(hooks)
-    if plan == "condensed":
-        summary["fused_gelu"] = ops.fuse_gelus(m)
     for _, layer in deployed_layers(m):
         layer.drop_unused()
     if hooks:
@@ -177,29 +175,28 @@ def deploy_cpu(
 
 
 def _plan_layers_and_batch(m: nn.Module, x, reps: int, summary: dict) -> dict:
-    """Plan the layers and the kernel-backed ops (:mod:`.ops`); a batch of images or sequences is first planned
-    at one sample and timed whole against sample by sample (:func:`.planner.plan_batch`): where whole batches are
-    faster, the layers are planned again at the batch they then see. Returns the ops' choices."""
+    """Plan the layers and pooling; a batch of images or sequences is first planned at one sample and timed
+    whole against sample by sample (:func:`.planner.plan_batch`): where whole batches are faster, the layers are
+    planned again at the batch they then see. Returns the pooling choices."""
     if batches.why_not_split(m, x):
         plan_layers(m, x, reps=reps)
-        return plan_ops(m, x, reps=reps)
+        return plan_pools(m, x, reps=reps)
     modes = [(layer, layer.mode) for _, layer in deployed_layers(m)]
     plan_layers(m, x[:1], reps=reps)
-    chosen_ops = plan_ops(m, x[:1], reps=reps)
+    pools = plan_pools(m, x[:1], reps=reps)
     summary["batch"] = plan_batch(m, x, reps=reps)
     if summary["batch"]["per_sample"]:
-        return chosen_ops
+        return pools
     for layer, mode in modes:
         layer.set_mode(mode)
     plan_layers(m, x, reps=reps)
-    return plan_ops(m, x, reps=reps)
+    return plan_pools(m, x, reps=reps)
 
 
 def _kept_dense_to_torch(m: nn.Module) -> tuple[nn.Module, int]:
-    """Every layer the planner kept plain dense becomes torch's own module (:mod:`.kept`), and each op it left
-    to torch torch's module (``nn.MaxPool2d``, ``nn.GELU``; hooks carried), under every name; returns the root
-    and how many layers were replaced. An attention module's projections stay as they are (it calls them as its
-    own parts)."""
+    """Every layer the planner kept plain dense becomes torch's own module (:mod:`.kept`), and pooling it left
+    to torch ``nn.MaxPool2d`` (its forward hooks carried), under every name; returns the root and how many
+    layers were replaced. An attention module's projections stay as they are (it calls them as its own parts)."""
     inside_mha = {id(c) for mod in m.modules() if isinstance(mod, SparseMultiheadAttention)
                   for c in mod.modules() if c is not mod}
     names = registered_names(m)
@@ -208,16 +205,15 @@ def _kept_dense_to_torch(m: nn.Module) -> tuple[nn.Module, int]:
         if layer.mode == "dense" and not layer.dense_gemm and id(layer) not in inside_mha:
             m = replace_everywhere(m, names[id(layer)], as_torch_layer(layer))
             replaced += 1
-    for op in [p for p in m.modules() if isinstance(p, ops.KERNEL_OPS) and not p.use_kernel
-               and not getattr(p, "fused", False)]:
-        m = replace_everywhere(m, names[id(op)], carry_hooks(op, ops.to_torch(op)))
+    for pool in [p for p in m.modules() if isinstance(p, MaxPool2d) and not p.use_kernel]:
+        m = replace_everywhere(m, names[id(pool)], carry_hooks(pool, pool.__prepare_scriptable__()))
     return m, replaced
 
 
 def _runs_semisparse(m: nn.Module) -> bool:
-    """Whether any of ``m``'s modules runs semisparse code (a deployed layer, attention, a kernel-backed op)."""
+    """Whether any of ``m``'s modules runs semisparse code (a deployed layer, attention, the pooling kernel)."""
     return any(isinstance(mod, (SparseLinear, SparseConv, SparseMultiheadAttention))
-               or (isinstance(mod, ops.KERNEL_OPS) and mod.use_kernel) for mod in m.modules())
+               or (isinstance(mod, MaxPool2d) and mod.use_kernel) for mod in m.modules())
 
 
 def _check_example(m: nn.Module, x) -> None:
@@ -323,7 +319,7 @@ def _condensed_projection(key: str, weight: torch.Tensor, mask: torch.Tensor, bi
 
 
 def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
-    """Replace every masked Linear, Conv and MHA in ``masks`` (and plain max pooling and GELU) of ``m`` by its deployed
+    """Replace every masked Linear, Conv and MHA in ``masks`` (and plain max pooling) of ``m`` by its deployed
     form, under every name it is registered at (a module reached by two names stays one module), its forward
     hooks carried over; returns the root. Modules of keys not in ``masks`` are left as they are."""
     names = registered_names(m)
@@ -340,7 +336,6 @@ def _condense(m: nn.Module, masks: dict, patterns: dict) -> nn.Module:
         m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, new))
     names = registered_names(m)
     for mod in list(m.modules()):
-        new = ops.swap_in(mod)
-        if new is not None:
-            m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, new))
+        if is_supported(mod) and not (mod._backward_hooks or mod._backward_pre_hooks):
+            m = replace_everywhere(m, names[id(mod)], carry_hooks(mod, MaxPool2d.from_module(mod)))
     return deploy_transformers(m)

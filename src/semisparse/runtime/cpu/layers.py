@@ -418,7 +418,6 @@ class SparseLinear(_Condensed):
     """
 
     kind = "Linear"
-    activation = ""  # (a class default too: layers pickled before it existed)
 
     def __init__(self, key: str, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
                  pattern: str = "", kind: str = "Linear") -> None:
@@ -434,7 +433,6 @@ class SparseLinear(_Condensed):
         self._offsets: dict[int, torch.Tensor] = {}  # panel width -> int32 offsets (runtime cache)
         self._batch1_macs = self.out_features * self.in_features
         self._bound_gemv = None  # the bound batch-1 kernel while condensed with no ablated rows
-        self.activation = ""  # "gelu": the exact GELU of the nn.GELU after it, fused here by the deploy (.ops)
 
     def variants(self, x: torch.Tensor) -> list[dict]:
         if x.numel() // self.in_features == 1:
@@ -459,7 +457,7 @@ class SparseLinear(_Condensed):
             try:
                 bound(x, y)
                 self.__dict__["_macs"] = self._batch1_macs
-                return self._activated(y) if self.activation else y
+                return y
             except kernels.Stale:  # a stored tensor resized under it: check everything again, bind again
                 self._forget_derived()
                 self._fresh()
@@ -470,18 +468,14 @@ class SparseLinear(_Condensed):
             w = self.dense_weight if self.dense_weight is not None else self._dense_now()
             y = F.linear(x, w, self.bias)
             self.__dict__["_macs"] = y.numel() * self.in_features
-            return self._activated(y) if self.activation else y
+            return y
         if x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and not self.n_ablated:
             run = self._batch1()
             if run is not None:
                 y = torch.empty(1, self.out_features)
                 run(x, y)
                 self.__dict__["_macs"] = self._batch1_macs
-                return self._activated(y) if self.activation else y
-        return self._product(x)
-
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """The condensed product of an input the kernels take (the activation applied, fused where it can be)."""
+                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
         self.__dict__["_macs"] = x2.shape[0] * self.out_features * self.in_features
@@ -490,7 +484,7 @@ class SparseLinear(_Condensed):
         if B == 1:
             y = self._output_init((self.out_features,), 0)
             kernels.gemv(x2[0], self._kvalues(), self._idx_table(), self.bias_rows(), orow, y, self.gemv_variant)
-            return self._activated(y.view(*lead, self.out_features))
+            return y.view(*lead, self.out_features)
         PB = min(self.panel_width, -(-B // 8) * 8)
         X = kernels.pack_panels(x2, PB)
         off = self._offsets.get(PB)
@@ -500,36 +494,20 @@ class SparseLinear(_Condensed):
                                                 torch.zeros(len(self.orow), dtype=torch.int64)))
             self._offsets[PB] = off
         rows4 = self.rows4 and PB == 24 and off.rows_in_fours()
-        fuse = rows4 and self.activation == "gelu" and not self.n_ablated  # else applied after (ablated rows too)
         if rows4 and orow.adjacent_in_fours():  # (B, out) stored directly: a block's 4 outputs are adjacent
             y = self._output_init((B, self.out_features), 1)
             kernels.spmm(X, self._rows4_values(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
-                         ldp=self.out_features, rows4=True, gelu=fuse)
-            y = y.view(*lead, self.out_features)
-            return y if fuse else self._activated(y)
+                         ldp=self.out_features, rows4=True)
+            return y.view(*lead, self.out_features)
         if self.transposed_out or rows4:  # rows of (out, B) stored as whole vectors, then one blocked transpose
             yt = self._output_init((self.out_features, B), 0)
             kernels.spmm(X, self._rows4_values() if rows4 else self._kvalues(), off, self.bias_rows(), orow, yt, B,
-                         B, PB, self.in_features * PB, pairs=self.pairs and PB == 32, prefer_blocks=True, rows4=rows4,
-                         gelu=fuse)
-            y = kernels.transpose(yt).view(*lead, self.out_features)
-            return y if fuse else self._activated(y)
+                         B, PB, self.in_features * PB, pairs=self.pairs and PB == 32, prefer_blocks=True, rows4=rows4)
+            return kernels.transpose(yt).view(*lead, self.out_features)
         y = self._output_init((B, self.out_features), 1)  # each output element stored on its own, strided
         kernels.spmm(X, self._kvalues(), off, self.bias_rows(), orow, y, B, 1, PB, self.in_features * PB,
                      ldp=self.out_features, pairs=self.pairs and PB == 32, prefer_blocks=True)
-        return self._activated(y.view(*lead, self.out_features))
-
-    def _activated(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` through the fused activation (none: ``y``): semisparse's GELU kernel where it takes ``y``, else
-        torch's (autograd, a graph being recorded, no kernels)."""
-        if self.activation != "gelu":
-            return y
-        if y.dtype == torch.float32 and y.is_contiguous() and y.is_cpu and not y.requires_grad and y.numel() and (
-                not _recording_a_graph()):  # fmt: skip
-            g = kernels.gelu(y)
-            if g is not None:
-                return g
-        return F.gelu(y)
+        return y.view(*lead, self.out_features)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
         """An input the condensed kernels compute exactly what ``nn.Linear`` would: fp32 on the CPU (as the

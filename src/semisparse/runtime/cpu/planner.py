@@ -24,7 +24,7 @@ from .. import timing
 from ..timing import interleaved_medians, run
 from . import batches
 from .layers import SparseConv, SparseLinear, deployed_layers
-from .ops import KERNEL_OPS
+from .pool import MaxPool2d
 from .verify import difference
 
 
@@ -178,29 +178,28 @@ def _agree(per_round: list[dict[int, float]], nd: int) -> bool:
     return len(sides) <= 1
 
 
-def plan_ops(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> dict[str, dict]:
-    """Time each kernel-backed op (:mod:`.ops`: max pooling, GELU) with semisparse's kernel and with torch's;
-    keep the faster."""
-    kernel_ops = [(n, m) for n, m in model.named_modules() if isinstance(m, KERNEL_OPS)]
-    seen = capture_inputs(model, example_input, kernel_ops) if kernel_ops else {}
+def plan_pools(model: nn.Module, example_input, reps: int = 20, budget_s: float = 0.5) -> dict[str, dict]:
+    """Time each deployed max pooling with semisparse's kernel and with torch's; keep the faster."""
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, MaxPool2d)]
+    seen = capture_inputs(model, example_input, pools) if pools else {}
     out = {}
     with torch.no_grad():
-        for name, op in kernel_ops:
+        for name, pool in pools:
             x = seen.get(name)
             if x is None:
-                op.use_kernel = False
+                pool.use_kernel = False
                 continue
 
-            def runner(flag, op=op, x=x):
+            def runner(flag, pool=pool, x=x):
                 def fn():
-                    op.use_kernel = flag
-                    return op(x)
+                    pool.use_kernel = flag
+                    return pool(x)
                 return fn
 
             t_torch, t_kernel = interleaved_medians([runner(False), runner(True)], reps, budget_s=budget_s)
-            op.use_kernel = t_kernel < t_torch
+            pool.use_kernel = t_kernel < t_torch
             out[name] = {"torch_us": round(t_torch * 1e6, 1), "kernel_us": round(t_kernel * 1e6, 1),
-                         "kernel": "semisparse" if op.use_kernel else "torch"}
+                         "kernel": "semisparse" if pool.use_kernel else "torch"}
     return out
 
 
@@ -211,12 +210,12 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
     """
     lays = deployed_layers(model)
     chosen = [(n, m) for n, m in lays if m.mode == "condensed"]
-    kernel_ops = [m for m in model.modules() if isinstance(m, KERNEL_OPS)]
+    pools = [m for m in model.modules() if isinstance(m, MaxPool2d)]
     split = batches.installed(model)  # the dense model a user would run takes the whole batch
 
     def timed_pair() -> tuple[float, float]:
         current = [(m, m.mode, m.dense_gemm) for _, m in lays]
-        op_flags = [(p, p.use_kernel) for p in kernel_ops]
+        pooled = [(p, p.use_kernel) for p in pools]
         bound: dict[int, dict] = {}  # each condensed layer's bound kernel call, kept across the switches
 
         def restore():
@@ -225,12 +224,12 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                 m.dense_gemm = gemm
                 if mode == "condensed" and id(m) in bound:
                     m.__dict__.update(bound[id(m)])
-            for p, flag in op_flags:
+            for p, flag in pooled:
                 p.use_kernel = flag
             if split is not None:
                 split.on = True
 
-        def dense():  # torch's own layers and ops: the model as it was, BatchNorm folded
+        def dense():  # torch's own layers and pooling: the model as it was, BatchNorm folded
             for _, m in lays:
                 if m.mode == "condensed":
                     got = {k: b for k in _BINDINGS if (b := m.__dict__.get(k)) is not None}
@@ -238,7 +237,7 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                         bound[id(m)] = got
                 m.set_mode("dense")
                 m.dense_gemm = False
-            for p in kernel_ops:
+            for p in pools:
                 p.use_kernel = False
             if split is not None:
                 split.on = False
@@ -265,17 +264,17 @@ def plan_model(model: nn.Module, example_input, reps: int = 20, budget_s: float 
                 reverted.append(n)
             order = order[cut:]
             t_dense, t_dep = timed_pair()
-        if t_dep > t_dense:  # every layer is back to dense: torch's own ops and dense layers, whole batches
+        if t_dep > t_dense:  # every layer is back to dense: torch's own pooling and dense layers, whole batches
             batches.uninstall(model)
             split = None
             for _, m in lays:
                 if m.dense_gemm:
                     m.dense_gemm = False
                     reverted.append(m.key + " (gemm)")
-            for p in kernel_ops:
+            for p in pools:
                 p.use_kernel = False
             t_dense, t_dep = timed_pair()
-        t_cl = _channels_last_check(model, example_input, lays, kernel_ops, reps, budget_s)
+        t_cl = _channels_last_check(model, example_input, lays, pools, reps, budget_s)
     out = {"dense_ms": round(t_dense * 1e3, 3), "deployed_ms": round(t_dep * 1e3, 3),
            "ratio": round(t_dense / max(t_dep, 1e-12), 3), "reverted": reverted}
     if t_cl is not None:
@@ -332,11 +331,11 @@ def channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def _channels_last_check(model: nn.Module, example_input, lays: list, kernel_ops: list, reps: int,
+def _channels_last_check(model: nn.Module, example_input, lays: list, pools: list, reps: int,
                          budget_s: float) -> tuple[float, float, bool] | None:
     """The model all dense with weights and input channels-last (oneDNN's NHWC convolutions, often torch's fastest
     dense CNN on CPU) timed against the model as planned; where it is faster, the model becomes it (every layer
-    dense, torch's ops, channels-last weights and an input hook), so a deployed CNN is never slower than the
+    dense, torch's pooling, channels-last weights and an input hook), so a deployed CNN is never slower than the
     strongest dense form torch has. Returns ``(channels-last s, deployed s, adopted)``; None for a model without
     2-D convolutions or a 4-D tensor input."""
     if not (isinstance(example_input, torch.Tensor) and example_input.dim() == 4
@@ -348,7 +347,7 @@ def _channels_last_check(model: nn.Module, example_input, lays: list, kernel_ops
         m.set_mode("dense")
         m.dense_gemm = False
     for p in cl.modules():
-        if isinstance(p, KERNEL_OPS):
+        if isinstance(p, MaxPool2d):
             p.use_kernel = False
     cl = cl.to(memory_format=torch.channels_last)
     xc = example_input.contiguous(memory_format=torch.channels_last)
@@ -361,7 +360,7 @@ def _channels_last_check(model: nn.Module, example_input, lays: list, kernel_ops
             m.figures["why"] = _CL_WHY
         m.set_mode("dense")
         m.dense_gemm = False
-    for p in kernel_ops:
+    for p in pools:
         p.use_kernel = False
     batches.uninstall(model)
     model.to(memory_format=torch.channels_last)

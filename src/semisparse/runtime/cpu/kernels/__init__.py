@@ -46,7 +46,6 @@ from .wrappers import (
     GEMV_VARIANTS,
     conv2d_binding,
     fill_rows,
-    gelu,
     gemv,
     gemv_binding,
     gemv_reference,
@@ -66,8 +65,8 @@ from .wrappers import (
 
 __all__ = [
     "BLOCK", "EMULATED", "GEMV_VARIANTS", "VARIANTS", "VARIANT_BITS", "Stale", "Table", "available", "chosen_variant",
-    "conv2d_binding", "emulated_variants", "extent", "fill_rows", "gelu", "gemv", "gemv_binding", "gemv_reference",
-    "library", "loaded_variant", "maxpool2d", "offsets", "pack_panels", "reads_input_as_is", "rows4_by_offset",
-    "rows4_values", "runnable_variants", "scratch", "simd_width", "spmm", "spmm_reference", "spmm_tiled",
-    "split_by_blocks", "table", "tile", "transpose", "unavailable_reason", "variant_library",
+    "conv2d_binding", "emulated_variants", "extent", "fill_rows", "gemv", "gemv_binding", "gemv_reference", "library",
+    "loaded_variant", "maxpool2d", "offsets", "pack_panels", "reads_input_as_is", "rows4_by_offset", "rows4_values",
+    "runnable_variants", "scratch", "simd_width", "spmm", "spmm_reference", "spmm_tiled", "split_by_blocks", "table",
+    "tile", "transpose", "unavailable_reason", "variant_library",
 ]

@@ -22,7 +22,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_spmm.restype = None
     lib.ss_spmm_pairs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_pairs.restype = None
-    lib.ss_spmm_rows4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
+    lib.ss_spmm_rows4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_rows4.restype = None
     lib.ss_spmm_tiled.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.ss_spmm_tiled.restype = ctypes.c_int
@@ -34,8 +34,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ss_conv2d_run.restype = ctypes.c_int
     lib.ss_maxpool2d.argtypes = [p, p] + [i64] * 11
     lib.ss_maxpool2d.restype = ctypes.c_int
-    lib.ss_gelu.argtypes = [p, p, i64]
-    lib.ss_gelu.restype = None
     lib.ss_transpose.argtypes = [p, p, i64, i64, i64, i64]
     lib.ss_transpose.restype = None
     lib.ss_pack_panels.argtypes = [p, p, i64, i64, i64]

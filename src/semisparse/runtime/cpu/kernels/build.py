@@ -27,7 +27,7 @@ from ..cpus import threads_now
 from .binding import _bind
 
 _SRC = Path(__file__).with_name("condensed.c")
-_ABI = 28
+_ABI = 27
 _lock = threading.Lock()
 _seen = threading.local()  # per Python thread: the torch thread count last given to OpenMP
 _lib: ctypes.CDLL | None = None

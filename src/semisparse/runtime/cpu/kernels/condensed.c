@@ -18,9 +18,8 @@
  * share their inputs), ss_spmm_tiled (each row's weights cut into input-channel tiles that stay in L1), ss_conv2d_run (a whole batch-1 2-D convolution: pad,
  * product, crop, ablated channels in one parallel region), ss_gemv_* / ss_gemv_run (the batch-1 Linear:
  * y[orow[r]] = bias[r] + sum_j w[r,j] * x[idx[r,j]], packed scalar loads or AVX2 gathers), and the glue
- * ss_pack_panels / ss_transpose (8x8 register transposes) / ss_fill_rows, and ss_maxpool2d / ss_gelu (torch's CPU
- * max pooling is slow at batch 1, its GELU takes 4-9 cycles an element; deployed models use these where the
- * planner measures them faster).
+ * ss_pack_panels / ss_transpose (8x8 register transposes) / ss_fill_rows, and ss_maxpool2d (torch's CPU max
+ * pooling is slow at batch 1; deployed models use this one where the planner measures it faster).
  * Threads: OpenMP, resolved at load time to the libgomp that torch itself loaded, so torch's intra-op
  * pool and these kernels share one pool and never oversubscribe the cores; each region runs the thread
  * count Python set for the calling thread (ss_sync_threads: no more than the CPUs the process may use now).
@@ -68,7 +67,7 @@
         }                                                                                               \
     } while (0)
 
-int ss_abi_version(void) { return 28; }
+int ss_abi_version(void) { return 27; }
 
 int ss_simd(void) {
 #if defined(SS_AVX512)
@@ -870,81 +869,6 @@ int ss_maxpool2d(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
     return failed ? -1 : 0;
 }
 
-/* GELU, y = x/2 (1 + erf(x / sqrt 2)), as torch's exact (approximate="none") GELU, to within its own fp32 error:
- * erfc(z) for z = |x| / sqrt 2 by Abramowitz & Stegun 7.1.26, t (a1 + t (a2 + ... a5 t)) exp(-z^2) with
- * t = 1 / (1 + p z) (|error| <= 1.5e-7), then x (1 - erfc/2) for x >= 0 and x erfc/2 below (no cancellation
- * near -1). exp(w) for w <= 0: w = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to r^6 (relative error
- * ~1e-7), 2^n by the exponent bits; w is clamped at -87 (the result is then below 1e-38 anyway). NaN stays
- * NaN, +inf gives +inf, -inf NaN (as torch). The scalar and vector forms compute the same steps. */
-#define SS_GELU_P 0.3275911f
-#define SS_GELU_A1 0.254829592f
-#define SS_GELU_A2 -0.284496736f
-#define SS_GELU_A3 1.421413741f
-#define SS_GELU_A4 -1.453152027f
-#define SS_GELU_A5 1.061405429f
-#define SS_LN2_HI 0.693145751953125f
-#define SS_LN2_LO 1.428606765330187e-06f
-
-static inline float gelu1(float x) {
-    const float z = (x < 0.f ? -x : x) * 0.70710678118654752f;
-    const float t = 1.f / (1.f + SS_GELU_P * z);
-    const float poly = t * (SS_GELU_A1 + t * (SS_GELU_A2 + t * (SS_GELU_A3 + t * (SS_GELU_A4 + t * SS_GELU_A5))));
-    float w = -z * z;
-    const int tiny = !(w >= -87.f); /* erfc below 1e-38: 0 (and NaN through x) */
-    if (tiny) w = -87.f;
-    const float v = w * 1.44269504088896341f + 0.5f, tv = (float)(int)v;
-    const float n = tv > v ? tv - 1.f : tv; /* floor(v), as the vector form */
-    const float r = (w - n * SS_LN2_HI) - n * SS_LN2_LO;
-    const float e = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-    union { uint32_t u; float f; } two_n = {(uint32_t)((int)n + 127) << 23};
-    const float q = tiny ? 0.f : poly * (e * two_n.f);
-    return x < 0.f ? (0.5f * x) * q : x * (1.f - 0.5f * q);
-}
-
-#ifdef SS_AVX2
-SS_INLINE __m256 gelu8(__m256 x) {
-    const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), _mm256_set1_ps(0.70710678118654752f));
-    const __m256 one = _mm256_set1_ps(1.f);
-    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(SS_GELU_P), z, one));
-    __m256 poly = _mm256_fmadd_ps(t, _mm256_set1_ps(SS_GELU_A5), _mm256_set1_ps(SS_GELU_A4));
-    poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(SS_GELU_A3));
-    poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(SS_GELU_A2));
-    poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(SS_GELU_A1));
-    poly = _mm256_mul_ps(t, poly);
-    const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z);
-    const __m256 kept = _mm256_cmp_ps(w0, _mm256_set1_ps(-87.f), _CMP_GE_OQ); /* else erfc below 1e-38: 0 */
-    const __m256 w = _mm256_max_ps(w0, _mm256_set1_ps(-87.f));
-    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(w, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(SS_LN2_HI), w);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(SS_LN2_LO), r);
-    __m256 e = _mm256_fmadd_ps(r, _mm256_set1_ps(1.f / 720), _mm256_set1_ps(1.f / 120));
-    e = _mm256_fmadd_ps(r, e, _mm256_set1_ps(1.f / 24));
-    e = _mm256_fmadd_ps(r, e, _mm256_set1_ps(1.f / 6));
-    e = _mm256_fmadd_ps(r, e, _mm256_set1_ps(0.5f));
-    e = _mm256_fmadd_ps(r, e, one);
-    e = _mm256_fmadd_ps(r, e, one);
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 q = _mm256_and_ps(kept, _mm256_mul_ps(poly, _mm256_mul_ps(e, _mm256_castsi256_ps(bits))));
-    const __m256 half_q = _mm256_mul_ps(_mm256_set1_ps(0.5f), q);
-    const __m256 pos = _mm256_mul_ps(x, _mm256_sub_ps(one, half_q));
-    const __m256 neg = _mm256_mul_ps(x, half_q);
-    return _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
-}
-#endif
-
-void ss_gelu(const float *x, float *y, int64_t n) {
-    const int64_t chunk = 4096, nc = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (n > 32768) num_threads(SS_THREADS)
-    for (int64_t c = 0; c < nc; ++c) {
-        const int64_t i1 = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-        int64_t i = c * chunk;
-#ifdef SS_AVX2
-        for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
-#endif
-        for (; i < i1; ++i) y[i] = gelu1(x[i]);
-    }
-}
-
 /* A whole batch-1 2-D convolution with stride 1 after subsampling (1x1 convs of any stride, kxk convs of
  * stride 1) in one call and one parallel region: zero-padded copy of x into xbuf, the ablated rows' constant,
  * the condensed product into ybuf (or straight into out when nothing is cropped), the crop into out.
@@ -961,7 +885,7 @@ void ss_gelu(const float *x, float *y, int64_t n) {
 /* One tile of NV vectors (NV = 3 full, 1-2 for a short last tile: less work on 7x7 and 14x14 planes); NV is a
  * constant at each call, so the unused accumulators and loads compile away. */
 SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
-                             float *const *dst, int n, int64_t ldp, const int NV, int act) {
+                             float *const *dst, int n, int64_t ldp, const int NV) {
     __m256 a0 = _mm256_set1_ps(bias[0]), a1 = a0, a2 = a0, b0 = _mm256_set1_ps(bias[1]), b1 = b0, b2 = b0;
     __m256 c0 = _mm256_set1_ps(bias[2]), c1 = c0, c2 = c0, d0 = _mm256_set1_ps(bias[3]), d1 = d0, d2 = d0;
     const __m256 z = _mm256_setzero_ps();
@@ -986,11 +910,6 @@ SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off
         SS_ROWS4_FMA(2, c0, c1, c2);
         SS_ROWS4_FMA(3, d0, d1, d2);
 #undef SS_ROWS4_FMA
-    }
-    if (act) { /* GELU on the accumulators: the output is written once, activated */
-        a0 = gelu8(a0), b0 = gelu8(b0), c0 = gelu8(c0), d0 = gelu8(d0);
-        if (NV > 1) a1 = gelu8(a1), b1 = gelu8(b1), c1 = gelu8(c1), d1 = gelu8(d1);
-        if (NV > 2) a2 = gelu8(a2), b2 = gelu8(b2), c2 = gelu8(c2), d2 = gelu8(d2);
     }
     if (ldp != 1) { /* (positions, rows) output, the block's 4 rows adjacent: 4x8 transposes, 16-byte stores */
         float *y = dst[0];
@@ -1031,24 +950,23 @@ SS_INLINE void rows4_tile_nv(const float *xb, const float *w, const int32_t *off
 }
 #endif
 
-/* Row r's position i goes to dst[r][i * ldp] (ldp 1: (rows, positions) output; else dst[r] = dst[0] + r); act 1:
- * GELU applied before the store. */
+/* Row r's position i goes to dst[r][i * ldp] (ldp 1: (rows, positions) output; else dst[r] = dst[0] + r). */
 static void rows4_tile(const float *xb, const float *w, const int32_t *off, int64_t k, const float *bias,
-                       float *y0, float *y1, float *y2, float *y3, int n, int64_t ldp, int act) {
+                       float *y0, float *y1, float *y2, float *y3, int n, int64_t ldp) {
     float *const dst[4] = {y0, y1, y2, y3};
 #ifdef SS_AVX2
     if (n > 16)
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 3, act);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 3);
     else if (n > 8)
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 2, act);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 2);
     else
-        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 1, act);
+        rows4_tile_nv(xb, w, off, k, bias, dst, n, ldp, 1);
 #else
     for (int r = 0; r < 4; ++r)
         for (int i = 0; i < n; ++i) {
             float a = bias[r];
             for (int64_t j = 0; j < k; ++j) a += w[4 * j + r] * xb[off[j] + i];
-            dst[r][i * ldp] = act ? gelu1(a) : a;
+            dst[r][i * ldp] = a;
         }
 #endif
 }
@@ -1056,8 +974,7 @@ static void rows4_tile(const float *xb, const float *w, const int32_t *off, int6
 /* Tile t of 24 positions reads X + t * xstep: a conv's plane (xstep 24) or a Linear's (K, 24) panels. Row r,
  * position p is written to Y[orow[r] * ldy + p * ldp]; ldp != 1 needs ldy 1 and orow[4b + i] = orow[4b] + i. */
 static void rows4_body(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
-                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t xstep,
-                       int act) {
+                       float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t xstep) {
     const int64_t nblk = rows / 4, nt = (P + SS_ROWS4_PB - 1) / SS_ROWS4_PB;
 #pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < nt; ++t)
@@ -1066,18 +983,16 @@ static void rows4_body(const float *X, const float *W4, const int32_t *off, cons
             const float zero[4] = {0.f, 0.f, 0.f, 0.f};
             rows4_tile(X + t * xstep, W4 + r * k, off + r * k, k, bias ? bias + r : zero,
                        Y + orow[r] * ldy + p0 * ldp, Y + orow[r + 1] * ldy + p0 * ldp, Y + orow[r + 2] * ldy + p0 * ldp,
-                       Y + orow[r + 3] * ldy + p0 * ldp, (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB), ldp,
-                       act);
+                       Y + orow[r + 3] * ldy + p0 * ldp, (int)(P - p0 < SS_ROWS4_PB ? P - p0 : SS_ROWS4_PB), ldp);
         }
 }
 
 /* ss_spmm with rows in blocks of 4 sharing their offsets (W in rows4 order, PB 24): output rows contiguous
- * (ldp 1), or positions contiguous (ldy 1) with each block's 4 output rows adjacent; act 1: GELU on every
- * output written (a Linear followed by nn.GELU, fused by the deploy). */
+ * (ldp 1), or positions contiguous (ldy 1) with each block's 4 output rows adjacent. */
 void ss_spmm_rows4(const float *X, const float *W4, const int32_t *off, const float *bias, const int64_t *orow,
-                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel, int64_t act) {
+                   float *Y, int64_t rows, int64_t k, int64_t P, int64_t ldy, int64_t ldp, int64_t panel) {
 #pragma omp parallel num_threads(SS_THREADS)
-    rows4_body(X, W4, off, bias, orow, Y, rows, k, P, ldy, ldp, panel, (int)act);
+    rows4_body(X, W4, off, bias, orow, Y, rows, k, P, ldy, ldp, panel);
 }
 
 typedef struct {
@@ -1160,7 +1075,7 @@ int ss_conv2d_run(const ss_conv_plan *p, const float *x, float *out) {
             for (int64_t q = 0; q < plane; ++q) o[q] = p->abl_vals[i];
         }
         if (p->kind == 3)
-            rows4_body(X, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1, SS_ROWS4_PB, 0);
+            rows4_body(X, p->Wt, p->off, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1, SS_ROWS4_PB);
         else if (p->kind == 2)
             tiled_body(X, p->Wt, p->off, p->seg, p->nt, p->bias, p->orow, Y, p->rows, p->k, p->P, plane, 1,
                        p->PB, p->PB, p->by_blocks, &failed);

@@ -82,7 +82,6 @@ def spmm(
     pairs: bool = False,
     prefer_blocks: bool = False,
     rows4: bool = False,
-    gelu: bool = False,
 ) -> None:
     """``Y[orow[r]*ldy + p*ldp] = bias[r] + sum_j W[r, j] * X[(p//PB)*panel + off[r, j] + p%PB]``.
 
@@ -92,7 +91,6 @@ def spmm(
     8, at most ``BLOCK``. All contiguous, on CPU. ``pairs=True`` (needs ``PB == 32``) runs two rows per pass.
     ``rows4=True`` (``PB == 24``, rows in blocks of 4 with the same offsets; ``ldp == 1``, or ``ldy == 1`` with
     each block's 4 ``orow`` adjacent): four rows per loaded input, ``W`` in :func:`rows4_values` order.
-    ``gelu=True`` (rows4 only): every output written is GELU'd (torch's exact GELU, as :func:`gelu`).
     """
     off, orow = table(off), table(orow)
     rows, k = _check_rows(W, off, bias, orow)
@@ -102,23 +100,17 @@ def spmm(
                   or (ldp != 1 and (ldy != 1 or not orow.adjacent_in_fours()))):
         raise _bad("rows4 needs PB 24, rows in blocks of 4 with the same offsets, and contiguous output rows or "
                    "(ldy 1) each block's 4 output rows adjacent")
-    if gelu and not rows4:
-        raise _bad("gelu=True needs rows4=True")
     _check_reads(X, off, P, PB, panel, exact=False)
     _check_writes(Y, orow, P, ldy, ldp)
     lib = build.library()
     if lib is None:
         if rows4:
             W = W.view(rows // 4, k, 4).transpose(1, 2).reshape(rows, k)  # back to row order
-        spmm_reference(X, W, off._t, bias, orow._t, Y, P, ldy, PB, panel, ldp)
-        if gelu:  # the elements written: row orow[r], position p at orow[r] * ldy + p * ldp
-            at = (orow._t[:, None] * ldy + torch.arange(P)[None, :] * ldp).flatten()
-            Y.view(-1)[at] = torch.nn.functional.gelu(Y.view(-1)[at])
-        return
+        return spmm_reference(X, W, off._t, bias, orow._t, Y, P, ldy, PB, panel, ldp)
     if rows4:
         _threads(lib)
         lib.ss_spmm_rows4(X.data_ptr(), W.data_ptr(), off.data_ptr(), _ptr(bias), orow.data_ptr(), Y.data_ptr(),
-                          rows, k, P, ldy, ldp, panel, int(gelu))
+                          rows, k, P, ldy, ldp, panel)
         return
     by_blocks = split_by_blocks(P, PB, rows, _threads(lib), prefer_blocks)
     if pairs:
@@ -258,20 +250,6 @@ def maxpool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     if lib.ss_maxpool2d(x.data_ptr(), out.data_ptr(), planes, H, W, *out_hw, *kernel, *stride, *padding) != 0:
         raise MemoryError("semisparse: could not allocate the max-pooling kernel's row buffer")
     return out
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor | None:
-    """torch's exact GELU (``approximate="none"``) of a contiguous fp32 tensor, to within torch's own fp32 error
-    (erf by Abramowitz & Stegun 7.1.26, vectorised); None without the kernel library (the caller then runs
-    torch's)."""
-    _check(x, "x", torch.float32)
-    lib = build.library()
-    if lib is None:
-        return None
-    _threads(lib)
-    y = torch.empty(x.shape)  # contiguous, as x: the same flat order
-    lib.ss_gelu(x.data_ptr(), y.data_ptr(), x.numel())
-    return y
 
 
 def transpose(src: torch.Tensor) -> torch.Tensor:
