@@ -22,17 +22,20 @@ __all__ = ["SampleBySample", "install", "installed", "uninstall", "why_not_split
 
 class SampleBySample:
     """A model's instance ``forward``: one positional tensor with a batch of 2 or more runs sample by sample
-    (outputs concatenated); anything else, or ``on`` False, runs the class's forward as it is."""
+    (outputs concatenated); anything else, ``on`` False, the model in training mode or a forward hook on a
+    submodule (it would see one sample at a time; hooks added after the deploy are looked for at each call, a
+    few microseconds against a batch's milliseconds) runs the class's forward as it is."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.on = True
 
     def __call__(self, *args, **kwargs):
-        forward = type(self.model).forward.__get__(self.model)
+        model = self.model
+        forward = type(model).forward.__get__(model)
         x = args[0] if len(args) == 1 and not kwargs else None
-        if (not self.on or not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] < 2
-                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if (not self.on or not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] < 2 or model.training
+                or torch.jit.is_tracing() or torch.compiler.is_compiling() or _hooked(model)):
             return forward(*args, **kwargs)
         outs = []
         for i in range(x.shape[0]):
@@ -41,6 +44,13 @@ class SampleBySample:
                 return forward(x)  # an output not stacked by sample: the whole batch as it is
             outs.append(y)
         return torch.cat(outs)
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether a forward hook would see the samples one at a time: on a submodule, or on every module."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
 
 
 def why_not_split(model: nn.Module, x) -> str:
