@@ -109,6 +109,14 @@ def test_planner_fed_a_noisy_timer_picks_the_faster_form_in_repeated_runs():
     assert "spread" in row.extra and "sure" in row.extra and "timed" in row.extra
 
 
+def _condensed_linear() -> nn.Module:
+    """A 50%-sparse Linear 16 -> 8 deployed condensed, unplanned."""
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 8)
+    ss.sparsify(lin, 0.5)
+    return deploy(lin, plan="condensed")
+
+
 @needs_kernels
 def test_the_first_round_only_ranks_and_gets_a_third_of_a_later_rounds_budget(monkeypatch):
     """ViT-B/16's Linears take 4-6 ms a call: 8 candidates x 20 calls made the first round half of a 100 s plan.
@@ -121,10 +129,7 @@ def test_the_first_round_only_ranks_and_gets_a_third_of_a_later_rounds_budget(mo
             fn()
         return [1.0] + [0.5 + 0.01 * i for i in range(len(fns) - 1)]
 
-    torch.manual_seed(2)
-    lin = nn.Linear(16, 8)
-    ss.sparsify(lin, 0.5)
-    dep = deploy(lin, plan="condensed")
+    dep = _condensed_linear()
     monkeypatch.setattr(planner, "interleaved_medians", fake)
     planner.plan_layers(dep, torch.randn(1, 16), budget_s=0.6, rounds=3)
     (_, first), *later = budgets
@@ -145,10 +150,7 @@ def test_rounds_that_disagree_are_measured_longer(monkeypatch):
             fn()
         return [1.0] + [0.8 if len(calls) % 2 else 1.2] * (len(fns) - 1)
 
-    torch.manual_seed(2)
-    lin = nn.Linear(16, 8)
-    ss.sparsify(lin, 0.5)
-    dep = deploy(lin, plan="condensed")
+    dep = _condensed_linear()
     monkeypatch.setattr(planner, "interleaved_medians", fake)
     planner.plan_layers(dep, torch.randn(1, 16), rounds=3, max_rounds=7)
     assert len(calls) == 7 and dep.figures["rounds"] == 7 and dep.figures["sure"] is False
